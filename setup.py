@@ -1,0 +1,20 @@
+"""Builds the optional fused SSIM kernel; everything else is configured in pyproject.toml."""
+
+import platform
+
+from setuptools import Extension, setup
+
+flags = ["-O3", "-ffast-math"]
+if platform.machine() in ("x86_64", "AMD64"):
+    flags.append("-mrecip")
+
+setup(
+    ext_modules=[
+        Extension(
+            "deepssim._ssim_kernel",
+            ["src/deepssim/_ssim_kernel.c"],
+            extra_compile_args=flags,
+            optional=True,  # without a C compiler the PyTorch backend is used instead
+        )
+    ]
+)

@@ -1,0 +1,21 @@
+"""DeepSSIM: find memorised copies of training images among generated medical images."""
+
+from deepssim.errors import DeepSSIMError
+from deepssim.load import ImageSet, LoadOptions, load_images
+from deepssim.normalise import fit_to_size, zscore
+from deepssim.ssim import prepare, ssim, ssim_blocks, ssim_matrix
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeepSSIMError",
+    "ImageSet",
+    "LoadOptions",
+    "fit_to_size",
+    "load_images",
+    "prepare",
+    "ssim",
+    "ssim_blocks",
+    "ssim_matrix",
+    "zscore",
+]

@@ -1,0 +1,361 @@
+"""Finding, reading and validating images: PNG/JPEG/TIFF/BMP, .npy, NIfTI and DICOM.
+
+An :class:`ImageSet` indexes its inputs once (reading each file to validate it and to learn
+its shape) and afterwards reads images lazily in order, so a folder of any size is never held
+in memory at once. Every image has a stable key: its path relative to the root folder without
+the extension, plus ``#<index>`` for a slice of a volume, a frame or a stacked ``.npy``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deepssim.errors import DeepSSIMError
+from deepssim.normalise import LUMA_WEIGHTS, check_finite_and_varying, fit_to_size, to_gray
+
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+SUPPORTED_SUFFIXES = RASTER_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES + (".npy",)
+
+# A volume slice is "near-empty" when fewer than `min_foreground` of its pixels are brighter
+# than this fraction of the volume's 99.5th-percentile intensity (above the volume minimum).
+FOREGROUND_LEVEL = 0.1
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How files become 2D images. Defaults suit axial slices of brain MRI.
+
+    axis: the NIfTI axis to slice along (0, 1 or 2).
+    slice_range: (start, stop) of slice indices to keep from each volume, Python-style.
+    min_foreground: skip volume slices with less foreground than this fraction (0 keeps all).
+    size: (H, W) every image is brought to; None requires all images to share one shape.
+    fit: "pad" (centre pad/crop) or "resize" (bilinear), used with ``size``.
+    skip_bad: warn about and skip unreadable/constant/non-finite images instead of failing.
+    """
+
+    axis: int = 2
+    slice_range: tuple[int | None, int | None] | None = None
+    min_foreground: float = 0.05
+    size: tuple[int, int] | None = None
+    fit: str = "pad"
+    skip_bad: bool = False
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one 2D image lives: a file and, for multi-image files, the index inside it."""
+
+    key: str
+    path: Path
+    index: int | None = None
+
+
+@dataclass
+class ImageSet:
+    """An indexed, validated, lazily read collection of 2D images of one shape."""
+
+    refs: list[ImageRef]
+    shape: tuple[int, int]
+    options: LoadOptions = field(default_factory=LoadOptions)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def keys(self) -> list[str]:
+        return [ref.key for ref in self.refs]
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    @classmethod
+    def from_paths(
+        cls,
+        inputs: str | Path | Sequence[str | Path],
+        options: LoadOptions | None = None,
+        progress: bool = False,
+        description: str = "indexing images",
+    ) -> ImageSet:
+        """Index a folder (recursively), a file, or a list of files and folders."""
+        options = options or LoadOptions()
+        files = list(_discover(inputs))
+        refs: list[ImageRef] = []
+        shapes: Counter = Counter()
+        example_of_shape: dict[tuple[int, int], str] = {}
+        skipped: list[tuple[str, str]] = []
+        for root, path in _progress(files, progress, description):
+            try:
+                found = _index_file(root, path, options)
+            except DeepSSIMError as error:
+                if not options.skip_bad:
+                    raise
+                skipped.append((str(path), str(error)))
+                warnings.warn(f"skipping: {error}", stacklevel=2)
+                continue
+            for ref, image_shape, problem in found:
+                if problem is not None:
+                    if not options.skip_bad:
+                        raise DeepSSIMError(problem)
+                    skipped.append((ref.key, problem))
+                    warnings.warn(f"skipping: {problem}", stacklevel=2)
+                    continue
+                refs.append(ref)
+                shapes[image_shape] += 1
+                example_of_shape.setdefault(image_shape, str(ref.path))
+        if not refs:
+            where = ", ".join(str(p) for p in _as_list(inputs))
+            raise DeepSSIMError(
+                f"no usable images found in {where} (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+            )
+        _check_unique_keys(refs)
+        if skipped:
+            warnings.warn(f"skipped {len(skipped)} bad image(s) (--skip-bad)", stacklevel=2)
+        shape = options.size or _single_shape(shapes, example_of_shape)
+        return cls(refs=refs, shape=tuple(shape), options=options, skipped=skipped)
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Images ``start:stop`` as an (n, H, W) float64 array of raw intensities."""
+        refs = self.refs[start:stop]
+        out = np.empty((len(refs), *self.shape), dtype=np.float64)
+        cache: dict[Path, np.ndarray] = {}
+        for row, ref in enumerate(refs):
+            if ref.path not in cache:
+                cache.clear()
+                cache[ref.path] = _decode(ref.path, self.options)
+            data = cache[ref.path]
+            image = data if ref.index is None else data[ref.index]
+            out[row] = self._fit(image)
+        return out
+
+    def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start, images) blocks of at most ``batch_size`` images, in order."""
+        for start in range(0, len(self), batch_size):
+            yield start, self.read(start, start + batch_size)
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        if self.options.size is None:
+            return image
+        return fit_to_size(image, self.options.size, self.options.fit)
+
+
+def load_images(
+    inputs: str | Path | Sequence[str | Path], options: LoadOptions | None = None
+) -> tuple[list[str], np.ndarray]:
+    """Read every image at once: (keys, (N, H, W) float64). For small sets and notebooks."""
+    image_set = ImageSet.from_paths(inputs, options)
+    return image_set.keys, image_set.read()
+
+
+def _as_list(inputs) -> list[Path]:
+    if isinstance(inputs, str | Path):
+        return [Path(inputs)]
+    return [Path(p) for p in inputs]
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _is_dicom_without_suffix(path: Path) -> bool:
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_supported(path: Path) -> bool:
+    return _suffix(path) in SUPPORTED_SUFFIXES or _is_dicom_without_suffix(path)
+
+
+def _discover(inputs) -> Iterator[tuple[Path, Path]]:
+    """Yield (root, file) for every supported file; unsupported files in folders are ignored."""
+    for item in _as_list(inputs):
+        if item.is_dir():
+            files = sorted(
+                p
+                for p in item.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
+            supported = [p for p in files if _is_supported(p)]
+            if not supported:
+                other = sorted({p.suffix or "(none)" for p in files})
+                detail = f" (found only: {', '.join(other)})" if other else " (the folder is empty)"
+                raise DeepSSIMError(f"{item}: no supported images{detail}")
+            for path in supported:
+                yield item, path
+        elif item.is_file():
+            if not _is_supported(item):
+                raise DeepSSIMError(
+                    f"{item}: unsupported file type {_suffix(item) or '(no extension)'}; "
+                    f"supported: {', '.join(SUPPORTED_SUFFIXES)} and DICOM"
+                )
+            yield item.parent, item
+        else:
+            raise DeepSSIMError(f"{item}: no such file or folder")
+
+
+def _key(root: Path, path: Path) -> str:
+    relative = path.relative_to(root).as_posix()
+    suffix = _suffix(path)
+    return relative[: -len(suffix)] if suffix and relative.lower().endswith(suffix) else relative
+
+
+def _index_file(root: Path, path: Path, options: LoadOptions):
+    """Read one file; return [(ref, shape, problem-or-None)] for each image it holds."""
+    data = _decode(path, options)
+    key = _key(root, path)
+    if data.ndim == 2:
+        items = [(ImageRef(key, path), data)]
+    else:
+        indices = _kept_slices(data, path, options)
+        items = [(ImageRef(f"{key}#{i}", path, i), data[i]) for i in indices]
+    found = []
+    for ref, raw in items:
+        image = raw
+        if options.size is not None:
+            image = fit_to_size(image, options.size, options.fit)
+        problem = None
+        if min(image.shape) < 7:
+            problem = f"{ref.key} ({path}): image is {image.shape[0]}x{image.shape[1]}; SSIM needs at least 7x7"
+        else:
+            try:
+                check_finite_and_varying(image, f"{ref.key} ({path})")
+            except DeepSSIMError as error:
+                problem = str(error)
+        found.append((ref, image.shape, problem))
+    return found
+
+
+def _kept_slices(stack: np.ndarray, path: Path, options: LoadOptions) -> list[int]:
+    """Slice indices of a stack (slice axis first) after the slice range and empty-slice rule."""
+    indices = range(stack.shape[0])
+    if options.slice_range is not None:
+        indices = indices[slice(*options.slice_range)]
+    indices = list(indices)
+    if _suffix(path) in NIFTI_SUFFIXES and options.min_foreground > 0:
+        shifted = stack - stack.min()
+        level = FOREGROUND_LEVEL * np.percentile(shifted, 99.5)
+        foreground = (shifted > level).mean(axis=(1, 2))
+        indices = [i for i in indices if foreground[i] >= options.min_foreground]
+    return indices
+
+
+def _decode(path: Path, options: LoadOptions) -> np.ndarray:
+    """Gray pixel data of a file as float64: a 2D image or a stack (n, H, W)."""
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise DeepSSIMError(f"{path}: cannot open ({error.strerror})") from None
+    if size == 0:
+        raise DeepSSIMError(f"{path}: file is empty (0 bytes); remove it or use --skip-bad")
+    suffix = _suffix(path)
+    reader = {".npy": _read_npy}.get(suffix)
+    if reader is None:
+        if suffix in NIFTI_SUFFIXES:
+            reader = _read_nifti
+        elif suffix in DICOM_SUFFIXES or not path.suffix:
+            reader = _read_dicom
+        else:
+            reader = _read_raster
+    try:
+        return reader(path, options)
+    except DeepSSIMError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any decoder failure is a bad file for the user
+        raise DeepSSIMError(
+            f"{path}: cannot read this file ({type(error).__name__}: {error}); "
+            "check that it is not corrupt, or use --skip-bad"
+        ) from None
+
+
+def _read_raster(path: Path, options: LoadOptions) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+            image = image.convert("RGB")
+        elif image.mode == "LA":
+            image = image.getchannel("L")
+        elif image.mode == "1":
+            image = image.convert("L")
+        return to_gray(np.asarray(image))
+
+
+def _read_npy(path: Path, options: LoadOptions) -> np.ndarray:
+    data = np.load(path, allow_pickle=False)
+    if data.ndim not in (2, 3):
+        raise DeepSSIMError(f"{path}: .npy must hold a 2D image or an (N, H, W) stack; got {data.shape}")
+    return data.astype(np.float64)
+
+
+def _read_nifti(path: Path, options: LoadOptions) -> np.ndarray:
+    import nibabel as nib
+
+    volume = np.asarray(nib.load(path).get_fdata(dtype=np.float64))
+    while volume.ndim > 3 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    if volume.ndim == 2:
+        return volume
+    if volume.ndim != 3:
+        raise DeepSSIMError(f"{path}: expected a 3D volume, got shape {volume.shape}; split 4D series first")
+    if options.axis not in (0, 1, 2):
+        raise DeepSSIMError(f"--axis must be 0, 1 or 2; got {options.axis}")
+    return np.moveaxis(volume, options.axis, 0)
+
+
+def _read_dicom(path: Path, options: LoadOptions) -> np.ndarray:
+    import pydicom
+
+    dataset = pydicom.dcmread(path)
+    pixels = dataset.pixel_array.astype(np.float64)
+    slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
+    pixels = pixels * slope + intercept
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        pixels = pixels.max() - pixels  # MONOCHROME1 stores inverted gray levels
+    if int(getattr(dataset, "SamplesPerPixel", 1) or 1) > 1:
+        pixels = pixels[..., :3] @ LUMA_WEIGHTS  # colour (frames, H, W, 3) or (H, W, 3)
+    return pixels
+
+
+def _check_unique_keys(refs: list[ImageRef]) -> None:
+    seen: dict[str, Path] = {}
+    for ref in refs:
+        if ref.key in seen:
+            raise DeepSSIMError(
+                f"two files give the same key {ref.key!r}: {seen[ref.key]} and {ref.path}; "
+                "rename one of them"
+            )
+        seen[ref.key] = ref.path
+
+
+def _single_shape(shapes: Counter, example_of_shape: dict) -> tuple[int, int]:
+    if len(shapes) == 1:
+        return next(iter(shapes))
+    listing = "; ".join(
+        f"{h}x{w}: {count} image(s), e.g. {example_of_shape[(h, w)]}"
+        for (h, w), count in shapes.most_common()
+    )
+    raise DeepSSIMError(
+        f"images have different shapes ({listing}); pass --size HxW to bring them to one shape"
+    )
+
+
+def _progress(items, enabled: bool, description: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, unit="file")

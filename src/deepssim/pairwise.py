@@ -1,0 +1,114 @@
+"""The SSIM-matrix job: every (real, synthetic) pair of two image sets, saved with its keys."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deepssim.errors import DeepSSIMError
+from deepssim.files import atomic_path, write_text_atomic
+from deepssim.load import ImageSet, LoadOptions
+from deepssim.ssim import ssim_blocks
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SimilarityMatrix:
+    """An (N real, M synthetic) score matrix with the keys of its rows and columns."""
+
+    values: np.ndarray
+    real_keys: list[str]
+    synthetic_keys: list[str]
+    settings: dict = field(default_factory=dict)
+
+    def top_k(self, k: int) -> list[tuple[str, int, str, float]]:
+        """(synthetic_key, rank, real_key, score) for the k best real matches of each column."""
+        k = min(k, len(self.real_keys))
+        rows = []
+        for j, synthetic_key in enumerate(self.synthetic_keys):
+            column = np.asarray(self.values[:, j])
+            best = np.argsort(-column, kind="stable")[:k]
+            rows += [(synthetic_key, rank + 1, self.real_keys[i], float(column[i]))
+                     for rank, i in enumerate(best)]
+        return rows
+
+    def save(self, path: str | Path) -> None:
+        """Write one self-describing ``.npz`` (matrix, keys, settings as JSON), atomically."""
+        with atomic_path(path, suffix=".npz") as temporary, open(temporary, "wb") as handle:
+            np.savez(
+                handle,
+                ssim=self.values,
+                real_keys=np.array(self.real_keys, dtype=str),
+                synthetic_keys=np.array(self.synthetic_keys, dtype=str),
+                settings=np.array(json.dumps(self.settings)),
+            )
+
+    def save_top_k(self, path: str | Path, k: int) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["synthetic_key", "rank", "real_key", "ssim"])
+        writer.writerows((s, rank, r, f"{score:.6f}") for s, rank, r, score in self.top_k(k))
+        write_text_atomic(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> SimilarityMatrix:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return cls(
+                    values=data["ssim"],
+                    real_keys=data["real_keys"].tolist(),
+                    synthetic_keys=data["synthetic_keys"].tolist(),
+                    settings=json.loads(str(data["settings"])),
+                )
+        except (OSError, KeyError, ValueError) as error:
+            raise DeepSSIMError(f"{path}: not an SSIM matrix file written by deepssim ({error})") from None
+
+
+def compute_ssim_matrix(
+    real: str | Path | ImageSet,
+    synthetic: str | Path | ImageSet,
+    options: LoadOptions | None = None,
+    dtype: str = "float32",
+    backend: str = "auto",
+    device: str = "cpu",
+    block_size: int = 2048,
+    progress: bool = False,
+    matrix_file: str | Path | None = None,
+) -> SimilarityMatrix:
+    """SSIM of every (real, synthetic) pair of two folders (or image sets).
+
+    ``matrix_file``: a ``.npy`` path to hold the matrix on disk (memory-mapped) instead of in
+    memory, for matrices larger than RAM.
+    """
+    if dtype not in ("float32", "float64"):
+        raise DeepSSIMError(f"dtype must be float32 or float64, not {dtype!r}")
+    real_set = real if isinstance(real, ImageSet) else ImageSet.from_paths(
+        real, options, progress, "indexing real images")
+    synthetic_set = synthetic if isinstance(synthetic, ImageSet) else ImageSet.from_paths(
+        synthetic, options, progress, "indexing synthetic images")
+    shape = (len(real_set), len(synthetic_set))
+    if matrix_file is None:
+        values = np.empty(shape, dtype=dtype)
+    else:
+        values = np.lib.format.open_memmap(matrix_file, mode="w+", dtype=dtype, shape=shape)
+    for r0, s0, block in ssim_blocks(real_set, synthetic_set, np.dtype(dtype), backend, device,
+                                     block_size, progress):
+        values[r0 : r0 + block.shape[0], s0 : s0 + block.shape[1]] = block
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "metric": "ssim",
+        "definition": "skimage structural_similarity defaults on per-image z-scored images, "
+        "data_range = max - min of the z-scored real image",
+        "dtype": dtype,
+        "image_shape": list(real_set.shape),
+        "load_options": {k: v for k, v in vars(real_set.options).items()},
+        "real_skipped": len(real_set.skipped),
+        "synthetic_skipped": len(synthetic_set.skipped),
+    }
+    return SimilarityMatrix(values, real_set.keys, synthetic_set.keys, settings)

@@ -1,0 +1,295 @@
+"""The SSIM engine: scikit-image's ``structural_similarity`` under the paper's rule, fast.
+
+The label (``../shared/DESIGN.md``): each image is z-scored on its own; ``data_range`` is
+max - min of the z-scored *real* image; then scikit-image's defaults apply: 7x7 uniform
+window, sample covariance (N/(N-1) with N = 49), K1 = 0.01, K2 = 0.03, and the mean of the
+SSIM map with a 3-pixel border cropped. The cropped map covers exactly the windows that lie
+inside the image, so every statistic below is a "valid" 7x7 box mean.
+
+Per pixel of the valid map, with local means mu, variances var (x N/(N-1)) and covariance
+cov: SSIM = (2 mu_a mu_b + C1)(2 cov + C2) / ((mu_a^2 + mu_b^2 + C1)(var_a + var_b + C2)),
+C1 = (0.01 R)^2, C2 = (0.03 R)^2. Everything except cov depends on one image only, so it is
+computed once per image; only the box sum of a*b is computed per pair. On the CPU a fused C
+kernel does that (``_ssim_kernel.c``); elsewhere, or without a compiler, PyTorch does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deepssim.errors import DeepSSIMError
+from deepssim.normalise import zscore
+
+try:
+    from deepssim import _ssim_kernel
+except ImportError:  # built without a C compiler: the PyTorch backend serves
+    _ssim_kernel = None
+
+WINDOW = 7
+K1 = 0.01
+K2 = 0.03
+COV_NORM = WINDOW * WINDOW / (WINDOW * WINDOW - 1)
+BACKENDS = ("auto", "c", "torch")
+_KERNEL_TILE = 8  # rows per tile in the C kernel; thread chunks are multiples of it
+
+
+@dataclass
+class PreparedImages:
+    """Z-scored images and their per-image SSIM statistics, ready for pairing.
+
+    For real images ``mu_sq`` holds mu^2 + C1 and ``var`` holds var + C2 (C1, C2 come from
+    the real image's data range); for synthetic images they hold plain mu^2 and var.
+    """
+
+    z: np.ndarray
+    mu: np.ndarray
+    mu_sq: np.ndarray
+    var: np.ndarray
+    c1: np.ndarray | None = None
+    c2: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+
+def _as_stack(images) -> np.ndarray:
+    stack = np.asarray(images, dtype=np.float64) if not isinstance(images, np.ndarray) else images
+    if stack.ndim == 2:
+        stack = stack[None]
+    if stack.ndim != 3:
+        raise DeepSSIMError(f"expected 2D images or an (N, H, W) array, got shape {stack.shape}")
+    if stack.shape[1] < WINDOW or stack.shape[2] < WINDOW:
+        raise DeepSSIMError(f"images are {stack.shape[1]}x{stack.shape[2]}; SSIM needs at least 7x7")
+    if not np.all(np.isfinite(stack)):
+        raise DeepSSIMError("images contain NaN or Inf values")
+    return stack.astype(np.float64, copy=False)
+
+
+def _box_mean(stack: np.ndarray) -> np.ndarray:
+    """Mean over every 7x7 window lying inside the image: (n, H, W) -> (n, H-6, W-6)."""
+    rows = sum(stack[:, k : stack.shape[1] - WINDOW + 1 + k] for k in range(WINDOW))
+    return sum(rows[:, :, k : stack.shape[2] - WINDOW + 1 + k] for k in range(WINDOW)) / (
+        WINDOW * WINDOW
+    )
+
+
+def prepare(images, role: str, dtype=np.float32) -> PreparedImages:
+    """Z-score images and compute their local statistics (in float64, stored as ``dtype``).
+
+    role: "real" (the side whose data range sets C1 and C2) or "synthetic".
+    """
+    z = zscore(_as_stack(images))
+    mu = _box_mean(z)
+    var = COV_NORM * (_box_mean(z * z) - mu * mu)
+    mu_sq = mu * mu
+    c1 = c2 = None
+    if role == "real":
+        data_range = z.max(axis=(1, 2)) - z.min(axis=(1, 2))
+        c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
+        mu_sq = mu_sq + c1[:, None, None]
+        var = var + c2[:, None, None]
+    elif role != "synthetic":
+        raise ValueError(f"role must be 'real' or 'synthetic', not {role!r}")
+
+    def cast(array):
+        return None if array is None else np.ascontiguousarray(array, dtype=dtype)
+
+    return PreparedImages(cast(z), cast(mu), cast(mu_sq), cast(var), cast(c1), cast(c2))
+
+
+def ssim_prepared(
+    real: PreparedImages,
+    synthetic: PreparedImages,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> np.ndarray:
+    """SSIM of every (real, synthetic) pair of prepared images: an (N, M) array."""
+    if real.z.shape[1:] != synthetic.z.shape[1:]:
+        raise DeepSSIMError(
+            f"real images are {real.z.shape[1]}x{real.z.shape[2]} but synthetic images are "
+            f"{synthetic.z.shape[1]}x{synthetic.z.shape[2]}; bring them to one size (--size HxW)"
+        )
+    backend = _choose_backend(backend, device)
+    if backend == "c":
+        return _ssim_c(real, synthetic, threads)
+    return _ssim_torch(real, synthetic, torch.device(device))
+
+
+def _choose_backend(backend: str, device) -> str:
+    if backend not in BACKENDS:
+        raise DeepSSIMError(f"unknown SSIM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    on_cpu = torch.device(device).type == "cpu"
+    if backend == "auto":
+        return "c" if (_ssim_kernel is not None and on_cpu) else "torch"
+    if backend == "c" and (_ssim_kernel is None or not on_cpu):
+        raise DeepSSIMError("the C SSIM kernel is not built or the device is not the CPU; use backend='torch'")
+    return backend
+
+
+def _ssim_c(real: PreparedImages, synthetic: PreparedImages, threads: int | None) -> np.ndarray:
+    n, m = len(real), len(synthetic)
+    height, width = real.z.shape[1:]
+    dtype = real.z.dtype
+    out = np.empty((n, m), dtype=dtype)
+    threads = threads or torch.get_num_threads() or os.cpu_count() or 1
+    chunk = max(_KERNEL_TILE, -(-n // (threads * 4)) // _KERNEL_TILE * _KERNEL_TILE)
+    args = (real.z, synthetic.z, real.mu, synthetic.mu, real.mu_sq, synthetic.mu_sq,
+            real.var, synthetic.var, real.c1, real.c2, out)
+
+    def run(start: int) -> None:
+        _ssim_kernel.ssim_rows(*args, start, min(start + chunk, n), m, height, width,
+                               dtype == np.float64)
+
+    starts = range(0, n, chunk)
+    if threads == 1 or len(starts) == 1:
+        for start in starts:
+            run(start)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, starts))
+    return out
+
+
+def _ssim_torch(
+    real: PreparedImages, synthetic: PreparedImages, device: torch.device,
+    max_elements: int = 2**26,
+) -> np.ndarray:
+    """The same formula with tensor ops, in chunks of real rows to bound memory."""
+    def tensor(array):
+        return torch.from_numpy(array).to(device)
+
+    za, ma, sa, va = map(tensor, (real.z, real.mu, real.mu_sq, real.var))
+    zb, mb, sb, vb = map(tensor, (synthetic.z, synthetic.mu, synthetic.mu_sq, synthetic.var))
+    c1 = tensor(real.c1)[:, None, None, None]
+    c2 = tensor(real.c2)[:, None, None, None]
+    n, height, width = za.shape
+    ho, wo = height - WINDOW + 1, width - WINDOW + 1
+    rows_per_chunk = max(1, max_elements // (len(zb) * height * width))
+    out = torch.empty((n, len(zb)), dtype=za.dtype, device=device)
+    for start in range(0, n, rows_per_chunk):
+        part = slice(start, start + rows_per_chunk)
+        product = za[part, None] * zb[None]
+        box = sum(product[..., k : k + ho, :] for k in range(WINDOW))
+        box = sum(box[..., k : k + wo] for k in range(WINDOW))
+        m = ma[part, None] * mb[None]
+        covariance2 = (2 * COV_NORM / 49) * box - (2 * COV_NORM) * m
+        numerator = (2 * m + c1[part]) * (covariance2 + c2[part])
+        denominator = (sa[part, None] + sb[None]) * (va[part, None] + vb[None])
+        out[part] = (numerator / denominator).mean(dim=(-2, -1))
+    return out.cpu().numpy()
+
+
+def ssim(a, b, dtype=np.float64) -> float:
+    """SSIM of one (real ``a``, synthetic ``b``) pair of 2D images of raw intensities.
+
+    Equals ``skimage.metrics.structural_similarity(za, zb, data_range=za.max() - za.min())``
+    for the z-scored images ``za``, ``zb``. Not symmetric: the data range comes from ``a``.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2:
+        raise DeepSSIMError(f"ssim takes two 2D images; got shapes {a.shape} and {b.shape}")
+    return float(ssim_prepared(prepare(a, "real", dtype), prepare(b, "synthetic", dtype))[0, 0])
+
+
+def ssim_matrix(
+    real,
+    synthetic,
+    dtype=np.float32,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    block_size: int = 2048,
+    progress: bool = False,
+) -> np.ndarray:
+    """SSIM of every pair: an (N, M) array with [i, j] = ssim(real[i], synthetic[j]).
+
+    real, synthetic: sequences of 2D arrays, (N, H, W) arrays, or :class:`deepssim.ImageSet`s
+    (read lazily). float32 (default) agrees with scikit-image to ~1e-6; float64 to ~1e-12.
+    """
+    real_source, synthetic_source = _as_source(real), _as_source(synthetic)
+    out = np.empty((len(real_source), len(synthetic_source)), dtype=dtype)
+    for r0, s0, block in ssim_blocks(real_source, synthetic_source, dtype, backend, device,
+                                     block_size, progress):
+        out[r0 : r0 + block.shape[0], s0 : s0 + block.shape[1]] = block
+    return out
+
+
+def ssim_blocks(
+    real,
+    synthetic,
+    dtype=np.float32,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    block_size: int = 2048,
+    progress: bool = False,
+    cache_bytes: int = 2 * 2**30,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (real_start, synthetic_start, block) so any N x M can be streamed to disk.
+
+    Synthetic images are read and prepared once per block; prepared real blocks are kept
+    while they fit in ``cache_bytes`` and re-read otherwise.
+    """
+    real, synthetic = _as_source(real), _as_source(synthetic)
+    if tuple(real.shape) != tuple(synthetic.shape):
+        raise DeepSSIMError(
+            f"real images are {real.shape[0]}x{real.shape[1]} but synthetic images are "
+            f"{synthetic.shape[0]}x{synthetic.shape[1]}; bring them to one size (--size HxW)"
+        )
+    itemsize = np.dtype(dtype).itemsize
+    keep_real = 4 * len(real) * real.shape[0] * real.shape[1] * itemsize <= cache_bytes
+    real_cache: dict[int, PreparedImages] = {}
+    bar = _pair_progress(len(real) * len(synthetic), progress)
+    for s0 in range(0, len(synthetic), block_size):
+        prepared_synthetic = prepare(synthetic.read(s0, s0 + block_size), "synthetic", dtype)
+        for r0 in range(0, len(real), block_size):
+            prepared_real = real_cache.get(r0)
+            if prepared_real is None:
+                prepared_real = prepare(real.read(r0, r0 + block_size), "real", dtype)
+                if keep_real:
+                    real_cache[r0] = prepared_real
+            block = ssim_prepared(prepared_real, prepared_synthetic, backend, device)
+            if bar is not None:
+                bar.update(block.size)
+            yield r0, s0, block
+    if bar is not None:
+        bar.close()
+
+
+class _ArraySource:
+    """In-memory images with the ``read(start, stop)`` interface of :class:`ImageSet`."""
+
+    def __init__(self, images):
+        self.images = _as_stack(images) if not isinstance(images, list | tuple) else None
+        if self.images is None:
+            shapes = {np.shape(image) for image in images}
+            if len(shapes) != 1:
+                raise DeepSSIMError(f"images have different shapes: {sorted(shapes)}")
+            self.images = _as_stack(np.stack([np.asarray(i, dtype=np.float64) for i in images]))
+        self.shape = self.images.shape[1:]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.images[start:stop]
+
+
+def _as_source(images):
+    return images if hasattr(images, "read") and hasattr(images, "shape") else _ArraySource(images)
+
+
+def _pair_progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="SSIM pairs", unit="pair", unit_scale=True)
+
+
+__all__ = ["PreparedImages", "prepare", "ssim", "ssim_blocks", "ssim_matrix", "ssim_prepared"]
