@@ -65,13 +65,18 @@ def degrade(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def misalign(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = np.flip(image, axis=1) if rng.random() < 0.5 else image
-    return ndimage.rotate(out, rng.uniform(5, 9) * rng.choice([-1, 1]), reshape=False,
-                          order=1, mode="nearest")
+    return ndimage.rotate(
+        out, rng.uniform(5, 9) * rng.choice([-1, 1]), reshape=False, order=1, mode="nearest"
+    )
 
 
 def main() -> None:
     rng = np.random.default_rng(SEED)
-    kmeans, mni, dwi = "KmeansTest_T1UCharRaw.nii.gz", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "S0_10slices.nii.gz"
+    kmeans, mni, dwi = (
+        "KmeansTest_T1UCharRaw.nii.gz",
+        "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        "S0_10slices.nii.gz",
+    )
     train = {f"ants_r{n}": raster(f"r{n}slice.jpg") for n in (16, 27, 30, 62, 64)}
     train["itk_t1"] = raster("BrainT1Slice.png")
     train["itk_sagittal"] = raster("BrainMidSagittalSlice.png")
@@ -94,9 +99,15 @@ def main() -> None:
     for n, (key, z) in enumerate((("kmeans_t1_z30", 32), ("kmeans_t1_z46", 48))):
         synthetic[f"gen_neighbour_{n}"] = degrade(square(volume_slice(kmeans, 2, z)), rng)
         planted.append((f"gen_neighbour_{n}", "similar", key))
-    different = [raster("r85slice.jpg"), raster("BrainProtonDensitySlice.png"),
-                 volume_slice(kmeans, 2, 12), volume_slice(mni, 2, 40), volume_slice(mni, 1, 60),
-                 volume_slice(mni, 0, 30), volume_slice(dwi, 2, 1)]
+    different = [
+        raster("r85slice.jpg"),
+        raster("BrainProtonDensitySlice.png"),
+        volume_slice(kmeans, 2, 12),
+        volume_slice(mni, 2, 40),
+        volume_slice(mni, 1, 60),
+        volume_slice(mni, 0, 30),
+        volume_slice(dwi, 2, 1),
+    ]
     for n, image in enumerate(different):
         synthetic[f"gen_other_{n}"] = degrade(square(image), rng)
         planted.append((f"gen_other_{n}", "different", ""))

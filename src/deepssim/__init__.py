@@ -3,6 +3,7 @@
 from deepssim.errors import DeepSSIMError
 from deepssim.load import ImageSet, LoadOptions, load_images
 from deepssim.normalise import fit_to_size, zscore
+from deepssim.pairwise import SimilarityMatrix, compute_ssim_matrix
 from deepssim.ssim import prepare, ssim, ssim_blocks, ssim_matrix
 
 __version__ = "0.1.0"
@@ -11,6 +12,8 @@ __all__ = [
     "DeepSSIMError",
     "ImageSet",
     "LoadOptions",
+    "SimilarityMatrix",
+    "compute_ssim_matrix",
     "fit_to_size",
     "load_images",
     "prepare",

@@ -29,16 +29,27 @@ def _slice_range(text: str) -> tuple[int | None, int | None]:
 def _add_loading_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("reading images")
     group.add_argument("--size", type=str, help="bring every image to HxW (e.g. 136x112)")
-    group.add_argument("--fit", choices=FIT_MODES, default="pad",
-                       help="how --size is applied: centre pad/crop (default) or bilinear resize")
-    group.add_argument("--axis", type=int, default=2, choices=(0, 1, 2),
-                       help="NIfTI axis to slice along (default 2)")
+    group.add_argument(
+        "--fit",
+        choices=FIT_MODES,
+        default="pad",
+        help="how --size is applied: centre pad/crop (default) or bilinear resize",
+    )
+    group.add_argument(
+        "--axis", type=int, default=2, choices=(0, 1, 2), help="NIfTI axis to slice along (default 2)"
+    )
     group.add_argument("--slices", type=_slice_range, help="keep volume slices START:STOP")
-    group.add_argument("--min-foreground", type=float, default=0.05,
-                       help="skip volume slices with less foreground than this fraction "
-                            "(default 0.05; 0 keeps all)")
-    group.add_argument("--skip-bad", action="store_true",
-                       help="skip unreadable, constant or non-finite images with a warning")
+    group.add_argument(
+        "--min-foreground",
+        type=float,
+        default=0.05,
+        help="skip volume slices with less foreground than this fraction (default 0.05; 0 keeps all)",
+    )
+    group.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable, constant or non-finite images with a warning",
+    )
 
 
 def _loading_options(args: argparse.Namespace) -> LoadOptions:
@@ -60,15 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     matrix = commands.add_parser(
-        "ssim-matrix", help="SSIM of every (real, synthetic) pair, saved as .npz",
+        "ssim-matrix",
+        help="SSIM of every (real, synthetic) pair, saved as .npz",
         description="Compute the exact SSIM (the paper's label) of every (real, synthetic) pair.",
     )
     matrix.add_argument("--real", required=True, nargs="+", help="folder(s) or files of real images")
-    matrix.add_argument("--synthetic", required=True, nargs="+",
-                        help="folder(s) or files of synthetic images")
+    matrix.add_argument(
+        "--synthetic", required=True, nargs="+", help="folder(s) or files of synthetic images"
+    )
     matrix.add_argument("--out", required=True, help="output .npz (matrix, keys, settings)")
-    matrix.add_argument("--top-k", type=int, default=0,
-                        help="also write OUT.topK.csv with the K most similar real images per synthetic image")
+    matrix.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="also write OUT.topK.csv with the K most similar real images per synthetic image",
+    )
     matrix.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     matrix.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     matrix.add_argument("--block-size", type=int, default=2048, help="images per block (memory)")
@@ -95,21 +112,30 @@ def _run_ssim_matrix(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".deepssim-") as scratch:
         matrix_file = Path(scratch) / "ssim.npy" if matrix_bytes > IN_MEMORY_MATRIX_BYTES else None
-        result = compute_ssim_matrix(real, synthetic, dtype=args.dtype, device=args.device,
-                                     block_size=args.block_size, progress=progress,
-                                     matrix_file=matrix_file)
+        result = compute_ssim_matrix(
+            real,
+            synthetic,
+            dtype=args.dtype,
+            device=args.device,
+            block_size=args.block_size,
+            progress=progress,
+            matrix_file=matrix_file,
+        )
         result.save(out)
         if args.top_k:
             top_k_path = out.with_suffix(f".top{args.top_k}.csv")
             result.save_top_k(top_k_path, args.top_k)
         values = np.asarray(result.values)
-        print(f"SSIM matrix: {len(real)} real x {len(synthetic)} synthetic images "
-              f"of {real.shape[0]}x{real.shape[1]} -> {out}")
-        print(f"  SSIM min {values.min():.4f}  median {np.median(values):.4f}  "
-              f"max {values.max():.4f}")
+        print(
+            f"SSIM matrix: {len(real)} real x {len(synthetic)} synthetic images "
+            f"of {real.shape[0]}x{real.shape[1]} -> {out}"
+        )
+        print(f"  SSIM min {values.min():.4f}  median {np.median(values):.4f}  max {values.max():.4f}")
         best = values.max(axis=0)
-        print(f"  synthetic images whose best real match has SSIM > 0.85: "
-              f"{int((best > 0.85).sum())} of {len(best)}")
+        print(
+            f"  synthetic images whose best real match has SSIM > 0.85: "
+            f"{int((best > 0.85).sum())} of {len(best)}"
+        )
         if args.top_k:
             print(f"  top-{args.top_k} matches -> {top_k_path}")
 

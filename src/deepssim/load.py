@@ -227,7 +227,9 @@ def _index_file(root: Path, path: Path, options: LoadOptions):
             image = fit_to_size(image, options.size, options.fit)
         problem = None
         if min(image.shape) < 7:
-            problem = f"{ref.key} ({path}): image is {image.shape[0]}x{image.shape[1]}; SSIM needs at least 7x7"
+            problem = (
+                f"{ref.key} ({path}): image is {image.shape[0]}x{image.shape[1]}; SSIM needs at least 7x7"
+            )
         else:
             try:
                 check_finite_and_varying(image, f"{ref.key} ({path})")
@@ -335,8 +337,7 @@ def _check_unique_keys(refs: list[ImageRef]) -> None:
     for ref in refs:
         if ref.key in seen:
             raise DeepSSIMError(
-                f"two files give the same key {ref.key!r}: {seen[ref.key]} and {ref.path}; "
-                "rename one of them"
+                f"two files give the same key {ref.key!r}: {seen[ref.key]} and {ref.path}; rename one of them"
             )
         seen[ref.key] = ref.path
 

@@ -34,8 +34,9 @@ class SimilarityMatrix:
         for j, synthetic_key in enumerate(self.synthetic_keys):
             column = np.asarray(self.values[:, j])
             best = np.argsort(-column, kind="stable")[:k]
-            rows += [(synthetic_key, rank + 1, self.real_keys[i], float(column[i]))
-                     for rank, i in enumerate(best)]
+            rows += [
+                (synthetic_key, rank + 1, self.real_keys[i], float(column[i])) for rank, i in enumerate(best)
+            ]
         return rows
 
     def save(self, path: str | Path) -> None:
@@ -88,17 +89,24 @@ def compute_ssim_matrix(
     """
     if dtype not in ("float32", "float64"):
         raise DeepSSIMError(f"dtype must be float32 or float64, not {dtype!r}")
-    real_set = real if isinstance(real, ImageSet) else ImageSet.from_paths(
-        real, options, progress, "indexing real images")
-    synthetic_set = synthetic if isinstance(synthetic, ImageSet) else ImageSet.from_paths(
-        synthetic, options, progress, "indexing synthetic images")
+    real_set = (
+        real
+        if isinstance(real, ImageSet)
+        else ImageSet.from_paths(real, options, progress, "indexing real images")
+    )
+    synthetic_set = (
+        synthetic
+        if isinstance(synthetic, ImageSet)
+        else ImageSet.from_paths(synthetic, options, progress, "indexing synthetic images")
+    )
     shape = (len(real_set), len(synthetic_set))
     if matrix_file is None:
         values = np.empty(shape, dtype=dtype)
     else:
         values = np.lib.format.open_memmap(matrix_file, mode="w+", dtype=dtype, shape=shape)
-    for r0, s0, block in ssim_blocks(real_set, synthetic_set, np.dtype(dtype), backend, device,
-                                     block_size, progress):
+    for r0, s0, block in ssim_blocks(
+        real_set, synthetic_set, np.dtype(dtype), backend, device, block_size, progress
+    ):
         values[r0 : r0 + block.shape[0], s0 : s0 + block.shape[1]] = block
     settings = {
         "format_version": FORMAT_VERSION,

@@ -74,9 +74,7 @@ def _as_stack(images) -> np.ndarray:
 def _box_mean(stack: np.ndarray) -> np.ndarray:
     """Mean over every 7x7 window lying inside the image: (n, H, W) -> (n, H-6, W-6)."""
     rows = sum(stack[:, k : stack.shape[1] - WINDOW + 1 + k] for k in range(WINDOW))
-    return sum(rows[:, :, k : stack.shape[2] - WINDOW + 1 + k] for k in range(WINDOW)) / (
-        WINDOW * WINDOW
-    )
+    return sum(rows[:, :, k : stack.shape[2] - WINDOW + 1 + k] for k in range(WINDOW)) / (WINDOW * WINDOW)
 
 
 def prepare(images, role: str, dtype=np.float32) -> PreparedImages:
@@ -129,7 +127,9 @@ def _choose_backend(backend: str, device) -> str:
     if backend == "auto":
         return "c" if (_ssim_kernel is not None and on_cpu) else "torch"
     if backend == "c" and (_ssim_kernel is None or not on_cpu):
-        raise DeepSSIMError("the C SSIM kernel is not built or the device is not the CPU; use backend='torch'")
+        raise DeepSSIMError(
+            "the C SSIM kernel is not built or the device is not the CPU; use backend='torch'"
+        )
     return backend
 
 
@@ -140,12 +140,22 @@ def _ssim_c(real: PreparedImages, synthetic: PreparedImages, threads: int | None
     out = np.empty((n, m), dtype=dtype)
     threads = threads or torch.get_num_threads() or os.cpu_count() or 1
     chunk = max(_KERNEL_TILE, -(-n // (threads * 4)) // _KERNEL_TILE * _KERNEL_TILE)
-    args = (real.z, synthetic.z, real.mu, synthetic.mu, real.mu_sq, synthetic.mu_sq,
-            real.var, synthetic.var, real.c1, real.c2, out)
+    args = (
+        real.z,
+        synthetic.z,
+        real.mu,
+        synthetic.mu,
+        real.mu_sq,
+        synthetic.mu_sq,
+        real.var,
+        synthetic.var,
+        real.c1,
+        real.c2,
+        out,
+    )
 
     def run(start: int) -> None:
-        _ssim_kernel.ssim_rows(*args, start, min(start + chunk, n), m, height, width,
-                               dtype == np.float64)
+        _ssim_kernel.ssim_rows(*args, start, min(start + chunk, n), m, height, width, dtype == np.float64)
 
     starts = range(0, n, chunk)
     if threads == 1 or len(starts) == 1:
@@ -158,10 +168,13 @@ def _ssim_c(real: PreparedImages, synthetic: PreparedImages, threads: int | None
 
 
 def _ssim_torch(
-    real: PreparedImages, synthetic: PreparedImages, device: torch.device,
+    real: PreparedImages,
+    synthetic: PreparedImages,
+    device: torch.device,
     max_elements: int = 2**26,
 ) -> np.ndarray:
     """The same formula with tensor ops, in chunks of real rows to bound memory."""
+
     def tensor(array):
         return torch.from_numpy(array).to(device)
 
@@ -214,8 +227,9 @@ def ssim_matrix(
     """
     real_source, synthetic_source = _as_source(real), _as_source(synthetic)
     out = np.empty((len(real_source), len(synthetic_source)), dtype=dtype)
-    for r0, s0, block in ssim_blocks(real_source, synthetic_source, dtype, backend, device,
-                                     block_size, progress):
+    for r0, s0, block in ssim_blocks(
+        real_source, synthetic_source, dtype, backend, device, block_size, progress
+    ):
         out[r0 : r0 + block.shape[0], s0 : s0 + block.shape[1]] = block
     return out
 

@@ -1,0 +1,30 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both create or update the virtual environment .venv with plain pip (torch and torchvision
+# come from this machine's local wheels through pip; see README "Installation").
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml setup.py src/deepssim/_ssim_kernel.c
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/deepssim ssim-matrix --real data/example/train --synthetic data/example/synthetic \
+		--out demo-output/ssim_matrix.npz --top-k 3
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ssim_matrix.py
+
+clean:
+	rm -rf $(VENV) build demo-output src/*.egg-info src/deepssim/*.so

@@ -1,0 +1,137 @@
+"""The ``deepssim ssim-matrix`` command end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from deepssim import SimilarityMatrix, load_images
+from deepssim.cli import main
+from tests.conftest import EXAMPLE, smooth_image
+from tests.test_ssim import reference_matrix
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deepssim.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_ssim_matrix_on_the_bundled_example(tmp_path):
+    out = tmp_path / "result" / "matrix.npz"
+    done = run_cli(
+        "ssim-matrix",
+        "--real",
+        str(EXAMPLE / "train"),
+        "--synthetic",
+        str(EXAMPLE / "synthetic"),
+        "--out",
+        str(out),
+        "--top-k",
+        "2",
+        "--dtype",
+        "float64",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "16 real x 18 synthetic" in done.stdout
+    result = SimilarityMatrix.load(out)
+    real_keys, real = load_images(EXAMPLE / "train")
+    synthetic_keys, synthetic = load_images(EXAMPLE / "synthetic")
+    assert result.real_keys == real_keys and result.synthetic_keys == synthetic_keys
+    assert result.settings["dtype"] == "float64" and result.settings["image_shape"] == [128, 128]
+    np.testing.assert_allclose(result.values, reference_matrix(real, synthetic), atol=1e-5)
+
+    with open(out.with_suffix(".top2.csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * len(synthetic_keys)
+    for j, key in enumerate(synthetic_keys):
+        best = np.argsort(-result.values[:, j])[:2]
+        mine = [r for r in rows if r["synthetic_key"] == key]
+        assert [r["real_key"] for r in mine] == [real_keys[i] for i in best]
+        assert float(mine[0]["ssim"]) == pytest.approx(result.values[best[0], j], abs=1e-6)
+    # the planted near-copies find their source
+    with open(EXAMPLE / "planted.csv") as handle:
+        planted = [r for r in csv.DictReader(handle) if r["kind"] == "duplicate"]
+    for row in planted:
+        top = next(r for r in rows if r["synthetic_key"] == row["synthetic_key"] and r["rank"] == "1")
+        assert top["real_key"] == row["source_train_key"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("empty", "no supported images"),
+        ("mixed_shapes", "different shapes"),
+        ("constant", "constant"),
+    ],
+)
+def test_user_errors_exit_nonzero_without_traceback(tmp_path, setup, message):
+    rng = np.random.default_rng(0)
+    real, synthetic = tmp_path / "real", tmp_path / "synthetic"
+    real.mkdir()
+    synthetic.mkdir()
+    np.save(real / "r.npy", smooth_image(rng, (12, 12)))
+    if setup == "mixed_shapes":
+        np.save(synthetic / "a.npy", smooth_image(rng, (12, 12)))
+        np.save(synthetic / "b.npy", smooth_image(rng, (14, 12)))
+    elif setup == "constant":
+        np.save(synthetic / "flat.npy", np.ones((12, 12)))
+    out = tmp_path / "out.npz"
+    done = run_cli("ssim-matrix", "--real", str(real), "--synthetic", str(synthetic), "--out", str(out))
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_size_option_and_skip_bad(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    real, synthetic = tmp_path / "real", tmp_path / "synthetic"
+    real.mkdir()
+    synthetic.mkdir()
+    np.save(real / "r.npy", smooth_image(rng, (12, 12)))
+    np.save(synthetic / "a.npy", smooth_image(rng, (15, 11)))
+    np.save(synthetic / "flat.npy", np.ones((12, 12)))
+    out = tmp_path / "out.npz"
+    code = main(
+        [
+            "ssim-matrix",
+            "--real",
+            str(real),
+            "--synthetic",
+            str(synthetic),
+            "--out",
+            str(out),
+            "--size",
+            "12x12",
+            "--skip-bad",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    assert "skipped 1 bad image" in capsys.readouterr().err
+    result = SimilarityMatrix.load(out)
+    assert result.synthetic_keys == ["a"] and result.values.shape == (1, 1)
+    assert result.settings["synthetic_skipped"] == 1
+
+
+def test_bad_output_name_and_foreign_matrix_file(tmp_path):
+    done = run_cli(
+        "ssim-matrix",
+        "--real",
+        str(EXAMPLE / "train"),
+        "--synthetic",
+        str(EXAMPLE / "synthetic"),
+        "--out",
+        str(tmp_path / "m.csv"),
+    )
+    assert done.returncode == 2 and "must end in .npz" in done.stderr
+    (tmp_path / "foreign.npz").write_bytes(b"not a zip")
+    from deepssim import DeepSSIMError
+
+    with pytest.raises(DeepSSIMError, match="not an SSIM matrix file"):
+        SimilarityMatrix.load(tmp_path / "foreign.npz")

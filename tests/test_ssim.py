@@ -1,0 +1,119 @@
+"""The SSIM engine against scikit-image, the independent reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+import deepssim
+from deepssim.ssim import _ssim_kernel
+from tests.conftest import SOURCES, smooth_image
+
+BACKENDS = ["torch"] + (["c"] if _ssim_kernel is not None else [])
+TOLERANCE = {np.float64: 1e-5, np.float32: 1e-4}
+
+
+def reference_matrix(real: np.ndarray, synthetic: np.ndarray) -> np.ndarray:
+    """scikit-image with defaults under the paper's rule, in float64."""
+    out = np.empty((len(real), len(synthetic)))
+    for i, a in enumerate(real):
+        za = (a - a.mean()) / a.std()
+        for j, b in enumerate(synthetic):
+            zb = (b - b.mean()) / b.std()
+            out[i, j] = structural_similarity(za, zb, data_range=za.max() - za.min())
+    return out
+
+
+def real_mri_slices(count: int, shape=(60, 52)) -> np.ndarray:
+    import nibabel as nib
+
+    volume = np.asarray(nib.load(SOURCES / "KmeansTest_T1UCharRaw.nii.gz").get_fdata())
+    return np.stack([volume[30 : 30 + shape[0], 20 : 20 + shape[1], z] for z in range(15, 15 + 3 * count, 3)])
+
+
+def test_scikit_image_not_a_tautology():
+    """Guard: the reference really is scikit-image and differs from a naive global formula."""
+    rng = np.random.default_rng(0)
+    a, b = smooth_image(rng), smooth_image(rng)
+    assert deepssim.ssim(a, b) == pytest.approx(reference_matrix(a[None], b[None])[0, 0], abs=1e-12)
+    assert deepssim.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    "case",
+    ["random", "mri", "odd", "minimum", "flat_background", "tall_for_refresh"],
+)
+def test_matrix_matches_scikit_image(backend, dtype, case):
+    rng = np.random.default_rng(7)
+    if case == "random":
+        real, synthetic = rng.normal(size=(9, 24, 20)), rng.normal(size=(11, 24, 20))
+    elif case == "mri":
+        real = real_mri_slices(5)
+        synthetic = np.concatenate([real[:3] + rng.normal(0, 5, real[:3].shape), real_mri_slices(7)[4:]])
+    elif case == "odd":
+        real = np.stack([smooth_image(rng, (23, 17)) for _ in range(10)])
+        synthetic = np.stack([smooth_image(rng, (23, 17)) for _ in range(3)])
+    elif case == "minimum":
+        real, synthetic = rng.normal(size=(4, 7, 7)), rng.normal(size=(5, 7, 7))
+    elif case == "flat_background":
+        real = np.zeros((6, 40, 36))
+        synthetic = np.zeros((5, 40, 36))
+        real[:, 12:28, 10:24] = rng.normal(100, 20, size=(6, 16, 14))
+        synthetic[:, 14:30, 8:22] = rng.normal(100, 20, size=(5, 16, 14))
+    else:  # taller than the kernel's refresh interval, with large values
+        real = 1000 + 300 * np.stack([smooth_image(rng, (70, 12)) for _ in range(9)])
+        synthetic = 1000 + 300 * np.stack([smooth_image(rng, (70, 12)) for _ in range(9)])
+    expected = reference_matrix(real, synthetic)
+    got = deepssim.ssim_matrix(real, synthetic, dtype=dtype, backend=backend)
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert np.abs(got - expected).max() <= TOLERANCE[dtype]
+
+
+def test_single_pair_and_asymmetry():
+    rng = np.random.default_rng(3)
+    a = smooth_image(rng)
+    b = 5 * a + rng.normal(0, 3, a.shape)
+    b[0, 0] = 1e3  # an outlier changes b's data range, so ssim(a, b) != ssim(b, a)
+    assert deepssim.ssim(a, b) == pytest.approx(reference_matrix(a[None], b[None])[0, 0], abs=1e-10)
+    assert deepssim.ssim(b, a) == pytest.approx(reference_matrix(b[None], a[None])[0, 0], abs=1e-10)
+    assert abs(deepssim.ssim(a, b) - deepssim.ssim(b, a)) > 1e-3
+
+
+def test_blocks_stream_the_same_matrix():
+    rng = np.random.default_rng(4)
+    real, synthetic = rng.normal(size=(13, 16, 15)), rng.normal(size=(10, 16, 15))
+    full = deepssim.ssim_matrix(real, synthetic, dtype=np.float64)
+    assembled = np.full_like(full, np.nan)
+    for r0, s0, block in deepssim.ssim_blocks(real, synthetic, np.float64, block_size=4, cache_bytes=0):
+        assembled[r0 : r0 + block.shape[0], s0 : s0 + block.shape[1]] = block
+    np.testing.assert_allclose(assembled, full, atol=1e-12)
+    np.testing.assert_allclose(full, reference_matrix(real, synthetic), atol=1e-10)
+
+
+def test_list_of_arrays_input():
+    rng = np.random.default_rng(5)
+    real = [smooth_image(rng, (12, 12)) for _ in range(3)]
+    synthetic = [smooth_image(rng, (12, 12)) for _ in range(2)]
+    got = deepssim.ssim_matrix(real, synthetic, dtype=np.float64)
+    np.testing.assert_allclose(got, reference_matrix(np.stack(real), np.stack(synthetic)), atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "real, synthetic, message",
+    [
+        (np.ones((2, 10, 10)), np.random.default_rng(0).normal(size=(2, 10, 10)), "constant"),
+        (np.random.default_rng(0).normal(size=(1, 6, 9)), np.zeros((1, 6, 9)), "at least 7x7"),
+        (np.full((1, 10, 10), np.nan), np.zeros((1, 10, 10)), "NaN"),
+        (
+            np.random.default_rng(0).normal(size=(1, 10, 10)),
+            np.random.default_rng(1).normal(size=(1, 10, 12)),
+            "10x10",
+        ),
+    ],
+)
+def test_bad_arrays_give_clear_errors(real, synthetic, message):
+    with pytest.raises(deepssim.DeepSSIMError, match=message):
+        deepssim.ssim_matrix(real, synthetic)
