@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +115,7 @@ def compute_ssim_matrix(
         "data_range = max - min of the z-scored real image",
         "dtype": dtype,
         "image_shape": list(real_set.shape),
-        "load_options": {k: v for k, v in vars(real_set.options).items()},
+        "load_options": asdict(real_set.options),
         "real_skipped": len(real_set.skipped),
         "synthetic_skipped": len(synthetic_set.skipped),
     }

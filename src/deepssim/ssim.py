@@ -95,7 +95,9 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
     n, height, width = stack.shape
     valid = (n, height - WINDOW + 1, width - WINDOW + 1)
     prepared = PreparedImages(
-        z=np.empty(stack.shape, dtype), mu=np.empty(valid, dtype), mu_sq=np.empty(valid, dtype),
+        z=np.empty(stack.shape, dtype),
+        mu=np.empty(valid, dtype),
+        mu_sq=np.empty(valid, dtype),
         var=np.empty(valid, dtype),
         c1=np.empty(n, dtype) if role == "real" else None,
         c2=np.empty(n, dtype) if role == "real" else None,
@@ -124,15 +126,19 @@ def ssim_prepared(
     threads: int | None = None,
 ) -> np.ndarray:
     """SSIM of every (real, synthetic) pair of prepared images: an (N, M) array."""
-    if real.z.shape[1:] != synthetic.z.shape[1:]:
-        raise DeepSSIMError(
-            f"real images are {real.z.shape[1]}x{real.z.shape[2]} but synthetic images are "
-            f"{synthetic.z.shape[1]}x{synthetic.z.shape[2]}; bring them to one size (--size HxW)"
-        )
+    _check_same_shape(real.z.shape[1:], synthetic.z.shape[1:])
     backend = _choose_backend(backend, device)
     if backend == "c":
         return _ssim_c(real, synthetic, threads)
     return _ssim_torch(real, synthetic, torch.device(device))
+
+
+def _check_same_shape(real_shape, synthetic_shape) -> None:
+    if tuple(real_shape) != tuple(synthetic_shape):
+        raise DeepSSIMError(
+            f"real images are {real_shape[0]}x{real_shape[1]} but synthetic images are "
+            f"{synthetic_shape[0]}x{synthetic_shape[1]}; bring them to one size (--size HxW)"
+        )
 
 
 def _choose_backend(backend: str, device) -> str:
@@ -265,11 +271,7 @@ def ssim_blocks(
     while they fit in ``cache_bytes`` and re-read otherwise.
     """
     real, synthetic = _as_source(real), _as_source(synthetic)
-    if tuple(real.shape) != tuple(synthetic.shape):
-        raise DeepSSIMError(
-            f"real images are {real.shape[0]}x{real.shape[1]} but synthetic images are "
-            f"{synthetic.shape[0]}x{synthetic.shape[1]}; bring them to one size (--size HxW)"
-        )
+    _check_same_shape(real.shape, synthetic.shape)
     itemsize = np.dtype(dtype).itemsize
     keep_real = 4 * len(real) * real.shape[0] * real.shape[1] * itemsize <= cache_bytes
     real_cache: dict[int, PreparedImages] = {}
@@ -294,12 +296,12 @@ class _ArraySource:
     """In-memory images with the ``read(start, stop)`` interface of :class:`ImageSet`."""
 
     def __init__(self, images):
-        self.images = _as_stack(images) if not isinstance(images, list | tuple) else None
-        if self.images is None:
+        if isinstance(images, list | tuple):
             shapes = {np.shape(image) for image in images}
             if len(shapes) != 1:
                 raise DeepSSIMError(f"images have different shapes: {sorted(shapes)}")
-            self.images = _as_stack(np.stack([np.asarray(i, dtype=np.float64) for i in images]))
+            images = np.stack([np.asarray(image, dtype=np.float64) for image in images])
+        self.images = _as_stack(images)
         self.shape = self.images.shape[1:]
 
     def __len__(self) -> int:
