@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
@@ -117,3 +119,9 @@ def test_list_of_arrays_input():
 def test_bad_arrays_give_clear_errors(real, synthetic, message):
     with pytest.raises(deepssim.DeepSSIMError, match=message):
         deepssim.ssim_matrix(real, synthetic)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C compiler")
+def test_c_kernel_is_built_where_a_compiler_exists():
+    """Installation must have compiled the fast kernel; otherwise the CPU path is ~50x slower."""
+    assert _ssim_kernel is not None
