@@ -14,6 +14,8 @@ from deepssim.cli import main
 from tests.conftest import EXAMPLE, smooth_image
 from tests.test_ssim import reference_matrix
 
+ON_EXAMPLE = ("ssim-matrix", "--real", str(EXAMPLE / "train"), "--synthetic", str(EXAMPLE / "synthetic"))
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -24,11 +26,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_ssim_matrix_on_the_bundled_example(tmp_path):
     out = tmp_path / "result" / "matrix.npz"
     done = run_cli(
-        "ssim-matrix",
-        "--real",
-        str(EXAMPLE / "train"),
-        "--synthetic",
-        str(EXAMPLE / "synthetic"),
+        *ON_EXAMPLE,
         "--out",
         str(out),
         "--top-k",
@@ -121,11 +119,7 @@ def test_size_option_and_skip_bad(tmp_path, capsys):
 
 def test_bad_output_name_and_foreign_matrix_file(tmp_path):
     done = run_cli(
-        "ssim-matrix",
-        "--real",
-        str(EXAMPLE / "train"),
-        "--synthetic",
-        str(EXAMPLE / "synthetic"),
+        *ON_EXAMPLE,
         "--out",
         str(tmp_path / "m.csv"),
     )
