@@ -13,7 +13,7 @@ import numpy as np
 from deepssim.errors import DeepSSIMError
 from deepssim.files import atomic_path, write_text_atomic
 from deepssim.load import ImageSet, LoadOptions
-from deepssim.ssim import ssim_blocks
+from deepssim.ssim import ssim_matrix
 
 FORMAT_VERSION = 1
 
@@ -104,10 +104,7 @@ def compute_ssim_matrix(
         values = np.empty(shape, dtype=dtype)
     else:
         values = np.lib.format.open_memmap(matrix_file, mode="w+", dtype=dtype, shape=shape)
-    for r0, s0, block in ssim_blocks(
-        real_set, synthetic_set, np.dtype(dtype), backend, device, block_size, progress
-    ):
-        values[r0 : r0 + block.shape[0], s0 : s0 + block.shape[1]] = block
+    ssim_matrix(real_set, synthetic_set, np.dtype(dtype), backend, device, block_size, progress, values)
     settings = {
         "format_version": FORMAT_VERSION,
         "metric": "ssim",

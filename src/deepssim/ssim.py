@@ -240,14 +240,17 @@ def ssim_matrix(
     device: str | torch.device = "cpu",
     block_size: int = 2048,
     progress: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """SSIM of every pair: an (N, M) array with [i, j] = ssim(real[i], synthetic[j]).
 
     real, synthetic: sequences of 2D arrays, (N, H, W) arrays, or :class:`deepssim.ImageSet`s
     (read lazily). float32 (default) agrees with scikit-image to ~1e-6; float64 to ~1e-12.
+    out: an (N, M) array to fill (e.g. a memory-mapped file for matrices larger than RAM).
     """
     real_source, synthetic_source = _as_source(real), _as_source(synthetic)
-    out = np.empty((len(real_source), len(synthetic_source)), dtype=dtype)
+    if out is None:
+        out = np.empty((len(real_source), len(synthetic_source)), dtype=dtype)
     for r0, s0, block in ssim_blocks(
         real_source, synthetic_source, dtype, backend, device, block_size, progress
     ):
