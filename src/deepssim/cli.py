@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeepSSIMError as error:
         print(f"deepssim: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("deepssim: interrupted; no partial output was written", file=sys.stderr)
         return 130
