@@ -125,3 +125,10 @@ def test_bad_arrays_give_clear_errors(real, synthetic, message):
 def test_c_kernel_is_built_where_a_compiler_exists():
     """Installation must have compiled the fast kernel; otherwise the CPU path is ~50x slower."""
     assert _ssim_kernel is not None
+
+
+def test_matched_pairs_match_scikit_image(rng):
+    real = real_mri_slices(5)
+    synthetic = real[::-1] + rng.normal(0, 5, real.shape)
+    expected = np.diag(reference_matrix(real, synthetic))
+    np.testing.assert_allclose(deepssim.ssim_pairs(real, synthetic, chunk=2), expected, atol=1e-10)

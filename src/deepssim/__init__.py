@@ -2,13 +2,15 @@
 
 from deepssim.errors import DeepSSIMError
 from deepssim.load import ImageSet, LoadOptions, load_images
+from deepssim.model import DeepSSIM
 from deepssim.normalise import fit_to_size, zscore
 from deepssim.pairwise import SimilarityMatrix, compute_ssim_matrix
-from deepssim.ssim import prepare, ssim, ssim_blocks, ssim_matrix
+from deepssim.ssim import prepare, ssim, ssim_blocks, ssim_matrix, ssim_pairs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeepSSIM",
     "DeepSSIMError",
     "ImageSet",
     "LoadOptions",
@@ -20,5 +22,6 @@ __all__ = [
     "ssim",
     "ssim_blocks",
     "ssim_matrix",
+    "ssim_pairs",
     "zscore",
 ]

@@ -92,7 +92,151 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_loading_options(matrix)
     matrix.set_defaults(handler=_run_ssim_matrix)
+    _add_train_parser(commands)
+    _add_embed_parser(commands)
+    _add_export_parser(commands)
     return parser
+
+
+def _add_train_parser(commands) -> None:
+    from deepssim.augment import AUGMENTATION_SETS
+    from deepssim.networks import ARCHITECTURES
+    from deepssim.train import PRECISIONS, TrainSettings
+
+    defaults = TrainSettings()
+    train = commands.add_parser(
+        "train",
+        help="train a DeepSSIM embedder on image pairs",
+        description="Train a DeepSSIM embedder: the cosine of two augmented views regresses their "
+        "clean SSIM. Pairs come from --pairs, or are sampled self-supervised from the images.",
+    )
+    train.add_argument("--images", required=True, nargs="+", help="training (real) images: folders or files")
+    train.add_argument("--generated", nargs="+", help="generated images (optional; needed with --pairs)")
+    train.add_argument("--pairs", help="CSV with real_key, synth_key[, ssim][, split]")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, cached pairs")
+    train.add_argument("--architecture", choices=list(ARCHITECTURES), default=defaults.architecture)
+    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--lr", type=float, default=defaults.learning_rate, help="AdamW learning rate")
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
+    train.add_argument(
+        "--layer-decay", type=float, default=defaults.layer_decay, help="layer-wise lr decay (1 = off)"
+    )
+    train.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
+    train.add_argument("--augmentation", choices=AUGMENTATION_SETS, default=defaults.augmentation)
+    train.add_argument(
+        "--n-pairs", type=int, default=defaults.n_pairs, help="self-supervised pairs to sample"
+    )
+    train.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--pretrained", choices=("imagenet",), help="start from ImageNet backbone weights")
+    train.add_argument("--pretrained-file", help="the ImageNet weights file (default: torch.hub cache)")
+    train.add_argument("--device", default=defaults.device)
+    train.add_argument("--restart", action="store_true", help="ignore a previous run in --out")
+    train.add_argument("--no-progress", action="store_true")
+    _add_loading_options(train)
+    train.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from deepssim.train import TrainSettings, train
+
+    settings = TrainSettings(
+        architecture=args.architecture,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        layer_decay=args.layer_decay,
+        precision=args.precision,
+        augmentation=args.augmentation,
+        n_pairs=args.n_pairs,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        pretrained=args.pretrained,
+        pretrained_file=args.pretrained_file,
+        device=args.device,
+    )
+    result = train(
+        args.images,
+        args.out,
+        settings,
+        generated=args.generated,
+        pairs_csv=args.pairs,
+        options=_loading_options(args),
+        progress=not args.no_progress,
+        resume=not args.restart,
+    )
+    best = result.summary["best_validation"]
+    print(
+        f"best epoch {result.summary['best_epoch']} of {result.summary['epochs_run']}: validation MAE "
+        f"aligned {best['val_aligned_mae']:.4f}, misaligned {best['val_misaligned_mae']:.4f}"
+    )
+    print(f"model: {result.best_checkpoint} (+ .json); log: {Path(args.out) / 'log.csv'}")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default', a checkpoint (.safetensors + .json) or a TorchScript file",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def _add_embed_parser(commands) -> None:
+    embed = commands.add_parser(
+        "embed",
+        help="write DeepSSIM embeddings of images",
+        description="Embed images with a DeepSSIM model; writes an .npz with embeddings and keys.",
+    )
+    embed.add_argument("--images", required=True, nargs="+", help="folders or files")
+    embed.add_argument("--out", required=True, help="output .npz (embeddings, keys, model)")
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
+    embed.add_argument("--no-progress", action="store_true")
+    _add_model_options(embed)
+    _add_loading_options(embed)
+    embed.set_defaults(handler=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> None:
+    from deepssim.load import ImageSet
+    from deepssim.model import DeepSSIM
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise DeepSSIMError(f"--out {out}: the output must end in .npz")
+    model = DeepSSIM.load(args.model, args.device)
+    images = ImageSet.from_paths(args.images, _loading_options(args), not args.no_progress)
+    embeddings = model.embed(images, args.batch_size, args.precision, progress=not args.no_progress)
+    from deepssim.files import atomic_path
+
+    with atomic_path(out, suffix=".npz") as temporary, open(temporary, "wb") as handle:
+        np.savez(
+            handle, embeddings=embeddings, keys=np.array(images.keys, dtype=str), model=np.array(model.name)
+        )
+    print(f"{len(images)} embeddings of dimension {embeddings.shape[1]} -> {out}")
+
+
+def _add_export_parser(commands) -> None:
+    export = commands.add_parser(
+        "export",
+        help="export a model to TorchScript",
+        description="Write a TorchScript embedder that maps (B, 3, H, W) z-scored images to (B, 256).",
+    )
+    export.add_argument("--out", required=True, help="output TorchScript file (.pt)")
+    _add_model_options(export)
+    export.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from deepssim.model import DeepSSIM
+
+    path = DeepSSIM.load(args.model, args.device).export_torchscript(args.out)
+    print(f"TorchScript embedder -> {path}")
 
 
 def _run_ssim_matrix(args: argparse.Namespace) -> None:

@@ -232,6 +232,29 @@ def ssim(a, b, dtype=np.float64) -> float:
     return float(ssim_prepared(prepare(a, "real", dtype), prepare(b, "synthetic", dtype))[0, 0])
 
 
+def ssim_pairs(real, synthetic, dtype=np.float64, chunk: int = 256) -> np.ndarray:
+    """SSIM of matched pairs: an (N,) array with [i] = ssim(real[i], synthetic[i]).
+
+    For pair tables (training targets, labelled benchmarks), where the full matrix is waste.
+    """
+    real, synthetic = _as_stack(real), _as_stack(synthetic)
+    if len(real) != len(synthetic):
+        raise DeepSSIMError(
+            f"ssim_pairs needs as many real as synthetic images ({len(real)} != {len(synthetic)})"
+        )
+    _check_same_shape(real.shape[1:], synthetic.shape[1:])
+    out = np.empty(len(real), dtype=dtype)
+    for start in range(0, len(real), chunk):
+        part = slice(start, start + chunk)
+        a, b = prepare(real[part], "real", np.float64), prepare(synthetic[part], "synthetic", np.float64)
+        mu_ab = a.mu * b.mu
+        covariance = COV_NORM * (_box_mean(a.z * b.z) - mu_ab)
+        c1, c2 = a.c1[:, None, None], a.c2[:, None, None]
+        ssim_map = (2 * mu_ab + c1) * (2 * covariance + c2) / ((a.mu_sq + b.mu_sq) * (a.var + b.var))
+        out[part] = ssim_map.mean(axis=(1, 2))
+    return out
+
+
 def ssim_matrix(
     real,
     synthetic,
@@ -326,4 +349,4 @@ def _pair_progress(total: int, enabled: bool):
     return tqdm(total=total, desc="SSIM pairs", unit="pair", unit_scale=True)
 
 
-__all__ = ["PreparedImages", "prepare", "ssim", "ssim_blocks", "ssim_matrix", "ssim_prepared"]
+__all__ = ["PreparedImages", "prepare", "ssim", "ssim_blocks", "ssim_matrix", "ssim_pairs", "ssim_prepared"]

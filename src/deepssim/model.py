@@ -1,0 +1,285 @@
+"""A trained DeepSSIM embedder: loading, saving, exporting, and the embed / similarity API.
+
+Our checkpoint is two files side by side: ``NAME.safetensors`` (the weights, tensors only) and
+``NAME.json`` (the configuration: architecture, embedding size, input normalisation, the
+training summary and the default thresholds). A TorchScript file that maps a (B, 3, H, W)
+batch of z-scored, channel-repeated images to (B, D) embeddings -- the form in which the
+paper's authors publish their model -- loads through the same :meth:`DeepSSIM.load`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepssim.errors import DeepSSIMError
+from deepssim.files import atomic_path, write_text_atomic
+from deepssim.networks import build_network
+
+CHECKPOINT_FORMAT = "deepssim-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_THRESHOLDS = {"low": 0.6, "high": 0.85}
+PRECISIONS = ("float32", "bfloat16")
+
+
+def make_config(architecture: str, input_channels: int, embedding_dim: int, training=None) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "embedding_dim": embedding_dim,
+        "input": {
+            "channels": input_channels,
+            "normalisation": "z-score each grayscale image on its own (population std); "
+            "repeated to every input channel",
+        },
+        "similarity": "cosine of L2-normalised embeddings",
+        "thresholds": dict(DEFAULT_THRESHOLDS),
+        "training": training or {},
+    }
+
+
+class DeepSSIM:
+    """An embedding network whose cosine similarity approximates SSIM, robust to misalignment.
+
+    >>> model = DeepSSIM.load("default")
+    >>> model.matrix(training_images, generated_images)  # (N, M) scores
+
+    Images are 2D arrays of raw intensities (any size; z-scoring happens inside), an
+    (N, H, W) array, a list of 2D arrays, or a :class:`deepssim.ImageSet`.
+    """
+
+    def __init__(self, network: torch.nn.Module, config: dict, device: str = "cpu", name: str = ""):
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.config = config
+        self.name = name or config.get("architecture", "model")
+
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        thresholds = self.config.get("thresholds", DEFAULT_THRESHOLDS)
+        return float(thresholds["low"]), float(thresholds["high"])
+
+    @property
+    def input_channels(self) -> int:
+        return int(self.config["input"]["channels"])
+
+    @classmethod
+    def load(cls, source: str | Path = "default", device: str = "cpu") -> DeepSSIM:
+        """Load "default" (the model shipped in the package), one of our checkpoints
+        (``NAME.safetensors`` with ``NAME.json`` beside it; either path works) or a
+        TorchScript embedder file."""
+        _check_device(device)
+        if str(source) == "default":
+            with resources.as_file(resources.files("deepssim") / "models" / "default.safetensors") as path:
+                if not path.is_file():
+                    raise DeepSSIMError(
+                        "the default model is missing from this installation; reinstall deepssim"
+                    )
+                return cls._load_checkpoint(path, device, "default")
+        path = Path(source)
+        if not path.exists():
+            raise DeepSSIMError(f"{path}: no such model file")
+        if path.suffix in (".safetensors", ".json"):
+            return cls._load_checkpoint(path.with_suffix(".safetensors"), device, str(path))
+        return cls._load_torchscript(path, device)
+
+    @classmethod
+    def _load_checkpoint(cls, weights_path: Path, device: str, name: str) -> DeepSSIM:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        config_path = weights_path.with_suffix(".json")
+        if not weights_path.is_file() or not config_path.is_file():
+            raise DeepSSIMError(
+                f"{weights_path.with_suffix('')}: a checkpoint needs both .safetensors and .json files"
+            )
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise DeepSSIMError(f"{config_path}: not a readable JSON configuration ({error})") from None
+        if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
+            raise DeepSSIMError(f"{config_path}: not a DeepSSIM checkpoint configuration")
+        if config.get("format_version", 0) > FORMAT_VERSION:
+            raise DeepSSIMError(f"{config_path}: written by a newer deepssim; upgrade deepssim to load it")
+        network = build_network(config["architecture"])
+        try:
+            state = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise DeepSSIMError(
+                f"{weights_path}: cannot read the weights ({error}); the file may be truncated or corrupt"
+            ) from None
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0]
+            raise DeepSSIMError(
+                f"{weights_path}: weights do not match architecture {config['architecture']}: {first}"
+            ) from None
+        return cls(network, config, device, name)
+
+    @classmethod
+    def _load_torchscript(cls, path: Path, device: str) -> DeepSSIM:
+        try:
+            network = torch.jit.load(str(path), map_location=device)
+        except Exception:  # noqa: BLE001 - anything unreadable is not a model we can use
+            raise DeepSSIMError(
+                f"{path}: neither a DeepSSIM checkpoint (.safetensors + .json) nor a TorchScript file; "
+                "pass a model written by `deepssim train` or `deepssim export`, or the authors' "
+                "TorchScript embedder"
+            ) from None
+        config = make_config("torchscript", 3, 0)
+        config["source"] = str(path)
+        model = cls(network, config, device, str(path))
+        probe = model._forward(np.zeros((1, 32, 32), dtype=np.float32) + np.eye(32, dtype=np.float32))
+        if probe.ndim != 2:
+            raise DeepSSIMError(
+                f"{path}: the TorchScript model returns shape {tuple(probe.shape)}, not (B, D)"
+            )
+        config["embedding_dim"] = int(probe.shape[1])
+        return model
+
+    def save(self, path: str | Path, training: dict | None = None) -> Path:
+        """Write ``NAME.safetensors`` and ``NAME.json`` (atomically); returns the weights path."""
+        from safetensors.torch import save_file
+
+        if isinstance(self.network, torch.jit.ScriptModule):
+            raise DeepSSIMError("a TorchScript model cannot be saved as a checkpoint; keep the file as it is")
+        path = Path(path).with_suffix(".safetensors")
+        config = dict(self.config)
+        if training is not None:
+            config["training"] = training
+        state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
+        with atomic_path(path, suffix=".safetensors") as temporary:
+            save_file(state, str(temporary), metadata={"format": CHECKPOINT_FORMAT})
+        write_text_atomic(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
+        return path
+
+    def export_torchscript(self, path: str | Path) -> Path:
+        """Write a TorchScript embedder taking (B, 3, H, W) z-scored, channel-repeated images."""
+        wrapper = _ThreeChannelInput(self.network, self.input_channels).cpu().eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream but is the authors' format
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.script(wrapper)
+        path = Path(path)
+        with atomic_path(path, suffix=".pt") as temporary:
+            scripted.save(str(temporary))
+        return path
+
+    def embed(
+        self,
+        images,
+        batch_size: int = 64,
+        precision: str = "float32",
+        progress: bool = False,
+    ) -> np.ndarray:
+        """L2-normalised embeddings, (N, D) float32, in the order of ``images``."""
+        if precision not in PRECISIONS:
+            raise DeepSSIMError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        outputs = []
+        bar = _progress_bar(_count(images), progress)
+        for batch in _batches(images, batch_size):
+            outputs.append(self._forward(batch, precision))
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        if not outputs:
+            return np.zeros((0, int(self.config.get("embedding_dim", 0))), dtype=np.float32)
+        embeddings = np.concatenate(outputs)
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        return embeddings / np.maximum(norms, 1e-12)
+
+    def similarity(self, a, b) -> float:
+        """DeepSSIM score of two 2D images (cosine of their embeddings)."""
+        embeddings = self.embed([np.asarray(a), np.asarray(b)])
+        return float(embeddings[0] @ embeddings[1])
+
+    def matrix(self, real, synthetic, batch_size: int = 64) -> np.ndarray:
+        """(N, M) scores of every (real, synthetic) pair."""
+        return self.embed(real, batch_size) @ self.embed(synthetic, batch_size).T
+
+    @torch.inference_mode()
+    def _forward(self, images: np.ndarray, precision: str = "float32") -> np.ndarray:
+        batch = prepare_input(images, self.input_channels).to(self.device)
+        autocast = precision == "bfloat16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            output = self.network(batch)
+        return output.float().cpu().numpy()
+
+
+def prepare_input(images: np.ndarray, channels: int) -> torch.Tensor:
+    """(B, H, W) raw images -> (B, channels, H, W) float32 z-scored network input."""
+    stack = np.asarray(images, dtype=np.float64)
+    mean = stack.mean(axis=(1, 2), keepdims=True)
+    std = stack.std(axis=(1, 2), keepdims=True)
+    if np.any(std == 0) or not np.all(np.isfinite(stack)):
+        raise DeepSSIMError("an image is constant or contains NaN/Inf values; it cannot be z-scored")
+    batch = torch.from_numpy(((stack - mean) / std).astype(np.float32)).unsqueeze(1)
+    return batch.expand(-1, channels, -1, -1).contiguous()
+
+
+class _ThreeChannelInput(torch.nn.Module):
+    """Gives a one-channel network the authors' (B, 3, H, W) input convention."""
+
+    def __init__(self, network: torch.nn.Module, input_channels: int):
+        super().__init__()
+        self.network = network
+        self.input_channels = input_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x[:, : self.input_channels])
+
+
+def _count(images) -> int:
+    if hasattr(images, "read"):
+        return len(images)
+    if isinstance(images, np.ndarray):
+        return 1 if images.ndim == 2 else len(images)
+    return len(images)
+
+
+def _batches(images, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of same-shaped 2D images, in order (a new batch starts where the shape changes)."""
+    if hasattr(images, "read"):  # an ImageSet, read lazily
+        for start in range(0, len(images), batch_size):
+            yield images.read(start, start + batch_size)
+        return
+    if isinstance(images, np.ndarray):
+        images = images[None] if images.ndim == 2 else images
+        if images.ndim != 3:
+            raise DeepSSIMError(f"expected 2D images or an (N, H, W) array, got shape {images.shape}")
+    batch: list[np.ndarray] = []
+    for image in images:
+        image = np.asarray(image)
+        if image.ndim != 2:
+            raise DeepSSIMError(f"expected 2D images, got an array of shape {image.shape}")
+        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
+            yield np.stack(batch)
+            batch = []
+        batch.append(image)
+    if batch:
+        yield np.stack(batch)
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise DeepSSIMError(f"unknown device {device!r}; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DeepSSIMError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="embedding", unit="img")

@@ -1,0 +1,295 @@
+"""Training pairs and their SSIM targets: from a CSV, or sampled self-supervised from folders.
+
+A pair is (first, second): ``first`` is a training (real) image; ``second`` is another image,
+optionally blended with a third (``partner``, weight 1 - ``alpha``) and optionally degraded
+like a generative model's output (``degrade_seed``). The SSIM target is computed once on the
+clean, aligned pair with our engine; augmentations come later, in training.
+
+Self-supervised sampling draws candidates of four kinds, computes their SSIM and keeps an even
+number per SSIM bin, so near-copies (> 0.85) are as common as unrelated pairs:
+
+- ``copy``: an image and a degraded copy of itself (noise, blur, intensity change);
+- ``neighbour``: two slices of one volume a few slices apart;
+- ``blend``: an image and a mix of it with another image;
+- ``random``: two unrelated images (a training and a generated image when both are given).
+
+Images are split into training and validation by source file before sampling, so no image or
+volume appears on both sides.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from deepssim.errors import DeepSSIMError
+from deepssim.files import atomic_path
+from deepssim.normalise import zscore
+from deepssim.ssim import ssim_pairs
+
+KINDS = ("copy", "neighbour", "blend", "random", "listed")
+KIND_SHARES = {"copy": 0.35, "neighbour": 0.25, "blend": 0.2, "random": 0.2}
+SSIM_BINS = np.linspace(0.0, 1.0, 11)  # ten bins; SSIM below 0 counts in the first
+CANDIDATES_PER_PAIR = 4
+MAX_NEIGHBOUR_OFFSET = 8
+
+
+@dataclass
+class PairTable:
+    """Pairs as parallel arrays over an image pool; see the module docstring for the columns."""
+
+    first: np.ndarray
+    second: np.ndarray
+    partner: np.ndarray
+    alpha: np.ndarray
+    degrade_seed: np.ndarray
+    ssim: np.ndarray
+    kind: np.ndarray
+    split: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def select(self, rows) -> PairTable:
+        return PairTable(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    def of_split(self, split: str) -> PairTable:
+        return self.select(np.flatnonzero(self.split == split))
+
+    def save(self, path: str | Path, fingerprint: str) -> None:
+        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        with atomic_path(path, suffix=".npz") as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, fingerprint=np.array(fingerprint), **arrays)
+
+    @classmethod
+    def load_cached(cls, path: str | Path, fingerprint: str) -> PairTable | None:
+        """The table cached at ``path`` if it was made from the same images and settings."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if str(data["fingerprint"]) != fingerprint:
+                    return None
+                return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except (OSError, KeyError, ValueError):
+            return None
+
+
+def second_images(pool: np.ndarray, pairs: PairTable) -> np.ndarray:
+    """The clean second image of every pair (blended and degraded as the table says)."""
+    out = pool[pairs.second].astype(np.float64)
+    blended = pairs.partner >= 0
+    if blended.any():
+        alpha = pairs.alpha[blended, None, None]
+        out[blended] = alpha * out[blended] + (1 - alpha) * pool[pairs.partner[blended]]
+    for row in np.flatnonzero(pairs.degrade_seed >= 0):
+        out[row] = degrade(out[row], int(pairs.degrade_seed[row]))
+    return out
+
+
+def degrade(image: np.ndarray, seed: int) -> np.ndarray:
+    """A generative-style near-copy: random strength of blur, noise and intensity change.
+
+    Works on a z-scored image; returns it z-scored. Deterministic in ``seed``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    strength = rng.uniform(0.0, 1.0)
+    out = gaussian_filter(image, sigma=rng.uniform(0.0, 1.5 * strength) + 1e-6)
+    unit = (out - out.min()) / max(out.max() - out.min(), 1e-12)
+    unit = unit ** np.exp(rng.uniform(-0.3, 0.3) * strength)
+    unit = unit + rng.normal(0.0, rng.uniform(0.0, 0.12 * strength), unit.shape)
+    return zscore(unit)
+
+
+def split_by_group(groups: list[str], val_fraction: float, seed: int) -> np.ndarray:
+    """'train' / 'val' per image so that every group (source file) falls on one side."""
+    unique = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(unique))
+    n_val = int(round(val_fraction * len(unique)))
+    if val_fraction > 0 and len(unique) >= 2:
+        n_val = min(max(n_val, 1), len(unique) - 1)
+    val_groups = {unique[i] for i in order[:n_val]}
+    return np.array(["val" if g in val_groups else "train" for g in groups])
+
+
+def sample_pairs(
+    pool: np.ndarray,
+    groups: list[str],
+    slice_index: np.ndarray,
+    n_pairs: int,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    generated: np.ndarray | None = None,
+) -> PairTable:
+    """Self-supervised pairs stratified by SSIM over a pool of z-scored images.
+
+    pool: (N, H, W) images; the first ``len(groups)`` are training images, the rest (indices in
+    ``generated``) generated ones. groups: the source file of each training image (the split
+    unit); slice_index: each training image's slice number in its volume, or -1.
+    """
+    n_train_images = len(groups)
+    image_split = split_by_group(groups, val_fraction, seed)
+    rng = np.random.default_rng(seed)
+    generated = np.array([], dtype=int) if generated is None else np.asarray(generated)
+    generated_split = np.where(rng.random(len(generated)) < val_fraction, "val", "train")
+    tables = []
+    for split in ("train", "val"):
+        members = np.flatnonzero(image_split == split)
+        if len(members) == 0:
+            continue
+        share = len(members) / n_train_images
+        target = max(int(round(n_pairs * share)), 1)
+        others = generated[generated_split == split]
+        candidates = _candidates(
+            rng, members, others, groups, slice_index, CANDIDATES_PER_PAIR * target, split
+        )
+        candidates.ssim = ssim_pairs(pool[candidates.first], second_images(pool, candidates))
+        tables.append(candidates.select(_stratified(rng, candidates.ssim, target)))
+    return _concatenate(tables)
+
+
+def _candidates(rng, members, others, groups, slice_index, count, split) -> PairTable:
+    kinds = rng.choice(list(KIND_SHARES), size=count, p=list(KIND_SHARES.values()))
+    first = rng.choice(members, size=count)
+    second = first.copy()
+    partner = np.full(count, -1)
+    alpha = np.ones(count)
+    degrade_seed = np.full(count, -1, dtype=np.int64)
+    unrelated = np.concatenate([members, others]) if len(others) else members
+    by_slice = {(groups[m], int(slice_index[m])): m for m in members if slice_index[m] >= 0}
+    for row, kind in enumerate(kinds):
+        if kind == "copy":
+            degrade_seed[row] = rng.integers(2**62)
+        elif kind == "neighbour":
+            neighbour = _neighbour(rng, first[row], by_slice, groups, slice_index)
+            if neighbour is None:  # a 2D image has no neighbours: degrade instead
+                kinds[row] = "copy"
+                degrade_seed[row] = rng.integers(2**62)
+            else:
+                second[row] = neighbour
+        elif kind == "blend":
+            partner[row] = rng.choice(members)
+            alpha[row] = rng.uniform(0.3, 0.95)
+            if rng.random() < 0.5:
+                degrade_seed[row] = rng.integers(2**62)
+        else:
+            second[row] = rng.choice(others) if len(others) and rng.random() < 0.5 else rng.choice(unrelated)
+    return PairTable(
+        first=first,
+        second=second,
+        partner=partner,
+        alpha=alpha,
+        degrade_seed=degrade_seed,
+        ssim=np.zeros(count),
+        kind=kinds.astype(str),
+        split=np.full(count, split),
+    )
+
+
+def _neighbour(rng, image, by_slice, groups, slice_index):
+    """A slice of the same volume a few slices away, or None (2D image, edge of the volume)."""
+    if slice_index[image] < 0:
+        return None
+    offset = int(rng.integers(1, MAX_NEIGHBOUR_OFFSET + 1)) * (1 if rng.random() < 0.5 else -1)
+    return by_slice.get((groups[image], int(slice_index[image]) + offset))
+
+
+def _stratified(rng, scores: np.ndarray, target: int) -> np.ndarray:
+    """Row indices with about ``target / bins`` rows from each SSIM bin that has any."""
+    bins = np.clip(np.digitize(scores, SSIM_BINS[1:-1]), 0, len(SSIM_BINS) - 2)
+    filled = [np.flatnonzero(bins == b) for b in range(len(SSIM_BINS) - 1)]
+    filled = [rows for rows in filled if len(rows)]
+    per_bin = -(-target // len(filled))
+    chosen = [rng.choice(rows, size=per_bin, replace=len(rows) < per_bin) for rows in filled]
+    return rng.permutation(np.concatenate(chosen))[:target]
+
+
+def _concatenate(tables: list[PairTable]) -> PairTable:
+    return PairTable(
+        **{f.name: np.concatenate([getattr(t, f.name) for t in tables]) for f in fields(PairTable)}
+    )
+
+
+def read_pair_csv(path: str | Path) -> list[dict]:
+    """Rows of a pairs CSV with columns ``real_key, synth_key[, ssim][, split]``."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as error:
+        raise DeepSSIMError(f"{path}: cannot read the pairs file ({error.strerror})") from None
+    if not rows:
+        raise DeepSSIMError(f"{path}: the pairs file has no rows")
+    missing = {"real_key", "synth_key"} - set(rows[0])
+    if missing:
+        raise DeepSSIMError(
+            f"{path}: missing column(s) {', '.join(sorted(missing))}; have {', '.join(rows[0])}"
+        )
+    return rows
+
+
+def pairs_from_csv(
+    path: str | Path,
+    real_keys: list[str],
+    synthetic_keys: list[str],
+    pool: np.ndarray,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> PairTable:
+    """Listed pairs over a pool holding the real images, then the synthetic ones.
+
+    Missing SSIM values are computed; without a ``split`` column, real images are split at
+    random and each pair goes where its real image went.
+    """
+    rows = read_pair_csv(path)
+    real_index = {k: i for i, k in enumerate(real_keys)}
+    synthetic_index = {k: len(real_keys) + i for i, k in enumerate(synthetic_keys)}
+    first, second = [], []
+    for line, row in enumerate(rows, start=2):
+        if row["real_key"] not in real_index:
+            raise DeepSSIMError(f"{path}:{line}: real_key {row['real_key']!r} is not among the real images")
+        if row["synth_key"] not in synthetic_index:
+            raise DeepSSIMError(
+                f"{path}:{line}: synth_key {row['synth_key']!r} is not among the synthetic images"
+            )
+        first.append(real_index[row["real_key"]])
+        second.append(synthetic_index[row["synth_key"]])
+    first, second = np.array(first), np.array(second)
+    count = len(rows)
+    table = PairTable(
+        first=first,
+        second=second,
+        partner=np.full(count, -1),
+        alpha=np.ones(count),
+        degrade_seed=np.full(count, -1, dtype=np.int64),
+        ssim=np.zeros(count),
+        kind=np.full(count, "listed"),
+        split=np.full(count, "train"),
+    )
+    if "ssim" in rows[0] and all(row["ssim"] not in ("", None) for row in rows):
+        table.ssim = np.array([float(row["ssim"]) for row in rows])
+    else:
+        table.ssim = ssim_pairs(pool[first], pool[second])
+    if "split" in rows[0]:
+        table.split = np.array([row["split"] for row in rows])
+        unknown = set(table.split) - {"train", "val"}
+        if unknown:
+            raise DeepSSIMError(f"{path}: split must be 'train' or 'val'; found {', '.join(sorted(unknown))}")
+    else:
+        image_split = split_by_group(real_keys, val_fraction, seed)
+        table.split = image_split[first]
+    return table
+
+
+def fingerprint(pool: np.ndarray, keys: list[str], settings: dict) -> str:
+    """A hash of the images and the sampling settings: the cache key of a pair table."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"keys": keys, "settings": settings}, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(pool).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,404 @@
+"""Siamese training: the cosine of two augmented views' embeddings regresses the clean SSIM.
+
+One run writes into its output folder:
+
+- ``pairs.npz``: the pair table with SSIM targets (reused when images and settings match);
+- ``last.safetensors/.json`` and ``resume.pt`` after every epoch (``resume.pt``: weights,
+  optimiser, schedule and log, tensors and plain values only, loaded with ``weights_only=True``);
+- ``best.safetensors/.json``: the epoch with the lowest validation MSE (the mean of the aligned
+  and the misaligned MSE);
+- ``log.csv``: one row per epoch.
+
+Every random draw of a step (batch order, augmentation, dropout) is seeded from (seed, epoch,
+step), so a run resumed after an interruption ends with the same weights as one that was not.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from deepssim.augment import AUGMENTATION_SETS, augment_batch
+from deepssim.errors import DeepSSIMError
+from deepssim.files import atomic_path, write_text_atomic
+from deepssim.load import ImageSet, LoadOptions
+from deepssim.model import DeepSSIM, make_config
+from deepssim.networks import EMBEDDING_DIM, build_network, load_imagenet_weights
+from deepssim.normalise import zscore
+from deepssim.pairs import PairTable, fingerprint, pairs_from_csv, sample_pairs, second_images
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+WARMUP_SHARE = 0.05
+LOG_COLUMNS = [
+    "epoch",
+    "train_mse",
+    "val_aligned_mse",
+    "val_aligned_mae",
+    "val_aligned_pearson",
+    "val_misaligned_mse",
+    "val_misaligned_mae",
+    "val_misaligned_pearson",
+    "learning_rate",
+    "seconds",
+]
+
+
+@dataclass
+class TrainSettings:
+    """Training hyper-parameters. Defaults: the fast CPU model; the paper's v1 values
+    (lr 1e-3, weight decay 1e-3, clipping 1.0) apply to every architecture.
+
+    layer_decay: each layer group from the output down gets this factor more decay of its
+    learning rate (1.0 = none; the authors' later variant uses 0.3).
+    """
+
+    architecture: str = "deepssim_fast"
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-3
+    grad_clip: float = 1.0
+    layer_decay: float = 1.0
+    precision: str = "bfloat16"
+    augmentation: str = "v2"
+    n_pairs: int = 20000
+    val_fraction: float = 0.2
+    seed: int = 0
+    pretrained: str | None = None
+    pretrained_file: str | None = None
+    device: str = "cpu"
+
+    def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise DeepSSIMError(f"precision must be one of {', '.join(PRECISIONS)}")
+        if self.precision == "float16" and not self.device.startswith("cuda"):
+            raise DeepSSIMError("float16 training needs a CUDA device; use bfloat16 on the CPU")
+        if self.augmentation not in AUGMENTATION_SETS:
+            raise DeepSSIMError(f"augmentation must be one of {', '.join(AUGMENTATION_SETS)}")
+        if self.pretrained not in (None, "imagenet"):
+            raise DeepSSIMError("pretrained must be 'imagenet' or absent")
+        if self.epochs < 1 or self.batch_size < 1 or self.n_pairs < 2:
+            raise DeepSSIMError("epochs, batch size and number of pairs must be positive")
+        if not 0 <= self.val_fraction < 1:
+            raise DeepSSIMError("val_fraction must be in [0, 1)")
+
+
+@dataclass
+class TrainingResult:
+    best_checkpoint: Path
+    last_checkpoint: Path
+    log: list[dict]
+    summary: dict
+
+
+def train(
+    images,
+    out_dir: str | Path,
+    settings: TrainSettings | None = None,
+    generated=None,
+    pairs_csv: str | Path | None = None,
+    options: LoadOptions | None = None,
+    progress: bool = False,
+    resume: bool = True,
+) -> TrainingResult:
+    """Train a DeepSSIM embedder on training images (and optionally generated images).
+
+    images, generated: folders, files or :class:`ImageSet`s. Without ``pairs_csv`` pairs are
+    sampled self-supervised (:func:`deepssim.pairs.sample_pairs`); with it, the listed
+    (real_key, synth_key) pairs are used, real keys from ``images``, synthetic from ``generated``.
+    resume: continue from ``out_dir/resume.pt`` when it exists.
+    """
+    settings = settings or TrainSettings()
+    settings.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    pool, table, image_count = _pairs(images, generated, pairs_csv, options, settings, out_dir, progress)
+    train_pairs, val_pairs = table.of_split("train"), table.of_split("val")
+    if len(train_pairs) == 0 or len(val_pairs) == 0:
+        raise DeepSSIMError(
+            "training needs pairs on both sides of the train/validation split; add images "
+            "(at least two source files) or set a split column in the pairs file"
+        )
+    device = torch.device(settings.device)
+    network = build_network(settings.architecture)
+    if settings.pretrained == "imagenet":
+        load_imagenet_weights(network, settings.architecture, settings.pretrained_file)
+    network = network.to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(network, settings), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(train_pairs) / settings.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(steps_per_epoch * settings.epochs)
+    )
+    settings_json = json.dumps(asdict(settings), sort_keys=True)
+    start_epoch, best_score, log = 0, math.inf, []
+    state_path = out_dir / "resume.pt"
+    if resume and state_path.exists():
+        start_epoch, best_score, log = _restore(state_path, network, optimizer, scheduler, settings_json)
+    config = make_config(settings.architecture, network.input_channels, EMBEDDING_DIM)
+    model = DeepSSIM(network, config, settings.device)
+    for epoch in range(start_epoch, settings.epochs):
+        started = time.perf_counter()
+        train_mse = _train_epoch(network, optimizer, scheduler, pool, train_pairs, settings, epoch, progress)
+        row = {"epoch": epoch + 1, "train_mse": train_mse}
+        for setting, augmentation in (("aligned", "none"), ("misaligned", "misaligned")):
+            predicted = predict_pairs(network, pool, val_pairs, augmentation, settings)
+            row.update(
+                {f"val_{setting}_{k}": v for k, v in regression_metrics(predicted, val_pairs.ssim).items()}
+            )
+        row["learning_rate"] = scheduler.get_last_lr()[-1]
+        row["seconds"] = time.perf_counter() - started
+        log.append(row)
+        score = (row["val_aligned_mse"] + row["val_misaligned_mse"]) / 2
+        summary = _summary(settings, log, image_count, train_pairs, val_pairs)
+        if score < best_score:
+            best_score = score
+            summary["best_epoch"] = epoch + 1
+            model.save(out_dir / "best", training=summary)
+        model.save(out_dir / "last", training=summary)
+        _write_log(out_dir / "log.csv", log)
+        _save_state(state_path, epoch + 1, best_score, log, network, optimizer, scheduler, settings_json)
+        if progress:
+            print(
+                f"epoch {epoch + 1}/{settings.epochs}: train MSE {train_mse:.4f}, validation MAE "
+                f"aligned {row['val_aligned_mae']:.4f}, misaligned {row['val_misaligned_mae']:.4f}"
+            )
+    best_config = json.loads((out_dir / "best.json").read_text())
+    return TrainingResult(
+        out_dir / "best.safetensors", out_dir / "last.safetensors", log, best_config["training"]
+    )
+
+
+def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
+    """Load the image pool and build (or reuse) the pair table."""
+    image_set = _as_image_set(images, options, progress, "indexing training images")
+    generated_set = (
+        _as_image_set(generated, options, progress, "indexing generated images") if generated else None
+    )
+    if generated_set is not None and generated_set.shape != image_set.shape:
+        raise DeepSSIMError(
+            f"training images are {image_set.shape} but generated images are {generated_set.shape}; "
+            "pass --size HxW"
+        )
+    pool = zscore(image_set.read()).astype(np.float32)
+    keys = list(image_set.keys)
+    if generated_set is not None:
+        pool = np.concatenate([pool, zscore(generated_set.read()).astype(np.float32)])
+        keys += [f"generated:{k}" for k in generated_set.keys]
+    sampling = {
+        "n_pairs": settings.n_pairs,
+        "val_fraction": settings.val_fraction,
+        "seed": settings.seed,
+        "pairs_csv": Path(pairs_csv).read_text(encoding="utf-8") if pairs_csv else None,
+    }
+    key = fingerprint(pool, keys, sampling)
+    cache = out_dir / "pairs.npz"
+    table = PairTable.load_cached(cache, key)
+    if table is None:
+        if progress:
+            print("computing SSIM targets of the training pairs ...")
+        if pairs_csv:
+            if generated_set is None:
+                raise DeepSSIMError(
+                    "a pairs file needs both --images (real) and --generated (synthetic) images"
+                )
+            table = pairs_from_csv(
+                pairs_csv, image_set.keys, generated_set.keys, pool, settings.val_fraction, settings.seed
+            )
+        else:
+            groups = [str(ref.path) for ref in image_set.refs]
+            if len(set(groups)) < 2:
+                warnings.warn(
+                    "all training images come from one file: validation slices are split from "
+                    "the same volume, so validation numbers are optimistic",
+                    stacklevel=2,
+                )
+                groups = list(image_set.keys)
+            slice_index = np.array([-1 if ref.index is None else ref.index for ref in image_set.refs])
+            generated_index = np.arange(len(image_set), len(pool)) if generated_set is not None else None
+            table = sample_pairs(
+                pool,
+                groups,
+                slice_index,
+                settings.n_pairs,
+                settings.val_fraction,
+                settings.seed,
+                generated_index,
+            )
+        table.save(cache, key)
+    return pool, table, len(pool)
+
+
+def _as_image_set(images, options, progress, description):
+    if isinstance(images, ImageSet):
+        return images
+    return ImageSet.from_paths(images, options, progress, description)
+
+
+def _parameter_groups(network, settings: TrainSettings) -> list[dict]:
+    groups = network.layer_groups()
+    out = []
+    for depth, parameters in enumerate(groups):
+        trainable = [p for p in parameters if p.requires_grad]
+        if trainable:
+            factor = settings.layer_decay ** (len(groups) - 1 - depth)
+            out.append({"params": trainable, "lr": settings.learning_rate * factor})
+    return out
+
+
+def _warmup_cosine(total_steps: int):
+    warmup = max(1, int(WARMUP_SHARE * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _step_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _views(pool, pairs: PairTable, augmentation: str, seed: int, channels: int, device) -> torch.Tensor:
+    """Both images of each pair, independently augmented: (2B, channels, H, W)."""
+    first = torch.from_numpy(pool[pairs.first]).unsqueeze(1).to(device)
+    second = torch.from_numpy(second_images(pool, pairs).astype(np.float32)).unsqueeze(1).to(device)
+    views = torch.cat(
+        [augment_batch(first, augmentation, seed), augment_batch(second, augmentation, seed + 1)]
+    )
+    return views.expand(-1, channels, -1, -1).contiguous(memory_format=torch.channels_last)
+
+
+def _cosine(network, views: torch.Tensor, precision: str) -> torch.Tensor:
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
+    with torch.autocast(views.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        embeddings = network(views).float()
+    first, second = embeddings.chunk(2)
+    return F.cosine_similarity(first, second, dim=1)
+
+
+def _train_epoch(network, optimizer, scheduler, pool, pairs, settings, epoch, progress) -> float:
+    network.train()
+    device = torch.device(settings.device)
+    order = np.random.default_rng(_step_seed(settings.seed, epoch)).permutation(len(pairs))
+    batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    scaler = torch.amp.GradScaler(enabled=settings.precision == "float16")
+    losses = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{settings.epochs}", unit="batch")
+    for step, rows in enumerate(batches):
+        seed = _step_seed(settings.seed, epoch, step)
+        batch = pairs.select(rows)
+        views = _views(pool, batch, settings.augmentation, seed, network.input_channels, device)
+        target = torch.from_numpy(batch.ssim.astype(np.float32)).to(device)
+        torch.manual_seed(seed + 2)  # dropout
+        loss = F.mse_loss(_cosine(network, views, settings.precision), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        losses.append(loss.item())
+        if bar is not None:
+            bar.set_postfix(mse=f"{np.mean(losses[-20:]):.4f}")
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def predict_pairs(network, pool, pairs: PairTable, augmentation: str, settings: TrainSettings) -> np.ndarray:
+    """Cosine scores of the pairs' views; the misaligned views are the same in every epoch."""
+    network.eval()
+    device = torch.device(settings.device)
+    scores = []
+    for start in range(0, len(pairs), settings.batch_size):
+        batch = pairs.select(np.arange(start, min(start + settings.batch_size, len(pairs))))
+        seed = _step_seed(settings.seed, 2**31, start)
+        views = _views(pool, batch, augmentation, seed, network.input_channels, device)
+        scores.append(_cosine(network, views, settings.precision).cpu().numpy())
+    return np.concatenate(scores)
+
+
+def regression_metrics(predicted: np.ndarray, target: np.ndarray) -> dict:
+    """MSE, MAE and Pearson correlation of predicted scores against SSIM targets."""
+    error = predicted - target
+    pearson = float(np.corrcoef(predicted, target)[0, 1]) if predicted.std() > 0 and target.std() > 0 else 0.0
+    return {"mse": float(np.mean(error**2)), "mae": float(np.mean(np.abs(error))), "pearson": pearson}
+
+
+def _summary(settings, log, image_count, train_pairs, val_pairs) -> dict:
+    best = min(log, key=lambda r: (r["val_aligned_mse"] + r["val_misaligned_mse"]) / 2)
+    return {
+        "settings": asdict(settings),
+        "images": image_count,
+        "train_pairs": len(train_pairs),
+        "val_pairs": len(val_pairs),
+        "epochs_run": len(log),
+        "best_epoch": best["epoch"],
+        "best_validation": {k: v for k, v in best.items() if k.startswith("val_")},
+        "training_seconds": round(sum(r["seconds"] for r in log), 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _write_log(path: Path, log: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    for row in log:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    write_text_atomic(path, buffer.getvalue())
+
+
+def _save_state(path, epoch, best_score, log, network, optimizer, scheduler, settings_json) -> None:
+    state = {
+        "network": {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()},
+        "epoch": epoch,
+        "best_score": best_score,
+        "log": log,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "settings": settings_json,
+    }
+    with atomic_path(path, suffix=".pt") as temporary:
+        torch.save(state, temporary)
+
+
+def _restore(state_path: Path, network, optimizer, scheduler, settings_json):
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unreadable state: the user must decide
+        raise DeepSSIMError(
+            f"{state_path}: cannot read the resume state ({error}); delete it to start over"
+        ) from None
+    if state.get("settings") != settings_json:
+        raise DeepSSIMError(
+            f"{state_path.parent} holds a run with other settings; use another --out folder, "
+            "the same settings, or --restart"
+        )
+    network.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"], state["best_score"], state["log"]

@@ -1,0 +1,175 @@
+"""Networks, augmentations, checkpoints, TorchScript and the DeepSSIM embedding API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deepssim import DeepSSIM, DeepSSIMError
+from deepssim.augment import augment_batch
+from deepssim.model import make_config
+from deepssim.networks import (
+    ConvNeXtBaseEmbedder,
+    build_network,
+    imagenet_weights_path,
+    load_imagenet_weights,
+)
+from tests.conftest import smooth_image
+
+
+def fast_model(seed: int = 0) -> DeepSSIM:
+    torch.manual_seed(seed)
+    network = build_network("deepssim_fast")
+    return DeepSSIM(network, make_config("deepssim_fast", 1, 256))
+
+
+@pytest.mark.parametrize(
+    "architecture, shape",
+    [("deepssim_fast", (45, 61)), ("convnext_tiny_gem", (64, 48)), ("convnext_base", (64, 64))],
+)
+def test_every_architecture_embeds_any_size_to_256(architecture, shape):
+    network = build_network(architecture).eval()
+    with torch.no_grad():
+        out = network(torch.randn(2, network.input_channels, *shape))
+    assert out.shape == (2, 256)
+    assert torch.isfinite(out).all()
+
+
+def test_paper_models_freeze_stem_and_first_stage():
+    network = build_network("convnext_tiny_gem")
+    frozen = [not p.requires_grad for p in network.features[:2].parameters()]
+    assert all(frozen)
+    assert all(p.requires_grad for p in network.features[2:].parameters())
+
+
+def test_imagenet_weights_load_from_a_local_file_only(tmp_path, monkeypatch):
+    from torchvision.models import convnext_tiny
+
+    torch.manual_seed(1)
+    reference = convnext_tiny(weights=None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(DeepSSIMError, match="download.pytorch.org/models/convnext_tiny-983f1562.pth"):
+        imagenet_weights_path("convnext_tiny_gem")
+    cached = tmp_path / "hub" / "checkpoints" / "convnext_tiny-983f1562.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), cached)
+    network = build_network("convnext_tiny_gem")
+    assert load_imagenet_weights(network, "convnext_tiny_gem") == cached
+    for key, value in reference.features.state_dict().items():
+        torch.testing.assert_close(network.features.state_dict()[key], value)
+    with pytest.raises(DeepSSIMError, match="do not fit"):
+        load_imagenet_weights(build_network("convnext_base"), "convnext_base", cached)
+    with pytest.raises(DeepSSIMError, match="no ImageNet weights"):
+        imagenet_weights_path("deepssim_fast")
+
+
+@pytest.mark.parametrize("name", ["v1", "v2", "robust", "misaligned"])
+def test_augmentations_are_seeded_per_image_and_rezscored(name, rng):
+    image = torch.from_numpy(smooth_image(rng, (48, 40))).float()
+    batch = image.expand(16, 1, 48, 40)
+    first = augment_batch(batch, name, seed=3)
+    assert torch.equal(first, augment_batch(batch, name, seed=3))
+    assert not torch.equal(first, augment_batch(batch, name, seed=4))
+    distinct = {tuple(view.flatten()[:50].tolist()) for view in first}
+    assert len(distinct) > 1  # parameters are drawn per image, not per batch
+    torch.testing.assert_close(first.mean(dim=(-2, -1)), torch.zeros(16, 1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(first.std(dim=(-2, -1), unbiased=False), torch.ones(16, 1), atol=1e-3, rtol=0)
+
+
+def test_misaligned_views_flip_images(rng):
+    image = torch.from_numpy(smooth_image(rng, (32, 32))).float().expand(64, 1, 32, 32)
+    views = augment_batch(image, "misaligned", seed=0)
+    flipped_rows = (views - augment_batch(image.flip(-2), "none")).abs().amax(dim=(1, 2, 3))
+    assert (flipped_rows > 0.1).all()  # every view differs from the clean image
+    unchanged = augment_batch(image, "none")
+    torch.testing.assert_close(unchanged[0], augment_batch(image[:1], "none")[0])
+
+
+def test_embed_api_shapes_normalisation_and_inputs(rng):
+    model = fast_model()
+    images = np.stack([smooth_image(rng, (40, 36)) for _ in range(5)])
+    embeddings = model.embed(images, batch_size=2)
+    assert embeddings.shape == (5, 256) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
+    # raw intensities are z-scored inside: scaling and shifting an image changes nothing
+    np.testing.assert_allclose(model.embed(images * 7 + 100), embeddings, atol=1e-4)
+    assert model.similarity(images[0], images[0]) == pytest.approx(1.0, abs=1e-5)
+    matrix = model.matrix(images[:2], images)
+    np.testing.assert_allclose(matrix, embeddings[:2] @ embeddings.T, atol=1e-5)
+    mixed = [images[0], smooth_image(rng, (50, 30)), images[1]]
+    np.testing.assert_allclose(model.embed(mixed)[[0, 2]], embeddings[:2], atol=1e-5)
+    with pytest.raises(DeepSSIMError, match="constant"):
+        model.embed(np.zeros((1, 20, 20)))
+
+
+def test_checkpoint_round_trip(tmp_path, rng):
+    model = fast_model()
+    images = np.stack([smooth_image(rng, (32, 32)) for _ in range(3)])
+    path = model.save(tmp_path / "m", training={"note": "test"})
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
+    for source in (path, path.with_suffix(".json")):
+        loaded = DeepSSIM.load(source)
+        np.testing.assert_array_equal(loaded.embed(images), model.embed(images))
+    config = json.loads(path.with_suffix(".json").read_text())
+    assert config["thresholds"] == {"low": 0.6, "high": 0.85}
+    assert config["training"] == {"note": "test"}
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    path = fast_model().save(tmp_path / "good")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    (tmp_path / "truncated.json").write_text(path.with_suffix(".json").read_text())
+    with pytest.raises(DeepSSIMError, match="truncated or corrupt"):
+        DeepSSIM.load(truncated)
+    config = json.loads(path.with_suffix(".json").read_text())
+    config["architecture"] = "convnext_tiny_gem"
+    mismatched = tmp_path / "mismatched.safetensors"
+    mismatched.write_bytes(path.read_bytes())
+    mismatched.with_suffix(".json").write_text(json.dumps(config))
+    with pytest.raises(DeepSSIMError, match="do not match architecture"):
+        DeepSSIM.load(mismatched)
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(path.read_bytes())
+    foreign.with_suffix(".json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(DeepSSIMError, match="not a DeepSSIM checkpoint"):
+        DeepSSIM.load(foreign)
+    lonely = tmp_path / "lonely.safetensors"
+    lonely.write_bytes(path.read_bytes())
+    with pytest.raises(DeepSSIMError, match="needs both"):
+        DeepSSIM.load(lonely)
+    pickle = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, pickle)
+    with pytest.raises(DeepSSIMError, match="neither a DeepSSIM checkpoint"):
+        DeepSSIM.load(pickle)
+    with pytest.raises(DeepSSIMError, match="no such model"):
+        DeepSSIM.load(tmp_path / "missing.safetensors")
+
+
+def test_torchscript_export_round_trip(tmp_path, rng):
+    model = fast_model()
+    images = np.stack([smooth_image(rng, (40, 40)) for _ in range(3)])
+    path = model.export_torchscript(tmp_path / "fast.pt")
+    scripted = DeepSSIM.load(path)
+    assert scripted.input_channels == 3
+    np.testing.assert_allclose(scripted.embed(images), model.embed(images), atol=1e-5)
+
+
+def test_authors_style_torchscript_of_the_paper_architecture(tmp_path, rng):
+    """A (B, 3, H, W) -> (B, 256) TorchScript file, as the authors publish, works everywhere."""
+    torch.manual_seed(0)
+    paper = ConvNeXtBaseEmbedder().eval()
+    example = torch.randn(2, 3, 64, 64)
+    path = tmp_path / "deepssim_authors.pt"
+    torch.jit.trace(paper, example).save(str(path))
+    model = DeepSSIM.load(path)
+    images = np.stack([smooth_image(rng, (64, 64)) for _ in range(2)])
+    z = (images - images.mean(axis=(1, 2), keepdims=True)) / images.std(axis=(1, 2), keepdims=True)
+    with torch.no_grad():
+        expected = paper(torch.from_numpy(z).float().unsqueeze(1).repeat(1, 3, 1, 1)).numpy()
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(model.embed(images), expected, atol=1e-4)
+    assert model.config["embedding_dim"] == 256
