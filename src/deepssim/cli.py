@@ -92,10 +92,161 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_loading_options(matrix)
     matrix.set_defaults(handler=_run_ssim_matrix)
+    _add_scan_parser(commands)
+    _add_calibrate_parser(commands)
     _add_train_parser(commands)
     _add_embed_parser(commands)
     _add_export_parser(commands)
     return parser
+
+
+def _add_scan_parser(commands) -> None:
+    from deepssim.search import SEARCH_METHODS
+
+    scan = commands.add_parser(
+        "scan",
+        help="find memorised copies of training images among generated images",
+        description="For every generated image: its nearest training images, scores and class "
+        "(Different / Similar / Duplicate); writes results.csv, pairs.csv, summary.json and report.html.",
+    )
+    scan.add_argument("--train", required=True, nargs="+", help="training images: folders or files")
+    scan.add_argument("--synthetic", required=True, nargs="+", help="generated images: folders or files")
+    scan.add_argument("--out", default="deepssim-scan", help="output folder (default deepssim-scan)")
+    scan.add_argument("--metric", choices=("deepssim", "ssim"), default="deepssim")
+    scan.add_argument("-k", "--top-k", type=int, default=5, help="training matches kept per generated image")
+    _add_threshold_options(scan)
+    scan.add_argument(
+        "--reference", nargs="+", help="held-out real images: the similarity of different patients"
+    )
+    scan.add_argument(
+        "--reference-threshold",
+        action="store_true",
+        help="use the 95th percentile of the reference images' best scores as the high threshold",
+    )
+    scan.add_argument("--verify", action="store_true", help="also compute exact SSIM of every top-k pair")
+    scan.add_argument("--search", choices=SEARCH_METHODS, default="exact", help="nearest-neighbour search")
+    scan.add_argument("--cache", help="embedding cache file (default ~/.cache/deepssim/embeddings.sqlite)")
+    scan.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    scan.add_argument("--gallery", type=int, default=24, help="pairs shown in report.html (default 24)")
+    scan.add_argument("--batch-size", type=int, default=64)
+    scan.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
+    scan.add_argument("--no-progress", action="store_true")
+    _add_model_options(scan)
+    _add_loading_options(scan)
+    scan.set_defaults(handler=_run_scan)
+
+
+def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("thresholds (default: the model's; paper 0.6 / 0.85)")
+    group.add_argument("--low", type=float, help="scores at or below this are Different")
+    group.add_argument("--high", type=float, help="scores above this are Duplicate")
+    group.add_argument("--thresholds", help="a thresholds .json written by `deepssim calibrate`")
+
+
+def _thresholds(args: argparse.Namespace):
+    from deepssim.decide import PAPER_THRESHOLDS, Thresholds
+
+    if args.thresholds:
+        if args.low is not None or args.high is not None:
+            raise DeepSSIMError("give either --thresholds FILE or --low/--high, not both")
+        return Thresholds.load(args.thresholds)
+    if args.low is None and args.high is None:
+        return None
+    low, high = PAPER_THRESHOLDS["ssim"]
+    return Thresholds(
+        args.low if args.low is not None else low, args.high if args.high is not None else high, "set"
+    )
+
+
+def _run_scan(args: argparse.Namespace) -> None:
+    from deepssim.scan import scan
+
+    result = scan(
+        args.train,
+        args.synthetic,
+        model=args.model,
+        metric=args.metric,
+        k=args.top_k,
+        thresholds=_thresholds(args),
+        reference=args.reference,
+        use_reference_threshold=args.reference_threshold,
+        verify=args.verify,
+        search=args.search,
+        options=_loading_options(args),
+        cache=False if args.no_cache else (args.cache or True),
+        device=args.device,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        progress=not args.no_progress,
+    )
+    files = result.save(args.out, gallery_size=args.gallery)
+    print(format_summary(result.summary))
+    print(f"report: {files['report']}")
+    print(f"tables: {files['results']}, {files['pairs']}, {files['summary']}")
+
+
+def format_summary(summary: dict) -> str:
+    """The scan summary as a few lines of text for the terminal."""
+    thresholds = summary["thresholds"]
+    lines = [
+        f"{summary['generated_images']} generated vs {summary['training_images']} training images, "
+        f"{summary['metric']} ({summary['model']}), thresholds {thresholds['low']:.4g} / "
+        f"{thresholds['high']:.4g} ({thresholds['source']})",
+    ]
+    for name, entry in summary["generated_by_class"].items():
+        low, high = entry["ci95"]
+        lines.append(
+            f"  {name:<10} {entry['count']:>7}  {entry['share']:6.1%}  (95% CI {low:.1%} - {high:.1%})"
+        )
+    memorised = summary["training_images_with_a_duplicate"]
+    low, high = memorised["ci95"]
+    lines.append(
+        f"  training images with at least one Duplicate: {memorised['count']} of {summary['training_images']}"
+        f" ({memorised['share']:.1%}, 95% CI {low:.1%} - {high:.1%})"
+    )
+    if "reference" in summary:
+        threshold = next(v for k, v in summary["reference"].items() if k.endswith("_threshold"))
+        lines.append(f"  reference 95th percentile of best scores: {threshold:.4f}")
+    return "\n".join(lines)
+
+
+def _add_calibrate_parser(commands) -> None:
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="fit low/high thresholds to labelled pairs",
+        description="Find the low/high thresholds that maximise macro-F1 on labelled pairs "
+        "(CSV: real_key, synth_key, label with 0 Different, 1 Duplicate, 2 Similar).",
+    )
+    calibrate.add_argument("--pairs", required=True, help="labelled pairs CSV")
+    calibrate.add_argument("--real", required=True, nargs="+", help="training (real) images")
+    calibrate.add_argument("--synthetic", required=True, nargs="+", help="generated images")
+    calibrate.add_argument("--metric", choices=("deepssim", "ssim"), default="deepssim")
+    calibrate.add_argument("--out", default="thresholds.json", help="thresholds file to write")
+    calibrate.add_argument("--no-progress", action="store_true")
+    _add_model_options(calibrate)
+    _add_loading_options(calibrate)
+    calibrate.set_defaults(handler=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> None:
+    from deepssim.scan import calibrate_thresholds
+
+    thresholds, f1, count = calibrate_thresholds(
+        args.pairs,
+        args.real,
+        args.synthetic,
+        metric=args.metric,
+        model=args.model,
+        options=_loading_options(args),
+        device=args.device,
+        progress=not args.no_progress,
+        out=args.out,
+    )
+    print(
+        f"thresholds for {args.metric}: low {thresholds.low:.4f}, high {thresholds.high:.4f} "
+        f"(macro-F1 {f1:.3f} on {count} labelled pairs) -> {args.out}"
+    )
+    print(f"use them with: deepssim scan ... --metric {args.metric} --thresholds {args.out}")
 
 
 def _add_train_parser(commands) -> None:

@@ -9,6 +9,7 @@ paper's authors publish their model -- loads through the same :meth:`DeepSSIM.lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Iterator
@@ -60,11 +61,26 @@ class DeepSSIM:
         self.network = network.to(self.device).eval()
         self.config = config
         self.name = name or config.get("architecture", "model")
+        self._fingerprint: str | None = None
 
     @property
     def thresholds(self) -> tuple[float, float]:
         thresholds = self.config.get("thresholds", DEFAULT_THRESHOLDS)
         return float(thresholds["low"]), float(thresholds["high"])
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the weights: embeddings cached under it are valid for this model only."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(self.config.get("architecture", "").encode())
+            if isinstance(self.network, torch.jit.ScriptModule):
+                digest.update(Path(self.config["source"]).read_bytes())
+            else:
+                for key, value in sorted(self.network.state_dict().items()):
+                    digest.update(key.encode())
+                    digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     @property
     def input_channels(self) -> int:

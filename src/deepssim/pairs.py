@@ -90,6 +90,15 @@ def second_images(pool: np.ndarray, pairs: PairTable) -> np.ndarray:
     return out
 
 
+def pair_ssim(pool: np.ndarray, pairs: PairTable, chunk: int = 512) -> np.ndarray:
+    """SSIM target of every pair, rendered and computed ``chunk`` pairs at a time."""
+    scores = np.empty(len(pairs))
+    for start in range(0, len(pairs), chunk):
+        part = pairs.select(np.arange(start, min(start + chunk, len(pairs))))
+        scores[start : start + len(part)] = ssim_pairs(pool[part.first], second_images(pool, part))
+    return scores
+
+
 def degrade(image: np.ndarray, seed: int) -> np.ndarray:
     """A generative-style near-copy: random strength of blur, noise and intensity change.
 
@@ -149,7 +158,7 @@ def sample_pairs(
         candidates = _candidates(
             rng, members, others, groups, slice_index, CANDIDATES_PER_PAIR * target, split
         )
-        candidates.ssim = ssim_pairs(pool[candidates.first], second_images(pool, candidates))
+        candidates.ssim = pair_ssim(pool, candidates)
         tables.append(candidates.select(_stratified(rng, candidates.ssim, target)))
     return _concatenate(tables)
 
@@ -275,7 +284,7 @@ def pairs_from_csv(
     if "ssim" in rows[0] and all(row["ssim"] not in ("", None) for row in rows):
         table.ssim = np.array([float(row["ssim"]) for row in rows])
     else:
-        table.ssim = ssim_pairs(pool[first], pool[second])
+        table.ssim = pair_ssim(pool, table)
     if "split" in rows[0]:
         table.split = np.array([row["split"] for row in rows])
         unknown = set(table.split) - {"train", "val"}

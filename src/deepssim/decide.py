@@ -1,0 +1,112 @@
+"""From scores to decisions: the three classes, shares with confidence intervals, the
+reference-distribution threshold and threshold calibration on labelled pairs.
+
+Classes (DESIGN.md "Deciding"): score <= low is Different (0), score > high is Duplicate (1),
+in between is Similar (2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deepssim.errors import DeepSSIMError
+from deepssim.files import write_text_atomic
+
+DIFFERENT, DUPLICATE, SIMILAR = 0, 1, 2
+CLASS_NAMES = {DIFFERENT: "Different", DUPLICATE: "Duplicate", SIMILAR: "Similar"}
+PAPER_THRESHOLDS = {"deepssim": (0.6, 0.85), "ssim": (0.6, 0.85)}
+REFERENCE_PERCENTILE = 95.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """low / high score thresholds and where they came from."""
+
+    low: float
+    high: float
+    source: str = "paper"
+
+    def __post_init__(self):
+        if not self.low <= self.high:
+            raise DeepSSIMError(f"the low threshold ({self.low}) must not exceed the high one ({self.high})")
+
+    def save(self, path: str | Path, **extra) -> None:
+        write_text_atomic(path, json.dumps({**asdict(self), **extra}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Thresholds:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(float(data["low"]), float(data["high"]), f"calibrated ({Path(path).name})")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise DeepSSIMError(
+                f"{path}: not a thresholds file written by `deepssim calibrate` ({error})"
+            ) from None
+
+
+def classify(scores, thresholds: Thresholds) -> np.ndarray:
+    """Class of each score: 0 Different, 1 Duplicate, 2 Similar."""
+    scores = np.asarray(scores)
+    return np.where(
+        scores > thresholds.high, DUPLICATE, np.where(scores <= thresholds.low, DIFFERENT, SIMILAR)
+    )
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sensible at 0 and n)."""
+    if total == 0:
+        return (0.0, 1.0)
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def share(count: int, total: int) -> dict:
+    low, high = wilson_interval(count, total)
+    return {"count": int(count), "share": count / total if total else 0.0, "ci95": [low, high]}
+
+
+def reference_threshold(reference_scores, percentile: float = REFERENCE_PERCENTILE) -> float:
+    """Dar et al.'s rule: the given percentile of held-out real images' best training scores."""
+    reference_scores = np.asarray(reference_scores)
+    if reference_scores.size == 0:
+        raise DeepSSIMError("the reference set is empty")
+    return float(np.percentile(reference_scores, percentile))
+
+
+def calibrate(scores, labels, max_candidates: int = 100) -> tuple[Thresholds, float]:
+    """Thresholds (low, high) maximising macro-F1 of the three classes on labelled pairs.
+
+    Candidates are midpoints between distinct sorted scores, thinned to ``max_candidates``
+    quantiles; every pair low <= high is tried. Returns the thresholds and their macro-F1.
+    """
+    from sklearn.metrics import f1_score
+
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    if scores.shape != labels.shape or scores.size == 0:
+        raise DeepSSIMError("calibration needs one score per label and at least one pair")
+    unknown = set(np.unique(labels)) - {DIFFERENT, DUPLICATE, SIMILAR}
+    if unknown:
+        raise DeepSSIMError(
+            f"labels must be 0 (Different), 1 (Duplicate) or 2 (Similar); found {sorted(unknown)}"
+        )
+    distinct = np.unique(scores)
+    cuts = np.concatenate([[distinct[0] - 1e-6], (distinct[:-1] + distinct[1:]) / 2, [distinct[-1] + 1e-6]])
+    if len(cuts) > max_candidates:
+        cuts = np.unique(np.quantile(cuts, np.linspace(0, 1, max_candidates)))
+    present = sorted(set(labels.tolist()))
+    best = (-1.0, cuts[0], cuts[0])
+    for i, low in enumerate(cuts):
+        for high in cuts[i:]:
+            predicted = classify(scores, Thresholds(low, high))
+            f1 = f1_score(labels, predicted, labels=present, average="macro", zero_division=0)
+            if f1 > best[0]:
+                best = (f1, low, high)
+    f1, low, high = best
+    return Thresholds(float(low), float(high), "calibrated"), float(f1)

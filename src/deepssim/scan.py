@@ -1,0 +1,402 @@
+"""The main job: for every generated image, its nearest training images, scores and class.
+
+``scan(train, synthetic)`` indexes both folders, embeds them with a DeepSSIM model (cached on
+disk) or computes exact SSIM, finds the top-k training images of each generated image without
+holding the full score matrix, classifies each generated image by its best score and
+summarises the shares with 95% confidence intervals. ``ScanResult.save`` writes
+``results.csv``, ``pairs.csv``, ``summary.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deepssim.cache import EmbeddingCache, default_cache_path, image_fingerprints
+from deepssim.decide import (
+    CLASS_NAMES,
+    PAPER_THRESHOLDS,
+    REFERENCE_PERCENTILE,
+    Thresholds,
+    classify,
+    reference_threshold,
+    share,
+)
+from deepssim.errors import DeepSSIMError
+from deepssim.files import write_text_atomic
+from deepssim.load import ImageSet, LoadOptions
+from deepssim.model import DeepSSIM
+from deepssim.search import top_k_embeddings, top_k_ssim
+from deepssim.ssim import ssim_pairs
+
+METRICS = ("deepssim", "ssim")
+
+
+@dataclass
+class ScanResult:
+    """Top-k training matches of every generated image, their classes and the summary.
+
+    scores, neighbours: (M, k) best scores and indices into ``train_keys``, best first.
+    classes: (M,) class of each generated image's best score (0 Different, 1 Duplicate, 2 Similar).
+    verified_ssim: (M, k) exact SSIM of the same pairs when ``verify`` was asked for.
+    reference_scores: best training score of each held-out real image, when given.
+    """
+
+    metric: str
+    model: str
+    train: ImageSet
+    synthetic: ImageSet
+    scores: np.ndarray
+    neighbours: np.ndarray
+    thresholds: Thresholds
+    classes: np.ndarray
+    summary: dict
+    verified_ssim: np.ndarray | None = None
+    reference_scores: np.ndarray | None = None
+    files: dict = field(default_factory=dict)
+
+    @property
+    def train_keys(self) -> list[str]:
+        return self.train.keys
+
+    @property
+    def synthetic_keys(self) -> list[str]:
+        return self.synthetic.keys
+
+    def duplicates(self) -> list[tuple[str, str, float]]:
+        """(generated key, training key, score) of every top-k pair above the high threshold."""
+        rows, ranks = np.nonzero(self.scores > self.thresholds.high)
+        return [
+            (self.synthetic_keys[i], self.train_keys[self.neighbours[i, r]], float(self.scores[i, r]))
+            for i, r in zip(rows, ranks, strict=True)
+        ]
+
+    def results_csv(self) -> str:
+        """One row per generated image: its best match, score, class and the top-k."""
+        k = self.scores.shape[1]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        header = ["synthetic_key", "top1_train_key", "score", "class"]
+        if self.verified_ssim is not None:
+            header.append("top1_ssim")
+        for rank in range(2, k + 1):
+            header += [f"top{rank}_train_key", f"top{rank}_score"]
+        writer.writerow(header)
+        for i, key in enumerate(self.synthetic_keys):
+            row = [key, self.train_keys[self.neighbours[i, 0]], f"{self.scores[i, 0]:.6f}"]
+            row.append(CLASS_NAMES[int(self.classes[i])])
+            if self.verified_ssim is not None:
+                row.append(f"{self.verified_ssim[i, 0]:.6f}")
+            for rank in range(1, k):
+                row += [self.train_keys[self.neighbours[i, rank]], f"{self.scores[i, rank]:.6f}"]
+            writer.writerow(row)
+        return buffer.getvalue()
+
+    def pairs_csv(self) -> str:
+        """Every top-k pair: generated key, rank, training key, score, class (and SSIM)."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        header = ["synthetic_key", "rank", "train_key", "score", "class"]
+        writer.writerow(header + (["ssim"] if self.verified_ssim is not None else []))
+        pair_classes = classify(self.scores, self.thresholds)
+        for i, key in enumerate(self.synthetic_keys):
+            for rank in range(self.scores.shape[1]):
+                row = [
+                    key,
+                    rank + 1,
+                    self.train_keys[self.neighbours[i, rank]],
+                    f"{self.scores[i, rank]:.6f}",
+                ]
+                row.append(CLASS_NAMES[int(pair_classes[i, rank])])
+                if self.verified_ssim is not None:
+                    row.append(f"{self.verified_ssim[i, rank]:.6f}")
+                writer.writerow(row)
+        return buffer.getvalue()
+
+    def save(self, out_dir: str | Path, report: bool = True, gallery_size: int = 24) -> dict:
+        """Write results.csv, pairs.csv, summary.json and report.html, each atomically."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.files = {
+            "results": out_dir / "results.csv",
+            "pairs": out_dir / "pairs.csv",
+            "summary": out_dir / "summary.json",
+        }
+        write_text_atomic(self.files["results"], self.results_csv())
+        write_text_atomic(self.files["pairs"], self.pairs_csv())
+        write_text_atomic(self.files["summary"], json.dumps(self.summary, indent=2) + "\n")
+        if report:
+            from deepssim.report import write_report
+
+            self.files["report"] = out_dir / "report.html"
+            write_report(self, self.files["report"], gallery_size)
+        return self.files
+
+
+def scan(
+    train,
+    synthetic,
+    model: str | Path | DeepSSIM = "default",
+    metric: str = "deepssim",
+    k: int = 5,
+    thresholds: Thresholds | None = None,
+    reference=None,
+    use_reference_threshold: bool = False,
+    verify: bool = False,
+    search: str = "exact",
+    options: LoadOptions | None = None,
+    cache: str | Path | None | bool = True,
+    device: str = "cpu",
+    batch_size: int = 64,
+    precision: str = "float32",
+    progress: bool = False,
+) -> ScanResult:
+    """Scan generated images against training images for memorised copies.
+
+    train, synthetic, reference: folders, files or :class:`ImageSet`s.
+    metric: "deepssim" (embeddings; any image sizes) or "ssim" (exact; one shared size).
+    thresholds: default the model's (paper: 0.6 / 0.85). use_reference_threshold: replace the
+    high threshold by the 95th percentile of the reference images' best training scores.
+    cache: True for the default cache file, a path, or False/None for none.
+    search: "exact" (blocked matrix products), "faiss" (exact index) or "faiss-hnsw" (approximate).
+    """
+    if metric not in METRICS:
+        raise DeepSSIMError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if k < 1:
+        raise DeepSSIMError("k must be at least 1")
+    if use_reference_threshold and reference is None:
+        raise DeepSSIMError("the reference threshold needs reference images (--reference DIR)")
+    started = time.perf_counter()
+    train_set = _image_set(train, options, progress, "indexing training images")
+    synthetic_set = _image_set(synthetic, options, progress, "indexing generated images")
+    reference_set = (
+        _image_set(reference, options, progress, "indexing reference images") if reference else None
+    )
+    reference_scores = None
+    if metric == "deepssim":
+        embedder = model if isinstance(model, DeepSSIM) else DeepSSIM.load(model, device)
+        model_name = embedder.name
+        store = _open_cache(cache, embedder)
+        embed = _embedder(embedder, store, batch_size, precision, progress)
+        train_vectors = embed(train_set, "training")
+        scores, neighbours = top_k_embeddings(embed(synthetic_set, "generated"), train_vectors, k, search)
+        if reference_set is not None:
+            reference_scores = top_k_embeddings(embed(reference_set, "reference"), train_vectors, 1, search)[
+                0
+            ][:, 0]
+        if store is not None:
+            store.close()
+        default_thresholds = embedder.thresholds
+    else:
+        model_name = "exact SSIM"
+        scores, neighbours = top_k_ssim(train_set, synthetic_set, k, progress=progress)
+        if reference_set is not None:
+            reference_scores = top_k_ssim(train_set, reference_set, 1, progress=progress)[0][:, 0]
+        default_thresholds = PAPER_THRESHOLDS["ssim"]
+    thresholds = thresholds or Thresholds(*default_thresholds, "paper")
+    if use_reference_threshold:
+        high = reference_threshold(reference_scores)
+        thresholds = Thresholds(min(thresholds.low, high), high, f"reference p{REFERENCE_PERCENTILE:g}")
+    verified = verify_pairs(train_set, synthetic_set, neighbours) if verify else None
+    classes = classify(scores[:, 0], thresholds)
+    summary = summarise(
+        metric, model_name, train_set, synthetic_set, scores, neighbours, thresholds, reference_scores, search
+    )
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    return ScanResult(
+        metric=metric,
+        model=model_name,
+        train=train_set,
+        synthetic=synthetic_set,
+        scores=scores,
+        neighbours=neighbours,
+        thresholds=thresholds,
+        classes=classes,
+        summary=summary,
+        verified_ssim=verified,
+        reference_scores=reference_scores,
+    )
+
+
+def summarise(
+    metric, model_name, train_set, synthetic_set, scores, neighbours, thresholds, reference_scores, search
+):
+    """The numbers a paper needs: class shares with 95% Wilson intervals, memorised training
+    images, the score distribution and the reference distribution."""
+    m, n = len(synthetic_set), len(train_set)
+    classes = classify(scores[:, 0], thresholds)
+    duplicate_pairs = scores > thresholds.high
+    memorised = np.unique(neighbours[duplicate_pairs])
+    best = scores[:, 0]
+    percentiles = [0, 5, 25, 50, 75, 95, 100]
+    summary = {
+        "metric": metric,
+        "model": model_name,
+        "training_images": n,
+        "generated_images": m,
+        "k": int(scores.shape[1]),
+        "search": search if metric == "deepssim" else "exact SSIM, blocked",
+        "thresholds": {"low": thresholds.low, "high": thresholds.high, "source": thresholds.source},
+        "generated_by_class": {CLASS_NAMES[c]: share(int((classes == c).sum()), m) for c in (1, 2, 0)},
+        "training_images_with_a_duplicate": share(len(memorised), n),
+        "best_score_percentiles": {f"p{p}": float(np.percentile(best, p)) for p in percentiles},
+        "skipped_images": {"training": len(train_set.skipped), "generated": len(synthetic_set.skipped)},
+    }
+    if reference_scores is not None:
+        summary["reference"] = {
+            "images": int(len(reference_scores)),
+            "best_score_percentiles": {
+                f"p{p}": float(np.percentile(reference_scores, p)) for p in percentiles
+            },
+            f"p{REFERENCE_PERCENTILE:g}_threshold": reference_threshold(reference_scores),
+        }
+    return summary
+
+
+def verify_pairs(train_set: ImageSet, synthetic_set: ImageSet, neighbours: np.ndarray, block: int = 512):
+    """Exact SSIM of every top-k pair (training image as the "real" side)."""
+    if train_set.shape != synthetic_set.shape:
+        raise DeepSSIMError(
+            f"--verify needs one image size: training images are {train_set.shape}, generated "
+            f"{synthetic_set.shape}; pass --size HxW"
+        )
+    out = np.empty(neighbours.shape, dtype=np.float32)
+    for start in range(0, len(synthetic_set), block):
+        generated = synthetic_set.read(start, start + block)
+        rows = neighbours[start : start + len(generated)]
+        needed = np.unique(rows)
+        train_images = dict(zip(needed.tolist(), read_images(train_set, needed), strict=True))
+        real = np.stack([train_images[i] for i in rows.ravel()])
+        fake = np.repeat(generated, rows.shape[1], axis=0)
+        out[start : start + len(generated)] = ssim_pairs(real, fake).reshape(rows.shape)
+    return out
+
+
+def read_images(image_set: ImageSet, indices) -> np.ndarray:
+    """The images at ``indices`` (any order), read lazily from their files."""
+    subset = ImageSet(
+        refs=[image_set.refs[i] for i in indices], shape=image_set.shape, options=image_set.options
+    )
+    return subset.read()
+
+
+def _image_set(images, options, progress, description) -> ImageSet:
+    if isinstance(images, ImageSet):
+        return images
+    return ImageSet.from_paths(images, options, progress, description)
+
+
+def _open_cache(cache, model: DeepSSIM) -> EmbeddingCache | None:
+    if cache is None or cache is False:
+        return None
+    path = default_cache_path() if cache is True else Path(cache)
+    return EmbeddingCache(path, model.fingerprint)
+
+
+def _embedder(model: DeepSSIM, store: EmbeddingCache | None, batch_size, precision, progress):
+    """A function embedding an ImageSet, taking what the cache has and storing the rest."""
+    chunk = batch_size * 8
+
+    def embed(images: ImageSet, role: str) -> np.ndarray:
+        fingerprints = image_fingerprints(images) if store is not None else None
+        found = store.get(fingerprints) if store is not None else {}
+        missing = [i for i in range(len(images)) if fingerprints is None or fingerprints[i] not in found]
+        dimension = int(model.config.get("embedding_dim") or 0)
+        out = np.empty((len(images), dimension), dtype=np.float32)
+        for i, fingerprint in enumerate(fingerprints or []):
+            if fingerprint in found:
+                out[i] = found[fingerprint]
+        bar = None
+        if progress and missing:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(missing), desc=f"embedding {role} images", unit="img")
+        for start in range(0, len(missing), chunk):
+            rows = missing[start : start + chunk]
+            vectors = model.embed(read_images(images, rows), batch_size, precision)
+            out[rows] = vectors
+            if store is not None:
+                store.put([fingerprints[i] for i in rows], vectors)
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+        return out
+
+    return embed
+
+
+def pair_scores(
+    pairs_csv, real, synthetic, metric="deepssim", model="default", options=None, device="cpu", progress=False
+):
+    """Scores of the (real_key, synth_key) pairs listed in a CSV, and the CSV's rows."""
+    from deepssim.pairs import read_pair_csv
+
+    rows = read_pair_csv(pairs_csv)
+    real_set = _image_set(real, options, progress, "indexing real images")
+    synthetic_set = _image_set(synthetic, options, progress, "indexing generated images")
+    real_index = {key: i for i, key in enumerate(real_set.keys)}
+    synthetic_index = {key: i for i, key in enumerate(synthetic_set.keys)}
+    first, second = [], []
+    for line, row in enumerate(rows, start=2):
+        for column, index, side in (("real_key", real_index, first), ("synth_key", synthetic_index, second)):
+            if row[column] not in index:
+                raise DeepSSIMError(
+                    f"{pairs_csv}:{line}: {column} {row[column]!r} is not among the images given"
+                )
+            side.append(index[row[column]])
+    if metric == "ssim":
+        if real_set.shape != synthetic_set.shape:
+            raise DeepSSIMError("SSIM needs one image size for real and generated images; pass --size HxW")
+        return ssim_pairs(read_images(real_set, first), read_images(synthetic_set, second)), rows
+    embedder = model if isinstance(model, DeepSSIM) else DeepSSIM.load(model, device)
+    real_vectors = embedder.embed(read_images(real_set, sorted(set(first))), progress=progress)
+    synthetic_vectors = embedder.embed(read_images(synthetic_set, sorted(set(second))), progress=progress)
+    real_row = {i: r for r, i in enumerate(sorted(set(first)))}
+    synthetic_row = {i: r for r, i in enumerate(sorted(set(second)))}
+    scores = np.array(
+        [
+            real_vectors[real_row[a]] @ synthetic_vectors[synthetic_row[b]]
+            for a, b in zip(first, second, strict=True)
+        ]
+    )
+    return scores, rows
+
+
+def calibrate_thresholds(
+    pairs_csv,
+    real,
+    synthetic,
+    metric="deepssim",
+    model="default",
+    options=None,
+    device="cpu",
+    progress=False,
+    out=None,
+):
+    """Thresholds maximising macro-F1 on labelled pairs; saved to ``out`` (JSON) when given.
+
+    Returns (thresholds, macro-F1, number of pairs).
+    """
+    from deepssim.decide import calibrate
+
+    scores, rows = pair_scores(pairs_csv, real, synthetic, metric, model, options, device, progress)
+    if "label" not in rows[0]:
+        raise DeepSSIMError(f"{pairs_csv}: a labelled pairs file needs a 'label' column (0, 1 or 2)")
+    try:
+        labels = np.array([int(row["label"]) for row in rows])
+    except ValueError:
+        raise DeepSSIMError(
+            f"{pairs_csv}: labels must be 0 (Different), 1 (Duplicate) or 2 (Similar)"
+        ) from None
+    thresholds, f1 = calibrate(scores, labels)
+    if out is not None:
+        model_name = "exact SSIM" if metric == "ssim" else str(model)
+        thresholds.save(out, metric=metric, model=model_name, macro_f1=f1, pairs=len(rows))
+    return thresholds, f1, len(rows)

@@ -1,0 +1,83 @@
+"""Nearest training images of every generated image: exact blocked top-k on embeddings (torch),
+a FAISS index for large sets (exact, or HNSW approximate), and exact SSIM top-k streamed
+block by block. None of them holds the full N x M score matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from deepssim.errors import DeepSSIMError
+from deepssim.ssim import ssim_blocks
+
+SEARCH_METHODS = ("exact", "faiss", "faiss-hnsw")
+DEFAULT_BLOCK_BYTES = 256 * 2**20
+
+
+def top_k_embeddings(
+    queries: np.ndarray,
+    database: np.ndarray,
+    k: int,
+    method: str = "exact",
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, indices), each (M, k): the k database rows of highest inner product per query.
+
+    Embeddings are L2-normalised, so inner product = cosine. ``exact`` multiplies blocks of
+    queries small enough that one block of scores fits in ``block_bytes``; ``faiss`` uses an
+    exact flat inner-product index; ``faiss-hnsw`` an approximate HNSW graph (faster on
+    millions of images, may miss a neighbour).
+    """
+    if method not in SEARCH_METHODS:
+        raise DeepSSIMError(f"unknown search method {method!r}; choose one of {', '.join(SEARCH_METHODS)}")
+    k = min(k, len(database))
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    database = np.ascontiguousarray(database, dtype=np.float32)
+    if method == "exact":
+        return _top_k_torch(queries, database, k, block_bytes)
+    return _top_k_faiss(queries, database, k, approximate=method == "faiss-hnsw")
+
+
+def _top_k_torch(queries, database, k, block_bytes):
+    rows_per_block = max(1, block_bytes // (4 * len(database)))
+    base = torch.from_numpy(database)
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    indices = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), rows_per_block):
+        block = torch.from_numpy(queries[start : start + rows_per_block]) @ base.T
+        best = torch.topk(block, k, dim=1)
+        scores[start : start + len(block)] = best.values.numpy()
+        indices[start : start + len(block)] = best.indices.numpy()
+    return scores, indices
+
+
+def _top_k_faiss(queries, database, k, approximate):
+    import faiss
+
+    if approximate:
+        index = faiss.IndexHNSWFlat(database.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = max(64, 2 * k)
+    else:
+        index = faiss.IndexFlatIP(database.shape[1])
+    index.add(database)
+    scores, indices = index.search(queries, k)
+    return scores, indices.astype(np.int64)
+
+
+def top_k_ssim(train, synthetic, k: int, block_size: int = 1024, progress: bool = False):
+    """(scores, indices), each (M, k): the k training images of highest exact SSIM per
+    generated image, merged block by block (training images are the "real" side of SSIM)."""
+    k = min(k, len(train))
+    scores = np.full((len(synthetic), k), -np.inf, dtype=np.float32)
+    indices = np.zeros((len(synthetic), k), dtype=np.int64)
+    for r0, s0, block in ssim_blocks(train, synthetic, np.float32, block_size=block_size, progress=progress):
+        columns = slice(s0, s0 + block.shape[1])
+        candidate_scores = np.concatenate([scores[columns], block.T], axis=1)
+        candidate_indices = np.concatenate(
+            [indices[columns], np.broadcast_to(np.arange(r0, r0 + block.shape[0]), block.T.shape)], axis=1
+        )
+        order = np.argsort(-candidate_scores, axis=1, kind="stable")[:, :k]
+        scores[columns] = np.take_along_axis(candidate_scores, order, axis=1)
+        indices[columns] = np.take_along_axis(candidate_indices, order, axis=1)
+    return scores, indices
