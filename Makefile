@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml setup.py src/deepssim/_ssim_kernel.c
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/deepssim ssim-matrix --real data/example/train --synthetic data/example/synthetic \
-		--out demo-output/ssim_matrix.npz --top-k 3
+	$(BIN)/deepssim scan --train data/example/train --synthetic data/example/synthetic \
+		--out demo-output --verify --cache demo-output/embeddings.sqlite
 
 test: $(STAMP)
 	$(BIN)/ruff check .
