@@ -93,7 +93,8 @@ def test_ssim_scan_matches_scikit_image(tmp_path):
     assert len(copies) == 6
     for i in copies:
         assert result.classes[i] == 1
-        assert result.train_keys[result.neighbours[i, 0]] == planted[result.synthetic_keys[i]]["source_train_key"]
+        source = planted[result.synthetic_keys[i]]["source_train_key"]
+        assert result.train_keys[result.neighbours[i, 0]] == source
 
 
 def test_deepssim_scan_outputs_and_summary(tmp_path, model):
