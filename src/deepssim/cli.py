@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.set_defaults(handler=_run_ssim_matrix)
     _add_scan_parser(commands)
     _add_calibrate_parser(commands)
+    _add_evaluate_parser(commands)
+    _add_benchmark_parser(commands)
     _add_train_parser(commands)
+    _add_train_dar_parser(commands)
     _add_embed_parser(commands)
     _add_export_parser(commands)
     return parser
@@ -112,7 +115,11 @@ def _add_scan_parser(commands) -> None:
     scan.add_argument("--train", required=True, nargs="+", help="training images: folders or files")
     scan.add_argument("--synthetic", required=True, nargs="+", help="generated images: folders or files")
     scan.add_argument("--out", default="deepssim-scan", help="output folder (default deepssim-scan)")
-    scan.add_argument("--metric", choices=("deepssim", "ssim"), default="deepssim")
+    scan.add_argument(
+        "--metric",
+        default="deepssim",
+        help="deepssim (default), ssim, or an embedding baseline: sscd=FILE, dar=FILE, semdedup=ARCH:FILE",
+    )
     scan.add_argument("-k", "--top-k", type=int, default=5, help="training matches kept per generated image")
     _add_threshold_options(scan)
     scan.add_argument(
@@ -220,7 +227,11 @@ def _add_calibrate_parser(commands) -> None:
     calibrate.add_argument("--pairs", required=True, help="labelled pairs CSV")
     calibrate.add_argument("--real", required=True, nargs="+", help="training (real) images")
     calibrate.add_argument("--synthetic", required=True, nargs="+", help="generated images")
-    calibrate.add_argument("--metric", choices=("deepssim", "ssim"), default="deepssim")
+    calibrate.add_argument(
+        "--metric",
+        default="deepssim",
+        help="deepssim (default), ssim, fsim, sscd=FILE, dar=FILE, semdedup=ARCH:FILE",
+    )
     calibrate.add_argument("--out", default="thresholds.json", help="thresholds file to write")
     calibrate.add_argument("--no-progress", action="store_true")
     _add_model_options(calibrate)
@@ -229,7 +240,7 @@ def _add_calibrate_parser(commands) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> None:
-    from deepssim.scan import calibrate_thresholds
+    from deepssim.evaluate import calibrate_thresholds
 
     thresholds, f1, count = calibrate_thresholds(
         args.pairs,
@@ -247,6 +258,139 @@ def _run_calibrate(args: argparse.Namespace) -> None:
         f"(macro-F1 {f1:.3f} on {count} labelled pairs) -> {args.out}"
     )
     print(f"use them with: deepssim scan ... --metric {args.metric} --thresholds {args.out}")
+
+
+def _add_evaluate_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="the paper's evaluation protocol on labelled pairs",
+        description="Per-class precision/recall, macro-F1, weighted F1, silhouette, TPR at 5%% FPR and AUROC "
+        "(each with a bootstrap 95%% CI) of every metric, aligned and misaligned, with the paper's and "
+        "calibrated thresholds.",
+    )
+    evaluate.add_argument("--pairs", required=True, help="CSV: real_key, synth_key, label[, split]")
+    evaluate.add_argument("--real", required=True, nargs="+", help="training (real) images")
+    evaluate.add_argument("--synthetic", required=True, nargs="+", help="generated images")
+    evaluate.add_argument(
+        "--metrics",
+        default="deepssim,ssim",
+        help="comma-separated: deepssim[=MODEL], ssim, fsim, sscd=FILE, dar=FILE, semdedup=ARCH:FILE",
+    )
+    evaluate.add_argument("--setting", choices=("aligned", "misaligned", "both"), default="both")
+    evaluate.add_argument("--calib-split", help="split whose pairs calibrate thresholds (e.g. calib)")
+    evaluate.add_argument("--test-split", help="split whose pairs are scored (default: all)")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", required=True, help="output folder")
+    evaluate.add_argument("--no-progress", action="store_true")
+    _add_model_options(evaluate)
+    _add_loading_options(evaluate)
+    evaluate.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from deepssim.evaluate import evaluate, metrics_markdown
+
+    settings = ("aligned", "misaligned") if args.setting == "both" else (args.setting,)
+    rows = evaluate(
+        args.pairs,
+        args.real,
+        args.synthetic,
+        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+        settings=settings,
+        calib_split=args.calib_split,
+        test_split=args.test_split,
+        out_dir=args.out,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        model=args.model,
+        options=_loading_options(args),
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(metrics_markdown(rows), end="")
+    print(f"-> {Path(args.out) / 'metrics.csv'}, metrics.md, scores.csv, histogram_*.png")
+
+
+def _add_benchmark_parser(commands) -> None:
+    from deepssim.benchmark import BenchmarkSettings
+
+    defaults = BenchmarkSettings()
+    benchmark = commands.add_parser("benchmark", help="labelled benchmarks")
+    actions = benchmark.add_subparsers(dest="action", required=True)
+    build = actions.add_parser(
+        "build",
+        help="build a labelled benchmark from real images",
+        description="From real images or volumes, write a training folder, a generated folder with planted "
+        "Duplicates, Similar and Different images, and pairs.csv (labels, calib/test split).",
+    )
+    build.add_argument("--images", required=True, nargs="+", help="real images or volumes")
+    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--duplicates", type=int, default=defaults.duplicates)
+    build.add_argument("--similar", type=int, default=defaults.similar)
+    build.add_argument("--different", type=int, default=defaults.different)
+    build.add_argument("--train-share", type=float, default=defaults.train_share, help="share of subjects")
+    build.add_argument("--max-training-images", type=int, default=defaults.max_training_images)
+    build.add_argument("--seed", type=int, default=defaults.seed)
+    build.add_argument("--no-progress", action="store_true")
+    _add_loading_options(build)
+    build.set_defaults(handler=_run_benchmark_build)
+
+
+def _run_benchmark_build(args: argparse.Namespace) -> None:
+    from deepssim.benchmark import BenchmarkSettings, build_benchmark
+
+    settings = BenchmarkSettings(
+        duplicates=args.duplicates,
+        similar=args.similar,
+        different=args.different,
+        train_share=args.train_share,
+        max_training_images=args.max_training_images,
+        seed=args.seed,
+    )
+    summary = build_benchmark(args.images, args.out, settings, _loading_options(args), not args.no_progress)
+    out = Path(args.out)
+    print(
+        f"{summary['training_images']} training images, {summary['generated_images']} generated "
+        f"({summary['pairs_by_label']}) -> {out / 'train'}, {out / 'generated'}, {out / 'pairs.csv'}"
+    )
+
+
+def _add_train_dar_parser(commands) -> None:
+    from deepssim.dar import DarSettings
+
+    defaults = DarSettings()
+    dar = commands.add_parser(
+        "train-dar",
+        help="train the Dar et al. baseline (ResNet-50, NT-Xent)",
+        description="Train the Dar et al. embedder on real images; then: --metric dar=OUT/best.safetensors",
+    )
+    dar.add_argument("--images", required=True, nargs="+")
+    dar.add_argument("--out", required=True)
+    dar.add_argument("--epochs", type=int, default=defaults.epochs)
+    dar.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    dar.add_argument("--lr", type=float, default=defaults.learning_rate)
+    dar.add_argument("--precision", choices=("float32", "bfloat16"), default=defaults.precision)
+    dar.add_argument("--seed", type=int, default=defaults.seed)
+    dar.add_argument("--device", default=defaults.device)
+    dar.add_argument("--no-progress", action="store_true")
+    _add_loading_options(dar)
+    dar.set_defaults(handler=_run_train_dar)
+
+
+def _run_train_dar(args: argparse.Namespace) -> None:
+    from deepssim.dar import DarSettings, train_dar
+
+    settings = DarSettings(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        precision=args.precision,
+        seed=args.seed,
+        device=args.device,
+    )
+    path = train_dar(args.images, args.out, settings, _loading_options(args), not args.no_progress)
+    print(f"Dar model: {path} (+ .json); use --metric dar={path}")
 
 
 def _add_train_parser(commands) -> None:

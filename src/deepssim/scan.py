@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from deepssim.baselines import SimilarityMetric, load_metric
 from deepssim.cache import EmbeddingCache, default_cache_path, image_fingerprints
 from deepssim.decide import (
     CLASS_NAMES,
-    PAPER_THRESHOLDS,
     REFERENCE_PERCENTILE,
     Thresholds,
     classify,
@@ -34,8 +34,6 @@ from deepssim.load import ImageSet, LoadOptions
 from deepssim.model import DeepSSIM
 from deepssim.search import top_k_embeddings, top_k_ssim
 from deepssim.ssim import ssim_pairs
-
-METRICS = ("deepssim", "ssim")
 
 
 @dataclass
@@ -143,7 +141,7 @@ def scan(
     train,
     synthetic,
     model: str | Path | DeepSSIM = "default",
-    metric: str = "deepssim",
+    metric: str | SimilarityMetric = "deepssim",
     k: int = 5,
     thresholds: Thresholds | None = None,
     reference=None,
@@ -160,30 +158,40 @@ def scan(
     """Scan generated images against training images for memorised copies.
 
     train, synthetic, reference: folders, files or :class:`ImageSet`s.
-    metric: "deepssim" (embeddings; any image sizes) or "ssim" (exact; one shared size).
-    thresholds: default the model's (paper: 0.6 / 0.85). use_reference_threshold: replace the
-    high threshold by the 95th percentile of the reference images' best training scores.
+    metric: "deepssim" (with ``model``), "ssim" (exact; one shared image size), an embedding
+    baseline spec such as "sscd=FILE" (see :mod:`deepssim.baselines`), or a metric object.
+    thresholds: default the metric's (paper: 0.6 / 0.85 for DeepSSIM and SSIM).
+    use_reference_threshold: replace the high threshold by the 95th percentile of the
+    reference images' best training scores (Dar et al.'s rule).
     cache: True for the default cache file, a path, or False/None for none.
     search: "exact" (blocked matrix products), "faiss" (exact index) or "faiss-hnsw" (approximate).
     """
-    if metric not in METRICS:
-        raise DeepSSIMError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
     if k < 1:
         raise DeepSSIMError("k must be at least 1")
     if use_reference_threshold and reference is None:
         raise DeepSSIMError("the reference threshold needs reference images (--reference DIR)")
     started = time.perf_counter()
+    if not isinstance(metric, SimilarityMetric):
+        metric = load_metric(metric, device, default_model=model)
+    if not metric.is_embedding and metric.name != "ssim":
+        raise DeepSSIMError(
+            f"{metric.name} scores matched pairs only (use it in calibrate or evaluate); scan with "
+            "deepssim, ssim or an embedding baseline"
+        )
+    if thresholds is None and metric.thresholds is None and not use_reference_threshold:
+        raise DeepSSIMError(
+            f"{metric.name} has no published thresholds: pass --low/--high, "
+            "or --thresholds from `deepssim calibrate`"
+        )
     train_set = _image_set(train, options, progress, "indexing training images")
     synthetic_set = _image_set(synthetic, options, progress, "indexing generated images")
     reference_set = (
         _image_set(reference, options, progress, "indexing reference images") if reference else None
     )
     reference_scores = None
-    if metric == "deepssim":
-        embedder = model if isinstance(model, DeepSSIM) else DeepSSIM.load(model, device)
-        model_name = embedder.name
-        store = _open_cache(cache, embedder)
-        embed = _embedder(embedder, store, batch_size, precision, progress)
+    if metric.is_embedding:
+        store = _open_cache(cache, metric)
+        embed = _embedder(metric, store, batch_size, precision, progress)
         train_vectors = embed(train_set, "training")
         scores, neighbours = top_k_embeddings(embed(synthetic_set, "generated"), train_vectors, k, search)
         if reference_set is not None:
@@ -192,25 +200,31 @@ def scan(
             ][:, 0]
         if store is not None:
             store.close()
-        default_thresholds = embedder.thresholds
     else:
-        model_name = "exact SSIM"
         scores, neighbours = top_k_ssim(train_set, synthetic_set, k, progress=progress)
         if reference_set is not None:
             reference_scores = top_k_ssim(train_set, reference_set, 1, progress=progress)[0][:, 0]
-        default_thresholds = PAPER_THRESHOLDS["ssim"]
-    thresholds = thresholds or Thresholds(*default_thresholds, "paper")
+    model_name = getattr(metric, "source", metric.description)
+    thresholds = thresholds or Thresholds(*(metric.thresholds or (-np.inf, np.inf)), "paper")
     if use_reference_threshold:
         high = reference_threshold(reference_scores)
         thresholds = Thresholds(min(thresholds.low, high), high, f"reference p{REFERENCE_PERCENTILE:g}")
     verified = verify_pairs(train_set, synthetic_set, neighbours) if verify else None
     classes = classify(scores[:, 0], thresholds)
     summary = summarise(
-        metric, model_name, train_set, synthetic_set, scores, neighbours, thresholds, reference_scores, search
+        metric.name,
+        model_name,
+        train_set,
+        synthetic_set,
+        scores,
+        neighbours,
+        thresholds,
+        reference_scores,
+        search,
     )
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return ScanResult(
-        metric=metric,
+        metric=metric.name,
         model=model_name,
         train=train_set,
         synthetic=synthetic_set,
@@ -241,7 +255,7 @@ def summarise(
         "training_images": n,
         "generated_images": m,
         "k": int(scores.shape[1]),
-        "search": search if metric == "deepssim" else "exact SSIM, blocked",
+        "search": "exact SSIM, blocked" if metric == "ssim" else search,
         "thresholds": {"low": thresholds.low, "high": thresholds.high, "source": thresholds.source},
         "generated_by_class": {CLASS_NAMES[c]: share(int((classes == c).sum()), m) for c in (1, 2, 0)},
         "training_images_with_a_duplicate": share(len(memorised), n),
@@ -292,14 +306,14 @@ def _image_set(images, options, progress, description) -> ImageSet:
     return ImageSet.from_paths(images, options, progress, description)
 
 
-def _open_cache(cache, model: DeepSSIM) -> EmbeddingCache | None:
+def _open_cache(cache, metric: SimilarityMetric) -> EmbeddingCache | None:
     if cache is None or cache is False:
         return None
     path = default_cache_path() if cache is True else Path(cache)
-    return EmbeddingCache(path, model.fingerprint)
+    return EmbeddingCache(path, metric.fingerprint)
 
 
-def _embedder(model: DeepSSIM, store: EmbeddingCache | None, batch_size, precision, progress):
+def _embedder(metric: SimilarityMetric, store: EmbeddingCache | None, batch_size, precision, progress):
     """A function embedding an ImageSet, taking what the cache has and storing the rest."""
     chunk = batch_size * 8
 
@@ -307,11 +321,12 @@ def _embedder(model: DeepSSIM, store: EmbeddingCache | None, batch_size, precisi
         fingerprints = image_fingerprints(images) if store is not None else None
         found = store.get(fingerprints) if store is not None else {}
         missing = [i for i in range(len(images)) if fingerprints is None or fingerprints[i] not in found]
-        dimension = int(model.config.get("embedding_dim") or 0)
-        out = np.empty((len(images), dimension), dtype=np.float32)
-        for i, fingerprint in enumerate(fingerprints or []):
-            if fingerprint in found:
-                out[i] = found[fingerprint]
+        out = None
+        if found:
+            out = np.empty((len(images), len(next(iter(found.values())))), dtype=np.float32)
+            for i, fingerprint in enumerate(fingerprints):
+                if fingerprint in found:
+                    out[i] = found[fingerprint]
         bar = None
         if progress and missing:
             from tqdm import tqdm
@@ -319,7 +334,9 @@ def _embedder(model: DeepSSIM, store: EmbeddingCache | None, batch_size, precisi
             bar = tqdm(total=len(missing), desc=f"embedding {role} images", unit="img")
         for start in range(0, len(missing), chunk):
             rows = missing[start : start + chunk]
-            vectors = model.embed(read_images(images, rows), batch_size, precision)
+            vectors = metric.embed(read_images(images, rows), batch_size, precision)
+            if out is None:
+                out = np.empty((len(images), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors
             if store is not None:
                 store.put([fingerprints[i] for i in rows], vectors)
@@ -330,73 +347,3 @@ def _embedder(model: DeepSSIM, store: EmbeddingCache | None, batch_size, precisi
         return out
 
     return embed
-
-
-def pair_scores(
-    pairs_csv, real, synthetic, metric="deepssim", model="default", options=None, device="cpu", progress=False
-):
-    """Scores of the (real_key, synth_key) pairs listed in a CSV, and the CSV's rows."""
-    from deepssim.pairs import read_pair_csv
-
-    rows = read_pair_csv(pairs_csv)
-    real_set = _image_set(real, options, progress, "indexing real images")
-    synthetic_set = _image_set(synthetic, options, progress, "indexing generated images")
-    real_index = {key: i for i, key in enumerate(real_set.keys)}
-    synthetic_index = {key: i for i, key in enumerate(synthetic_set.keys)}
-    first, second = [], []
-    for line, row in enumerate(rows, start=2):
-        for column, index, side in (("real_key", real_index, first), ("synth_key", synthetic_index, second)):
-            if row[column] not in index:
-                raise DeepSSIMError(
-                    f"{pairs_csv}:{line}: {column} {row[column]!r} is not among the images given"
-                )
-            side.append(index[row[column]])
-    if metric == "ssim":
-        if real_set.shape != synthetic_set.shape:
-            raise DeepSSIMError("SSIM needs one image size for real and generated images; pass --size HxW")
-        return ssim_pairs(read_images(real_set, first), read_images(synthetic_set, second)), rows
-    embedder = model if isinstance(model, DeepSSIM) else DeepSSIM.load(model, device)
-    real_vectors = embedder.embed(read_images(real_set, sorted(set(first))), progress=progress)
-    synthetic_vectors = embedder.embed(read_images(synthetic_set, sorted(set(second))), progress=progress)
-    real_row = {i: r for r, i in enumerate(sorted(set(first)))}
-    synthetic_row = {i: r for r, i in enumerate(sorted(set(second)))}
-    scores = np.array(
-        [
-            real_vectors[real_row[a]] @ synthetic_vectors[synthetic_row[b]]
-            for a, b in zip(first, second, strict=True)
-        ]
-    )
-    return scores, rows
-
-
-def calibrate_thresholds(
-    pairs_csv,
-    real,
-    synthetic,
-    metric="deepssim",
-    model="default",
-    options=None,
-    device="cpu",
-    progress=False,
-    out=None,
-):
-    """Thresholds maximising macro-F1 on labelled pairs; saved to ``out`` (JSON) when given.
-
-    Returns (thresholds, macro-F1, number of pairs).
-    """
-    from deepssim.decide import calibrate
-
-    scores, rows = pair_scores(pairs_csv, real, synthetic, metric, model, options, device, progress)
-    if "label" not in rows[0]:
-        raise DeepSSIMError(f"{pairs_csv}: a labelled pairs file needs a 'label' column (0, 1 or 2)")
-    try:
-        labels = np.array([int(row["label"]) for row in rows])
-    except ValueError:
-        raise DeepSSIMError(
-            f"{pairs_csv}: labels must be 0 (Different), 1 (Duplicate) or 2 (Similar)"
-        ) from None
-    thresholds, f1 = calibrate(scores, labels)
-    if out is not None:
-        model_name = "exact SSIM" if metric == "ssim" else str(model)
-        thresholds.save(out, metric=metric, model=model_name, macro_f1=f1, pairs=len(rows))
-    return thresholds, f1, len(rows)

@@ -1,0 +1,164 @@
+"""Build a labelled memorisation benchmark from real images: a training folder, a generated
+folder and a pairs CSV with planted Duplicates, Similar pairs and Different pairs.
+
+Recipe (seeded; every planted image is written as a 16-bit PNG):
+
+1. Source files (volumes, or 2D images) are split into *training subjects* (``train_share``)
+   and *other subjects*. The training folder holds the training subjects' images.
+2. **Duplicate** (label 1): a training image with generative-style degradation (blur, noise,
+   gamma; ``deepssim.pairs.degrade``), paired with that training image.
+3. **Similar** (label 2): anatomically close but not a copy of the paired training image, in
+   three kinds: a slice of the same volume 2-6 slices away; a smooth random deformation
+   (displacement up to a few pixels) plus degradation; a blend with another training image
+   (weight 0.5-0.7 on the paired one).
+4. **Different** (label 0): an image of an other subject, paired half the time with a random
+   training image and half the time with its most SSIM-similar training image (hard negatives).
+5. Pairs are split at random, half ``calib`` and half ``test`` (for ``evaluate --calib-split``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deepssim.decide import DIFFERENT, DUPLICATE, SIMILAR
+from deepssim.errors import DeepSSIMError
+from deepssim.files import atomic_path, write_text_atomic
+from deepssim.load import ImageSet, LoadOptions
+from deepssim.normalise import zscore
+from deepssim.pairs import degrade
+from deepssim.ssim import ssim_matrix
+
+NEIGHBOUR_OFFSETS = (2, 3, 4, 5, 6)
+
+
+@dataclass
+class BenchmarkSettings:
+    duplicates: int = 60
+    similar: int = 60
+    different: int = 60
+    train_share: float = 0.6
+    max_training_images: int = 400
+    deformation_pixels: float = 3.0
+    seed: int = 0
+
+
+def build_benchmark(
+    images,
+    out_dir,
+    settings: BenchmarkSettings | None = None,
+    options: LoadOptions | None = None,
+    progress: bool = False,
+) -> dict:
+    """Write ``train/``, ``generated/``, ``pairs.csv`` and ``benchmark.json``; return the counts."""
+    settings = settings or BenchmarkSettings()
+    image_set = images if isinstance(images, ImageSet) else ImageSet.from_paths(images, options, progress)
+    groups = [str(ref.path) for ref in image_set.refs]
+    unique = sorted(set(groups))
+    if len(unique) < 2:
+        raise DeepSSIMError("a benchmark needs images from at least two source files (subjects)")
+    rng = np.random.default_rng(settings.seed)
+    order = rng.permutation(len(unique))
+    n_train = min(max(1, round(settings.train_share * len(unique))), len(unique) - 1)
+    training_groups = {unique[i] for i in order[:n_train]}
+    pool = zscore(image_set.read())
+    train_rows = [i for i, g in enumerate(groups) if g in training_groups]
+    other_rows = [i for i, g in enumerate(groups) if g not in training_groups]
+    if len(train_rows) > settings.max_training_images:
+        train_rows = sorted(rng.choice(train_rows, settings.max_training_images, replace=False).tolist())
+    by_slice = {(groups[i], image_set.refs[i].index): i for i in range(len(groups))}
+    out_dir = Path(out_dir)
+    train_keys = {i: _write_png(out_dir / "train", image_set.keys[i], pool[i]) for i in train_rows}
+    planted: list[tuple[str, str, int, str]] = []  # (train key, generated key, label, kind)
+    count = 0
+
+    def plant(image: np.ndarray, partner: int, label: int, kind: str) -> None:
+        nonlocal count
+        key = _write_png(out_dir / "generated", f"gen_{count:05d}", image)
+        planted.append((train_keys[partner], key, label, kind))
+        count += 1
+
+    for _ in range(settings.duplicates):
+        source = int(rng.choice(train_rows))
+        plant(degrade(pool[source], int(rng.integers(2**62))), source, DUPLICATE, "degraded_copy")
+    for n in range(settings.similar):
+        source = int(rng.choice(train_rows))
+        kind = ("neighbour_slice", "deformed", "blend")[n % 3]
+        ref = image_set.refs[source]
+        neighbour = None
+        if kind == "neighbour_slice" and ref.index is not None:
+            offset = int(rng.choice(NEIGHBOUR_OFFSETS)) * int(rng.choice([-1, 1]))
+            neighbour = by_slice.get((groups[source], ref.index + offset))
+        if kind == "neighbour_slice" and neighbour is None:
+            kind = "deformed"  # a 2D image or the edge of a volume
+        if kind == "neighbour_slice":
+            image = pool[neighbour]
+        elif kind == "deformed":
+            image = degrade(_deform(pool[source], settings.deformation_pixels, rng), int(rng.integers(2**62)))
+        else:
+            other = int(rng.choice([i for i in train_rows if i != source] or [source]))
+            alpha = rng.uniform(0.5, 0.7)
+            image = alpha * pool[source] + (1 - alpha) * pool[other]
+        plant(image, source, SIMILAR, kind)
+    if other_rows:
+        chosen = rng.choice(other_rows, settings.different, replace=len(other_rows) < settings.different)
+        train_array = pool[train_rows]
+        for n, source in enumerate(chosen):
+            if n % 2 == 0:
+                partner, kind = int(rng.choice(train_rows)), "other_subject_random"
+            else:
+                scores = ssim_matrix(train_array, pool[[source]])[:, 0]
+                partner, kind = train_rows[int(np.argmax(scores))], "other_subject_nearest"
+            plant(pool[source], partner, DIFFERENT, kind)
+    splits = np.where(rng.random(len(planted)) < 0.5, "calib", "test")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["real_key", "synth_key", "label", "split", "kind"])
+    for (train_key, key, label, kind), split in zip(planted, splits, strict=True):
+        writer.writerow([train_key, key, label, split, kind])
+    write_text_atomic(out_dir / "pairs.csv", buffer.getvalue())
+    labels = [p[2] for p in planted]
+    summary = {
+        "settings": asdict(settings),
+        "training_images": len(train_rows),
+        "training_subjects": sorted(Path(g).name for g in training_groups),
+        "other_subjects": sorted(Path(g).name for g in set(unique) - training_groups),
+        "generated_images": len(planted),
+        "pairs_by_label": {
+            "Different": labels.count(DIFFERENT),
+            "Duplicate": labels.count(DUPLICATE),
+            "Similar": labels.count(SIMILAR),
+        },
+    }
+    write_text_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _deform(image: np.ndarray, pixels: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random displacement field of at most about ``pixels`` pixels."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    height, width = image.shape
+    fields = []
+    for _ in range(2):
+        field = gaussian_filter(rng.normal(size=image.shape), sigma=max(height, width) / 8)
+        fields.append(field / max(np.abs(field).max(), 1e-12) * pixels)
+    rows, columns = np.mgrid[:height, :width].astype(np.float64)
+    return map_coordinates(image, [rows + fields[0], columns + fields[1]], order=1, mode="nearest")
+
+
+def _write_png(folder: Path, key: str, image: np.ndarray) -> str:
+    """Save as a 16-bit PNG (min-max scaled) under a file name made from the key; return its key."""
+    from PIL import Image
+
+    name = key.replace("/", "_").replace("#", "_")
+    path = folder / f"{name}.png"
+    scaled = (image - image.min()) / max(np.ptp(image), 1e-12)
+    with atomic_path(path, suffix=".png") as temporary:
+        Image.fromarray(np.round(scaled * 65535).astype(np.uint16)).save(temporary, format="PNG")
+    return name
