@@ -100,7 +100,84 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_dar_parser(commands)
     _add_embed_parser(commands)
     _add_export_parser(commands)
+    _add_ldm_parser(commands)
     return parser
+
+
+def _add_ldm_parser(commands) -> None:
+    from deepssim.ldm import CONFIGS, DUPLICATION_EXTRA
+
+    ldm = commands.add_parser(
+        "ldm", help="the case study: a memorisation-prone latent diffusion model (MONAI)"
+    )
+    actions = ldm.add_subparsers(dest="action", required=True)
+    vae = actions.add_parser("train-vae", help="train (or resume) the autoencoder of a run")
+    vae.add_argument("--images", required=True, nargs="+", help="training images")
+    vae.add_argument("--run", required=True, help="run folder")
+    vae.add_argument("--config", choices=list(CONFIGS), default="small", help="small (CPU) or paper (GPU)")
+    vae.add_argument("--duplication", choices=list(DUPLICATION_EXTRA), default="none")
+    vae.add_argument("--conditions", help="CSV: key + numeric per-image variables to condition on")
+    vae.add_argument("--epochs", type=int, help="autoencoder epochs (default: the configuration's)")
+    vae.add_argument("--seed", type=int, default=0)
+    diffusion = actions.add_parser("train-diffusion", help="train (or resume) the diffusion UNet of a run")
+    diffusion.add_argument("--images", required=True, nargs="+", help="the same training images")
+    diffusion.add_argument("--run", required=True)
+    diffusion.add_argument("--epochs", type=int, help="diffusion epochs (default: the configuration's)")
+    generate = actions.add_parser("generate", help="sample images from a trained run (DDIM)")
+    generate.add_argument("--run", required=True)
+    generate.add_argument("--out", required=True, help="folder of generated PNGs (+ manifest.csv/json)")
+    generate.add_argument("--per-image", type=int, default=30, help="generations per training image")
+    generate.add_argument("--steps", type=int, help="DDIM steps (default 50)")
+    generate.add_argument("--seed", type=int, default=0)
+    for parser in (vae, diffusion, generate):
+        parser.add_argument("--no-progress", action="store_true")
+    for parser in (vae, diffusion):
+        _add_loading_options(parser)
+    vae.set_defaults(handler=_run_ldm_vae)
+    diffusion.set_defaults(handler=_run_ldm_diffusion)
+    generate.set_defaults(handler=_run_ldm_generate)
+
+
+def _run_ldm_vae(args: argparse.Namespace) -> None:
+    from deepssim.ldm import train_vae
+
+    run = train_vae(
+        args.images,
+        args.run,
+        args.config,
+        args.duplication,
+        args.conditions,
+        args.seed,
+        _loading_options(args),
+        not args.no_progress,
+        vae_epochs=args.epochs,
+    )
+    print(f"autoencoder trained -> {run / 'vae.safetensors'}; next: deepssim ldm train-diffusion --run {run}")
+
+
+def _run_ldm_diffusion(args: argparse.Namespace) -> None:
+    from deepssim.ldm import train_diffusion
+
+    run = train_diffusion(
+        args.images,
+        args.run,
+        options=_loading_options(args),
+        progress=not args.no_progress,
+        epochs=args.epochs,
+    )
+    print(f"diffusion model trained -> {run / 'unet.safetensors'}; next: deepssim ldm generate --run {run}")
+
+
+def _run_ldm_generate(args: argparse.Namespace) -> None:
+    from deepssim.ldm import generate
+
+    settings = generate(
+        args.run, args.out, args.per_image, args.seed, args.steps, progress=not args.no_progress
+    )
+    print(
+        f"{settings['images']} images -> {args.out} (manifest.csv, manifest.json); scan them with "
+        f"deepssim scan --train TRAIN --synthetic {args.out}"
+    )
 
 
 def _add_scan_parser(commands) -> None:
