@@ -173,3 +173,28 @@ def test_authors_style_torchscript_of_the_paper_architecture(tmp_path, rng):
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(model.embed(images), expected, atol=1e-4)
     assert model.config["embedding_dim"] == 256
+
+
+def test_bundled_default_model_loads_and_finds_the_planted_copies():
+    import csv
+
+    from deepssim import load_images
+    from tests.conftest import EXAMPLE
+
+    model = DeepSSIM.load("default")
+    weights = model.config["training"]
+    assert model.config["architecture"] == "deepssim_fast" and weights["best_epoch"] >= 1
+    from importlib import resources
+
+    size = (resources.files("deepssim") / "models" / "default.safetensors").stat().st_size
+    assert size <= 25 * 2**20
+    train_keys, train = load_images(EXAMPLE / "train")
+    synthetic_keys, synthetic = load_images(EXAMPLE / "synthetic")
+    scores = model.matrix(train, synthetic)
+    with open(EXAMPLE / "planted.csv", newline="") as handle:
+        planted = list(csv.DictReader(handle))
+    for row in planted:
+        if row["kind"] in ("duplicate", "duplicate_misaligned"):
+            column = synthetic_keys.index(row["synthetic_key"])
+            assert train_keys[int(np.argmax(scores[:, column]))] == row["source_train_key"]
+            assert scores[:, column].max() > 0.85

@@ -543,7 +543,7 @@ def _run_train(args: argparse.Namespace) -> None:
     )
     best = result.summary["best_validation"]
     print(
-        f"best epoch {result.summary['best_epoch']} of {result.summary['epochs_run']}: validation MAE "
+        f"best epoch {result.summary['best_epoch']} of {len(result.log)}: validation MAE "
         f"aligned {best['val_aligned_mae']:.4f}, misaligned {best['val_misaligned_mae']:.4f}"
     )
     print(f"model: {result.best_checkpoint} (+ .json); log: {Path(args.out) / 'log.csv'}")

@@ -1,0 +1,97 @@
+"""The case-study experiment: train the small latent diffusion model at the three duplication
+levels, generate, scan with DeepSSIM (default model) and with SSIM, and print the share of
+generated images in each class per level.
+
+Training images: 64 axial slices (every 4th kept slice of axis 2) of the bundled volumes,
+written by data/build_training_slices.py, at 64x64.
+
+    .venv/bin/python data/build_training_slices.py build/default-train
+    .venv/bin/python benchmarks/ldm_memorisation.py [--per-image 10 --workdir build/ldm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from deepssim import LoadOptions, load_images, scan
+from deepssim.ldm import generate, train_diffusion, train_vae
+
+LEVELS = ("none", "low", "high")
+
+
+def training_folder(source: Path, out: Path, count: int) -> Path:
+    """Write `count` 64x64 PNG slices (axial stacks of the bundled volumes) once."""
+    if out.is_dir() and len(list(out.glob("*.png"))) == count:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    stacks = sorted(source.glob("*_axis2.npy"))
+    slices = [(path.stem, i, image) for path in stacks for i, image in enumerate(np.load(path)) if i % 4 == 0]
+    chosen = np.random.default_rng(0).choice(len(slices), size=min(count, len(slices)), replace=False)
+    from skimage.transform import resize
+
+    for index in sorted(chosen):
+        stem, i, image = slices[index]
+        small = resize(image, (64, 64), anti_aliasing=True, preserve_range=True)
+        scaled = (small - small.min()) / np.ptp(small)
+        Image.fromarray(np.round(scaled * 65535).astype(np.uint16)).save(out / f"{stem}_{i:03d}.png")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--source", default="build/default-train")
+    parser.add_argument("--workdir", default="build/ldm")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--per-image", type=int, default=10)
+    parser.add_argument("--vae-epochs", type=int, default=30)
+    parser.add_argument("--diffusion-epochs", type=int, default=100)
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    train = training_folder(Path(args.source), work / "train", args.images)
+    print(f"{len(load_images(train)[0])} training images of 64x64 in {train}")
+    rows = []
+    for level in LEVELS:
+        run = work / f"run_{level}"
+        started = time.perf_counter()
+        train_vae(
+            train, run, "small", level, vae_epochs=args.vae_epochs, diffusion_epochs=args.diffusion_epochs
+        )
+        vae_seconds = time.perf_counter() - started
+        train_diffusion(train, run)
+        train_seconds = time.perf_counter() - started
+        generated = work / f"generated_{level}"
+        generate(run, generated, per_image=args.per_image)
+        for metric in ("deepssim", "ssim"):
+            result = scan(train, generated, metric=metric, cache=False, options=LoadOptions(size=(64, 64)))
+            result.save(work / f"scan_{level}_{metric}", gallery_size=12)
+            classes = result.summary["generated_by_class"]
+            memorised = result.summary["training_images_with_a_duplicate"]
+            rows.append((level, metric, classes, memorised, vae_seconds, train_seconds))
+            print(
+                f"{level:<5} {metric:<8} "
+                + "  ".join(
+                    f"{name} {entry['share']:.1%} [{entry['ci95'][0]:.1%}, {entry['ci95'][1]:.1%}]"
+                    for name, entry in classes.items()
+                )
+                + f"  memorised {memorised['count']}/{result.summary['training_images']}"
+                + f"  (train {train_seconds / 60:.1f} min, VAE {vae_seconds / 60:.1f})"
+            )
+    print()
+    print("| duplication | metric | Duplicate | Similar | Different | training images with a Duplicate |")
+    print("|---|---|---|---|---|---|")
+    for level, metric, classes, memorised, _, _ in rows:
+        cells = [f"{e['share']:.1%} [{e['ci95'][0]:.1%}, {e['ci95'][1]:.1%}]" for e in classes.values()]
+        print(
+            f"| {level} | {metric} | "
+            + " | ".join(cells)
+            + f" | {memorised['count']} ({memorised['share']:.0%}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
