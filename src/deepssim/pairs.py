@@ -11,7 +11,10 @@ number per SSIM bin, so near-copies (> 0.85) are as common as unrelated pairs:
 - ``copy``: an image and a degraded copy of itself (noise, blur, intensity change);
 - ``neighbour``: two slices of one volume a few slices apart;
 - ``blend``: an image and a mix of it with another image;
-- ``random``: two unrelated images (a training and a generated image when both are given).
+- ``random``: two unrelated images (a training and a generated image when both are given);
+- ``lookalike``: an image and one of its most SSIM-similar images from another source file
+  (another subject or volume): the different-patient pairs that look most alike, which
+  random pairs almost never give.
 
 Images are split into training and validation by source file before sampling, so no image or
 volume appears on both sides.
@@ -32,8 +35,10 @@ from deepssim.files import atomic_path
 from deepssim.normalise import zscore
 from deepssim.ssim import ssim_pairs
 
-KINDS = ("copy", "neighbour", "blend", "random", "listed")
-KIND_SHARES = {"copy": 0.35, "neighbour": 0.25, "blend": 0.2, "random": 0.2}
+KINDS = ("copy", "neighbour", "blend", "random", "lookalike", "listed")
+KIND_SHARES = {"copy": 0.3, "neighbour": 0.2, "blend": 0.15, "random": 0.15, "lookalike": 0.2}
+LOOKALIKES_PER_IMAGE = 8
+MAX_LOOKALIKE_POOL = 1500  # images whose all-pairs SSIM is computed to find lookalikes
 SSIM_BINS = np.linspace(0.0, 1.0, 11)  # ten bins; SSIM below 0 counts in the first
 CANDIDATES_PER_PAIR = 4
 MAX_NEIGHBOUR_OFFSET = 8
@@ -156,14 +161,14 @@ def sample_pairs(
         target = max(int(round(n_pairs * share)), 1)
         others = generated[generated_split == split]
         candidates = _candidates(
-            rng, members, others, groups, slice_index, CANDIDATES_PER_PAIR * target, split
+            rng, pool, members, others, groups, slice_index, CANDIDATES_PER_PAIR * target, split
         )
         candidates.ssim = pair_ssim(pool, candidates)
         tables.append(candidates.select(_stratified(rng, candidates.ssim, target)))
     return _concatenate(tables)
 
 
-def _candidates(rng, members, others, groups, slice_index, count, split) -> PairTable:
+def _candidates(rng, pool, members, others, groups, slice_index, count, split) -> PairTable:
     kinds = rng.choice(list(KIND_SHARES), size=count, p=list(KIND_SHARES.values()))
     first = rng.choice(members, size=count)
     second = first.copy()
@@ -172,6 +177,7 @@ def _candidates(rng, members, others, groups, slice_index, count, split) -> Pair
     degrade_seed = np.full(count, -1, dtype=np.int64)
     unrelated = np.concatenate([members, others]) if len(others) else members
     by_slice = {(groups[m], int(slice_index[m])): m for m in members if slice_index[m] >= 0}
+    lookalikes = _lookalikes(rng, pool, members, groups)
     for row, kind in enumerate(kinds):
         if kind == "copy":
             degrade_seed[row] = rng.integers(2**62)
@@ -187,7 +193,10 @@ def _candidates(rng, members, others, groups, slice_index, count, split) -> Pair
             alpha[row] = rng.uniform(0.3, 0.95)
             if rng.random() < 0.5:
                 degrade_seed[row] = rng.integers(2**62)
+        elif kind == "lookalike" and first[row] in lookalikes:
+            second[row] = rng.choice(lookalikes[first[row]])
         else:
+            kinds[row] = "random"
             second[row] = rng.choice(others) if len(others) and rng.random() < 0.5 else rng.choice(unrelated)
     return PairTable(
         first=first,
@@ -199,6 +208,28 @@ def _candidates(rng, members, others, groups, slice_index, count, split) -> Pair
         kind=kinds.astype(str),
         split=np.full(count, split),
     )
+
+
+def _lookalikes(rng, pool, members, groups) -> dict[int, np.ndarray]:
+    """For (up to MAX_LOOKALIKE_POOL) members: their most SSIM-similar images of other groups."""
+    from deepssim.ssim import ssim_matrix
+
+    pool_rows = (
+        members
+        if len(members) <= MAX_LOOKALIKE_POOL
+        else rng.choice(members, MAX_LOOKALIKE_POOL, replace=False)
+    )
+    pool_rows = np.sort(pool_rows)
+    scores = ssim_matrix(pool[pool_rows], pool[pool_rows])
+    group = np.array([groups[m] for m in pool_rows])
+    scores[group[:, None] == group[None, :]] = -np.inf
+    out = {}
+    for i, image in enumerate(pool_rows):
+        best = np.argsort(-scores[i])[:LOOKALIKES_PER_IMAGE]
+        best = best[np.isfinite(scores[i, best])]
+        if len(best):
+            out[int(image)] = pool_rows[best]
+    return out
 
 
 def _neighbour(rng, image, by_slice, groups, slice_index):
