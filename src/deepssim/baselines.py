@@ -8,7 +8,7 @@ A metric scores a (training, generated) pair; higher is more similar. Two kinds:
 
 Metrics are named on the command line as ``NAME`` or ``NAME=FILE``:
 ``deepssim[=MODEL]``, ``ssim``, ``fsim``, ``sscd=sscd_disc_mixup.torchscript.pt``,
-``dar=runs/dar/best.safetensors``, ``semdedup=ViT-B-32:open_clip_weights.bin``.
+``dar=runs/dar/dar.safetensors``, ``semdedup=ViT-B-32:open_clip_weights.bin``.
 Pretrained weights are never downloaded: they are read from files the user has.
 """
 
@@ -262,7 +262,7 @@ def load_metric(spec: str, device: str = "cpu", default_model: str | Path | Deep
     if name in ("sscd", "dar", "semdedup") and not argument:
         example = {
             "sscd": "sscd=sscd_disc_mixup.torchscript.pt",
-            "dar": "dar=runs/dar/best.safetensors",
+            "dar": "dar=runs/dar/dar.safetensors",
             "semdedup": "semdedup=ViT-B-32:open_clip_weights.bin",
         }[name]
         raise DeepSSIMError(f"metric {name} needs its weights file: {example}")

@@ -4,11 +4,14 @@ folder and a pairs CSV with planted Duplicates, Similar pairs and Different pair
 Recipe (seeded; every planted image is written as a 16-bit PNG):
 
 1. Source files (volumes, or 2D images) are split into *training subjects* (``train_share``)
-   and *other subjects*. The training folder holds the training subjects' images.
+   and *other subjects*. The training folder holds a random ``slice_share`` of the training
+   subjects' images (at most ``max_training_images``); their other slices stay out, to serve
+   as neighbouring slices.
 2. **Duplicate** (label 1): a training image with generative-style degradation (blur, noise,
    gamma; ``deepssim.pairs.degrade``), paired with that training image.
 3. **Similar** (label 2): anatomically close but not a copy of the paired training image, in
-   three kinds: a slice of the same volume 2-6 slices away; a smooth random deformation
+   three kinds: a slice of the same volume 2-6 slices away that is not itself in the training
+   folder (else a deformation is planted instead); a smooth random deformation
    (displacement up to a few pixels) plus degradation; a blend with another training image
    (weight 0.5-0.7 on the paired one).
 4. **Different** (label 0): an image of an other subject, paired half the time with a random
@@ -43,6 +46,7 @@ class BenchmarkSettings:
     similar: int = 60
     different: int = 60
     train_share: float = 0.6
+    slice_share: float = 0.7
     max_training_images: int = 400
     deformation_pixels: float = 3.0
     seed: int = 0
@@ -67,11 +71,16 @@ def build_benchmark(
     n_train = min(max(1, round(settings.train_share * len(unique))), len(unique) - 1)
     training_groups = {unique[i] for i in order[:n_train]}
     pool = zscore(image_set.read())
-    train_rows = [i for i, g in enumerate(groups) if g in training_groups]
+    train_rows = [
+        i for i, g in enumerate(groups) if g in training_groups and rng.random() < settings.slice_share
+    ]
+    if not train_rows:
+        train_rows = [next(i for i, g in enumerate(groups) if g in training_groups)]
     other_rows = [i for i, g in enumerate(groups) if g not in training_groups]
     if len(train_rows) > settings.max_training_images:
         train_rows = sorted(rng.choice(train_rows, settings.max_training_images, replace=False).tolist())
     by_slice = {(groups[i], image_set.refs[i].index): i for i in range(len(groups))}
+    train_set_rows = set(train_rows)
     out_dir = Path(out_dir)
     train_keys = {i: _write_png(out_dir / "train", image_set.keys[i], pool[i]) for i in train_rows}
     planted: list[tuple[str, str, int, str]] = []  # (train key, generated key, label, kind)
@@ -94,6 +103,8 @@ def build_benchmark(
         if kind == "neighbour_slice" and ref.index is not None:
             offset = int(rng.choice(NEIGHBOUR_OFFSETS)) * int(rng.choice([-1, 1]))
             neighbour = by_slice.get((groups[source], ref.index + offset))
+            if neighbour in train_set_rows:  # it must not be a copy of another training image
+                neighbour = None
         if kind == "neighbour_slice" and neighbour is None:
             kind = "deformed"  # a 2D image or the edge of a volume
         if kind == "neighbour_slice":

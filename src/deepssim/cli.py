@@ -228,18 +228,14 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _thresholds(args: argparse.Namespace):
-    from deepssim.decide import PAPER_THRESHOLDS, Thresholds
+    """A thresholds file, or (low, high) where either may be None (the metric's is used)."""
+    from deepssim.decide import Thresholds
 
     if args.thresholds:
         if args.low is not None or args.high is not None:
             raise DeepSSIMError("give either --thresholds FILE or --low/--high, not both")
         return Thresholds.load(args.thresholds)
-    if args.low is None and args.high is None:
-        return None
-    low, high = PAPER_THRESHOLDS["ssim"]
-    return Thresholds(
-        args.low if args.low is not None else low, args.high if args.high is not None else high, "set"
-    )
+    return (args.low, args.high)
 
 
 def _run_scan(args: argparse.Namespace) -> None:
@@ -355,7 +351,9 @@ def _add_evaluate_parser(commands) -> None:
     )
     evaluate.add_argument("--setting", choices=("aligned", "misaligned", "both"), default="both")
     evaluate.add_argument("--calib-split", help="split whose pairs calibrate thresholds (e.g. calib)")
-    evaluate.add_argument("--test-split", help="split whose pairs are scored (default: all)")
+    evaluate.add_argument(
+        "--test-split", help="split whose pairs are scored (default: all pairs not in --calib-split)"
+    )
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", required=True, help="output folder")
@@ -407,6 +405,12 @@ def _add_benchmark_parser(commands) -> None:
     build.add_argument("--similar", type=int, default=defaults.similar)
     build.add_argument("--different", type=int, default=defaults.different)
     build.add_argument("--train-share", type=float, default=defaults.train_share, help="share of subjects")
+    build.add_argument(
+        "--slice-share",
+        type=float,
+        default=defaults.slice_share,
+        help="share of a training subject's slices kept",
+    )
     build.add_argument("--max-training-images", type=int, default=defaults.max_training_images)
     build.add_argument("--seed", type=int, default=defaults.seed)
     build.add_argument("--no-progress", action="store_true")
@@ -422,6 +426,7 @@ def _run_benchmark_build(args: argparse.Namespace) -> None:
         similar=args.similar,
         different=args.different,
         train_share=args.train_share,
+        slice_share=args.slice_share,
         max_training_images=args.max_training_images,
         seed=args.seed,
     )
@@ -440,7 +445,7 @@ def _add_train_dar_parser(commands) -> None:
     dar = commands.add_parser(
         "train-dar",
         help="train the Dar et al. baseline (ResNet-50, NT-Xent)",
-        description="Train the Dar et al. embedder on real images; then: --metric dar=OUT/best.safetensors",
+        description="Train the Dar et al. embedder on real images; then: --metric dar=OUT/dar.safetensors",
     )
     dar.add_argument("--images", required=True, nargs="+")
     dar.add_argument("--out", required=True)
@@ -672,7 +677,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print("deepssim: interrupted; no partial output was written", file=sys.stderr)
+        print(
+            "deepssim: interrupted; files being written were discarded (train and ldm resume from "
+            "their last finished epoch when rerun; scan reuses cached embeddings)",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -90,7 +90,9 @@ def train_dar(
     options: LoadOptions | None = None,
     progress: bool = False,
 ) -> Path:
-    """Train the Dar et al. embedder on (real) images; returns the checkpoint path."""
+    """Train the Dar et al. embedder on (real) images; returns the checkpoint path
+    (``out_dir/dar.safetensors``: the weights after the last epoch; NT-Xent has no
+    validation target to choose another)."""
     settings = settings or DarSettings()
     if settings.epochs < 1 or settings.batch_size < 2:
         raise DeepSSIMError("Dar training needs at least one epoch and batches of two or more images")
@@ -140,7 +142,7 @@ def train_dar(
             "log": log,
             "training_seconds": round(time.perf_counter() - started, 1),
         }
-        path = save_dar(network, out_dir / "best", summary)
+        path = save_dar(network, out_dir / "dar", summary)  # the last epoch's weights
     return path
 
 

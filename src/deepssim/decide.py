@@ -19,7 +19,6 @@ from deepssim.files import write_text_atomic
 
 DIFFERENT, DUPLICATE, SIMILAR = 0, 1, 2
 CLASS_NAMES = {DIFFERENT: "Different", DUPLICATE: "Duplicate", SIMILAR: "Similar"}
-PAPER_THRESHOLDS = {"deepssim": (0.6, 0.85), "ssim": (0.6, 0.85)}
 REFERENCE_PERCENTILE = 95.0
 
 
@@ -83,8 +82,10 @@ def reference_threshold(reference_scores, percentile: float = REFERENCE_PERCENTI
 def calibrate(scores, labels, max_candidates: int = 100) -> tuple[Thresholds, float]:
     """Thresholds (low, high) maximising macro-F1 of the three classes on labelled pairs.
 
-    Candidates are midpoints between distinct sorted scores, thinned to ``max_candidates``
-    quantiles; every pair low <= high is tried. Returns the thresholds and their macro-F1.
+    Candidates are midpoints between distinct sorted scores; when there are more than
+    ``max_candidates``, they are thinned to that many quantiles of each class's scores, so a
+    rare class (usually Duplicate) keeps fine cut points. Every pair low <= high is tried;
+    macro-F1 averages over the classes present in ``labels``. Returns the thresholds and F1.
     """
     from sklearn.metrics import f1_score
 
@@ -99,7 +100,14 @@ def calibrate(scores, labels, max_candidates: int = 100) -> tuple[Thresholds, fl
     distinct = np.unique(scores)
     cuts = np.concatenate([[distinct[0] - 1e-6], (distinct[:-1] + distinct[1:]) / 2, [distinct[-1] + 1e-6]])
     if len(cuts) > max_candidates:
-        cuts = np.unique(np.quantile(cuts, np.linspace(0, 1, max_candidates)))
+        per_class = max(2, max_candidates // len(np.unique(labels)))
+        kept = [cuts[0], cuts[-1]]
+        for label in np.unique(labels):
+            own = scores[labels == label]
+            inside = cuts[(cuts >= own.min()) & (cuts <= own.max())]
+            if len(inside):
+                kept.extend(np.quantile(inside, np.linspace(0, 1, per_class), method="nearest"))
+        cuts = np.unique(kept)
     present = sorted(set(labels.tolist()))
     best = (-1.0, cuts[0], cuts[0])
     for i, low in enumerate(cuts):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,8 +127,15 @@ def calibrate_thresholds(
     return thresholds, f1, len(pairs.labels)
 
 
-def classification_numbers(scores: np.ndarray, labels: np.ndarray, thresholds: Thresholds) -> dict:
-    """Every number of the protocol for one set of scores, labels and thresholds."""
+def classification_numbers(
+    scores: np.ndarray, labels: np.ndarray, thresholds: Thresholds, classes=None
+) -> dict:
+    """Every number of the protocol for one set of scores, labels and thresholds.
+
+    classes: the labels that macro- and weighted F1 average over (default: those in ``labels``;
+    the same set calibration optimises). TPR at 5% FPR is the highest true-positive rate of any
+    threshold whose false-positive rate is at most 5% (no interpolation between thresholds).
+    """
     from sklearn.metrics import (
         f1_score,
         precision_recall_fscore_support,
@@ -136,15 +144,14 @@ def classification_numbers(scores: np.ndarray, labels: np.ndarray, thresholds: T
         silhouette_score,
     )
 
+    classes = sorted(set(labels.tolist())) if classes is None else list(classes)
     predicted = classify(scores, thresholds)
     precision, recall, _, _ = precision_recall_fscore_support(
         labels, predicted, labels=list(CLASS_ORDER), zero_division=0
     )
     numbers = {
-        "macro_f1": f1_score(labels, predicted, labels=list(CLASS_ORDER), average="macro", zero_division=0),
-        "weighted_f1": f1_score(
-            labels, predicted, labels=list(CLASS_ORDER), average="weighted", zero_division=0
-        ),
+        "macro_f1": f1_score(labels, predicted, labels=classes, average="macro", zero_division=0),
+        "weighted_f1": f1_score(labels, predicted, labels=classes, average="weighted", zero_division=0),
     }
     for i, label in enumerate(CLASS_ORDER):
         numbers[f"precision_{CLASS_NAMES[label]}"] = precision[i]
@@ -156,7 +163,7 @@ def classification_numbers(scores: np.ndarray, labels: np.ndarray, thresholds: T
     duplicate = labels == DUPLICATE
     if 0 < duplicate.sum() < len(labels):
         fpr, tpr, _ = roc_curve(duplicate, scores)
-        numbers["tpr_at_5fpr"] = float(np.interp(FPR_AT, fpr, tpr))
+        numbers["tpr_at_5fpr"] = float(tpr[fpr <= FPR_AT].max())
         numbers["auroc"] = roc_auc_score(duplicate, scores)
     else:
         numbers["tpr_at_5fpr"] = numbers["auroc"] = np.nan
@@ -164,13 +171,19 @@ def classification_numbers(scores: np.ndarray, labels: np.ndarray, thresholds: T
 
 
 def with_bootstrap(scores, labels, thresholds, repeats: int, seed: int) -> dict:
-    """The numbers and, for each, the 2.5th and 97.5th percentiles over bootstrap resamples."""
-    numbers = classification_numbers(scores, labels, thresholds)
+    """The numbers and, for each, the 2.5th and 97.5th percentiles over bootstrap resamples.
+
+    The resampling is stratified by class (each class resampled to its own size), so every
+    resample has every class of the test set.
+    """
+    classes = sorted(set(labels.tolist()))
+    numbers = classification_numbers(scores, labels, thresholds, classes)
     rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(labels == c) for c in classes]
     samples = {k: [] for k in numbers}
     for _ in range(repeats):
-        rows = rng.integers(0, len(scores), len(scores))
-        for k, v in classification_numbers(scores[rows], labels[rows], thresholds).items():
+        rows = np.concatenate([rng.choice(m, len(m)) for m in members])
+        for k, v in classification_numbers(scores[rows], labels[rows], thresholds, classes).items():
             samples[k].append(v)
     out = {}
     for k, v in numbers.items():
@@ -206,8 +219,13 @@ def evaluate(
         if setting not in SETTINGS:
             raise DeepSSIMError(f"setting must be aligned, misaligned or both, not {setting!r}")
     pairs = read_labelled_pairs(pairs_csv, real, synthetic, options, progress)
-    test = np.ones(len(pairs.labels), dtype=bool) if test_split is None else pairs.splits == test_split
     calibration = None if calib_split is None else pairs.splits == calib_split
+    if test_split is not None:
+        test = pairs.splits == test_split
+    elif calibration is not None:
+        test = ~calibration  # never score thresholds on the pairs they were fitted on
+    else:
+        test = np.ones(len(pairs.labels), dtype=bool)
     if not test.any():
         raise DeepSSIMError(f"{pairs_csv}: no pairs in the test split {test_split!r}")
     if calibration is not None and not calibration.any():
@@ -225,6 +243,11 @@ def evaluate(
             scores = np.asarray(metric.pair_scores(*views[setting]), dtype=np.float64)
             all_scores[f"{metric.name}_{setting}"] = scores
             sources = []
+            if metric.thresholds is None and calibration is None:
+                warnings.warn(
+                    f"{metric.name} has no published thresholds: pass --calib-split to evaluate it",
+                    stacklevel=2,
+                )
             if metric.thresholds is not None:
                 sources.append(Thresholds(*metric.thresholds, "paper"))
             if calibration is not None:

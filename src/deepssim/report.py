@@ -92,8 +92,9 @@ def _summary_table(summary: dict) -> str:
         reference = summary["reference"]
         threshold = next(v for k, v in reference.items() if k.endswith("_threshold"))
         rows.append(
-            f"<p>Reference (held-out real images, {reference['images']}): 95th percentile of their best "
-            f"training score = {threshold:.4f} (Dar et al.'s Duplicate threshold).</p>"
+            f"<p>Reference: each of the {reference['training_images']} training images' best score against "
+            f"held-out real images of other patients; 95th percentile = {threshold:.4f} "
+            "(Dar et al.'s Duplicate threshold).</p>"
         )
     return "\n".join(rows)
 
@@ -120,7 +121,9 @@ def _histogram_png(result) -> str:
     low_edge = min(float(np.min(v)) for v in values)
     bins = np.linspace(min(low_edge, result.thresholds.low) - 0.02, 1.0, 51)
     figure, axes = plt.subplots(figsize=(9, 3.6))
-    axes.hist(best, bins=bins, color="#4a7ab5", alpha=0.8, label=f"generated images ({len(best)})")
+    axes.hist(
+        best, bins=bins, color="#4a7ab5", alpha=0.8, label=f"generated images, best match ({len(best)})"
+    )
     if result.reference_scores is not None:
         axes.hist(
             result.reference_scores,
@@ -128,7 +131,7 @@ def _histogram_png(result) -> str:
             histtype="step",
             linewidth=2,
             color="#333",
-            label=f"held-out real images ({len(result.reference_scores)})",
+            label=f"training vs held-out real images ({len(result.reference_scores)})",
         )
     axes.axvline(
         result.thresholds.low, color="#e67e22", linestyle="--", label=f"low {result.thresholds.low:.3g}"

@@ -43,7 +43,9 @@ class ScanResult:
     scores, neighbours: (M, k) best scores and indices into ``train_keys``, best first.
     classes: (M,) class of each generated image's best score (0 Different, 1 Duplicate, 2 Similar).
     verified_ssim: (M, k) exact SSIM of the same pairs when ``verify`` was asked for.
-    reference_scores: best training score of each held-out real image, when given.
+    best_per_training_image: (N,) each training image's best score over all generated images.
+    reference_scores: each training image's best score against the held-out real images
+    (Dar et al.'s reference distribution), when given.
     """
 
     metric: str
@@ -57,6 +59,7 @@ class ScanResult:
     summary: dict
     verified_ssim: np.ndarray | None = None
     reference_scores: np.ndarray | None = None
+    best_per_training_image: np.ndarray | None = None
     files: dict = field(default_factory=dict)
 
     @property
@@ -143,7 +146,7 @@ def scan(
     model: str | Path | DeepSSIM = "default",
     metric: str | SimilarityMetric = "deepssim",
     k: int = 5,
-    thresholds: Thresholds | None = None,
+    thresholds: Thresholds | tuple[float | None, float | None] | None = None,
     reference=None,
     use_reference_threshold: bool = False,
     verify: bool = False,
@@ -160,9 +163,11 @@ def scan(
     train, synthetic, reference: folders, files or :class:`ImageSet`s.
     metric: "deepssim" (with ``model``), "ssim" (exact; one shared image size), an embedding
     baseline spec such as "sscd=FILE" (see :mod:`deepssim.baselines`), or a metric object.
-    thresholds: default the metric's (paper: 0.6 / 0.85 for DeepSSIM and SSIM).
-    use_reference_threshold: replace the high threshold by the 95th percentile of the
-    reference images' best training scores (Dar et al.'s rule).
+    thresholds: default the metric's (paper: 0.6 / 0.85 for DeepSSIM and SSIM); a (low, high)
+    tuple may leave either as None to take the metric's.
+    reference: held-out real images of other patients. use_reference_threshold: replace the
+    high threshold by the 95th percentile of each training image's best score against them
+    (Dar et al.'s rule).
     cache: True for the default cache file, a path, or False/None for none.
     search: "exact" (blocked matrix products), "faiss" (exact index) or "faiss-hnsw" (approximate).
     """
@@ -178,11 +183,7 @@ def scan(
             f"{metric.name} scores matched pairs only (use it in calibrate or evaluate); scan with "
             "deepssim, ssim or an embedding baseline"
         )
-    if thresholds is None and metric.thresholds is None and not use_reference_threshold:
-        raise DeepSSIMError(
-            f"{metric.name} has no published thresholds: pass --low/--high, "
-            "or --thresholds from `deepssim calibrate`"
-        )
+    thresholds = resolve_thresholds(thresholds, metric, use_reference_threshold)
     train_set = _image_set(train, options, progress, "indexing training images")
     synthetic_set = _image_set(synthetic, options, progress, "indexing generated images")
     reference_set = (
@@ -190,25 +191,26 @@ def scan(
     )
     reference_scores = None
     if metric.is_embedding:
-        store = _open_cache(cache, metric)
+        store = _open_cache(cache, metric, precision)
         embed = _embedder(metric, store, batch_size, precision, progress)
         train_vectors = embed(train_set, "training")
-        scores, neighbours = top_k_embeddings(embed(synthetic_set, "generated"), train_vectors, k, search)
+        synthetic_vectors = embed(synthetic_set, "generated")
+        scores, neighbours = top_k_embeddings(synthetic_vectors, train_vectors, k, search)
+        best_per_train = top_k_embeddings(train_vectors, synthetic_vectors, 1, search)[0][:, 0]
         if reference_set is not None:
-            reference_scores = top_k_embeddings(embed(reference_set, "reference"), train_vectors, 1, search)[
-                0
-            ][:, 0]
+            reference_vectors = embed(reference_set, "reference")
+            reference_scores = top_k_embeddings(train_vectors, reference_vectors, 1, search)[0][:, 0]
         if store is not None:
             store.close()
     else:
-        scores, neighbours = top_k_ssim(train_set, synthetic_set, k, progress=progress)
+        scores, neighbours, best_per_train = top_k_ssim(train_set, synthetic_set, k, progress=progress)
         if reference_set is not None:
-            reference_scores = top_k_ssim(train_set, reference_set, 1, progress=progress)[0][:, 0]
+            reference_scores = top_k_ssim(train_set, reference_set, 1, progress=progress)[2]
     model_name = getattr(metric, "source", metric.description)
-    thresholds = thresholds or Thresholds(*(metric.thresholds or (-np.inf, np.inf)), "paper")
     if use_reference_threshold:
         high = reference_threshold(reference_scores)
-        thresholds = Thresholds(min(thresholds.low, high), high, f"reference p{REFERENCE_PERCENTILE:g}")
+        low = high if thresholds is None else min(thresholds.low, high)
+        thresholds = Thresholds(low, high, f"reference p{REFERENCE_PERCENTILE:g}")
     verified = verify_pairs(train_set, synthetic_set, neighbours) if verify else None
     classes = classify(scores[:, 0], thresholds)
     summary = summarise(
@@ -217,7 +219,7 @@ def scan(
         train_set,
         synthetic_set,
         scores,
-        neighbours,
+        best_per_train,
         thresholds,
         reference_scores,
         search,
@@ -235,18 +237,39 @@ def scan(
         summary=summary,
         verified_ssim=verified,
         reference_scores=reference_scores,
+        best_per_training_image=best_per_train,
     )
 
 
+def resolve_thresholds(given, metric: SimilarityMetric, use_reference_threshold: bool) -> Thresholds | None:
+    """Thresholds from what the user gave, the rest from the metric's published ones."""
+    if isinstance(given, Thresholds):
+        return given
+    low, high = given if given is not None else (None, None)
+    defaults = metric.thresholds
+    if defaults is None and (low is None or (high is None and not use_reference_threshold)):
+        raise DeepSSIMError(
+            f"{metric.name} has no published thresholds: pass --low and --high, "
+            "or --thresholds from `deepssim calibrate`"
+        )
+    if defaults is not None:
+        low = defaults[0] if low is None else low
+        high = defaults[1] if high is None else high
+    if high is None:  # only the reference rule will set it
+        return None
+    source = "paper" if given is None or given == (None, None) else "set"
+    return Thresholds(low, high, source)
+
+
 def summarise(
-    metric, model_name, train_set, synthetic_set, scores, neighbours, thresholds, reference_scores, search
+    metric, model_name, train_set, synthetic_set, scores, best_per_train, thresholds, reference_scores, search
 ):
     """The numbers a paper needs: class shares with 95% Wilson intervals, memorised training
-    images, the score distribution and the reference distribution."""
+    images (those whose best score over all generated images is a Duplicate), the score
+    distribution and the reference distribution."""
     m, n = len(synthetic_set), len(train_set)
     classes = classify(scores[:, 0], thresholds)
-    duplicate_pairs = scores > thresholds.high
-    memorised = np.unique(neighbours[duplicate_pairs])
+    memorised = np.flatnonzero(best_per_train > thresholds.high)
     best = scores[:, 0]
     percentiles = [0, 5, 25, 50, 75, 95, 100]
     summary = {
@@ -264,7 +287,8 @@ def summarise(
     }
     if reference_scores is not None:
         summary["reference"] = {
-            "images": int(len(reference_scores)),
+            "description": "each training image's best score against the held-out real images",
+            "training_images": int(len(reference_scores)),
             "best_score_percentiles": {
                 f"p{p}": float(np.percentile(reference_scores, p)) for p in percentiles
             },
@@ -306,11 +330,11 @@ def _image_set(images, options, progress, description) -> ImageSet:
     return ImageSet.from_paths(images, options, progress, description)
 
 
-def _open_cache(cache, metric: SimilarityMetric) -> EmbeddingCache | None:
+def _open_cache(cache, metric: SimilarityMetric, precision: str) -> EmbeddingCache | None:
     if cache is None or cache is False:
         return None
     path = default_cache_path() if cache is True else Path(cache)
-    return EmbeddingCache(path, metric.fingerprint)
+    return EmbeddingCache(path, f"{metric.fingerprint}:{precision}")
 
 
 def _embedder(metric: SimilarityMetric, store: EmbeddingCache | None, batch_size, precision, progress):

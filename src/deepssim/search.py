@@ -62,16 +62,23 @@ def _top_k_faiss(queries, database, k, approximate):
         index = faiss.IndexFlatIP(database.shape[1])
     index.add(database)
     scores, indices = index.search(queries, k)
+    missing = indices < 0  # HNSW may return fewer than k neighbours
+    scores[missing] = -np.inf
+    indices[missing] = 0
     return scores, indices.astype(np.int64)
 
 
 def top_k_ssim(train, synthetic, k: int, block_size: int = 1024, progress: bool = False):
-    """(scores, indices), each (M, k): the k training images of highest exact SSIM per
-    generated image, merged block by block (training images are the "real" side of SSIM)."""
+    """(scores, indices, best_per_training_image): the k training images of highest exact SSIM
+    per generated image, each (M, k), merged block by block, and each training image's best
+    score over all generated images, (N,). Training images are the "real" side of SSIM."""
     k = min(k, len(train))
     scores = np.full((len(synthetic), k), -np.inf, dtype=np.float32)
     indices = np.zeros((len(synthetic), k), dtype=np.int64)
+    best_per_train = np.full(len(train), -np.inf, dtype=np.float32)
     for r0, s0, block in ssim_blocks(train, synthetic, np.float32, block_size=block_size, progress=progress):
+        rows = slice(r0, r0 + block.shape[0])
+        best_per_train[rows] = np.maximum(best_per_train[rows], block.max(axis=1))
         columns = slice(s0, s0 + block.shape[1])
         candidate_scores = np.concatenate([scores[columns], block.T], axis=1)
         candidate_indices = np.concatenate(
@@ -80,4 +87,4 @@ def top_k_ssim(train, synthetic, k: int, block_size: int = 1024, progress: bool 
         order = np.argsort(-candidate_scores, axis=1, kind="stable")[:, :k]
         scores[columns] = np.take_along_axis(candidate_scores, order, axis=1)
         indices[columns] = np.take_along_axis(candidate_indices, order, axis=1)
-    return scores, indices
+    return scores, indices, best_per_train

@@ -142,7 +142,10 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(steps_per_epoch * settings.epochs)
     )
-    settings_json = json.dumps(asdict(settings), sort_keys=True)
+    # where the run executes is not part of its identity: it may resume on another device
+    settings_json = json.dumps(
+        {k: v for k, v in asdict(settings).items() if k not in ("device", "pretrained_file")}, sort_keys=True
+    )
     start_epoch, best_score, log = 0, math.inf, []
     state_path = out_dir / "resume.pt"
     if resume and state_path.exists():
@@ -162,6 +165,11 @@ def train(
         row["seconds"] = time.perf_counter() - started
         log.append(row)
         score = (row["val_aligned_mse"] + row["val_misaligned_mse"]) / 2
+        if not math.isfinite(score) or not math.isfinite(train_mse):
+            raise DeepSSIMError(
+                f"training diverged in epoch {epoch + 1} (loss is not finite); lower --lr or use "
+                "--precision float32, and rerun with --restart"
+            )
         summary = _summary(settings, log, image_count, train_pairs, val_pairs)
         if score < best_score:
             best_score = score
