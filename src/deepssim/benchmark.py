@@ -61,7 +61,7 @@ def build_benchmark(
 ) -> dict:
     """Write ``train/``, ``generated/``, ``pairs.csv`` and ``benchmark.json``; return the counts."""
     settings = settings or BenchmarkSettings()
-    image_set = images if isinstance(images, ImageSet) else ImageSet.from_paths(images, options, progress)
+    image_set = ImageSet.coerce(images, options, progress)
     groups = [str(ref.path) for ref in image_set.refs]
     unique = sorted(set(groups))
     if len(unique) < 2:

@@ -96,7 +96,7 @@ def train_dar(
     settings = settings or DarSettings()
     if settings.epochs < 1 or settings.batch_size < 2:
         raise DeepSSIMError("Dar training needs at least one epoch and batches of two or more images")
-    image_set = images if isinstance(images, ImageSet) else ImageSet.from_paths(images, options, progress)
+    image_set = ImageSet.coerce(images, options, progress)
     if len(image_set) < 2:
         raise DeepSSIMError("Dar training needs at least two images")
     pool = torch.from_numpy(zscore(image_set.read()).astype(np.float32)).unsqueeze(1)

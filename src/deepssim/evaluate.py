@@ -53,16 +53,8 @@ def read_labelled_pairs(
     rows = read_pair_csv(pairs_csv)
     if need_labels and "label" not in rows[0]:
         raise DeepSSIMError(f"{pairs_csv}: a labelled pairs file needs a 'label' column (0, 1 or 2)")
-    real_set = (
-        real
-        if isinstance(real, ImageSet)
-        else ImageSet.from_paths(real, options, progress, "indexing real images")
-    )
-    synthetic_set = (
-        synthetic
-        if isinstance(synthetic, ImageSet)
-        else ImageSet.from_paths(synthetic, options, progress, "indexing generated images")
-    )
+    real_set = ImageSet.coerce(real, options, progress, "indexing real images")
+    synthetic_set = ImageSet.coerce(synthetic, options, progress, "indexing generated images")
     if real_set.shape != synthetic_set.shape:
         raise DeepSSIMError(
             f"real images are {real_set.shape} but generated images are {synthetic_set.shape}; "

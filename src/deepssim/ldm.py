@@ -176,7 +176,7 @@ def _images(images, config: LDMConfig, options: LoadOptions | None, progress: bo
     """Training images scaled to [0, 1] per image at the configuration's size."""
     options = options or LoadOptions()
     options = LoadOptions(**{**asdict(options), "size": config.image_size, "fit": "resize"})
-    image_set = images if isinstance(images, ImageSet) else ImageSet.from_paths(images, options, progress)
+    image_set = ImageSet.coerce(images, options, progress)
     stack = image_set.read()
     low = stack.min(axis=(1, 2), keepdims=True)
     high = stack.max(axis=(1, 2), keepdims=True)

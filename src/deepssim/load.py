@@ -119,6 +119,19 @@ class ImageSet:
         shape = options.size or _single_shape(shapes, example_of_shape)
         return cls(refs=refs, shape=tuple(shape), options=options, skipped=skipped)
 
+    @classmethod
+    def coerce(
+        cls,
+        images,
+        options: LoadOptions | None = None,
+        progress: bool = False,
+        description: str = "indexing images",
+    ) -> ImageSet:
+        """``images`` itself if it is an ImageSet, else the ImageSet of those paths."""
+        if isinstance(images, ImageSet):
+            return images
+        return cls.from_paths(images, options, progress, description)
+
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Images ``start:stop`` as an (n, H, W) float64 array of raw intensities."""
         refs = self.refs[start:stop]

@@ -89,16 +89,8 @@ def compute_ssim_matrix(
     """
     if dtype not in ("float32", "float64"):
         raise DeepSSIMError(f"dtype must be float32 or float64, not {dtype!r}")
-    real_set = (
-        real
-        if isinstance(real, ImageSet)
-        else ImageSet.from_paths(real, options, progress, "indexing real images")
-    )
-    synthetic_set = (
-        synthetic
-        if isinstance(synthetic, ImageSet)
-        else ImageSet.from_paths(synthetic, options, progress, "indexing synthetic images")
-    )
+    real_set = ImageSet.coerce(real, options, progress, "indexing real images")
+    synthetic_set = ImageSet.coerce(synthetic, options, progress, "indexing synthetic images")
     shape = (len(real_set), len(synthetic_set))
     if matrix_file is None:
         values = np.empty(shape, dtype=dtype)

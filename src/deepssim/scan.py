@@ -184,10 +184,10 @@ def scan(
             "deepssim, ssim or an embedding baseline"
         )
     thresholds = resolve_thresholds(thresholds, metric, use_reference_threshold)
-    train_set = _image_set(train, options, progress, "indexing training images")
-    synthetic_set = _image_set(synthetic, options, progress, "indexing generated images")
+    train_set = ImageSet.coerce(train, options, progress, "indexing training images")
+    synthetic_set = ImageSet.coerce(synthetic, options, progress, "indexing generated images")
     reference_set = (
-        _image_set(reference, options, progress, "indexing reference images") if reference else None
+        ImageSet.coerce(reference, options, progress, "indexing reference images") if reference else None
     )
     reference_scores = None
     if metric.is_embedding:
@@ -322,12 +322,6 @@ def read_images(image_set: ImageSet, indices) -> np.ndarray:
         refs=[image_set.refs[i] for i in indices], shape=image_set.shape, options=image_set.options
     )
     return subset.read()
-
-
-def _image_set(images, options, progress, description) -> ImageSet:
-    if isinstance(images, ImageSet):
-        return images
-    return ImageSet.from_paths(images, options, progress, description)
 
 
 def _open_cache(cache, metric: SimilarityMetric, precision: str) -> EmbeddingCache | None:

@@ -191,9 +191,9 @@ def train(
 
 def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
     """Load the image pool and build (or reuse) the pair table."""
-    image_set = _as_image_set(images, options, progress, "indexing training images")
+    image_set = ImageSet.coerce(images, options, progress, "indexing training images")
     generated_set = (
-        _as_image_set(generated, options, progress, "indexing generated images") if generated else None
+        ImageSet.coerce(generated, options, progress, "indexing generated images") if generated else None
     )
     if generated_set is not None and generated_set.shape != image_set.shape:
         raise DeepSSIMError(
@@ -247,12 +247,6 @@ def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
             )
         table.save(cache, key)
     return pool, table, len(pool)
-
-
-def _as_image_set(images, options, progress, description):
-    if isinstance(images, ImageSet):
-        return images
-    return ImageSet.from_paths(images, options, progress, description)
 
 
 def _parameter_groups(network, settings: TrainSettings) -> list[dict]:
