@@ -101,10 +101,12 @@ def build_benchmark(
         ref = image_set.refs[source]
         neighbour = None
         if kind == "neighbour_slice" and ref.index is not None:
-            offset = int(rng.choice(NEIGHBOUR_OFFSETS)) * int(rng.choice([-1, 1]))
-            neighbour = by_slice.get((groups[source], ref.index + offset))
-            if neighbour in train_set_rows:  # it must not be a copy of another training image
-                neighbour = None
+            offsets = [d * sign for d in NEIGHBOUR_OFFSETS for sign in (-1, 1)]
+            for offset in rng.permutation(offsets):
+                candidate = by_slice.get((groups[source], ref.index + int(offset)))
+                if candidate is not None and candidate not in train_set_rows:  # not a training image
+                    neighbour = candidate
+                    break
         if kind == "neighbour_slice" and neighbour is None:
             kind = "deformed"  # a 2D image or the edge of a volume
         if kind == "neighbour_slice":

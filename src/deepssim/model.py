@@ -234,13 +234,12 @@ class DeepSSIM:
 
 def prepare_input(images: np.ndarray, channels: int) -> torch.Tensor:
     """(B, H, W) raw images -> (B, channels, H, W) float32 z-scored network input."""
-    stack = np.asarray(images, dtype=np.float64)
-    mean = stack.mean(axis=(1, 2), keepdims=True)
-    std = stack.std(axis=(1, 2), keepdims=True)
-    if np.any(std == 0) or not np.all(np.isfinite(stack)):
+    batch = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    mean = batch.mean(dim=(1, 2), keepdim=True)
+    std = batch.std(dim=(1, 2), keepdim=True, unbiased=False)
+    if not torch.all(std > 0) or not torch.isfinite(batch).all():
         raise DeepSSIMError("an image is constant or contains NaN/Inf values; it cannot be z-scored")
-    batch = torch.from_numpy(((stack - mean) / std).astype(np.float32)).unsqueeze(1)
-    return batch.expand(-1, channels, -1, -1).contiguous()
+    return ((batch - mean) / std).unsqueeze(1).expand(-1, channels, -1, -1)
 
 
 class _ThreeChannelInput(torch.nn.Module):
