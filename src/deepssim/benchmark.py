@@ -7,8 +7,9 @@ Recipe (seeded; every planted image is written as a 16-bit PNG):
    and *other subjects*. The training folder holds a random ``slice_share`` of the training
    subjects' images (at most ``max_training_images``); their other slices stay out, to serve
    as neighbouring slices.
-2. **Duplicate** (label 1): a training image with generative-style degradation (blur, noise,
-   gamma; ``deepssim.pairs.degrade``), paired with that training image.
+2. **Duplicate** (label 1): a training image with mild generative-style degradation (blur,
+   noise, gamma; ``deepssim.pairs.degrade`` at up to ``copy_strength`` of the strength used for
+   training pairs), paired with that training image.
 3. **Similar** (label 2): anatomically close but not a copy of the paired training image, in
    three kinds: a slice of the same volume 2-6 slices away that is not itself in the training
    folder (else a deformation is planted instead); a smooth random deformation
@@ -49,6 +50,7 @@ class BenchmarkSettings:
     slice_share: float = 0.7
     max_training_images: int = 400
     deformation_pixels: float = 3.0
+    copy_strength: float = 0.3  # degradation of planted copies, as a share of the training range
     seed: int = 0
 
 
@@ -94,7 +96,12 @@ def build_benchmark(
 
     for _ in range(settings.duplicates):
         source = int(rng.choice(train_rows))
-        plant(degrade(pool[source], int(rng.integers(2**62))), source, DUPLICATE, "degraded_copy")
+        plant(
+            degrade(pool[source], int(rng.integers(2**62)), settings.copy_strength),
+            source,
+            DUPLICATE,
+            "degraded_copy",
+        )
     for n in range(settings.similar):
         source = int(rng.choice(train_rows))
         kind = ("neighbour_slice", "deformed", "blend")[n % 3]
@@ -112,7 +119,8 @@ def build_benchmark(
         if kind == "neighbour_slice":
             image = pool[neighbour]
         elif kind == "deformed":
-            image = degrade(_deform(pool[source], settings.deformation_pixels, rng), int(rng.integers(2**62)))
+            deformed = _deform(pool[source], settings.deformation_pixels, rng)
+            image = degrade(deformed, int(rng.integers(2**62)), settings.copy_strength)
         else:
             other = int(rng.choice([i for i in train_rows if i != source] or [source]))
             alpha = rng.uniform(0.5, 0.7)

@@ -412,6 +412,12 @@ def _add_benchmark_parser(commands) -> None:
         help="share of a training subject's slices kept",
     )
     build.add_argument("--max-training-images", type=int, default=defaults.max_training_images)
+    build.add_argument(
+        "--copy-strength",
+        type=float,
+        default=defaults.copy_strength,
+        help="degradation of planted copies (0-1)",
+    )
     build.add_argument("--seed", type=int, default=defaults.seed)
     build.add_argument("--no-progress", action="store_true")
     _add_loading_options(build)
@@ -428,6 +434,7 @@ def _run_benchmark_build(args: argparse.Namespace) -> None:
         train_share=args.train_share,
         slice_share=args.slice_share,
         max_training_images=args.max_training_images,
+        copy_strength=args.copy_strength,
         seed=args.seed,
     )
     summary = build_benchmark(args.images, args.out, settings, _loading_options(args), not args.no_progress)

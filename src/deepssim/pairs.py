@@ -104,15 +104,17 @@ def pair_ssim(pool: np.ndarray, pairs: PairTable, chunk: int = 512) -> np.ndarra
     return scores
 
 
-def degrade(image: np.ndarray, seed: int) -> np.ndarray:
-    """A generative-style near-copy: random strength of blur, noise and intensity change.
+def degrade(image: np.ndarray, seed: int, max_strength: float = 1.0) -> np.ndarray:
+    """A generative-style near-copy: random strength (up to ``max_strength``) of blur, noise and
+    intensity change. Training pairs use the full range to cover every SSIM level; planted
+    benchmark Duplicates use a mild one.
 
     Works on a z-scored image; returns it z-scored. Deterministic in ``seed``.
     """
     from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(seed)
-    strength = rng.uniform(0.0, 1.0)
+    strength = rng.uniform(0.0, 1.0) * max_strength
     out = gaussian_filter(image, sigma=rng.uniform(0.0, 1.5 * strength) + 1e-6)
     unit = (out - out.min()) / max(out.max() - out.min(), 1e-12)
     unit = unit ** np.exp(rng.uniform(-0.3, 0.3) * strength)
