@@ -20,9 +20,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
     os.close(handle)
     temporary = Path(temporary)
-    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp (and some writers) make 0600
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
