@@ -2,6 +2,12 @@
 levels, generate, scan with DeepSSIM (default model) and with SSIM, and print the share of
 generated images in each class per level.
 
+Every level gets the same number of optimisation steps (epochs are set from the duplicated
+set's size), so the levels differ in how often each image is seen, not in training length;
+on 2 CPU cores the paper's fixed epoch count would leave the un-duplicated model untrained.
+DeepSSIM scans at 128x128 (the default model's training size; images are upsampled), SSIM at
+the native 64x64.
+
 Training images: 64 axial slices (every 4th kept slice of axis 2) of the bundled volumes,
 written by data/build_training_slices.py, at 64x64.
 
@@ -19,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from deepssim import LoadOptions, load_images, scan
-from deepssim.ldm import generate, train_diffusion, train_vae
+from deepssim.ldm import CONFIGS, generate, repetition_counts, train_diffusion, train_vae
 
 LEVELS = ("none", "low", "high")
 
@@ -48,12 +54,13 @@ def main() -> None:
     parser.add_argument("--workdir", default="build/ldm")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--per-image", type=int, default=10)
-    parser.add_argument("--vae-epochs", type=int, default=30)
-    parser.add_argument("--diffusion-epochs", type=int, default=100)
+    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--diffusion-steps", type=int, default=1000)
     args = parser.parse_args()
     work = Path(args.workdir)
     train = training_folder(Path(args.source), work / "train", args.images)
-    print(f"{len(load_images(train)[0])} training images of 64x64 in {train}")
+    count = len(load_images(train)[0])
+    print(f"{count} training images of 64x64 in {train}")
     rows = []
     for level in LEVELS:
         run = work / f"run_{level}"
@@ -66,8 +73,9 @@ def main() -> None:
         train_seconds = time.perf_counter() - started
         generated = work / f"generated_{level}"
         generate(run, generated, per_image=args.per_image)
-        for metric in ("deepssim", "ssim"):
-            result = scan(train, generated, metric=metric, cache=False, options=LoadOptions(size=(64, 64)))
+        for metric, size in (("deepssim", (128, 128)), ("ssim", (64, 64))):
+            options = LoadOptions(size=size, fit="resize")
+            result = scan(train, generated, metric=metric, cache=False, options=options)
             result.save(work / f"scan_{level}_{metric}", gallery_size=12)
             classes = result.summary["generated_by_class"]
             memorised = result.summary["training_images_with_a_duplicate"]

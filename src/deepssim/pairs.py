@@ -14,7 +14,9 @@ number per SSIM bin, so near-copies (> 0.85) are as common as unrelated pairs:
 - ``random``: two unrelated images (a training and a generated image when both are given);
 - ``lookalike``: an image and one of its most SSIM-similar images from another source file
   (another subject or volume): the different-patient pairs that look most alike, which
-  random pairs almost never give.
+  random pairs almost never give;
+- ``texture``: an image and a smooth random texture, half the time inside the image's own
+  foreground: what a failed or undertrained generator makes, which must not look like anyone.
 
 Images are split into training and validation by source file before sampling, so no image or
 volume appears on both sides.
@@ -35,8 +37,15 @@ from deepssim.files import atomic_path
 from deepssim.normalise import zscore
 from deepssim.ssim import ssim_pairs
 
-KINDS = ("copy", "neighbour", "blend", "random", "lookalike", "listed")
-KIND_SHARES = {"copy": 0.3, "neighbour": 0.2, "blend": 0.15, "random": 0.15, "lookalike": 0.2}
+KINDS = ("copy", "neighbour", "blend", "random", "lookalike", "texture", "listed")
+KIND_SHARES = {
+    "copy": 0.28,
+    "neighbour": 0.18,
+    "blend": 0.14,
+    "random": 0.14,
+    "lookalike": 0.18,
+    "texture": 0.08,
+}
 LOOKALIKES_PER_IMAGE = 8
 MAX_LOOKALIKE_POOL = 1500  # images whose all-pairs SSIM is computed to find lookalikes
 SSIM_BINS = np.linspace(0.0, 1.0, 11)  # ten bins; SSIM below 0 counts in the first
@@ -53,6 +62,7 @@ class PairTable:
     partner: np.ndarray
     alpha: np.ndarray
     degrade_seed: np.ndarray
+    texture_seed: np.ndarray
     ssim: np.ndarray
     kind: np.ndarray
     split: np.ndarray
@@ -92,7 +102,26 @@ def second_images(pool: np.ndarray, pairs: PairTable) -> np.ndarray:
         out[blended] = alpha * out[blended] + (1 - alpha) * pool[pairs.partner[blended]]
     for row in np.flatnonzero(pairs.degrade_seed >= 0):
         out[row] = degrade(out[row], int(pairs.degrade_seed[row]))
+    for row in np.flatnonzero(pairs.texture_seed >= 0):
+        out[row] = texture(out[row], int(pairs.texture_seed[row]))
     return out
+
+
+def texture(image: np.ndarray, seed: int) -> np.ndarray:
+    """A smooth random texture of the image's shape (blobs of a random size), half the time
+    confined to the image's foreground; z-scored. Deterministic in ``seed``."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    field = gaussian_filter(rng.normal(size=image.shape), sigma=rng.uniform(1.0, 6.0))
+    if rng.random() < 0.5:
+        field = np.maximum(field, np.quantile(field, rng.uniform(0.3, 0.7)))
+    if rng.random() < 0.5:
+        foreground = image > np.quantile(image, 0.3)
+        field = np.where(foreground, field, field.min())
+    if np.ptp(field) == 0:
+        field = rng.normal(size=image.shape)
+    return zscore(field)
 
 
 def pair_ssim(pool: np.ndarray, pairs: PairTable, chunk: int = 512) -> np.ndarray:
@@ -177,6 +206,7 @@ def _candidates(rng, pool, members, others, groups, slice_index, count, split) -
     partner = np.full(count, -1)
     alpha = np.ones(count)
     degrade_seed = np.full(count, -1, dtype=np.int64)
+    texture_seed = np.full(count, -1, dtype=np.int64)
     unrelated = np.concatenate([members, others]) if len(others) else members
     by_slice = {(groups[m], int(slice_index[m])): m for m in members if slice_index[m] >= 0}
     lookalikes = _lookalikes(rng, pool, members, groups)
@@ -197,6 +227,8 @@ def _candidates(rng, pool, members, others, groups, slice_index, count, split) -
                 degrade_seed[row] = rng.integers(2**62)
         elif kind == "lookalike" and first[row] in lookalikes:
             second[row] = rng.choice(lookalikes[first[row]])
+        elif kind == "texture":
+            texture_seed[row] = rng.integers(2**62)
         else:
             kinds[row] = "random"
             second[row] = rng.choice(others) if len(others) and rng.random() < 0.5 else rng.choice(unrelated)
@@ -206,6 +238,7 @@ def _candidates(rng, pool, members, others, groups, slice_index, count, split) -
         partner=partner,
         alpha=alpha,
         degrade_seed=degrade_seed,
+        texture_seed=texture_seed,
         ssim=np.zeros(count),
         kind=kinds.astype(str),
         split=np.full(count, split),
@@ -310,6 +343,7 @@ def pairs_from_csv(
         partner=np.full(count, -1),
         alpha=np.ones(count),
         degrade_seed=np.full(count, -1, dtype=np.int64),
+        texture_seed=np.full(count, -1, dtype=np.int64),
         ssim=np.zeros(count),
         kind=np.full(count, "listed"),
         split=np.full(count, "train"),
