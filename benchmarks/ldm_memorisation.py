@@ -65,9 +65,11 @@ def main() -> None:
     for level in LEVELS:
         run = work / f"run_{level}"
         started = time.perf_counter()
-        train_vae(
-            train, run, "small", level, vae_epochs=args.vae_epochs, diffusion_epochs=args.diffusion_epochs
-        )
+        seen = sum(repetition_counts(count, level, 0))  # images per epoch after duplication
+        config = CONFIGS["small"]
+        vae_epochs = max(1, round(args.vae_steps / -(-seen // config.vae_batch_size)))
+        diffusion_epochs = max(1, round(args.diffusion_steps / -(-seen // config.diffusion_batch_size)))
+        train_vae(train, run, "small", level, vae_epochs=vae_epochs, diffusion_epochs=diffusion_epochs)
         vae_seconds = time.perf_counter() - started
         train_diffusion(train, run)
         train_seconds = time.perf_counter() - started
