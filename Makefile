@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ssim_matrix.py
+	$(BIN)/python benchmarks/embed_throughput.py
 
 clean:
 	rm -rf $(VENV) build demo-output src/*.egg-info src/deepssim/*.so
