@@ -37,7 +37,6 @@ from deepssim.files import atomic_path
 from deepssim.normalise import zscore
 from deepssim.ssim import ssim_pairs
 
-KINDS = ("copy", "neighbour", "blend", "random", "lookalike", "texture", "listed")
 KIND_SHARES = {
     "copy": 0.28,
     "neighbour": 0.18,
