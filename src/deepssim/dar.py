@@ -23,6 +23,7 @@ from deepssim.errors import DeepSSIMError
 from deepssim.files import atomic_path, write_text_atomic
 from deepssim.load import ImageSet, LoadOptions
 from deepssim.normalise import zscore
+from deepssim.seeds import derived_seed
 
 DAR_FORMAT = "deepssim-dar-checkpoint"
 ROTATION_DEGREES = 10.0
@@ -123,7 +124,7 @@ def train_dar(
             iterator = tqdm(batches, desc=f"Dar epoch {epoch + 1}/{settings.epochs}", unit="batch")
         for step, rows in enumerate(iterator):
             batch = pool[rows].to(settings.device)
-            seed = int(np.random.SeedSequence([settings.seed, epoch, step]).generate_state(1)[0])
+            seed = derived_seed(settings.seed, epoch, step)
             first, second = _views(batch, seed), _views(batch, seed + 1)
             with torch.autocast(
                 batch.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"

@@ -25,7 +25,7 @@ import torch
 from deepssim.baselines import SimilarityMetric, load_metric
 from deepssim.decide import CLASS_NAMES, DIFFERENT, DUPLICATE, SIMILAR, Thresholds, calibrate, classify
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path, write_text_atomic
+from deepssim.files import atomic_path, write_rows_atomic, write_text_atomic
 from deepssim.load import ImageSet, LoadOptions
 from deepssim.pairs import read_pair_csv
 
@@ -278,11 +278,7 @@ def _calibrated(scores, labels) -> tuple[float, float]:
 
 
 def _write_outputs(out_dir: Path, rows: list[dict], scores: dict, pairs: LabelledPairs) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["metric"])
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(out_dir / "metrics.csv", buffer.getvalue())
+    write_rows_atomic(out_dir / "metrics.csv", rows, None if rows else ["metric"])
     write_text_atomic(out_dir / "metrics.md", metrics_markdown(rows))
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -19,7 +19,6 @@ which cannot be downloaded here.
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +28,9 @@ import torch
 from torch.nn import functional as F
 
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path, write_text_atomic
+from deepssim.files import atomic_path, write_rows_atomic, write_text_atomic
 from deepssim.load import ImageSet, LoadOptions
+from deepssim.seeds import derived_seed
 
 DUPLICATION_EXTRA = {"none": (0, 0), "low": (1, 4), "high": (1, 14)}
 
@@ -201,10 +201,6 @@ def _read_conditions(path, keys: list[str]) -> tuple[list[list[float]], list[str
     return values.tolist(), columns
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
@@ -245,14 +241,6 @@ def _load_state(path: Path) -> dict | None:
         raise DeepSSIMError(
             f"{path}: cannot read the resume state ({error}); delete it to start over"
         ) from None
-
-
-def _write_log(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
 
 
 def _progress(items, enabled: bool, description: str):
@@ -325,13 +313,13 @@ def train_vae(
     order_pool = np.repeat(np.arange(len(keys)), info.repeats)
     for epoch in range(start, config.vae_epochs):
         vae.train()
-        order = np.random.default_rng(_seed(seed, 1, epoch)).permutation(order_pool)
+        order = np.random.default_rng(derived_seed(seed, 1, epoch)).permutation(order_pool)
         losses = []
         batches = _batches(order, config.vae_batch_size)
         for step, rows in enumerate(
             _progress(batches, progress, f"VAE epoch {epoch + 1}/{config.vae_epochs}")
         ):
-            torch.manual_seed(_seed(seed, 1, epoch, step))
+            torch.manual_seed(derived_seed(seed, 1, epoch, step))
             batch = data[rows]
             reconstruction, mu, sigma = vae(batch)
             kl = 0.5 * torch.mean(
@@ -363,7 +351,7 @@ def train_vae(
         if discriminator is not None:
             state.update(discriminator=discriminator.state_dict(), adversary=adversary.state_dict())
         _save_state(run / "vae_state.pt", state)
-        _write_log(run / "log_vae.csv", log)
+        write_rows_atomic(run / "log_vae.csv", log)
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(data[i : i + 64])[0] for i in range(0, len(data), 64)])
@@ -423,13 +411,13 @@ def train_diffusion(
     order_pool = np.repeat(np.arange(len(keys)), info.repeats)
     for epoch in range(start, config.diffusion_epochs):
         unet.train()
-        order = np.random.default_rng(_seed(seed, 2, epoch)).permutation(order_pool)
+        order = np.random.default_rng(derived_seed(seed, 2, epoch)).permutation(order_pool)
         losses = []
         batches = _batches(order, config.diffusion_batch_size)
         for step, rows in enumerate(
             _progress(batches, progress, f"diffusion epoch {epoch + 1}/{config.diffusion_epochs}")
         ):
-            generator = torch.Generator().manual_seed(_seed(seed, 2, epoch, step))
+            generator = torch.Generator().manual_seed(derived_seed(seed, 2, epoch, step))
             batch = latents[rows]
             noise = torch.randn(batch.shape, generator=generator)
             timesteps = torch.randint(0, config.train_timesteps, (len(rows),), generator=generator)
@@ -446,7 +434,7 @@ def train_diffusion(
             run / "unet_state.pt",
             {"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "log": log},
         )
-        _write_log(run / "log_diffusion.csv", log)
+        write_rows_atomic(run / "log_diffusion.csv", log)
     return run
 
 
@@ -489,7 +477,7 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = _batches(np.arange(len(sources)), batch_size)
     for number, rows in enumerate(_progress(batches, progress, "generating")):
-        generator = torch.Generator().manual_seed(_seed(seed, 3, number))
+        generator = torch.Generator().manual_seed(derived_seed(seed, 3, number))
         z = torch.randn(
             (len(rows), config.latent_channels, latent_shape[0] + pad_rows, latent_shape[1] + pad_columns),
             generator=generator,
@@ -515,7 +503,7 @@ def generate(
                     "conditioned_on": source,
                 }
             )
-    _write_log(out_dir / "manifest.csv", manifest)
+    write_rows_atomic(out_dir / "manifest.csv", manifest)
     settings = {
         "run": str(run),
         "per_image": per_image,

@@ -15,8 +15,6 @@ step), so a run resumed after an interruption ends with the same weights as one 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -30,12 +28,13 @@ from torch.nn import functional as F
 
 from deepssim.augment import AUGMENTATION_SETS, augment_batch
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path, write_text_atomic
+from deepssim.files import atomic_path, write_rows_atomic
 from deepssim.load import ImageSet, LoadOptions
 from deepssim.model import DeepSSIM, make_config
 from deepssim.networks import EMBEDDING_DIM, build_network, load_imagenet_weights
 from deepssim.normalise import zscore
 from deepssim.pairs import PairTable, fingerprint, pairs_from_csv, sample_pairs, second_images
+from deepssim.seeds import derived_seed
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 WARMUP_SHARE = 0.05
@@ -272,10 +271,6 @@ def _warmup_cosine(total_steps: int):
     return factor
 
 
-def _step_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 def _views(pool, pairs: PairTable, augmentation: str, seed: int, channels: int, device) -> torch.Tensor:
     """Both images of each pair, independently augmented: (2B, channels, H, W)."""
     first = torch.from_numpy(pool[pairs.first]).unsqueeze(1).to(device)
@@ -297,7 +292,7 @@ def _cosine(network, views: torch.Tensor, precision: str) -> torch.Tensor:
 def _train_epoch(network, optimizer, scheduler, pool, pairs, settings, epoch, progress) -> float:
     network.train()
     device = torch.device(settings.device)
-    order = np.random.default_rng(_step_seed(settings.seed, epoch)).permutation(len(pairs))
+    order = np.random.default_rng(derived_seed(settings.seed, epoch)).permutation(len(pairs))
     batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     scaler = torch.amp.GradScaler(enabled=settings.precision == "float16")
     losses = []
@@ -307,7 +302,7 @@ def _train_epoch(network, optimizer, scheduler, pool, pairs, settings, epoch, pr
 
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{settings.epochs}", unit="batch")
     for step, rows in enumerate(batches):
-        seed = _step_seed(settings.seed, epoch, step)
+        seed = derived_seed(settings.seed, epoch, step)
         batch = pairs.select(rows)
         views = _views(pool, batch, settings.augmentation, seed, network.input_channels, device)
         target = torch.from_numpy(batch.ssim.astype(np.float32)).to(device)
@@ -337,7 +332,7 @@ def predict_pairs(network, pool, pairs: PairTable, augmentation: str, settings: 
     scores = []
     for start in range(0, len(pairs), settings.batch_size):
         batch = pairs.select(np.arange(start, min(start + settings.batch_size, len(pairs))))
-        seed = _step_seed(settings.seed, 2**31, start)
+        seed = derived_seed(settings.seed, 2**31, start)
         views = _views(pool, batch, augmentation, seed, network.input_channels, device)
         scores.append(_cosine(network, views, settings.precision).cpu().numpy())
     return np.concatenate(scores)
@@ -366,12 +361,8 @@ def _summary(settings, log, image_count, train_pairs, val_pairs) -> dict:
 
 
 def _write_log(path: Path, log: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
-    writer.writeheader()
-    for row in log:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    write_text_atomic(path, buffer.getvalue())
+    rows = [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} for row in log]
+    write_rows_atomic(path, rows, LOG_COLUMNS)
 
 
 def _save_state(path, epoch, best_score, log, network, optimizer, scheduler, settings_json) -> None:
