@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml setup.py src/deepssim/_ssim_kernel.c
+$(STAMP): pyproject.toml setup.py src/deepssim/ssim/_kernel.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -28,4 +28,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/embed_throughput.py
 
 clean:
-	rm -rf $(VENV) build demo-output src/*.egg-info src/deepssim/*.so
+	rm -rf $(VENV) build demo-output src/*.egg-info src/deepssim/*.so src/deepssim/*/*.so

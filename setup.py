@@ -11,8 +11,8 @@ if platform.machine() in ("x86_64", "AMD64"):
 setup(
     ext_modules=[
         Extension(
-            "deepssim._ssim_kernel",
-            ["src/deepssim/_ssim_kernel.c"],
+            "deepssim.ssim._kernel",
+            ["src/deepssim/ssim/_kernel.c"],
             extra_compile_args=flags,
             optional=True,  # without a C compiler the PyTorch backend is used instead
         )

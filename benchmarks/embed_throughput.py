@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from deepssim import DeepSSIM
-from deepssim.model import make_config
-from deepssim.networks import ARCHITECTURES, build_network
-from deepssim.normalise import parse_size
+from deepssim.embedding.model import make_config
+from deepssim.embedding.networks import ARCHITECTURES, build_network
+from deepssim.io.normalise import parse_size
 
 
 def throughput(model: DeepSSIM, images: np.ndarray, precision: str, repeats: int) -> float:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from deepssim import LoadOptions, load_images, scan
-from deepssim.ldm import CONFIGS, generate, repetition_counts, train_diffusion, train_vae
+from deepssim.experiments.ldm import CONFIGS, generate, repetition_counts, train_diffusion, train_vae
 
 LEVELS = ("none", "low", "high")
 

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from deepssim import ImageSet, load_images
-from deepssim.search import top_k_ssim
+from deepssim.scanning.search import top_k_ssim
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (136, 112)

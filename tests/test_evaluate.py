@@ -11,13 +11,16 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
 from deepssim import DeepSSIMError, load_images
-from deepssim.baselines import DarMetric, FSIMMetric, SemDeDupMetric, SSCDMetric, load_metric
-from deepssim.benchmark import BenchmarkSettings, build_benchmark
 from deepssim.cli import main
-from deepssim.dar import DarSettings, nt_xent, train_dar
-from deepssim.decide import Thresholds, classify
-from deepssim.evaluate import classification_numbers, evaluate, misaligned_views
-from deepssim.scan import scan
+from deepssim.evaluation.builder import BenchmarkSettings, build_benchmark
+from deepssim.evaluation.protocol import classification_numbers, evaluate, misaligned_views
+from deepssim.metrics import load_metric
+from deepssim.metrics.dar import DarMetric, DarSettings, nt_xent, train_dar
+from deepssim.metrics.pixel import FSIMMetric
+from deepssim.metrics.semdedup import SemDeDupMetric
+from deepssim.metrics.sscd import SSCDMetric
+from deepssim.scanning.decide import Thresholds, classify
+from deepssim.scanning.scan import scan
 from tests.conftest import EXAMPLE
 from tests.test_ssim import reference_matrix
 

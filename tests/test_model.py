@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from deepssim import DeepSSIM, DeepSSIMError
-from deepssim.augment import augment_batch
-from deepssim.model import make_config
-from deepssim.networks import (
+from deepssim.embedding.model import make_config
+from deepssim.embedding.networks import (
     ConvNeXtBaseEmbedder,
     build_network,
     imagenet_weights_path,
     load_imagenet_weights,
 )
+from deepssim.training.augment import augment_batch
 from tests.conftest import smooth_image
 
 
@@ -186,7 +186,7 @@ def test_bundled_default_model_loads_and_finds_the_planted_copies():
     assert model.config["architecture"] == "deepssim_fast" and weights["best_epoch"] >= 1
     from importlib import resources
 
-    size = (resources.files("deepssim") / "models" / "default.safetensors").stat().st_size
+    size = (resources.files("deepssim.embedding") / "weights" / "default.safetensors").stat().st_size
     assert size <= 25 * 2**20
     train_keys, train = load_images(EXAMPLE / "train")
     synthetic_keys, synthetic = load_images(EXAMPLE / "synthetic")

@@ -15,9 +15,9 @@ from sklearn.metrics import f1_score
 
 from deepssim import DeepSSIMError, load_images
 from deepssim.cli import main
-from deepssim.decide import Thresholds, calibrate, classify, wilson_interval
-from deepssim.scan import scan
-from deepssim.search import top_k_embeddings
+from deepssim.scanning.decide import Thresholds, calibrate, classify, wilson_interval
+from deepssim.scanning.scan import scan
+from deepssim.scanning.search import top_k_embeddings
 from tests.conftest import EXAMPLE, smooth_image
 from tests.test_model import fast_model
 from tests.test_ssim import reference_matrix
@@ -62,8 +62,8 @@ def test_classes_follow_the_paper_rule():
 def test_partial_thresholds_take_the_metric_defaults():
     result = scan(TRAIN, SYNTHETIC, metric="ssim", thresholds=(None, 0.9))
     assert (result.thresholds.low, result.thresholds.high, result.thresholds.source) == (0.6, 0.9, "set")
-    from deepssim.baselines import FSIMMetric
-    from deepssim.scan import resolve_thresholds
+    from deepssim.metrics.pixel import FSIMMetric
+    from deepssim.scanning.scan import resolve_thresholds
 
     with pytest.raises(DeepSSIMError, match="no published thresholds"):
         resolve_thresholds((0.5, None), FSIMMetric(), use_reference_threshold=False)

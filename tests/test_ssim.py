@@ -9,7 +9,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 import deepssim
-from deepssim.ssim import _ssim_kernel
+from deepssim.ssim.engine import _ssim_kernel
 from tests.conftest import SOURCES, smooth_image
 
 BACKENDS = ["torch"] + (["c"] if _ssim_kernel is not None else [])

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from deepssim import DeepSSIM, DeepSSIMError, load_images
 from deepssim.cli import main
-from deepssim.normalise import zscore
-from deepssim.pairs import SSIM_BINS, degrade, pairs_from_csv, sample_pairs, second_images
-from deepssim.train import TrainSettings, train
+from deepssim.io.normalise import zscore
+from deepssim.training.pairs import SSIM_BINS, degrade, pairs_from_csv, sample_pairs, second_images
+from deepssim.training.train import TrainSettings, train
 from tests.conftest import EXAMPLE, SOURCES
 from tests.test_ssim import reference_matrix
 
@@ -100,7 +100,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path, monkeypatch):
     settings = TrainSettings(**TINY, precision="float32")
     train(EXAMPLE / "train", tmp_path / "straight", settings)
 
-    import deepssim.train as training
+    import deepssim.training.train as training
 
     original = training._train_epoch
 

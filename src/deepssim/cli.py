@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
-from deepssim.load import LoadOptions
-from deepssim.normalise import FIT_MODES, parse_size
+from deepssim.io.load import LoadOptions
+from deepssim.io.normalise import FIT_MODES, parse_size
 
 # Above this many bytes the matrix is kept in a memory-mapped file instead of RAM.
 IN_MEMORY_MATRIX_BYTES = 2**30
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_ldm_parser(commands) -> None:
-    from deepssim.ldm import CONFIGS, DUPLICATION_EXTRA
+    from deepssim.experiments.ldm import CONFIGS, DUPLICATION_EXTRA
 
     ldm = commands.add_parser(
         "ldm", help="the case study: a memorisation-prone latent diffusion model (MONAI)"
@@ -139,7 +139,7 @@ def _add_ldm_parser(commands) -> None:
 
 
 def _run_ldm_vae(args: argparse.Namespace) -> None:
-    from deepssim.ldm import train_vae
+    from deepssim.experiments.ldm import train_vae
 
     run = train_vae(
         args.images,
@@ -156,7 +156,7 @@ def _run_ldm_vae(args: argparse.Namespace) -> None:
 
 
 def _run_ldm_diffusion(args: argparse.Namespace) -> None:
-    from deepssim.ldm import train_diffusion
+    from deepssim.experiments.ldm import train_diffusion
 
     run = train_diffusion(
         args.images,
@@ -169,7 +169,7 @@ def _run_ldm_diffusion(args: argparse.Namespace) -> None:
 
 
 def _run_ldm_generate(args: argparse.Namespace) -> None:
-    from deepssim.ldm import generate
+    from deepssim.experiments.ldm import generate
 
     settings = generate(
         args.run, args.out, args.per_image, args.seed, args.steps, progress=not args.no_progress
@@ -181,7 +181,7 @@ def _run_ldm_generate(args: argparse.Namespace) -> None:
 
 
 def _add_scan_parser(commands) -> None:
-    from deepssim.search import SEARCH_METHODS
+    from deepssim.scanning.search import SEARCH_METHODS
 
     scan = commands.add_parser(
         "scan",
@@ -229,7 +229,7 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
 
 def _thresholds(args: argparse.Namespace):
     """A thresholds file, or (low, high) where either may be None (the metric's is used)."""
-    from deepssim.decide import Thresholds
+    from deepssim.scanning.decide import Thresholds
 
     if args.thresholds:
         if args.low is not None or args.high is not None:
@@ -239,7 +239,7 @@ def _thresholds(args: argparse.Namespace):
 
 
 def _run_scan(args: argparse.Namespace) -> None:
-    from deepssim.scan import scan
+    from deepssim.scanning.scan import scan
 
     result = scan(
         args.train,
@@ -313,7 +313,7 @@ def _add_calibrate_parser(commands) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> None:
-    from deepssim.evaluate import calibrate_thresholds
+    from deepssim.evaluation.protocol import calibrate_thresholds
 
     thresholds, f1, count = calibrate_thresholds(
         args.pairs,
@@ -364,7 +364,7 @@ def _add_evaluate_parser(commands) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    from deepssim.evaluate import evaluate, metrics_markdown
+    from deepssim.evaluation.protocol import evaluate, metrics_markdown
 
     settings = ("aligned", "misaligned") if args.setting == "both" else (args.setting,)
     rows = evaluate(
@@ -388,7 +388,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 
 def _add_benchmark_parser(commands) -> None:
-    from deepssim.benchmark import BenchmarkSettings
+    from deepssim.evaluation.builder import BenchmarkSettings
 
     defaults = BenchmarkSettings()
     benchmark = commands.add_parser("benchmark", help="labelled benchmarks")
@@ -425,7 +425,7 @@ def _add_benchmark_parser(commands) -> None:
 
 
 def _run_benchmark_build(args: argparse.Namespace) -> None:
-    from deepssim.benchmark import BenchmarkSettings, build_benchmark
+    from deepssim.evaluation.builder import BenchmarkSettings, build_benchmark
 
     settings = BenchmarkSettings(
         duplicates=args.duplicates,
@@ -446,7 +446,7 @@ def _run_benchmark_build(args: argparse.Namespace) -> None:
 
 
 def _add_train_dar_parser(commands) -> None:
-    from deepssim.dar import DarSettings
+    from deepssim.metrics.dar import DarSettings
 
     defaults = DarSettings()
     dar = commands.add_parser(
@@ -468,7 +468,7 @@ def _add_train_dar_parser(commands) -> None:
 
 
 def _run_train_dar(args: argparse.Namespace) -> None:
-    from deepssim.dar import DarSettings, train_dar
+    from deepssim.metrics.dar import DarSettings, train_dar
 
     settings = DarSettings(
         epochs=args.epochs,
@@ -483,9 +483,9 @@ def _run_train_dar(args: argparse.Namespace) -> None:
 
 
 def _add_train_parser(commands) -> None:
-    from deepssim.augment import AUGMENTATION_SETS
-    from deepssim.networks import ARCHITECTURES
-    from deepssim.train import PRECISIONS, TrainSettings
+    from deepssim.embedding.networks import ARCHITECTURES
+    from deepssim.training.augment import AUGMENTATION_SETS
+    from deepssim.training.train import PRECISIONS, TrainSettings
 
     defaults = TrainSettings()
     train = commands.add_parser(
@@ -524,7 +524,7 @@ def _add_train_parser(commands) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from deepssim.train import TrainSettings, train
+    from deepssim.training.train import TrainSettings, train
 
     settings = TrainSettings(
         architecture=args.architecture,
@@ -587,8 +587,8 @@ def _add_embed_parser(commands) -> None:
 
 
 def _run_embed(args: argparse.Namespace) -> None:
-    from deepssim.load import ImageSet
-    from deepssim.model import DeepSSIM
+    from deepssim.embedding.model import DeepSSIM
+    from deepssim.io.load import ImageSet
 
     out = Path(args.out)
     if out.suffix != ".npz":
@@ -596,7 +596,7 @@ def _run_embed(args: argparse.Namespace) -> None:
     model = DeepSSIM.load(args.model, args.device)
     images = ImageSet.from_paths(args.images, _loading_options(args), not args.no_progress)
     embeddings = model.embed(images, args.batch_size, args.precision, progress=not args.no_progress)
-    from deepssim.files import atomic_path
+    from deepssim.io.files import atomic_path
 
     with atomic_path(out, suffix=".npz") as temporary, open(temporary, "wb") as handle:
         np.savez(
@@ -617,15 +617,15 @@ def _add_export_parser(commands) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from deepssim.model import DeepSSIM
+    from deepssim.embedding.model import DeepSSIM
 
     path = DeepSSIM.load(args.model, args.device).export_torchscript(args.out)
     print(f"TorchScript embedder -> {path}")
 
 
 def _run_ssim_matrix(args: argparse.Namespace) -> None:
-    from deepssim.load import ImageSet
-    from deepssim.pairwise import compute_ssim_matrix
+    from deepssim.io.load import ImageSet
+    from deepssim.ssim.matrix import compute_ssim_matrix
 
     out = Path(args.out)
     if out.suffix != ".npz":

@@ -28,8 +28,8 @@ import torch
 from torch.nn import functional as F
 
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path, write_rows_atomic, write_text_atomic
-from deepssim.load import ImageSet, LoadOptions
+from deepssim.io.files import atomic_path, write_rows_atomic, write_text_atomic
+from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.seeds import derived_seed
 
 DUPLICATION_EXTRA = {"none": (0, 0), "low": (1, 4), "high": (1, 14)}

@@ -115,7 +115,7 @@ static PyMethodDef methods[] = {
      "ssim_rows(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, i0, i1, nb, H, W, is64)"},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ssim_kernel",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel",
                                     "Fused CPU kernel for SSIM matrices.", -1, methods};
 
-PyMODINIT_FUNC PyInit__ssim_kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from deepssim.errors import DeepSSIMError
-from deepssim.normalise import zscore
+from deepssim.io.normalise import zscore
 
 try:
-    from deepssim import _ssim_kernel
+    from deepssim.ssim import _kernel as _ssim_kernel
 except ImportError:  # built without a C compiler: the PyTorch backend serves
     _ssim_kernel = None
 

@@ -18,9 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from deepssim.baselines import SimilarityMetric, load_metric
-from deepssim.cache import EmbeddingCache, default_cache_path, image_fingerprints
-from deepssim.decide import (
+from deepssim.embedding.model import DeepSSIM
+from deepssim.errors import DeepSSIMError
+from deepssim.io.cache import EmbeddingCache, default_cache_path, image_fingerprints
+from deepssim.io.files import write_text_atomic
+from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.metrics import SimilarityMetric, load_metric
+from deepssim.scanning.decide import (
     CLASS_NAMES,
     REFERENCE_PERCENTILE,
     Thresholds,
@@ -28,12 +32,7 @@ from deepssim.decide import (
     reference_threshold,
     share,
 )
-from deepssim.errors import DeepSSIMError
-from deepssim.files import write_text_atomic
-from deepssim.load import ImageSet, LoadOptions
-from deepssim.model import DeepSSIM
-from deepssim.search import top_k_embeddings, top_k_ssim
-from deepssim.ssim import ssim_pairs
+from deepssim.ssim.engine import ssim_pairs
 
 
 @dataclass
@@ -133,7 +132,7 @@ class ScanResult:
         write_text_atomic(self.files["pairs"], self.pairs_csv())
         write_text_atomic(self.files["summary"], json.dumps(self.summary, indent=2) + "\n")
         if report:
-            from deepssim.report import write_report
+            from deepssim.scanning.report import write_report
 
             self.files["report"] = out_dir / "report.html"
             write_report(self, self.files["report"], gallery_size)
@@ -162,7 +161,7 @@ def scan(
 
     train, synthetic, reference: folders, files or :class:`ImageSet`s.
     metric: "deepssim" (with ``model``), "ssim" (exact; one shared image size), an embedding
-    baseline spec such as "sscd=FILE" (see :mod:`deepssim.baselines`), or a metric object.
+    baseline spec such as "sscd=FILE" (see :mod:`deepssim.metrics`), or a metric object.
     thresholds: default the metric's (paper: 0.6 / 0.85 for DeepSSIM and SSIM); a (low, high)
     tuple may leave either as None to take the metric's.
     reference: held-out real images of other patients. use_reference_threshold: replace the
@@ -178,34 +177,26 @@ def scan(
     started = time.perf_counter()
     if not isinstance(metric, SimilarityMetric):
         metric = load_metric(metric, device, default_model=model)
-    if not metric.is_embedding and metric.name != "ssim":
-        raise DeepSSIMError(
-            f"{metric.name} scores matched pairs only (use it in calibrate or evaluate); scan with "
-            "deepssim, ssim or an embedding baseline"
-        )
     thresholds = resolve_thresholds(thresholds, metric, use_reference_threshold)
     train_set = ImageSet.coerce(train, options, progress, "indexing training images")
     synthetic_set = ImageSet.coerce(synthetic, options, progress, "indexing generated images")
     reference_set = (
         ImageSet.coerce(reference, options, progress, "indexing reference images") if reference else None
     )
-    reference_scores = None
-    if metric.is_embedding:
-        store = _open_cache(cache, metric, precision)
-        embed = _embedder(metric, store, batch_size, precision, progress)
-        train_vectors = embed(train_set, "training")
-        synthetic_vectors = embed(synthetic_set, "generated")
-        scores, neighbours = top_k_embeddings(synthetic_vectors, train_vectors, k, search)
-        best_per_train = top_k_embeddings(train_vectors, synthetic_vectors, 1, search)[0][:, 0]
-        if reference_set is not None:
-            reference_vectors = embed(reference_set, "reference")
-            reference_scores = top_k_embeddings(train_vectors, reference_vectors, 1, search)[0][:, 0]
+    store = _open_cache(cache, metric, precision) if metric.is_embedding else None
+    embed = _embedder(metric, store, batch_size, precision, progress) if metric.is_embedding else None
+    try:
+        scores, neighbours, best_per_train = metric.top_k(
+            train_set, synthetic_set, k, search=search, embed=embed, progress=progress
+        )
+        reference_scores = None
+        if reference_set is not None:  # each training image's best score against other patients
+            reference_scores = metric.top_k(
+                train_set, reference_set, 1, search=search, embed=embed, progress=progress
+            )[2]
+    finally:
         if store is not None:
             store.close()
-    else:
-        scores, neighbours, best_per_train = top_k_ssim(train_set, synthetic_set, k, progress=progress)
-        if reference_set is not None:
-            reference_scores = top_k_ssim(train_set, reference_set, 1, progress=progress)[2]
     model_name = getattr(metric, "source", metric.description)
     if use_reference_threshold:
         high = reference_threshold(reference_scores)
@@ -309,19 +300,11 @@ def verify_pairs(train_set: ImageSet, synthetic_set: ImageSet, neighbours: np.nd
         generated = synthetic_set.read(start, start + block)
         rows = neighbours[start : start + len(generated)]
         needed = np.unique(rows)
-        train_images = dict(zip(needed.tolist(), read_images(train_set, needed), strict=True))
+        train_images = dict(zip(needed.tolist(), train_set.take(needed), strict=True))
         real = np.stack([train_images[i] for i in rows.ravel()])
         fake = np.repeat(generated, rows.shape[1], axis=0)
         out[start : start + len(generated)] = ssim_pairs(real, fake).reshape(rows.shape)
     return out
-
-
-def read_images(image_set: ImageSet, indices) -> np.ndarray:
-    """The images at ``indices`` (any order), read lazily from their files."""
-    subset = ImageSet(
-        refs=[image_set.refs[i] for i in indices], shape=image_set.shape, options=image_set.options
-    )
-    return subset.read()
 
 
 def _open_cache(cache, metric: SimilarityMetric, precision: str) -> EmbeddingCache | None:
@@ -334,8 +317,11 @@ def _open_cache(cache, metric: SimilarityMetric, precision: str) -> EmbeddingCac
 def _embedder(metric: SimilarityMetric, store: EmbeddingCache | None, batch_size, precision, progress):
     """A function embedding an ImageSet, taking what the cache has and storing the rest."""
     chunk = batch_size * 8
+    done: dict[int, np.ndarray] = {}  # the training set is embedded once, also for --reference
 
     def embed(images: ImageSet, role: str) -> np.ndarray:
+        if id(images) in done:
+            return done[id(images)]
         fingerprints = image_fingerprints(images) if store is not None else None
         found = store.get(fingerprints) if store is not None else {}
         missing = [i for i in range(len(images)) if fingerprints is None or fingerprints[i] not in found]
@@ -352,7 +338,7 @@ def _embedder(metric: SimilarityMetric, store: EmbeddingCache | None, batch_size
             bar = tqdm(total=len(missing), desc=f"embedding {role} images", unit="img")
         for start in range(0, len(missing), chunk):
             rows = missing[start : start + chunk]
-            vectors = metric.embed(read_images(images, rows), batch_size, precision)
+            vectors = metric.embed(images.take(rows), batch_size, precision)
             if out is None:
                 out = np.empty((len(images), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors
@@ -362,6 +348,7 @@ def _embedder(metric: SimilarityMetric, store: EmbeddingCache | None, batch_size
                 bar.update(len(rows))
         if bar is not None:
             bar.close()
+        done[id(images)] = out
         return out
 
     return embed

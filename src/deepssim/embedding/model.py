@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepssim.embedding.networks import build_network
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path, write_text_atomic
-from deepssim.networks import build_network
+from deepssim.io.files import atomic_path, write_text_atomic
 
 CHECKPOINT_FORMAT = "deepssim-checkpoint"
 FORMAT_VERSION = 1
@@ -95,7 +95,8 @@ class DeepSSIM:
         TorchScript embedder file."""
         _check_device(device)
         if str(source) == "default":
-            with resources.as_file(resources.files("deepssim") / "models" / "default.safetensors") as path:
+            weights = resources.files("deepssim.embedding") / "weights" / "default.safetensors"
+            with resources.as_file(weights) as path:
                 if not path.is_file():
                     raise DeepSSIMError(
                         "the default model is missing from this installation; reinstall deepssim"

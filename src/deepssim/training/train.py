@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from deepssim.augment import AUGMENTATION_SETS, augment_batch
+from deepssim.embedding.model import DeepSSIM, make_config
+from deepssim.embedding.networks import EMBEDDING_DIM, build_network, load_imagenet_weights
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path, write_rows_atomic
-from deepssim.load import ImageSet, LoadOptions
-from deepssim.model import DeepSSIM, make_config
-from deepssim.networks import EMBEDDING_DIM, build_network, load_imagenet_weights
-from deepssim.normalise import zscore
-from deepssim.pairs import PairTable, fingerprint, pairs_from_csv, sample_pairs, second_images
+from deepssim.io.files import atomic_path, write_rows_atomic
+from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.io.normalise import zscore
 from deepssim.seeds import derived_seed
+from deepssim.training.augment import AUGMENTATION_SETS, augment_batch
+from deepssim.training.pairs import PairTable, fingerprint, pairs_from_csv, sample_pairs, second_images
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 WARMUP_SHARE = 0.05

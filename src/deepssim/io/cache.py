@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
-from deepssim.load import ImageSet
+from deepssim.io.load import ImageSet
 
 
 def default_cache_path() -> Path:

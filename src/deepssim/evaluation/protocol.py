@@ -22,12 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepssim.baselines import SimilarityMetric, load_metric
-from deepssim.decide import CLASS_NAMES, DIFFERENT, DUPLICATE, SIMILAR, Thresholds, calibrate, classify
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path, write_rows_atomic, write_text_atomic
-from deepssim.load import ImageSet, LoadOptions
-from deepssim.pairs import read_pair_csv
+from deepssim.io.files import atomic_path, write_rows_atomic, write_text_atomic
+from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.metrics import SimilarityMetric, load_metric
+from deepssim.scanning.decide import (
+    CLASS_NAMES,
+    DIFFERENT,
+    DUPLICATE,
+    SIMILAR,
+    Thresholds,
+    calibrate,
+    classify,
+)
+from deepssim.training.pairs import read_pair_csv
 
 SETTINGS = ("aligned", "misaligned")
 CLASS_ORDER = (DIFFERENT, DUPLICATE, SIMILAR)
@@ -48,7 +56,6 @@ class LabelledPairs:
 def read_labelled_pairs(
     pairs_csv, real, synthetic, options: LoadOptions | None = None, progress=False, need_labels: bool = True
 ) -> LabelledPairs:
-    from deepssim.scan import read_images
 
     rows = read_pair_csv(pairs_csv)
     if need_labels and "label" not in rows[0]:
@@ -81,14 +88,12 @@ def read_labelled_pairs(
                 )
             labels.append(int(row["label"]))
     splits = np.array([row.get("split") or "" for row in rows])
-    return LabelledPairs(
-        read_images(real_set, first), read_images(synthetic_set, second), np.array(labels), splits, rows
-    )
+    return LabelledPairs(real_set.take(first), synthetic_set.take(second), np.array(labels), splits, rows)
 
 
 def misaligned_views(images: np.ndarray, seed: int) -> np.ndarray:
     """The protocol's independently augmented view of every image, seeded."""
-    from deepssim.augment import augment_batch
+    from deepssim.training.augment import augment_batch
 
     batch = torch.from_numpy(np.asarray(images, dtype=np.float32)).unsqueeze(1)
     return augment_batch(batch, "misaligned", seed)[:, 0].double().numpy()

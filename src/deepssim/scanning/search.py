@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from deepssim.errors import DeepSSIMError
-from deepssim.ssim import ssim_blocks
+from deepssim.ssim.engine import ssim_blocks
 
 SEARCH_METHODS = ("exact", "faiss", "faiss-hnsw")
 DEFAULT_BLOCK_BYTES = 256 * 2**20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from deepssim.errors import DeepSSIMError
 
@@ -90,3 +91,10 @@ def parse_size(text: str) -> tuple[int, int]:
     if height < 7 or width < 7:
         raise DeepSSIMError(f"--size {text}: SSIM needs images of at least 7x7 pixels")
     return height, width
+
+
+def zscore_batch(images: torch.Tensor) -> torch.Tensor:
+    """Z-score (torch) every image of a (B, C, H, W) batch on its own (population std)."""
+    mean = images.mean(dim=(-2, -1), keepdim=True)
+    std = images.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (images - mean) / std.clamp(min=1e-12)

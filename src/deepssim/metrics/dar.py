@@ -1,7 +1,7 @@
 """The Dar et al. (arXiv 2402.01054) baseline: a ResNet-50 with a one-channel stem and a 128-d
 output, trained self-supervised with NT-Xent (temperature 0.07) between an image and an
 augmented view of it (small rotation, flips). Its similarity is the Pearson correlation of two
-embeddings (``deepssim.baselines.DarMetric``).
+embeddings (``DarMetric`` below).
 
 Checkpoints follow ours: ``NAME.safetensors`` + ``NAME.json``.
 """
@@ -20,13 +20,36 @@ from torch import nn
 from torch.nn import functional as F
 
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path, write_text_atomic
-from deepssim.load import ImageSet, LoadOptions
-from deepssim.normalise import zscore
+from deepssim.io.files import atomic_path, write_text_atomic
+from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.io.normalise import zscore, zscore_batch
+from deepssim.metrics.base import TorchEmbeddingMetric, register, require_argument
 from deepssim.seeds import derived_seed
 
 DAR_FORMAT = "deepssim-dar-checkpoint"
 ROTATION_DEGREES = 10.0
+
+
+@register("dar")
+class DarMetric(TorchEmbeddingMetric):
+    """Dar et al. (2024): a ResNet-50 with a one-channel stem and a 128-d output, trained by
+    ``deepssim train-dar``; the similarity is the Pearson correlation of two embeddings."""
+
+    thresholds = (0.8030425, 0.8030425)
+    description = "Dar et al.: ResNet-50 NT-Xent embedding, Pearson correlation"
+    centre = True
+
+    @classmethod
+    def from_argument(cls, argument, device="cpu", default_model=None):
+        require_argument("dar", argument, "dar=runs/dar/dar.safetensors")
+        return cls.from_file(argument, device)
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str = "cpu") -> DarMetric:
+        return cls(load_dar(path), str(path), device)
+
+    def prepare(self, batch):
+        return zscore_batch(batch)
 
 
 class DarNetwork(nn.Module):
@@ -68,8 +91,6 @@ class DarSettings:
 
 def _views(images: torch.Tensor, seed: int) -> torch.Tensor:
     import kornia.augmentation as K
-
-    from deepssim.augment import zscore_batch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

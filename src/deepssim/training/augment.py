@@ -29,6 +29,7 @@ import math
 import torch
 
 from deepssim.errors import DeepSSIMError
+from deepssim.io.normalise import zscore_batch
 
 AUGMENTATION_SETS = ("v1", "v2", "robust", "misaligned", "none")
 BIAS_FIELD_DEGREE = 3
@@ -109,13 +110,6 @@ def _unit_range(images: torch.Tensor) -> torch.Tensor:
     low = images.amin(dim=(-2, -1), keepdim=True)
     high = images.amax(dim=(-2, -1), keepdim=True)
     return (images - low) / (high - low).clamp(min=1e-12)
-
-
-def zscore_batch(images: torch.Tensor) -> torch.Tensor:
-    """Z-score every image of a (B, C, H, W) batch on its own (population std)."""
-    mean = images.mean(dim=(-2, -1), keepdim=True)
-    std = images.std(dim=(-2, -1), keepdim=True, unbiased=False)
-    return (images - mean) / std.clamp(min=1e-12)
 
 
 def augment_batch(images: torch.Tensor, name: str, seed: int | None = None) -> torch.Tensor:

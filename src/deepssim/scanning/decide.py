@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
-from deepssim.files import write_text_atomic
+from deepssim.io.files import write_text_atomic
 
 DIFFERENT, DUPLICATE, SIMILAR = 0, 1, 2
 CLASS_NAMES = {DIFFERENT: "Different", DUPLICATE: "Duplicate", SIMILAR: "Similar"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
-from deepssim.normalise import LUMA_WEIGHTS, check_finite_and_varying, fit_to_size, to_gray
+from deepssim.io.normalise import LUMA_WEIGHTS, check_finite_and_varying, fit_to_size, to_gray
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -145,6 +145,10 @@ class ImageSet:
             image = data if ref.index is None else data[ref.index]
             out[row] = self._fit(image)
         return out
+
+    def take(self, indices) -> np.ndarray:
+        """The images at ``indices`` (any order, repeats allowed), read lazily from their files."""
+        return ImageSet(refs=[self.refs[i] for i in indices], shape=self.shape, options=self.options).read()
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start, images) blocks of at most ``batch_size`` images, in order."""

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path, write_text_atomic
-from deepssim.load import ImageSet, LoadOptions
-from deepssim.ssim import ssim_matrix
+from deepssim.io.files import atomic_path, write_text_atomic
+from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.ssim.engine import ssim_matrix
 
 FORMAT_VERSION = 1
 

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from deepssim.decide import DIFFERENT, DUPLICATE, SIMILAR
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path, write_text_atomic
-from deepssim.load import ImageSet, LoadOptions
-from deepssim.normalise import zscore
-from deepssim.pairs import degrade
-from deepssim.ssim import ssim_matrix
+from deepssim.io.files import atomic_path, write_text_atomic
+from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.io.normalise import zscore
+from deepssim.scanning.decide import DIFFERENT, DUPLICATE, SIMILAR
+from deepssim.ssim.engine import ssim_matrix
+from deepssim.training.pairs import degrade
 
 NEIGHBOUR_OFFSETS = (2, 3, 4, 5, 6)
 

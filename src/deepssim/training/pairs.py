@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
-from deepssim.files import atomic_path
-from deepssim.normalise import zscore
-from deepssim.ssim import ssim_pairs
+from deepssim.io.files import atomic_path
+from deepssim.io.normalise import zscore
+from deepssim.ssim.engine import ssim_pairs
 
 KIND_SHARES = {
     "copy": 0.28,
@@ -246,7 +246,7 @@ def _candidates(rng, pool, members, others, groups, slice_index, count, split) -
 
 def _lookalikes(rng, pool, members, groups) -> dict[int, np.ndarray]:
     """For (up to MAX_LOOKALIKE_POOL) members: their most SSIM-similar images of other groups."""
-    from deepssim.ssim import ssim_matrix
+    from deepssim.ssim.engine import ssim_matrix
 
     pool_rows = (
         members

@@ -13,8 +13,8 @@ from html import escape
 
 import numpy as np
 
-from deepssim.decide import CLASS_NAMES, classify
-from deepssim.files import write_text_atomic
+from deepssim.io.files import write_text_atomic
+from deepssim.scanning.decide import CLASS_NAMES, classify
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -165,13 +165,12 @@ def _difference(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
 
 
 def _gallery(result, gallery_size: int) -> str:
-    from deepssim.scan import read_images
 
     order = np.argsort(-result.scores[:, 0], kind="stable")[:gallery_size]
     if len(order) == 0:
         return "<p>No generated images.</p>"
-    generated = read_images(result.synthetic, order)
-    training = read_images(result.train, result.neighbours[order, 0])
+    generated = result.synthetic.take(order)
+    training = result.train.take(result.neighbours[order, 0])
     classes = classify(result.scores[order, 0], result.thresholds)
     items = []
     for rank, (i, fake, real, label) in enumerate(zip(order, generated, training, classes, strict=True), 1):

@@ -1,0 +1,48 @@
+"""Pixel metrics: scores of matched, same-sized pairs computed from the pixels themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deepssim.errors import DeepSSIMError
+from deepssim.metrics.base import SimilarityMetric, register, unit_range
+from deepssim.ssim.engine import ssim_pairs
+
+
+@register("ssim")
+class SSIMMetric(SimilarityMetric):
+    thresholds = (0.6, 0.85)
+    description = "SSIM (scikit-image defaults, z-scored images, data range of the training image)"
+
+    def pair_scores(self, real, synthetic):
+        return ssim_pairs(real, synthetic)
+
+    def top_k(self, train, generated, k, *, search="exact", embed=None, progress=False):
+        from deepssim.scanning.search import top_k_ssim
+
+        return top_k_ssim(train, generated, k, progress=progress)
+
+
+@register("fsim")
+class FSIMMetric(SimilarityMetric):
+    """The published FSIM (Zhang et al. 2011): phase congruency (log-Gabor filters, 4 scales x 4
+    orientations) and gradient magnitude, as implemented by ``piq`` after the authors' MATLAB
+    code; grayscale (FSIM, not FSIMc). Each image is min-max scaled to [0, 1] first."""
+
+    thresholds = None  # the paper gives no FSIM thresholds: calibrate them
+    description = "FSIM, Zhang et al. 2011, with phase congruency (piq implementation)"
+
+    def pair_scores(self, real, synthetic, batch_size: int = 64):
+        import piq
+
+        real, synthetic = np.asarray(real, dtype=np.float64), np.asarray(synthetic, dtype=np.float64)
+        if real.shape != synthetic.shape:
+            raise DeepSSIMError(
+                f"FSIM needs pairs of one size; got {real.shape[1:]} and {synthetic.shape[1:]}"
+            )
+        scores = []
+        for start in range(0, len(real), batch_size):
+            a = unit_range(real[start : start + batch_size])
+            b = unit_range(synthetic[start : start + batch_size])
+            scores.append(piq.fsim(a, b, data_range=1.0, reduction="none", chromatic=False).numpy())
+        return np.concatenate(scores).astype(np.float64)
