@@ -19,9 +19,12 @@ demo: $(STAMP)
 	$(BIN)/deepssim scan --train data/example/train --synthetic data/example/synthetic \
 		--out demo-output --verify --cache demo-output/embeddings.sqlite
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ssim_matrix.py

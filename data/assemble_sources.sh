@@ -14,6 +14,8 @@ python3 -m pip download -q --no-deps -d nibabel nibabel==5.4.2
 apt-get download insighttoolkit5-examples
 mkdir -p x && tar xzf ants/antspyx-*.tar.gz -C x
 (cd x && unzip -q -o ../nilearn/*.whl 'nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz' \
+      'nilearn/datasets/data/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz' \
+      'nilearn/datasets/data/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz' \
       && unzip -q -o ../dipy/*.whl 'dipy/data/files/S0_10slices.nii.gz' \
       && unzip -q -o ../nibabel/*.whl 'nibabel/tests/data/anatomical.nii' \
       && dpkg -x ../insighttoolkit5-examples_*.deb itk)
@@ -22,6 +24,6 @@ mkdir -p "$out"
 cp x/antspyx-*/data/r{16,27,30,62,64,85}slice.jpg "$out/"
 itk=x/itk/usr/share/doc/insighttoolkit5-examples/examples/Data
 cp "$itk"/{KmeansTest_T1UCharRaw.nii.gz,BrainMidSagittalSlice.png,BrainT1Slice.png,BrainProtonDensitySlice.png} "$out/"
-cp x/nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz "$out/"
+cp x/nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz "$out/"
 cp x/dipy/data/files/S0_10slices.nii.gz x/nibabel/tests/data/anatomical.nii "$out/"
 echo "sources written to $out"

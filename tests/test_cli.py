@@ -129,3 +129,23 @@ def test_bad_output_name_and_foreign_matrix_file(tmp_path):
 
     with pytest.raises(DeepSSIMError, match="not an SSIM matrix file"):
         SimilarityMatrix.load(tmp_path / "foreign.npz")
+
+
+def test_output_folder_that_cannot_be_created_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should go")
+    done = run_cli(
+        "scan",
+        "--train",
+        str(EXAMPLE / "train"),
+        "--synthetic",
+        str(EXAMPLE / "synthetic"),
+        "--metric",
+        "ssim",
+        "--no-cache",
+        "--no-progress",
+        "--out",
+        str(blocker / "scan"),
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "cannot write" in done.stderr and "choose another --out" in done.stderr

@@ -90,7 +90,7 @@ def test_conditioning_and_clear_errors(tmp_path):
     with open(tmp_path / "generated" / "manifest.csv") as handle:
         assert [row["conditioned_on"] for row in csv.DictReader(handle)][:3] == [keys[0], keys[0], keys[1]]
     (run / "unet.safetensors").write_bytes(b"not weights")
-    with pytest.raises(DeepSSIMError, match="does not match"):
+    with pytest.raises(DeepSSIMError, match="corrupt"):
         generate(run, tmp_path / "again", per_image=1, steps=2)
     bad = tmp_path / "bad.csv"
     bad.write_text("key,age\nnobody,3\n")

@@ -109,7 +109,7 @@ def test_ssim_scan_matches_scikit_image(tmp_path):
 
 
 def test_deepssim_scan_outputs_and_summary(tmp_path, model):
-    result = scan(TRAIN, SYNTHETIC, model=model, k=4, cache=False, verify=True)
+    result = scan(TRAIN, SYNTHETIC, model=model, k=4, cache=False, verify=True, precision="float32")
     matrix = model.matrix(load_images(TRAIN)[1], load_images(SYNTHETIC)[1]).T
     np.testing.assert_allclose(result.scores, np.sort(matrix, axis=1)[:, ::-1][:, :4], atol=1e-5)
     files = result.save(tmp_path / "out")
@@ -128,7 +128,13 @@ def test_deepssim_scan_outputs_and_summary(tmp_path, model):
 
 def test_reference_threshold_is_the_95th_percentile(model):
     result = scan(
-        TRAIN, SYNTHETIC, model=model, cache=False, reference=SYNTHETIC, use_reference_threshold=True
+        TRAIN,
+        SYNTHETIC,
+        model=model,
+        cache=False,
+        reference=SYNTHETIC,
+        use_reference_threshold=True,
+        precision="float32",
     )
     # Dar et al.: each training image's best score against the held-out images, 95th percentile
     expected = np.percentile(model.matrix(load_images(TRAIN)[1], load_images(SYNTHETIC)[1]).max(axis=1), 95)

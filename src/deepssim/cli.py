@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
+from deepssim.hardware import PRECISIONS
 from deepssim.io.load import LoadOptions
 from deepssim.io.normalise import FIT_MODES, parse_size
 
@@ -213,7 +214,7 @@ def _add_scan_parser(commands) -> None:
     scan.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     scan.add_argument("--gallery", type=int, default=24, help="pairs shown in report.html (default 24)")
     scan.add_argument("--batch-size", type=int, default=64)
-    scan.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
+    scan.add_argument("--precision", choices=PRECISIONS, default="auto")
     scan.add_argument("--no-progress", action="store_true")
     _add_model_options(scan)
     _add_loading_options(scan)
@@ -485,7 +486,7 @@ def _run_train_dar(args: argparse.Namespace) -> None:
 def _add_train_parser(commands) -> None:
     from deepssim.embedding.networks import ARCHITECTURES
     from deepssim.training.augment import AUGMENTATION_SETS
-    from deepssim.training.train import PRECISIONS, TrainSettings
+    from deepssim.training.train import TrainSettings
 
     defaults = TrainSettings()
     train = commands.add_parser(
@@ -494,7 +495,14 @@ def _add_train_parser(commands) -> None:
         description="Train a DeepSSIM embedder: the cosine of two augmented views regresses their "
         "clean SSIM. Pairs come from --pairs, or are sampled self-supervised from the images.",
     )
-    train.add_argument("--images", required=True, nargs="+", help="training (real) images: folders or files")
+    train.add_argument("--images", nargs="+", help="training (real) images: folders or files")
+    train.add_argument(
+        "--synthetic-subjects",
+        type=int,
+        default=defaults.synthetic_subjects,
+        help="add N domain-randomised pseudo-subjects made from the MNI152 tissue maps",
+    )
+    train.add_argument("--slices-per-subject", type=int, default=defaults.slices_per_subject)
     train.add_argument("--generated", nargs="+", help="generated images (optional; needed with --pairs)")
     train.add_argument("--pairs", help="CSV with real_key, synth_key[, ssim][, split]")
     train.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, cached pairs")
@@ -539,6 +547,8 @@ def _run_train(args: argparse.Namespace) -> None:
         n_pairs=args.n_pairs,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        synthetic_subjects=args.synthetic_subjects,
+        slices_per_subject=args.slices_per_subject,
         pretrained=args.pretrained,
         pretrained_file=args.pretrained_file,
         device=args.device,
@@ -579,7 +589,7 @@ def _add_embed_parser(commands) -> None:
     embed.add_argument("--images", required=True, nargs="+", help="folders or files")
     embed.add_argument("--out", required=True, help="output .npz (embeddings, keys, model)")
     embed.add_argument("--batch-size", type=int, default=64)
-    embed.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
+    embed.add_argument("--precision", choices=PRECISIONS, default="auto")
     embed.add_argument("--no-progress", action="store_true")
     _add_model_options(embed)
     _add_loading_options(embed)
@@ -683,6 +693,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         sys.stderr.close()
         return 0
+    except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as error:
+        # an output folder that cannot be created or written: the user's to fix, no traceback
+        where = error.filename or "the output location"
+        print(
+            f"deepssim: error: cannot write {where} ({error.strerror}); choose another --out",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(
             "deepssim: interrupted; files being written were discarded (train and ldm resume from "

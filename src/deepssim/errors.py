@@ -5,5 +5,5 @@ its traceback.
 """
 
 
-class DeepSSIMError(Exception):
+class DeepSSIMError(ValueError):
     """A user-facing error: the message names the file or option and says what to do."""

@@ -21,12 +21,12 @@ import torch
 
 from deepssim.embedding.networks import build_network
 from deepssim.errors import DeepSSIMError
+from deepssim.hardware import resolve_precision
 from deepssim.io.files import atomic_path, write_text_atomic
 
 CHECKPOINT_FORMAT = "deepssim-checkpoint"
 FORMAT_VERSION = 1
 DEFAULT_THRESHOLDS = {"low": 0.6, "high": 0.85}
-PRECISIONS = ("float32", "bfloat16")
 
 
 def make_config(architecture: str, input_channels: int, embedding_dim: int, training=None) -> dict:
@@ -198,9 +198,11 @@ class DeepSSIM:
         precision: str = "float32",
         progress: bool = False,
     ) -> np.ndarray:
-        """L2-normalised embeddings, (N, D) float32, in the order of ``images``."""
-        if precision not in PRECISIONS:
-            raise DeepSSIMError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        """L2-normalised embeddings, (N, D) float32, in the order of ``images``.
+
+        precision: float32, bfloat16, or auto (bfloat16 where the hardware computes it natively).
+        """
+        precision = resolve_precision(precision, str(self.device))
         outputs = []
         bar = _progress_bar(_count(images), progress)
         for batch in _batches(images, batch_size):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.io.normalise import zscore
 from deepssim.scanning.decide import DIFFERENT, DUPLICATE, SIMILAR
 from deepssim.ssim.engine import ssim_matrix
-from deepssim.training.pairs import degrade
+from deepssim.training.pairs import deform, degrade
 
 NEIGHBOUR_OFFSETS = (2, 3, 4, 5, 6)
 
@@ -84,7 +85,10 @@ def build_benchmark(
     by_slice = {(groups[i], image_set.refs[i].index): i for i in range(len(groups))}
     train_set_rows = set(train_rows)
     out_dir = Path(out_dir)
-    train_keys = {i: _write_png(out_dir / "train", image_set.keys[i], pool[i]) for i in train_rows}
+    names = _file_names([image_set.keys[i] for i in train_rows])
+    train_keys = {
+        i: _write_png(out_dir / "train", name, pool[i]) for i, name in zip(train_rows, names, strict=True)
+    }
     planted: list[tuple[str, str, int, str]] = []  # (train key, generated key, label, kind)
     count = 0
 
@@ -119,7 +123,7 @@ def build_benchmark(
         if kind == "neighbour_slice":
             image = pool[neighbour]
         elif kind == "deformed":
-            deformed = _deform(pool[source], settings.deformation_pixels, rng)
+            deformed = deform(pool[source], int(rng.integers(2**62)), settings.deformation_pixels)
             image = degrade(deformed, int(rng.integers(2**62)), settings.copy_strength)
         else:
             other = int(rng.choice([i for i in train_rows if i != source] or [source]))
@@ -160,24 +164,23 @@ def build_benchmark(
     return summary
 
 
-def _deform(image: np.ndarray, pixels: float, rng: np.random.Generator) -> np.ndarray:
-    """A smooth random displacement field of at most about ``pixels`` pixels."""
-    from scipy.ndimage import gaussian_filter, map_coordinates
+def _file_names(keys: list[str]) -> list[str]:
+    """A flat file name per key ('/' and '#' become '_'); keys that would share one name get a
+    short hash of the key appended, so no file overwrites another."""
+    import hashlib
 
-    height, width = image.shape
-    fields = []
-    for _ in range(2):
-        field = gaussian_filter(rng.normal(size=image.shape), sigma=max(height, width) / 8)
-        fields.append(field / max(np.abs(field).max(), 1e-12) * pixels)
-    rows, columns = np.mgrid[:height, :width].astype(np.float64)
-    return map_coordinates(image, [rows + fields[0], columns + fields[1]], order=1, mode="nearest")
+    flat = [key.replace("/", "_").replace("#", "_") for key in keys]
+    counts = Counter(flat)
+    return [
+        f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}" if counts[name] > 1 else name
+        for name, key in zip(flat, keys, strict=True)
+    ]
 
 
-def _write_png(folder: Path, key: str, image: np.ndarray) -> str:
-    """Save as a 16-bit PNG (min-max scaled) under a file name made from the key; return its key."""
+def _write_png(folder: Path, name: str, image: np.ndarray) -> str:
+    """Save as a 16-bit PNG (min-max scaled) as ``folder/name.png``; return the name (its key)."""
     from PIL import Image
 
-    name = key.replace("/", "_").replace("#", "_")
     path = folder / f"{name}.png"
     scaled = (image - image.min()) / max(np.ptp(image), 1e-12)
     with atomic_path(path, suffix=".png") as temporary:

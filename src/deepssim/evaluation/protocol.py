@@ -308,14 +308,12 @@ def metrics_markdown(rows: list[dict]) -> str:
 
 
 def _histogram(path: Path, scores, labels, sources, title) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
     colours = {DIFFERENT: "#4a9a5b", DUPLICATE: "#c0392b", SIMILAR: "#e1a526"}
     bins = np.linspace(min(scores.min(), 0.0), max(scores.max(), 1.0), 41)
-    figure, axes = plt.subplots(figsize=(7, 3.4))
+    figure = Figure(figsize=(7, 3.4))
+    axes = figure.subplots()
     for label in CLASS_ORDER:
         if (labels == label).any():
             axes.hist(
@@ -336,4 +334,3 @@ def _histogram(path: Path, scores, labels, sources, title) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".png") as temporary:
         figure.savefig(temporary, dpi=100, bbox_inches="tight")
-    plt.close(figure)

@@ -28,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from deepssim.errors import DeepSSIMError
+from deepssim.extras import require
 from deepssim.io.files import atomic_path, write_rows_atomic, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.seeds import derived_seed
@@ -115,6 +116,7 @@ class RunInfo:
 
 
 def make_vae(config: LDMConfig):
+    require("monai")
     from monai.networks.nets import AutoencoderKL
 
     levels = len(config.vae_channels)
@@ -133,6 +135,7 @@ def make_vae(config: LDMConfig):
 
 
 def make_unet(config: LDMConfig, condition_dim: int | None):
+    require("monai")
     from monai.networks.nets import DiffusionModelUNet
 
     return DiffusionModelUNet(
@@ -150,6 +153,7 @@ def make_unet(config: LDMConfig, condition_dim: int | None):
 
 
 def make_scheduler(config: LDMConfig, kind: str = "ddpm"):
+    require("monai")
     from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
     scheduler = DDPMScheduler if kind == "ddpm" else DDIMScheduler
@@ -220,8 +224,15 @@ def _load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
     if not path.is_file():
         raise DeepSSIMError(f"{path}: missing; run `deepssim ldm {what}` first")
     try:
-        module.load_state_dict(load_file(path), strict=True)
-    except (SafetensorError, OSError, RuntimeError) as error:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise DeepSSIMError(
+            f"{path}: not a readable safetensors file ({str(error).splitlines()[0]}); it may be truncated "
+            f"or corrupt: delete it and rerun `deepssim ldm {what}`"
+        ) from None
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
         raise DeepSSIMError(
             f"{path}: does not match this run's configuration ({str(error).splitlines()[0]})"
         ) from None

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deepssim.errors import DeepSSIMError
+from deepssim.extras import require
 from deepssim.io.files import atomic_path, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.io.normalise import zscore, zscore_batch
@@ -90,7 +91,7 @@ class DarSettings:
 
 
 def _views(images: torch.Tensor, seed: int) -> torch.Tensor:
-    import kornia.augmentation as K
+    K = require("kornia.augmentation")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
+from deepssim.extras import require
 from deepssim.metrics.base import SimilarityMetric, register, unit_range
 from deepssim.ssim.engine import ssim_pairs
 
@@ -33,7 +34,7 @@ class FSIMMetric(SimilarityMetric):
     description = "FSIM, Zhang et al. 2011, with phase congruency (piq implementation)"
 
     def pair_scores(self, real, synthetic, batch_size: int = 64):
-        import piq
+        piq = require("piq")
 
         real, synthetic = np.asarray(real, dtype=np.float64), np.asarray(synthetic, dtype=np.float64)
         if real.shape != synthetic.shape:

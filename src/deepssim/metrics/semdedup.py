@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from deepssim.errors import DeepSSIMError
+from deepssim.extras import require
 from deepssim.metrics.base import TorchEmbeddingMetric, register, require_argument, short_side, unit_range
 
 
@@ -27,7 +28,7 @@ class SemDeDupMetric(TorchEmbeddingMetric):
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "cpu") -> SemDeDupMetric:
-        import open_clip
+        open_clip = require("open_clip")
 
         if ":" not in spec:
             raise DeepSSIMError(

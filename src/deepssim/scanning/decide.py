@@ -1,7 +1,7 @@
 """From scores to decisions: the three classes, shares with confidence intervals, the
 reference-distribution threshold and threshold calibration on labelled pairs.
 
-Classes (DESIGN.md "Deciding"): score <= low is Different (0), score > high is Duplicate (1),
+Classes (as in the paper): score <= low is Different (0), score > high is Duplicate (1),
 in between is Similar (2).
 """
 

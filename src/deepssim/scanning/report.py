@@ -111,16 +111,14 @@ def _png(figure_or_array) -> str:
 
 
 def _histogram_png(result) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
     best = result.scores[:, 0]
     values = [best] + ([result.reference_scores] if result.reference_scores is not None else [])
     low_edge = min(float(np.min(v)) for v in values)
     bins = np.linspace(min(low_edge, result.thresholds.low) - 0.02, 1.0, 51)
-    figure, axes = plt.subplots(figsize=(9, 3.6))
+    figure = Figure(figsize=(9, 3.6))
+    axes = figure.subplots()
     axes.hist(
         best, bins=bins, color="#4a7ab5", alpha=0.8, label=f"generated images, best match ({len(best)})"
     )
@@ -143,7 +141,6 @@ def _histogram_png(result) -> str:
     axes.set_ylabel("images")
     axes.legend(loc="upper left", fontsize=8)
     encoded = _png(figure)
-    plt.close(figure)
     return encoded
 
 

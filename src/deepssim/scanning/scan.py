@@ -20,6 +20,7 @@ import numpy as np
 
 from deepssim.embedding.model import DeepSSIM
 from deepssim.errors import DeepSSIMError
+from deepssim.hardware import resolve_precision
 from deepssim.io.cache import EmbeddingCache, default_cache_path, image_fingerprints
 from deepssim.io.files import write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
@@ -154,7 +155,7 @@ def scan(
     cache: str | Path | None | bool = True,
     device: str = "cpu",
     batch_size: int = 64,
-    precision: str = "float32",
+    precision: str = "auto",
     progress: bool = False,
 ) -> ScanResult:
     """Scan generated images against training images for memorised copies.
@@ -175,6 +176,7 @@ def scan(
     if use_reference_threshold and reference is None:
         raise DeepSSIMError("the reference threshold needs reference images (--reference DIR)")
     started = time.perf_counter()
+    precision = resolve_precision(precision, device)
     if not isinstance(metric, SimilarityMetric):
         metric = load_metric(metric, device, default_model=model)
     thresholds = resolve_thresholds(thresholds, metric, use_reference_threshold)

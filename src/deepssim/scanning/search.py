@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from deepssim.errors import DeepSSIMError
+from deepssim.extras import require
 from deepssim.ssim.engine import ssim_blocks
 
 SEARCH_METHODS = ("exact", "faiss", "faiss-hnsw")
@@ -53,7 +54,7 @@ def _top_k_torch(queries, database, k, block_bytes):
 
 
 def _top_k_faiss(queries, database, k, approximate):
-    import faiss
+    faiss = require("faiss")
 
     if approximate:
         index = faiss.IndexHNSWFlat(database.shape[1], 32, faiss.METRIC_INNER_PRODUCT)

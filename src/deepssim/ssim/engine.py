@@ -1,6 +1,6 @@
 """The SSIM engine: scikit-image's ``structural_similarity`` under the paper's rule, fast.
 
-The label (``../shared/DESIGN.md``): each image is z-scored on its own; ``data_range`` is
+The label (Scardace et al., arXiv 2509.16582): each image is z-scored on its own; ``data_range`` is
 max - min of the z-scored *real* image; then scikit-image's defaults apply: 7x7 uniform
 window, sample covariance (N/(N-1) with N = 49), K1 = 0.01, K2 = 0.03, and the mean of the
 SSIM map with a 3-pixel border cropped. The cropped map covers exactly the windows that lie

@@ -1,6 +1,6 @@
-"""Structure-preserving augmentations (DESIGN.md "Pairs and augmentations"), on whole batches.
+"""Structure-preserving augmentations (the paper's, the authors' later set and ours), on whole batches.
 
-Three sets, each a function of a batch of z-scored images (B, 1, H, W) that returns the
+Each set is a function of a batch of z-scored images (B, 1, H, W) that returns the
 augmented batch z-scored again:
 
 - ``v1``: the paper's training set: flips (p 0.33 each), rotation +-0.17 rad (p 0.33),
@@ -13,6 +13,10 @@ augmented batch z-scored again:
   the evaluation protocol's misalignment: flips (p 0.5 each), rotation +-0.1745 rad and
   translation +-4 px (p 0.8), zoom 0.9-1.05 (p 0.5), bias field (p 0.5), gamma 0.5-1.5
   (p 0.5), Gaussian smoothing sigma 0.25-0.5 (p 0.25).
+- ``rigid`` (ours; the default model since the generalisation work): only what the score must
+  ignore: flips (p 0.5 each), rotation +-0.1745 rad and translation +-4 px (p 0.8), gamma
+  0.5-1.5 (p 0.5). No blur, bias field or zoom: those change what SSIM measures, and learning
+  to ignore them taught the network to call neighbouring slices copies.
 - ``misaligned``: the evaluation protocol's views: flip along each axis, rotation uniform in
   +-0.1745 rad and gamma 0.5-1.5, each with probability 0.8.
 
@@ -29,14 +33,15 @@ import math
 import torch
 
 from deepssim.errors import DeepSSIMError
+from deepssim.extras import require
 from deepssim.io.normalise import zscore_batch
 
-AUGMENTATION_SETS = ("v1", "v2", "robust", "misaligned", "none")
+AUGMENTATION_SETS = ("v1", "v2", "robust", "rigid", "misaligned", "none")
 BIAS_FIELD_DEGREE = 3
 
 
 def _kornia_pipeline(name: str, height: int, width: int):
-    import kornia.augmentation as K
+    K = require("kornia.augmentation")
 
     degrees = math.degrees
     if name == "v1":
@@ -65,6 +70,13 @@ def _kornia_pipeline(name: str, height: int, width: int):
             RandomBiasField(BIAS_FIELD_DEGREE, 0.1, p=0.5),
             K.RandomGamma(gamma=(0.5, 1.5), p=0.5),
             K.RandomGaussianBlur(kernel_size=3, sigma=(0.25, 0.5), p=0.25),
+        ]
+    elif name == "rigid":
+        steps = [
+            K.RandomVerticalFlip(p=0.5),
+            K.RandomHorizontalFlip(p=0.5),
+            K.RandomAffine(degrees(0.1745), translate=(4 / width, 4 / height), p=0.8),
+            K.RandomGamma(gamma=(0.5, 1.5), p=0.5),
         ]
     elif name == "misaligned":
         steps = [

@@ -5,12 +5,18 @@ optionally blended with a third (``partner``, weight 1 - ``alpha``) and optional
 like a generative model's output (``degrade_seed``). The SSIM target is computed once on the
 clean, aligned pair with our engine; augmentations come later, in training.
 
-Self-supervised sampling draws candidates of four kinds, computes their SSIM and keeps an even
-number per SSIM bin, so near-copies (> 0.85) are as common as unrelated pairs:
+Self-supervised sampling draws candidates of several kinds, each with a continuous strength so
+that every SSIM level occurs within a subject and across subjects, computes their SSIM and keeps
+an even number per SSIM bin, so near-copies (> 0.85) are as common as unrelated pairs:
 
 - ``copy``: an image and a degraded copy of itself (noise, blur, intensity change);
-- ``neighbour``: two slices of one volume a few slices apart;
+- ``neighbour``: two slices of one volume 1 to 8 slices apart;
+- ``deform``: an image and a smooth elastic deformation of itself of random size (0.3 to 6 px)
+  and smoothness, half the time also degraded: a structural change the score must see;
 - ``blend``: an image and a mix of it with another image;
+- ``same_level``: images of two different subjects at the same anatomical level (same axis,
+  slice index within 2), where levels are known (the synthetic subjects share one atlas space):
+  the hard negatives;
 - ``random``: two unrelated images (a training and a generated image when both are given);
 - ``lookalike``: an image and one of its most SSIM-similar images from another source file
   (another subject or volume): the different-patient pairs that look most alike, which
@@ -38,13 +44,17 @@ from deepssim.io.normalise import zscore
 from deepssim.ssim.engine import ssim_pairs
 
 KIND_SHARES = {
-    "copy": 0.28,
-    "neighbour": 0.18,
-    "blend": 0.14,
-    "random": 0.14,
-    "lookalike": 0.18,
-    "texture": 0.08,
+    "copy": 0.18,
+    "neighbour": 0.15,
+    "deform": 0.15,
+    "blend": 0.1,
+    "same_level": 0.14,
+    "lookalike": 0.12,
+    "random": 0.1,
+    "texture": 0.06,
 }
+MAX_DEFORM_PIXELS = 6.0
+SAME_LEVEL_TOLERANCE = 2
 LOOKALIKES_PER_IMAGE = 8
 MAX_LOOKALIKE_POOL = 1500  # images whose all-pairs SSIM is computed to find lookalikes
 SSIM_BINS = np.linspace(0.0, 1.0, 11)  # ten bins; SSIM below 0 counts in the first
@@ -62,6 +72,7 @@ class PairTable:
     alpha: np.ndarray
     degrade_seed: np.ndarray
     texture_seed: np.ndarray
+    deform_seed: np.ndarray
     ssim: np.ndarray
     kind: np.ndarray
     split: np.ndarray
@@ -99,6 +110,8 @@ def second_images(pool: np.ndarray, pairs: PairTable) -> np.ndarray:
     if blended.any():
         alpha = pairs.alpha[blended, None, None]
         out[blended] = alpha * out[blended] + (1 - alpha) * pool[pairs.partner[blended]]
+    for row in np.flatnonzero(pairs.deform_seed >= 0):
+        out[row] = deform(out[row], int(pairs.deform_seed[row]))
     for row in np.flatnonzero(pairs.degrade_seed >= 0):
         out[row] = degrade(out[row], int(pairs.degrade_seed[row]))
     for row in np.flatnonzero(pairs.texture_seed >= 0):
@@ -150,6 +163,23 @@ def degrade(image: np.ndarray, seed: int, max_strength: float = 1.0) -> np.ndarr
     return zscore(unit)
 
 
+def deform(image: np.ndarray, seed: int, pixels: float | None = None) -> np.ndarray:
+    """A smooth random elastic deformation: displacement of at most ``pixels`` (drawn in
+    0.3-``MAX_DEFORM_PIXELS`` when None) with a random smoothness. Deterministic in ``seed``."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.uniform(0.3, MAX_DEFORM_PIXELS) if pixels is None else pixels
+    height, width = image.shape
+    smoothness = max(height, width) / rng.uniform(4.0, 16.0)
+    fields = []
+    for _ in range(2):
+        field = gaussian_filter(rng.normal(size=image.shape), sigma=smoothness)
+        fields.append(field / max(np.abs(field).max(), 1e-12) * pixels)
+    rows, columns = np.mgrid[:height, :width].astype(np.float64)
+    return map_coordinates(image, [rows + fields[0], columns + fields[1]], order=1, mode="nearest")
+
+
 def split_by_group(groups: list[str], val_fraction: float, seed: int) -> np.ndarray:
     """'train' / 'val' per image so that every group (source file) falls on one side."""
     unique = sorted(set(groups))
@@ -170,13 +200,20 @@ def sample_pairs(
     val_fraction: float = 0.2,
     seed: int = 0,
     generated: np.ndarray | None = None,
+    stacks: list[str] | None = None,
+    levels: list[str] | None = None,
 ) -> PairTable:
     """Self-supervised pairs stratified by SSIM over a pool of z-scored images.
 
     pool: (N, H, W) images; the first ``len(groups)`` are training images, the rest (indices in
-    ``generated``) generated ones. groups: the source file of each training image (the split
-    unit); slice_index: each training image's slice number in its volume, or -1.
+    ``generated``) generated ones. groups: the subject or source file of each training image
+    (the split unit); slice_index: each training image's slice number in its stack, or -1.
+    stacks: the stack (volume and axis) of each image, within which slices are neighbours
+    (default: the group). levels: each image's anatomical axis ("" where unknown); images of one
+    axis whose slice indices differ by at most ``SAME_LEVEL_TOLERANCE`` are at the same level.
     """
+    stacks = list(groups) if stacks is None else list(stacks)
+    levels = [""] * len(groups) if levels is None else list(levels)
     n_train_images = len(groups)
     image_split = split_by_group(groups, val_fraction, seed)
     rng = np.random.default_rng(seed)
@@ -191,14 +228,23 @@ def sample_pairs(
         target = max(int(round(n_pairs * share)), 1)
         others = generated[generated_split == split]
         candidates = _candidates(
-            rng, pool, members, others, groups, slice_index, CANDIDATES_PER_PAIR * target, split
+            rng,
+            pool,
+            members,
+            others,
+            groups,
+            stacks,
+            levels,
+            slice_index,
+            CANDIDATES_PER_PAIR * target,
+            split,
         )
         candidates.ssim = pair_ssim(pool, candidates)
         tables.append(candidates.select(_stratified(rng, candidates.ssim, target)))
     return _concatenate(tables)
 
 
-def _candidates(rng, pool, members, others, groups, slice_index, count, split) -> PairTable:
+def _candidates(rng, pool, members, others, groups, stacks, levels, slice_index, count, split) -> PairTable:
     kinds = rng.choice(list(KIND_SHARES), size=count, p=list(KIND_SHARES.values()))
     first = rng.choice(members, size=count)
     second = first.copy()
@@ -206,14 +252,16 @@ def _candidates(rng, pool, members, others, groups, slice_index, count, split) -
     alpha = np.ones(count)
     degrade_seed = np.full(count, -1, dtype=np.int64)
     texture_seed = np.full(count, -1, dtype=np.int64)
+    deform_seed = np.full(count, -1, dtype=np.int64)
     unrelated = np.concatenate([members, others]) if len(others) else members
-    by_slice = {(groups[m], int(slice_index[m])): m for m in members if slice_index[m] >= 0}
+    by_slice = {(stacks[m], int(slice_index[m])): m for m in members if slice_index[m] >= 0}
+    by_level = _by_level(members, levels, slice_index)
     lookalikes = _lookalikes(rng, pool, members, groups)
     for row, kind in enumerate(kinds):
         if kind == "copy":
             degrade_seed[row] = rng.integers(2**62)
         elif kind == "neighbour":
-            neighbour = _neighbour(rng, first[row], by_slice, groups, slice_index)
+            neighbour = _neighbour(rng, first[row], by_slice, stacks, slice_index)
             if neighbour is None:  # a 2D image has no neighbours: degrade instead
                 kinds[row] = "copy"
                 degrade_seed[row] = rng.integers(2**62)
@@ -224,7 +272,18 @@ def _candidates(rng, pool, members, others, groups, slice_index, count, split) -
             alpha[row] = rng.uniform(0.3, 0.95)
             if rng.random() < 0.5:
                 degrade_seed[row] = rng.integers(2**62)
-        elif kind == "lookalike" and first[row] in lookalikes:
+        elif kind == "deform":
+            deform_seed[row] = rng.integers(2**62)
+            if rng.random() < 0.5:
+                degrade_seed[row] = rng.integers(2**62)
+        elif (
+            kind == "same_level"
+            and (partner_row := _same_level(rng, first[row], by_level, groups, levels, slice_index))
+            is not None
+        ):
+            second[row] = partner_row
+        elif kind in ("lookalike", "same_level") and first[row] in lookalikes:
+            kinds[row] = "lookalike"
             second[row] = rng.choice(lookalikes[first[row]])
         elif kind == "texture":
             texture_seed[row] = rng.integers(2**62)
@@ -238,6 +297,7 @@ def _candidates(rng, pool, members, others, groups, slice_index, count, split) -
         alpha=alpha,
         degrade_seed=degrade_seed,
         texture_seed=texture_seed,
+        deform_seed=deform_seed,
         ssim=np.zeros(count),
         kind=kinds.astype(str),
         split=np.full(count, split),
@@ -266,12 +326,34 @@ def _lookalikes(rng, pool, members, groups) -> dict[int, np.ndarray]:
     return out
 
 
-def _neighbour(rng, image, by_slice, groups, slice_index):
-    """A slice of the same volume a few slices away, or None (2D image, edge of the volume)."""
+def _neighbour(rng, image, by_slice, stacks, slice_index):
+    """A slice of the same stack a few slices away, or None (2D image, edge of the volume)."""
     if slice_index[image] < 0:
         return None
     offset = int(rng.integers(1, MAX_NEIGHBOUR_OFFSET + 1)) * (1 if rng.random() < 0.5 else -1)
-    return by_slice.get((groups[image], int(slice_index[image]) + offset))
+    return by_slice.get((stacks[image], int(slice_index[image]) + offset))
+
+
+def _by_level(members, levels, slice_index) -> dict[tuple[str, int], list[int]]:
+    """Members indexed by (axis, slice index), for images whose anatomical level is known."""
+    out: dict[tuple[str, int], list[int]] = {}
+    for m in members:
+        if levels[m]:
+            out.setdefault((levels[m], int(slice_index[m])), []).append(int(m))
+    return out
+
+
+def _same_level(rng, image, by_level, groups, levels, slice_index):
+    """An image of another subject at the same anatomical level, or None."""
+    if not levels[image]:
+        return None
+    offset = int(rng.integers(-SAME_LEVEL_TOLERANCE, SAME_LEVEL_TOLERANCE + 1))
+    candidates = [
+        m
+        for m in by_level.get((levels[image], int(slice_index[image]) + offset), [])
+        if groups[m] != groups[image]
+    ]
+    return int(rng.choice(candidates)) if candidates else None
 
 
 def _stratified(rng, scores: np.ndarray, target: int) -> np.ndarray:
@@ -343,6 +425,7 @@ def pairs_from_csv(
         alpha=np.ones(count),
         degrade_seed=np.full(count, -1, dtype=np.int64),
         texture_seed=np.full(count, -1, dtype=np.int64),
+        deform_seed=np.full(count, -1, dtype=np.int64),
         ssim=np.zeros(count),
         kind=np.full(count, "listed"),
         split=np.full(count, "train"),

@@ -19,7 +19,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from deepssim.embedding.model import DeepSSIM, make_config
 from deepssim.embedding.networks import EMBEDDING_DIM, build_network, load_imagenet_weights
 from deepssim.errors import DeepSSIMError
+from deepssim.hardware import resolve_precision
 from deepssim.io.files import atomic_path, write_rows_atomic
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.io.normalise import zscore
@@ -36,8 +37,8 @@ from deepssim.seeds import derived_seed
 from deepssim.training.augment import AUGMENTATION_SETS, augment_batch
 from deepssim.training.pairs import PairTable, fingerprint, pairs_from_csv, sample_pairs, second_images
 
-PRECISIONS = ("float32", "bfloat16", "float16")
 WARMUP_SHARE = 0.05
+SYNTHETIC_SIZE = (128, 128)  # pseudo-subject slices when no real images set the size
 LOG_COLUMNS = [
     "epoch",
     "train_mse",
@@ -68,24 +69,25 @@ class TrainSettings:
     weight_decay: float = 1e-3
     grad_clip: float = 1.0
     layer_decay: float = 1.0
-    precision: str = "bfloat16"
+    precision: str = "auto"
     augmentation: str = "v2"
     n_pairs: int = 20000
     val_fraction: float = 0.2
     seed: int = 0
+    synthetic_subjects: int = 0
+    slices_per_subject: int = 24
     pretrained: str | None = None
     pretrained_file: str | None = None
     device: str = "cpu"
 
     def check(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise DeepSSIMError(f"precision must be one of {', '.join(PRECISIONS)}")
-        if self.precision == "float16" and not self.device.startswith("cuda"):
-            raise DeepSSIMError("float16 training needs a CUDA device; use bfloat16 on the CPU")
+        resolve_precision(self.precision, self.device)
         if self.augmentation not in AUGMENTATION_SETS:
             raise DeepSSIMError(f"augmentation must be one of {', '.join(AUGMENTATION_SETS)}")
         if self.pretrained not in (None, "imagenet"):
             raise DeepSSIMError("pretrained must be 'imagenet' or absent")
+        if self.synthetic_subjects < 0 or self.slices_per_subject < 1:
+            raise DeepSSIMError("synthetic subjects must be >= 0 and slices per subject >= 1")
         if self.epochs < 1 or self.batch_size < 1 or self.n_pairs < 2:
             raise DeepSSIMError("epochs, batch size and number of pairs must be positive")
         if not 0 <= self.val_fraction < 1:
@@ -117,8 +119,10 @@ def train(
     (real_key, synth_key) pairs are used, real keys from ``images``, synthetic from ``generated``.
     resume: continue from ``out_dir/resume.pt`` when it exists.
     """
-    settings = settings or TrainSettings()
-    settings.check()
+    requested = settings or TrainSettings()
+    requested.check()
+    # "auto" becomes this machine's precision; the run's identity (for resume) keeps "auto"
+    settings = replace(requested, precision=resolve_precision(requested.precision, requested.device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -143,7 +147,7 @@ def train(
     )
     # where the run executes is not part of its identity: it may resume on another device
     settings_json = json.dumps(
-        {k: v for k, v in asdict(settings).items() if k not in ("device", "pretrained_file")}, sort_keys=True
+        {k: v for k, v in asdict(requested).items() if k not in ("device", "pretrained_file")}, sort_keys=True
     )
     start_epoch, best_score, log = 0, math.inf, []
     state_path = out_dir / "resume.pt"
@@ -189,25 +193,66 @@ def train(
 
 
 def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
-    """Load the image pool and build (or reuse) the pair table."""
-    image_set = ImageSet.coerce(images, options, progress, "indexing training images")
+    """Load the image pool (real images, then pseudo-subjects, then generated images) and build
+    (or reuse) the pair table."""
+    image_set = ImageSet.coerce(images, options, progress, "indexing training images") if images else None
+    if image_set is None and settings.synthetic_subjects == 0:
+        raise DeepSSIMError(
+            "training needs images (--images DIR) or synthetic subjects (--synthetic-subjects N)"
+        )
     generated_set = (
         ImageSet.coerce(generated, options, progress, "indexing generated images") if generated else None
     )
-    if generated_set is not None and generated_set.shape != image_set.shape:
+    shape = image_set.shape if image_set is not None else SYNTHETIC_SIZE
+    if generated_set is not None and generated_set.shape != shape:
         raise DeepSSIMError(
-            f"training images are {image_set.shape} but generated images are {generated_set.shape}; "
-            "pass --size HxW"
+            f"training images are {shape} but generated images are {generated_set.shape}; pass --size HxW"
         )
-    pool = zscore(image_set.read()).astype(np.float32)
-    keys = list(image_set.keys)
+    if pairs_csv and (generated_set is None or image_set is None or settings.synthetic_subjects):
+        raise DeepSSIMError(
+            "a pairs file needs --images (real) and --generated (synthetic) images, and no synthetic subjects"
+        )
+    parts, keys, groups, stacks, levels, slice_index = [], [], [], [], [], []
+    if image_set is not None:
+        parts.append(zscore(image_set.read()).astype(np.float32))
+        keys += list(image_set.keys)
+        files = [str(ref.path) for ref in image_set.refs]
+        if len(set(files)) < 2 and not settings.synthetic_subjects:
+            warnings.warn(
+                "all training images come from one file: validation slices are split from "
+                "the same volume, so validation numbers are optimistic",
+                stacklevel=2,
+            )
+            files = list(image_set.keys)
+        groups += files
+        stacks += files
+        levels += [""] * len(files)
+        slice_index += [-1 if ref.index is None else ref.index for ref in image_set.refs]
+    if settings.synthetic_subjects:
+        from deepssim.training.synthetic import synthetic_subjects
+
+        if progress:
+            print(f"synthesising {settings.synthetic_subjects} pseudo-subjects ...")
+        synthetic, names, indices = synthetic_subjects(
+            settings.synthetic_subjects, settings.slices_per_subject, seed=settings.seed, size=shape
+        )
+        parts.append(zscore(synthetic).astype(np.float32))
+        keys += [f"{name}#{index}" for name, index in zip(names, indices, strict=True)]
+        groups += [name.split("/")[0] for name in names]  # split by subject, not by axis
+        stacks += names
+        levels += [name.split("/")[1] for name in names]
+        slice_index += indices.tolist()
+    n_training = sum(len(part) for part in parts)
     if generated_set is not None:
-        pool = np.concatenate([pool, zscore(generated_set.read()).astype(np.float32)])
+        parts.append(zscore(generated_set.read()).astype(np.float32))
         keys += [f"generated:{k}" for k in generated_set.keys]
+    pool = np.concatenate(parts)
     sampling = {
         "n_pairs": settings.n_pairs,
         "val_fraction": settings.val_fraction,
         "seed": settings.seed,
+        "synthetic_subjects": settings.synthetic_subjects,
+        "slices_per_subject": settings.slices_per_subject,
         "pairs_csv": Path(pairs_csv).read_text(encoding="utf-8") if pairs_csv else None,
     }
     key = fingerprint(pool, keys, sampling)
@@ -217,32 +262,20 @@ def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
         if progress:
             print("computing SSIM targets of the training pairs ...")
         if pairs_csv:
-            if generated_set is None:
-                raise DeepSSIMError(
-                    "a pairs file needs both --images (real) and --generated (synthetic) images"
-                )
             table = pairs_from_csv(
                 pairs_csv, image_set.keys, generated_set.keys, pool, settings.val_fraction, settings.seed
             )
         else:
-            groups = [str(ref.path) for ref in image_set.refs]
-            if len(set(groups)) < 2:
-                warnings.warn(
-                    "all training images come from one file: validation slices are split from "
-                    "the same volume, so validation numbers are optimistic",
-                    stacklevel=2,
-                )
-                groups = list(image_set.keys)
-            slice_index = np.array([-1 if ref.index is None else ref.index for ref in image_set.refs])
-            generated_index = np.arange(len(image_set), len(pool)) if generated_set is not None else None
             table = sample_pairs(
                 pool,
                 groups,
-                slice_index,
+                np.array(slice_index),
                 settings.n_pairs,
                 settings.val_fraction,
                 settings.seed,
-                generated_index,
+                np.arange(n_training, len(pool)) if generated_set is not None else None,
+                stacks=stacks,
+                levels=levels,
             )
         table.save(cache, key)
     return pool, table, len(pool)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from deepssim import synthetic_subjects as ss
+from deepssim.training import synthetic as ss
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,135 @@
+"""Registered SSIM: finds flips, rotations and shifts of near-copies, and stays exact and unbiased.
+
+References are independent of the module: scipy.ndimage makes the misaligned copies and
+scikit-image's structural_similarity (on z-scored images) scores them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.metrics import structural_similarity
+
+from deepssim.errors import DeepSSIMError
+from deepssim.registration import (
+    RegistrationSettings,
+    apply_transform,
+    register_pairs,
+    registered_ssim,
+)
+
+VOLUME = Path(__file__).resolve().parents[1] / "data" / "sources" / "KmeansTest_T1UCharRaw.nii.gz"
+
+
+def reference_ssim(real: np.ndarray, synthetic: np.ndarray) -> float:
+    """The label's definition: both images z-scored, data range from the real one."""
+    za = (real - real.mean()) / real.std()
+    zb = (synthetic - synthetic.mean()) / synthetic.std()
+    return structural_similarity(za, zb, data_range=za.max() - za.min())
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    return np.asarray(nib.load(VOLUME).dataobj, dtype=np.float64)  # 128 x 128 x 62
+
+
+@pytest.fixture(scope="module")
+def near_copy(volume):
+    """Slice 30, a noisy copy of it, and that copy flipped (cols), rotated 8 deg and shifted 5 px."""
+    original = volume[:, :, 30]
+    noisy = original + np.random.default_rng(0).normal(0, 5, original.shape)
+    background = noisy.min()
+    moved = ndimage.rotate(noisy[:, ::-1], 8, reshape=False, order=3, mode="constant", cval=background)
+    moved = ndimage.shift(moved, (5, 0), order=3, mode="constant", cval=background)
+    return original, noisy, moved
+
+
+def test_recovers_flipped_rotated_shifted_copy(near_copy):
+    original, noisy, moved = near_copy
+    before = reference_ssim(original, noisy)
+    result = register_pairs(original[None], moved[None])
+    assert result.ssim_plain[0] < before - 0.3
+    assert abs(result.ssim_registered[0] - before) < 0.02
+    assert result.flip[0] == "cols"
+    assert abs(abs(result.rotation_deg[0]) - 8) < 0.5
+    assert abs(np.hypot(*result.shift_px[0]) - 5) < 0.5
+    assert abs(result.scale[0] - 1) < 0.02
+    assert "flip=cols" in result.transform_text(0)
+
+
+def test_score_is_exact_ssim_of_the_reported_transform(near_copy, volume):
+    original, noisy, moved = near_copy
+    flipped_shifted = np.roll(noisy[::-1], (3, -4), axis=(0, 1))
+    generated = np.stack([moved, flipped_shifted, volume[:, :, 45]])
+    result = register_pairs(np.stack([original] * 3), generated)
+    assert result.flip[1] == "rows" and result.rotation_deg[1] == 0 and result.scale[1] == 1
+    for i in range(3):
+        warped = apply_transform(
+            generated[i], result.flip[i], result.rotation_deg[i], result.shift_px[i], result.scale[i]
+        )
+        assert abs(result.ssim_registered[i] - reference_ssim(original, warped)) < 1e-5
+        assert abs(result.ssim_plain[i] - reference_ssim(original, generated[i])) < 1e-5
+
+
+def test_never_below_plain_and_identity_is_exact(volume):
+    rng = np.random.default_rng(1)
+    train = np.stack([volume[:, :, k] for k in (20, 30, 40, 30)])
+    generated = np.stack([volume[:, :, k] for k in (20, 45, 12, 31)])
+    generated[1:] += rng.normal(0, 20, generated[1:].shape)
+    result = register_pairs(train, generated)
+    assert np.all(result.ssim_registered >= result.ssim_plain)
+    assert abs(result.ssim_registered[0] - 1) < 1e-6 and abs(result.ssim_plain[0] - 1) < 1e-6
+    assert result.flip[0] == "none" and result.rotation_deg[0] == 0 and result.scale[0] == 1
+    assert np.all(result.shift_px[0] == 0)
+
+    smooth = rng.normal(size=(6, 24, 20)).cumsum(1).cumsum(2)
+    small = register_pairs(smooth, rng.normal(size=smooth.shape).cumsum(1).cumsum(2))
+    assert np.all(small.ssim_registered >= small.ssim_plain)
+
+
+def test_noisy_copy_is_not_inflated_by_interpolation(near_copy):
+    """An aligned noisy copy keeps its plain SSIM: smoothing by resampling must not lift it."""
+    original, noisy, _ = near_copy
+    result = register_pairs(original[None], noisy[None])
+    assert result.ssim_registered[0] == pytest.approx(result.ssim_plain[0], abs=1e-12)
+    assert result.transform_text(0) == "flip=none rot=0.0 shift=(0,0) scale=1.00"
+
+
+def test_other_slices_stay_well_below_a_near_copy(near_copy, volume):
+    original, _, moved = near_copy
+    copy_score = registered_ssim(original, moved)
+    others = np.stack([volume[:, :, k] for k in (15, 45, 55)])
+    result = register_pairs(np.stack([original] * 3), others)
+    assert np.all(result.ssim_registered < copy_score - 0.1)
+
+
+def test_search_space_can_be_narrowed(near_copy):
+    original, _, moved = near_copy
+    settings = RegistrationSettings(flips=False, max_rotation_deg=0, scale_range=(1, 1), chunk=1)
+    result = register_pairs(original[None], moved[None], settings=settings)
+    assert result.flip[0] == "none" and result.rotation_deg[0] == 0 and result.scale[0] == 1
+    assert result.ssim_registered[0] < 0.6
+
+
+def test_bad_input_raises():
+    with pytest.raises(DeepSSIMError, match="one shape"):
+        register_pairs(np.zeros((2, 16, 16)), np.zeros((2, 16, 17)))
+    with pytest.raises(DeepSSIMError):
+        register_pairs(np.zeros((2, 16, 16)), np.zeros((3, 16, 16)))
+    with pytest.raises(DeepSSIMError):
+        registered_ssim(np.zeros((16, 16)), np.zeros((1, 16, 16)))
+    with pytest.raises(DeepSSIMError, match="constant"):
+        register_pairs(np.zeros((1, 16, 16)), np.ones((1, 16, 16)))
+    for bad in (
+        {"max_rotation_deg": -1},
+        {"max_shift_fraction": 0.7},
+        {"scale_range": (1.1, 0.9)},
+        {"chunk": 0},
+        {"device": "nonsense"},
+    ):
+        with pytest.raises(DeepSSIMError):
+            RegistrationSettings(**bad)
