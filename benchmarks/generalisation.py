@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from deepssim.ssim.registered import register_pairs
 from PIL import Image
 
 from deepssim.embedding.model import DeepSSIM
@@ -43,6 +42,7 @@ from deepssim.evaluation.generalisation import (
 )
 from deepssim.hardware import cpu_description
 from deepssim.ssim.engine import ssim_matrix, ssim_pairs
+from deepssim.ssim.registered import register_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "data"))

@@ -21,8 +21,8 @@ import torch
 from scipy import ndimage
 
 from deepssim.io.normalise import fit_to_size
-from deepssim.registration import FLIPS, register_pairs
 from deepssim.ssim import ssim_pairs
+from deepssim.ssim.registered import FLIPS, register_pairs
 
 VOLUME = Path(__file__).resolve().parents[1] / "data" / "sources" / "KmeansTest_T1UCharRaw.nii.gz"
 SHAPES = ((128, 128), (136, 112))
@@ -87,13 +87,43 @@ def make_pairs(count: int, shape, seed: int = 0):
     return train, np.stack(generated), ssim_pairs(train, noisy_copies), np.array(kinds), np.array(flips)
 
 
-def best_time(function, repeats: int) -> float:
+def best_time(function, repeats: int) -> tuple[float, object]:
+    """Shortest wall time of ``repeats`` calls, and the last call's result."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        function()
+        result = function()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return min(times), result
+
+
+def run_shape(shape, pairs: int, repeats: int) -> None:
+    train, generated, before, kind, flip = make_pairs(pairs, shape)
+    register_pairs(train[:8], generated[:8])  # warm-up
+    registered_s, result = best_time(lambda: register_pairs(train, generated), repeats)
+    plain_s, _ = best_time(lambda: ssim_pairs(train, generated), repeats)
+    rate, plain_rate = pairs / registered_s, pairs / plain_s
+    print(
+        f"\n{shape[0]}x{shape[1]}, {pairs} pairs: register_pairs {rate:,.0f} pairs/s, "
+        f"ssim_pairs {plain_rate:,.0f} pairs/s (registered costs {plain_rate / rate:.1f}x plain)"
+    )
+    copies = kind == "misaligned copy"
+    gain = result.ssim_registered[copies] - before[copies]
+    print(
+        f"  misaligned copies: SSIM before misalignment {before[copies].mean():.4f}, "
+        f"plain {result.ssim_plain[copies].mean():.4f}, "
+        f"registered {result.ssim_registered[copies].mean():.4f}"
+        f"\n    registered - before: mean {gain.mean():+.4f}, median {np.median(gain):+.4f}, "
+        f"worst {gain.min():+.4f}; flip found {np.mean(result.flip[copies] == flip[copies]):.0%}"
+    )
+    aligned = kind == "aligned copy"
+    lift = result.ssim_registered[aligned] - result.ssim_plain[aligned]
+    print(f"  aligned noisy copies: registered - plain at most {lift.max():+.4f}")
+    others = kind == "other slice"
+    print(
+        f"  other slices: plain {result.ssim_plain[others].mean():.4f}, "
+        f"registered {result.ssim_registered[others].mean():.4f}"
+    )
 
 
 def main() -> None:
@@ -106,38 +136,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(cpu_description())
     for shape in SHAPES:
-        train, generated, before, kind, flip = make_pairs(args.pairs, shape)
-        register_pairs(train[:8], generated[:8])  # warm-up
-        result = None
-
-        def run_registration():
-            nonlocal result
-            result = register_pairs(train, generated)
-
-        registered_s = best_time(run_registration, args.repeats)
-        plain_s = best_time(lambda: ssim_pairs(train, generated), args.repeats)
-        rate, plain_rate = args.pairs / registered_s, args.pairs / plain_s
-        print(
-            f"\n{shape[0]}x{shape[1]}, {args.pairs} pairs: register_pairs {rate:,.0f} pairs/s, "
-            f"ssim_pairs {plain_rate:,.0f} pairs/s (registered costs {plain_rate / rate:.1f}x plain)"
-        )
-        copies = kind == "misaligned copy"
-        print(
-            f"  misaligned copies: SSIM before misalignment {before[copies].mean():.4f}, plain "
-            f"{result.ssim_plain[copies].mean():.4f}, registered {result.ssim_registered[copies].mean():.4f} "
-            f"(registered - before: median {np.median(result.ssim_registered[copies] - before[copies]):+.4f}, "
-            f"worst {np.min(result.ssim_registered[copies] - before[copies]):+.4f}); "
-            f"flip found {np.mean(result.flip[copies] == flip[copies]):.0%}"
-        )
-        aligned = kind == "aligned copy"
-        print(
-            f"  aligned noisy copies: registered - plain max {np.max(result.ssim_registered[aligned] - result.ssim_plain[aligned]):+.4f}"
-        )
-        others = kind == "other slice"
-        print(
-            f"  other slices: plain {result.ssim_plain[others].mean():.4f}, registered "
-            f"{result.ssim_registered[others].mean():.4f}"
-        )
+        run_shape(shape, args.pairs, args.repeats)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from deepssim.errors import DeepSSIMError
-from deepssim.registration import (
+from deepssim.ssim.registered import (
     RegistrationSettings,
     apply_transform,
     register_pairs,

@@ -92,13 +92,14 @@ def test_calibration_maximises_macro_f1_like_scikit_learn(rng):
 
 
 def test_ssim_scan_matches_scikit_image(tmp_path):
-    result = scan(TRAIN, SYNTHETIC, metric="ssim", k=3, verify=True)
+    result = scan(TRAIN, SYNTHETIC, metric="ssim", decision="score", k=3, verify=True)
     _, real = load_images(TRAIN)
     _, fake = load_images(SYNTHETIC)
     expected = reference_matrix(real, fake).T  # (generated, training)
     best = np.sort(expected, axis=1)[:, ::-1][:, :3]
     np.testing.assert_allclose(result.scores, best, atol=1e-4)
-    np.testing.assert_allclose(result.verified_ssim, best, atol=1e-6)
+    np.testing.assert_allclose(result.evidence.ssim_plain, best, atol=1e-6)
+    assert (result.evidence.ssim_registered >= result.evidence.ssim_plain - 1e-9).all()
     planted = {row["synthetic_key"]: row for row in read_csv(EXAMPLE / "planted.csv")}
     copies = [i for i, key in enumerate(result.synthetic_keys) if planted[key]["kind"] == "duplicate"]
     assert len(copies) == 6
@@ -109,7 +110,9 @@ def test_ssim_scan_matches_scikit_image(tmp_path):
 
 
 def test_deepssim_scan_outputs_and_summary(tmp_path, model):
-    result = scan(TRAIN, SYNTHETIC, model=model, k=4, cache=False, verify=True, precision="float32")
+    result = scan(
+        TRAIN, SYNTHETIC, model=model, decision="score", k=4, cache=False, verify=True, precision="float32"
+    )
     matrix = model.matrix(load_images(TRAIN)[1], load_images(SYNTHETIC)[1]).T
     np.testing.assert_allclose(result.scores, np.sort(matrix, axis=1)[:, ::-1][:, :4], atol=1e-5)
     files = result.save(tmp_path / "out")
@@ -134,6 +137,7 @@ def test_reference_threshold_is_the_95th_percentile(model):
         cache=False,
         reference=SYNTHETIC,
         use_reference_threshold=True,
+        decision="score",
         precision="float32",
     )
     # Dar et al.: each training image's best score against the held-out images, 95th percentile
@@ -253,3 +257,37 @@ def test_report_renders_in_headless_chromium(tmp_path, model):
     pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=float)
     assert pixels.shape == (1600, 1200)
     assert pixels.std() > 20  # images and text were drawn, not a blank page
+
+
+def test_two_stage_decision_calls_every_planted_copy_by_registered_ssim(tmp_path, model):
+    """DeepSSIM retrieves, registered SSIM decides: misaligned copies become Duplicates on their
+    aligned SSIM, and every reported number is the SSIM of the registered pair (scikit-image)."""
+    from skimage.metrics import structural_similarity
+
+    from deepssim.ssim.registered import apply_transform
+
+    result = scan(TRAIN, SYNTHETIC, model=model, k=5, cache=False)
+    assert result.decision == "two-stage" and "registered SSIM decides" in result.summary["decision"]
+    evidence = result.evidence
+    assert np.isfinite(evidence.ssim_registered).all()
+    assert (np.diff(evidence.ssim_registered, axis=1) <= 1e-12).all()  # rows ordered by registered SSIM
+    assert (evidence.ssim_registered >= evidence.ssim_plain - 1e-9).all()
+    planted = {row["synthetic_key"]: row for row in read_csv(EXAMPLE / "planted.csv")}
+    keys, real = load_images(TRAIN)
+    _, fake = load_images(SYNTHETIC)
+    for i, key in enumerate(result.synthetic_keys):
+        if planted[key]["kind"].startswith("duplicate"):
+            assert result.classes[i] == 1, key
+            assert result.train_keys[result.neighbours[i, 0]] == planted[key]["source_train_key"]
+        aligned = apply_transform(fake[i], **evidence.transform(i, 0))
+        a = (real[result.neighbours[i, 0]] - real[result.neighbours[i, 0]].mean()) / real[
+            result.neighbours[i, 0]
+        ].std()
+        b = (aligned - aligned.mean()) / aligned.std()
+        expected = structural_similarity(a, b, data_range=a.max() - a.min())
+        assert evidence.ssim_registered[i, 0] == pytest.approx(expected, abs=1e-5)
+    files = result.save(tmp_path / "out")
+    rows = read_csv(files["results"])
+    assert {"top1_ssim_registered", "top1_transform", "top1_ssim"} <= set(rows[0])
+    assert rows[0]["top1_transform"].startswith("flip=")
+    assert "registered SSIM" in files["report"].read_text()

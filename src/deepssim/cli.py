@@ -182,6 +182,7 @@ def _run_ldm_generate(args: argparse.Namespace) -> None:
 
 
 def _add_scan_parser(commands) -> None:
+    from deepssim.scanning.scan import DECISIONS
     from deepssim.scanning.search import SEARCH_METHODS
 
     scan = commands.add_parser(
@@ -198,6 +199,13 @@ def _add_scan_parser(commands) -> None:
         default="deepssim",
         help="deepssim (default), ssim, or an embedding baseline: sscd=FILE, dar=FILE, semdedup=ARCH:FILE",
     )
+    scan.add_argument(
+        "--decision",
+        choices=DECISIONS,
+        default="two-stage",
+        help="two-stage (default): the metric retrieves the top-k, registered SSIM (after the best flip, "
+        "rotation, shift and scale) decides; score: the metric's score decides (faster)",
+    )
     scan.add_argument("-k", "--top-k", type=int, default=5, help="training matches kept per generated image")
     _add_threshold_options(scan)
     scan.add_argument(
@@ -208,11 +216,21 @@ def _add_scan_parser(commands) -> None:
         action="store_true",
         help="use the 95th percentile of the reference images' best scores as the high threshold",
     )
-    scan.add_argument("--verify", action="store_true", help="also compute exact SSIM of every top-k pair")
+    scan.add_argument(
+        "--verify",
+        action="store_true",
+        help="with --decision score: also compute registered and plain SSIM of every top-k pair "
+        "(always done for Duplicates, and for every pair in the two-stage decision)",
+    )
     scan.add_argument("--search", choices=SEARCH_METHODS, default="exact", help="nearest-neighbour search")
     scan.add_argument("--cache", help="embedding cache file (default ~/.cache/deepssim/embeddings.sqlite)")
     scan.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     scan.add_argument("--gallery", type=int, default=24, help="pairs shown in report.html (default 24)")
+    scan.add_argument(
+        "--anonymise",
+        action="store_true",
+        help="a report to share outside the hospital: no images, only keys, scores and maps of differences",
+    )
     scan.add_argument("--batch-size", type=int, default=64)
     scan.add_argument("--precision", choices=PRECISIONS, default="auto")
     scan.add_argument("--no-progress", action="store_true")
@@ -247,6 +265,7 @@ def _run_scan(args: argparse.Namespace) -> None:
         args.synthetic,
         model=args.model,
         metric=args.metric,
+        decision=args.decision,
         k=args.top_k,
         thresholds=_thresholds(args),
         reference=args.reference,
@@ -260,7 +279,7 @@ def _run_scan(args: argparse.Namespace) -> None:
         precision=args.precision,
         progress=not args.no_progress,
     )
-    files = result.save(args.out, gallery_size=args.gallery)
+    files = result.save(args.out, gallery_size=args.gallery, anonymise=args.anonymise)
     print(format_summary(result.summary))
     print(f"report: {files['report']}")
     print(f"tables: {files['results']}, {files['pairs']}, {files['summary']}")
@@ -273,6 +292,7 @@ def format_summary(summary: dict) -> str:
         f"{summary['generated_images']} generated vs {summary['training_images']} training images, "
         f"{summary['metric']} ({summary['model']}), thresholds {thresholds['low']:.4g} / "
         f"{thresholds['high']:.4g} ({thresholds['source']})",
+        f"  decision: {summary['decision']}",
     ]
     for name, entry in summary["generated_by_class"].items():
         low, high = entry["ci95"]

@@ -222,6 +222,14 @@ class DeepSSIM:
         embeddings = self.embed([np.asarray(a), np.asarray(b)])
         return float(embeddings[0] @ embeddings[1])
 
+    def explain(self, a, b, steps: int = 32):
+        """Maps of where the score of (a, b) comes from: the attribution of the similarity lost
+        (integrated gradients from a to b) and the local SSIM map; see :mod:`deepssim.embedding.explain`.
+        Register b onto a first for a misaligned pair."""
+        from deepssim.embedding.explain import explain_pair
+
+        return explain_pair(self, a, b, steps)
+
     def matrix(self, real, synthetic, batch_size: int = 64) -> np.ndarray:
         """(N, M) scores of every (real, synthetic) pair."""
         return self.embed(real, batch_size) @ self.embed(synthetic, batch_size).T

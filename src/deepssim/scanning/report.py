@@ -14,7 +14,7 @@ from html import escape
 import numpy as np
 
 from deepssim.io.files import write_text_atomic
-from deepssim.scanning.decide import CLASS_NAMES, classify
+from deepssim.scanning.decide import CLASS_NAMES
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -31,14 +31,28 @@ td, th { padding: 4px 10px; border-bottom: 1px solid #eee; text-align: left; }
 """
 
 
-def write_report(result, path, gallery_size: int = 24) -> None:
-    """Write the report of a :class:`deepssim.scan.ScanResult` atomically."""
-    write_text_atomic(path, render_report(result, gallery_size))
+def write_report(result, path, gallery_size: int = 24, anonymise: bool = False) -> None:
+    """Write the report of a :class:`deepssim.scanning.scan.ScanResult` atomically."""
+    write_text_atomic(path, render_report(result, gallery_size, anonymise))
 
 
-def render_report(result, gallery_size: int = 24) -> str:
+def render_report(result, gallery_size: int = 24, anonymise: bool = False) -> str:
     summary = result.summary
     thresholds = result.thresholds
+    if anonymise:
+        gallery_text = (
+            "<p id='anonymised'><strong>Anonymised report: no image of any patient is included.</strong> "
+            "Each pair shows only maps of differences: the absolute difference of the z-scored training "
+            "and aligned generated images, where the DeepSSIM similarity is lost, and the local SSIM "
+            "(dark = dissimilar).</p>"
+        )
+    else:
+        gallery_text = (
+            "<p>Generated image; its nearest training image; the generated image moved by the rigid "
+            "transform that aligns it best, with the regions that lower the DeepSSIM score in red "
+            "(integrated gradients of the cosine from the training image); the training image with its "
+            "local SSIM against the aligned image (red = dissimilar).</p>"
+        )
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<title>DeepSSIM memorisation report</title>",
@@ -47,8 +61,9 @@ def render_report(result, gallery_size: int = 24) -> str:
         "<p>"
         + escape(
             f"{summary['generated_images']} generated images scanned against {summary['training_images']} "
-            f"training images with {result.metric} ({result.model}); thresholds low {thresholds.low:.4g}, "
-            f"high {thresholds.high:.4g} ({thresholds.source}); top-{summary['k']} matches kept."
+            f"training images with {result.metric} ({result.model}); decision: {summary['decision']}; "
+            f"thresholds low {thresholds.low:.4g}, high {thresholds.high:.4g} ({thresholds.source}); "
+            f"top-{summary['k']} matches kept."
         )
         + "</p>",
         "<h2 id='summary'>Summary</h2>",
@@ -56,9 +71,10 @@ def render_report(result, gallery_size: int = 24) -> str:
         "<h2 id='histogram'>Best score of each generated image</h2>",
         f"<img id='histogram-image' alt='histogram of best scores' src='{_histogram_png(result)}'>",
         "<h2 id='gallery'>Most similar pairs</h2>",
-        "<p>Generated image, its nearest training image, and the absolute difference of the "
-        "z-scored images (brighter = more different; misaligned copies show edges).</p>",
-        _gallery(result, gallery_size),
+        gallery_text,
+        _gallery(result, gallery_size, anonymise),
+        "<h2 id='audit'>Audit trail</h2>",
+        _audit(summary.get("audit")),
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -113,7 +129,7 @@ def _png(figure_or_array) -> str:
 def _histogram_png(result) -> str:
     from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
-    best = result.scores[:, 0]
+    best = result.decision_scores[:, 0]
     values = [best] + ([result.reference_scores] if result.reference_scores is not None else [])
     low_edge = min(float(np.min(v)) for v in values)
     bins = np.linspace(min(low_edge, result.thresholds.low) - 0.02, 1.0, 51)
@@ -137,7 +153,8 @@ def _histogram_png(result) -> str:
     axes.axvline(
         result.thresholds.high, color="#c0392b", linestyle="--", label=f"high {result.thresholds.high:.3g}"
     )
-    axes.set_xlabel(f"best {result.metric} score against the training set")
+    what = "registered SSIM" if result.decision == "two-stage" else f"{result.metric} score"
+    axes.set_xlabel(f"best {what} against the training set")
     axes.set_ylabel("images")
     axes.legend(loc="upper left", fontsize=8)
     encoded = _png(figure)
@@ -149,44 +166,120 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip((image - low) / max(high - low, 1e-12) * 255, 0, 255).astype(np.uint8)
 
 
-def _difference(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
-    if a.shape != b.shape:
-        return None
-    from matplotlib import colormaps
-
-    za = (a - a.mean()) / a.std()
-    zb = (b - b.mean()) / b.std()
-    difference = np.abs(za - zb)
-    scaled = np.clip(difference / max(np.percentile(difference, 99.5), 1e-12), 0, 1)
-    return (colormaps["magma"](scaled)[..., :3] * 255).astype(np.uint8)
-
-
-def _gallery(result, gallery_size: int) -> str:
-
-    order = np.argsort(-result.scores[:, 0], kind="stable")[:gallery_size]
+def _gallery(result, gallery_size: int, anonymise: bool) -> str:
+    decided = np.nan_to_num(result.decision_scores[:, 0], nan=-np.inf)
+    order = np.argsort(-decided, kind="stable")[:gallery_size]
     if len(order) == 0:
         return "<p>No generated images.</p>"
     generated = result.synthetic.take(order)
     training = result.train.take(result.neighbours[order, 0])
-    classes = classify(result.scores[order, 0], result.thresholds)
     items = []
-    for rank, (i, fake, real, label) in enumerate(zip(order, generated, training, classes, strict=True), 1):
-        name = CLASS_NAMES[int(label)]
+    for rank, (i, fake, real) in enumerate(zip(order, generated, training, strict=True), 1):
+        name = CLASS_NAMES[int(result.classes[i])]
         synthetic_key = escape(result.synthetic_keys[i])
         train_key = escape(result.train_keys[result.neighbours[i, 0]])
-        difference = _difference(real, fake)
-        images = [
-            f"<img alt='generated {synthetic_key}' src='{_png(_to_uint8(fake))}'>",
-            f"<img alt='training {train_key}' src='{_png(_to_uint8(real))}'>",
-        ]
-        if difference is not None:
-            images.append(f"<img alt='difference' src='{_png(difference)}'>")
+        aligned = _aligned(result, i, fake)
+        moved = fake if aligned is None else aligned
+        maps = _maps(result, real, moved)
+        if anonymise:
+            images = [_img(f"{label} map", _colour(values, colormap)) for label, values, colormap in maps]
+        else:
+            images = [
+                _img(f"generated {synthetic_key}", _to_uint8(fake)),
+                _img(f"training {train_key}", _to_uint8(real)),
+            ]
+            overlays = dict((label, values) for label, values, _ in maps)
+            if "similarity lost" in overlays:
+                images.append(
+                    _img("aligned generated, similarity lost", _overlay(moved, overlays["similarity lost"]))
+                )
+            else:
+                images.append(_img("aligned generated", _to_uint8(moved)))
+            if "local SSIM" in overlays:
+                images.append(_img("training, local SSIM", _overlay(real, 1 - overlays["local SSIM"])))
         score = f"{result.metric} {result.scores[i, 0]:.4f}"
-        if result.verified_ssim is not None:
-            score += f", SSIM {result.verified_ssim[i, 0]:.4f}"
+        evidence = result.evidence
+        if evidence is not None and evidence.has(i, 0):
+            score += (
+                f", registered SSIM {evidence.ssim_registered[i, 0]:.4f} ({evidence.transform_text(i, 0)}), "
+                f"plain SSIM {evidence.ssim_plain[i, 0]:.4f}"
+            )
         items.append(
             f"<figure class='pair'>{''.join(images)}<figcaption>#{rank} "
             f"<span class='badge {name}'>{name}</span> {escape(score)}<br>generated: {synthetic_key}"
             f"<br>training: {train_key}</figcaption></figure>"
         )
     return "<div id='gallery-items'>" + "\n".join(items) + "</div>"
+
+
+def _img(alt: str, pixels: np.ndarray) -> str:
+    return f"<img alt='{escape(alt)}' src='{_png(pixels)}'>"
+
+
+def _maps(result, real: np.ndarray, moved: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
+    """(label, map, colormap) of a pair: the difference, where similarity is lost, local SSIM."""
+    if real.shape != moved.shape:
+        return []
+    za, zb = (real - real.mean()) / real.std(), (moved - moved.mean()) / moved.std()
+    maps = [("difference", np.abs(za - zb), "magma")]
+    model = result.embedder
+    if model is not None:
+        explanation = model.explain(real, moved, steps=16)
+        maps.append(("similarity lost", np.clip(explanation.lost_similarity, 0, None), "magma"))
+        maps.append(("local SSIM", explanation.ssim_map, "viridis"))
+    return maps
+
+
+def _colour(values: np.ndarray, colormap: str) -> np.ndarray:
+    from matplotlib import colormaps
+
+    low, high = np.percentile(values, [0.5, 99.5])
+    scaled = np.clip((values - low) / max(high - low, 1e-12), 0, 1)
+    return (colormaps[colormap](scaled)[..., :3] * 255).astype(np.uint8)
+
+
+def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The gray image with ``heat`` (scaled to its 99th percentile) blended in red."""
+    gray = _to_uint8(image).astype(np.float64)[..., None].repeat(3, axis=2)
+    weight = np.clip(heat / max(np.percentile(heat, 99), 1e-12), 0, 1)[..., None]
+    red = np.array([230.0, 30.0, 30.0])
+    return np.clip(gray * (1 - 0.7 * weight) + red * 0.7 * weight, 0, 255).astype(np.uint8)
+
+
+def _audit(audit: dict | None) -> str:
+    if not audit:
+        return "<p>No audit trail recorded.</p>"
+    rows = [
+        ("tool", audit["tool"]),
+        ("date (UTC)", audit["date_utc"]),
+        ("command line", audit["command_line"]),
+        ("model", f"{audit['model']['metric']}: {audit['model']['name']}"),
+        ("model fingerprint (SHA-256)", audit["model"]["fingerprint_sha256"]),
+    ]
+    thresholds = audit["settings"]["thresholds"]
+    rows.append(
+        ("thresholds", f"low {thresholds['low']:.4g}, high {thresholds['high']:.4g} ({thresholds['source']})")
+    )
+    for role, entry in audit["inputs"].items():
+        rows.append(
+            (
+                f"{role} images",
+                f"{', '.join(entry['given'])}: {entry['files']} files, {entry['images']} images "
+                f"({entry['skipped_images']} skipped), content SHA-256 {entry['content_sha256']}",
+            )
+        )
+    rows.append(
+        ("settings", ", ".join(f"{k}={v}" for k, v in audit["settings"].items() if k != "thresholds"))
+    )
+    cells = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table id='audit-table'>{cells}</table>"
+
+
+def _aligned(result, i: int, image: np.ndarray) -> np.ndarray | None:
+    """The generated image moved by the transform its registration found, or None without one."""
+    from deepssim.ssim.registered import apply_transform
+
+    evidence = result.evidence
+    if evidence is None or not evidence.has(i, 0):
+        return None
+    return apply_transform(image, **evidence.transform(i, 0))

@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from deepssim.io.cache import EmbeddingCache, default_cache_path, image_fingerpr
 from deepssim.io.files import write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.metrics import SimilarityMetric, load_metric
+from deepssim.scanning.audit import audit_trail
 from deepssim.scanning.decide import (
     CLASS_NAMES,
     REFERENCE_PERCENTILE,
@@ -33,16 +34,19 @@ from deepssim.scanning.decide import (
     reference_threshold,
     share,
 )
-from deepssim.ssim.engine import ssim_pairs
+from deepssim.ssim.registered import register_pairs
 
 
 @dataclass
 class ScanResult:
     """Top-k training matches of every generated image, their classes and the summary.
 
-    scores, neighbours: (M, k) best scores and indices into ``train_keys``, best first.
-    classes: (M,) class of each generated image's best score (0 Different, 1 Duplicate, 2 Similar).
-    verified_ssim: (M, k) exact SSIM of the same pairs when ``verify`` was asked for.
+    scores, neighbours: (M, k) the metric's scores and indices into ``train_keys``. With the
+    two-stage decision each row is ordered by registered SSIM, best first; else by score.
+    evidence: registered and plain SSIM and the transform of the top-k pairs (every pair in the
+    two-stage decision or with ``verify``; else the Duplicates only, NaN elsewhere).
+    decision_scores: what the classes come from: registered SSIM (two-stage) or the score.
+    classes: (M,) class of each generated image's best pair (0 Different, 1 Duplicate, 2 Similar).
     best_per_training_image: (N,) each training image's best score over all generated images.
     reference_scores: each training image's best score against the held-out real images
     (Dar et al.'s reference distribution), when given.
@@ -57,10 +61,16 @@ class ScanResult:
     thresholds: Thresholds
     classes: np.ndarray
     summary: dict
-    verified_ssim: np.ndarray | None = None
+    evidence: PairEvidence | None = None
+    decision: str = "score"
+    embedder: DeepSSIM | None = None
     reference_scores: np.ndarray | None = None
     best_per_training_image: np.ndarray | None = None
     files: dict = field(default_factory=dict)
+
+    @property
+    def decision_scores(self) -> np.ndarray:
+        return self.evidence.ssim_registered if self.decision == "two-stage" else self.scores
 
     @property
     def train_keys(self) -> list[str]:
@@ -71,41 +81,44 @@ class ScanResult:
         return self.synthetic.keys
 
     def duplicates(self) -> list[tuple[str, str, float]]:
-        """(generated key, training key, score) of every top-k pair above the high threshold."""
-        rows, ranks = np.nonzero(self.scores > self.thresholds.high)
+        """(generated key, training key, decision score) of every top-k pair above the high threshold."""
+        decided = self.decision_scores
+        rows, ranks = np.nonzero(decided > self.thresholds.high)
         return [
-            (self.synthetic_keys[i], self.train_keys[self.neighbours[i, r]], float(self.scores[i, r]))
+            (self.synthetic_keys[i], self.train_keys[self.neighbours[i, r]], float(decided[i, r]))
             for i, r in zip(rows, ranks, strict=True)
         ]
 
     def results_csv(self) -> str:
-        """One row per generated image: its best match, score, class and the top-k."""
+        """One row per generated image: its best match, score, class, the evidence and the top-k."""
         k = self.scores.shape[1]
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         header = ["synthetic_key", "top1_train_key", "score", "class"]
-        if self.verified_ssim is not None:
-            header.append("top1_ssim")
+        if self.evidence is not None:
+            header += ["top1_ssim_registered", "top1_transform", "top1_ssim"]
         for rank in range(2, k + 1):
             header += [f"top{rank}_train_key", f"top{rank}_score"]
         writer.writerow(header)
         for i, key in enumerate(self.synthetic_keys):
             row = [key, self.train_keys[self.neighbours[i, 0]], f"{self.scores[i, 0]:.6f}"]
             row.append(CLASS_NAMES[int(self.classes[i])])
-            if self.verified_ssim is not None:
-                row.append(f"{self.verified_ssim[i, 0]:.6f}")
+            if self.evidence is not None:
+                row += self.evidence.cells(i, 0)
             for rank in range(1, k):
                 row += [self.train_keys[self.neighbours[i, rank]], f"{self.scores[i, rank]:.6f}"]
             writer.writerow(row)
         return buffer.getvalue()
 
     def pairs_csv(self) -> str:
-        """Every top-k pair: generated key, rank, training key, score, class (and SSIM)."""
+        """Every top-k pair: generated key, rank, training key, score, class (and the evidence)."""
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         header = ["synthetic_key", "rank", "train_key", "score", "class"]
-        writer.writerow(header + (["ssim"] if self.verified_ssim is not None else []))
-        pair_classes = classify(self.scores, self.thresholds)
+        writer.writerow(
+            header + (["ssim_registered", "transform", "ssim"] if self.evidence is not None else [])
+        )
+        pair_classes = classify(np.nan_to_num(self.decision_scores, nan=-np.inf), self.thresholds)
         for i, key in enumerate(self.synthetic_keys):
             for rank in range(self.scores.shape[1]):
                 row = [
@@ -115,13 +128,16 @@ class ScanResult:
                     f"{self.scores[i, rank]:.6f}",
                 ]
                 row.append(CLASS_NAMES[int(pair_classes[i, rank])])
-                if self.verified_ssim is not None:
-                    row.append(f"{self.verified_ssim[i, rank]:.6f}")
+                if self.evidence is not None:
+                    row += self.evidence.cells(i, rank)
                 writer.writerow(row)
         return buffer.getvalue()
 
-    def save(self, out_dir: str | Path, report: bool = True, gallery_size: int = 24) -> dict:
-        """Write results.csv, pairs.csv, summary.json and report.html, each atomically."""
+    def save(
+        self, out_dir: str | Path, report: bool = True, gallery_size: int = 24, anonymise: bool = False
+    ) -> dict:
+        """Write results.csv, pairs.csv, summary.json and report.html, each atomically.
+        anonymise: the report holds no image of anyone, only keys, scores and maps of differences."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.files = {
@@ -136,15 +152,20 @@ class ScanResult:
             from deepssim.scanning.report import write_report
 
             self.files["report"] = out_dir / "report.html"
-            write_report(self, self.files["report"], gallery_size)
+            write_report(self, self.files["report"], gallery_size, anonymise)
         return self.files
+
+
+DECISIONS = ("two-stage", "score")
 
 
 def scan(
     train,
     synthetic,
+    *,
     model: str | Path | DeepSSIM = "default",
     metric: str | SimilarityMetric = "deepssim",
+    decision: str = "two-stage",
     k: int = 5,
     thresholds: Thresholds | tuple[float | None, float | None] | None = None,
     reference=None,
@@ -163,28 +184,40 @@ def scan(
     train, synthetic, reference: folders, files or :class:`ImageSet`s.
     metric: "deepssim" (with ``model``), "ssim" (exact; one shared image size), an embedding
     baseline spec such as "sscd=FILE" (see :mod:`deepssim.metrics`), or a metric object.
-    thresholds: default the metric's (paper: 0.6 / 0.85 for DeepSSIM and SSIM); a (low, high)
-    tuple may leave either as None to take the metric's.
+    decision: "two-stage" (default): the metric retrieves each generated image's top-k training
+    images and the registered SSIM of those pairs (SSIM after the best flip, rotation, shift and
+    scale) decides, with SSIM's thresholds; "score": the metric's own score decides (faster).
+    thresholds: default the decision score's published ones (0.6 / 0.85 for SSIM and DeepSSIM);
+    a (low, high) tuple may leave either as None to take the default.
     reference: held-out real images of other patients. use_reference_threshold: replace the
     high threshold by the 95th percentile of each training image's best score against them
     (Dar et al.'s rule).
+    verify: with the score decision, also compute registered and plain SSIM of every top-k pair
+    (they are always computed for the pairs called Duplicate).
     cache: True for the default cache file, a path, or False/None for none.
     search: "exact" (blocked matrix products), "faiss" (exact index) or "faiss-hnsw" (approximate).
     """
     if k < 1:
         raise DeepSSIMError("k must be at least 1")
+    if decision not in DECISIONS:
+        raise DeepSSIMError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
     if use_reference_threshold and reference is None:
         raise DeepSSIMError("the reference threshold needs reference images (--reference DIR)")
     started = time.perf_counter()
     precision = resolve_precision(precision, device)
     if not isinstance(metric, SimilarityMetric):
         metric = load_metric(metric, device, default_model=model)
-    thresholds = resolve_thresholds(thresholds, metric, use_reference_threshold)
+    two_stage = decision == "two-stage"
+    thresholds = resolve_thresholds(
+        thresholds, load_metric("ssim") if two_stage else metric, use_reference_threshold
+    )
     train_set = ImageSet.coerce(train, options, progress, "indexing training images")
     synthetic_set = ImageSet.coerce(synthetic, options, progress, "indexing generated images")
     reference_set = (
         ImageSet.coerce(reference, options, progress, "indexing reference images") if reference else None
     )
+    if two_stage or verify:
+        _check_one_size(train_set, synthetic_set, "--decision score" if two_stage else "no --verify")
     store = _open_cache(cache, metric, precision) if metric.is_embedding else None
     embed = _embedder(metric, store, batch_size, precision, progress) if metric.is_embedding else None
     try:
@@ -192,7 +225,14 @@ def scan(
             train_set, synthetic_set, k, search=search, embed=embed, progress=progress
         )
         reference_scores = None
-        if reference_set is not None:  # each training image's best score against other patients
+        if reference_set is not None and two_stage:  # registered SSIM against the nearest other patients
+            _, nearest, _ = metric.top_k(
+                reference_set, train_set, k, search=search, embed=embed, progress=progress
+            )
+            reference_scores = np.nanmax(
+                register_top_k(reference_set, train_set, nearest, progress=progress).ssim_registered, axis=1
+            )
+        elif reference_set is not None:  # each training image's best score against other patients
             reference_scores = metric.top_k(
                 train_set, reference_set, 1, search=search, embed=embed, progress=progress
             )[2]
@@ -204,18 +244,54 @@ def scan(
         high = reference_threshold(reference_scores)
         low = high if thresholds is None else min(thresholds.low, high)
         thresholds = Thresholds(low, high, f"reference p{REFERENCE_PERCENTILE:g}")
-    verified = verify_pairs(train_set, synthetic_set, neighbours) if verify else None
-    classes = classify(scores[:, 0], thresholds)
+    if two_stage or verify:
+        evidence = register_top_k(train_set, synthetic_set, neighbours, progress=progress)
+    else:  # the evidence of every Duplicate, always
+        evidence = register_top_k(train_set, synthetic_set, neighbours, scores > thresholds.high, progress)
+    if two_stage:
+        order = np.argsort(-evidence.ssim_registered, axis=1, kind="stable")
+        scores = np.take_along_axis(scores, order, axis=1)
+        neighbours = np.take_along_axis(neighbours, order, axis=1)
+        evidence = evidence.reordered(order)
+        best_per_train = np.full(len(train_set), -np.inf, dtype=np.float64)
+        np.maximum.at(best_per_train, neighbours.ravel(), evidence.ssim_registered.ravel())
+    decided = evidence.ssim_registered if two_stage else scores
+    classes = classify(decided[:, 0], thresholds)
     summary = summarise(
         metric.name,
         model_name,
         train_set,
         synthetic_set,
-        scores,
+        decided,
         best_per_train,
         thresholds,
         reference_scores,
         search,
+    )
+    summary["decision"] = (
+        f"two-stage: {metric.name} retrieves the top {scores.shape[1]}, registered SSIM decides"
+        if two_stage
+        else f"score: {metric.name} decides"
+    )
+    summary["precision"] = precision
+    inputs = {"training": train_set, "generated": synthetic_set}
+    if reference_set is not None:
+        inputs["reference"] = reference_set
+    summary["audit"] = audit_trail(
+        inputs,
+        {"training": train, "generated": synthetic, "reference": reference},
+        {"metric": metric.name, "name": model_name, "fingerprint_sha256": metric.fingerprint.split(":")[-1]},
+        {
+            "decision": decision,
+            "k": k,
+            "thresholds": {"low": thresholds.low, "high": thresholds.high, "source": thresholds.source},
+            "use_reference_threshold": use_reference_threshold,
+            "verify": verify,
+            "search": search,
+            "precision": precision,
+            "device": device,
+            "loading": asdict(train_set.options),
+        },
     )
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return ScanResult(
@@ -228,7 +304,9 @@ def scan(
         thresholds=thresholds,
         classes=classes,
         summary=summary,
-        verified_ssim=verified,
+        evidence=evidence,
+        decision=decision,
+        embedder=getattr(metric, "model", None),
         reference_scores=reference_scores,
         best_per_training_image=best_per_train,
     )
@@ -290,23 +368,110 @@ def summarise(
     return summary
 
 
-def verify_pairs(train_set: ImageSet, synthetic_set: ImageSet, neighbours: np.ndarray, block: int = 512):
-    """Exact SSIM of every top-k pair (training image as the "real" side)."""
+@dataclass
+class PairEvidence:
+    """Per top-k pair (M, k): registered SSIM, plain SSIM and the rigid transform found for the
+    generated image (flip, rotation in degrees, shift in pixels (M, k, 2), scale); NaN where not
+    computed."""
+
+    ssim_registered: np.ndarray
+    ssim_plain: np.ndarray
+    flip: np.ndarray
+    rotation_deg: np.ndarray
+    shift_px: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int]) -> PairEvidence:
+        nan = np.full(shape, np.nan)
+        return cls(
+            nan.copy(),
+            nan.copy(),
+            np.full(shape, "", dtype=object),
+            nan.copy(),
+            np.full((*shape, 2), np.nan),
+            nan.copy(),
+        )
+
+    def has(self, i: int, rank: int) -> bool:
+        return bool(np.isfinite(self.ssim_registered[i, rank]))
+
+    def transform(self, i: int, rank: int) -> dict:
+        """Keyword arguments of :func:`deepssim.ssim.registered.apply_transform`."""
+        return {
+            "flip": str(self.flip[i, rank]),
+            "rotation_deg": float(self.rotation_deg[i, rank]),
+            "shift_px": tuple(float(v) for v in self.shift_px[i, rank]),
+            "scale": float(self.scale[i, rank]),
+        }
+
+    def transform_text(self, i: int, rank: int) -> str:
+        rows, columns = self.shift_px[i, rank]
+        return (
+            f"flip={self.flip[i, rank]} rot={self.rotation_deg[i, rank]:.1f} "
+            f"shift=({rows:.3g},{columns:.3g}) scale={self.scale[i, rank]:.2f}"
+        )
+
+    def cells(self, i: int, rank: int) -> list[str]:
+        """CSV cells: registered SSIM, transform, plain SSIM (empty where not computed)."""
+        if not self.has(i, rank):
+            return ["", "", ""]
+        return [
+            f"{self.ssim_registered[i, rank]:.6f}",
+            self.transform_text(i, rank),
+            f"{self.ssim_plain[i, rank]:.6f}",
+        ]
+
+    def reordered(self, order: np.ndarray) -> PairEvidence:
+        def take(values):
+            index = order if values.ndim == 2 else order[..., None]
+            return np.take_along_axis(values, index, axis=1)
+
+        return PairEvidence(*(take(getattr(self, f.name)) for f in fields(self)))
+
+
+def register_top_k(
+    train_set: ImageSet,
+    synthetic_set: ImageSet,
+    neighbours: np.ndarray,
+    selected=None,
+    progress=False,
+    block=256,
+) -> PairEvidence:
+    """Registered SSIM of the (training image, generated image) pairs ``neighbours`` names, for
+    the pairs ``selected`` (an (M, k) mask; default all), reading images block by block."""
+    selected = np.ones(neighbours.shape, dtype=bool) if selected is None else np.asarray(selected)
+    evidence = PairEvidence.empty(neighbours.shape)
+    bar = None
+    if progress and selected.any():
+        from tqdm import tqdm
+
+        bar = tqdm(total=int(selected.sum()), desc="registering top-k pairs", unit="pair")
+    for start in range(0, len(neighbours), block):
+        chosen, rank = np.nonzero(selected[start : start + block])
+        if len(chosen) == 0:
+            continue
+        generated = synthetic_set.read(start, start + block)
+        train_rows = neighbours[start + chosen, rank]
+        needed = np.unique(train_rows)
+        train_images = dict(zip(needed.tolist(), train_set.take(needed), strict=True))
+        found = register_pairs(np.stack([train_images[i] for i in train_rows]), generated[chosen])
+        rows = start + chosen
+        for name in ("ssim_registered", "ssim_plain", "flip", "rotation_deg", "shift_px", "scale"):
+            getattr(evidence, name)[rows, rank] = getattr(found, name)
+        if bar is not None:
+            bar.update(len(chosen))
+    if bar is not None:
+        bar.close()
+    return evidence
+
+
+def _check_one_size(train_set: ImageSet, synthetic_set: ImageSet, alternative: str) -> None:
     if train_set.shape != synthetic_set.shape:
         raise DeepSSIMError(
-            f"--verify needs one image size: training images are {train_set.shape}, generated "
-            f"{synthetic_set.shape}; pass --size HxW"
+            f"registered SSIM needs one image size: training images are {train_set.shape}, generated "
+            f"{synthetic_set.shape}; pass --size HxW (or use {alternative})"
         )
-    out = np.empty(neighbours.shape, dtype=np.float32)
-    for start in range(0, len(synthetic_set), block):
-        generated = synthetic_set.read(start, start + block)
-        rows = neighbours[start : start + len(generated)]
-        needed = np.unique(rows)
-        train_images = dict(zip(needed.tolist(), train_set.take(needed), strict=True))
-        real = np.stack([train_images[i] for i in rows.ravel()])
-        fake = np.repeat(generated, rows.shape[1], axis=0)
-        out[start : start + len(generated)] = ssim_pairs(real, fake).reshape(rows.shape)
-    return out
 
 
 def _open_cache(cache, metric: SimilarityMetric, precision: str) -> EmbeddingCache | None:
