@@ -9,6 +9,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 import deepssim
+from deepssim.ssim import engine
 from deepssim.ssim.engine import _ssim_kernel
 from tests.conftest import SOURCES, smooth_image
 
@@ -42,13 +43,17 @@ def test_scikit_image_not_a_tautology():
     assert deepssim.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["numpy-prepare"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize(
     "case",
     ["random", "mri", "odd", "minimum", "flat_background", "tall_for_refresh"],
 )
-def test_matrix_matches_scikit_image(backend, dtype, case):
+def test_matrix_matches_scikit_image(backend, dtype, case, monkeypatch):
+    """Every backend; "numpy-prepare" is an install without the C kernel (statistics in NumPy)."""
+    if backend == "numpy-prepare":
+        monkeypatch.setattr(engine, "_ssim_kernel", None)
+        backend = "torch"
     rng = np.random.default_rng(7)
     if case == "random":
         real, synthetic = rng.normal(size=(9, 24, 20)), rng.normal(size=(11, 24, 20))
@@ -72,6 +77,9 @@ def test_matrix_matches_scikit_image(backend, dtype, case):
     got = deepssim.ssim_matrix(real, synthetic, dtype=dtype, backend=backend)
     assert got.shape == expected.shape and got.dtype == dtype
     assert np.abs(got - expected).max() <= TOLERANCE[dtype]
+    pairs = min(len(real), len(synthetic))
+    matched = deepssim.ssim_pairs(real[:pairs], synthetic[:pairs])
+    np.testing.assert_allclose(matched, np.diag(expected[:pairs, :pairs]), atol=TOLERANCE[np.float64])
 
 
 def test_single_pair_and_asymmetry():

@@ -217,6 +217,17 @@ def _add_scan_parser(commands) -> None:
         help="use the 95th percentile of the reference images' best scores as the high threshold",
     )
     scan.add_argument(
+        "--group-by",
+        help="group training images into patients: volume, folder, or a regex whose first group is the "
+        "patient ID in each key (e.g. 'sub-(\\d+)'); adds groups.csv and a patient table",
+    )
+    scan.add_argument(
+        "--duplicate-fpr",
+        type=float,
+        help="set the Duplicate threshold without labels: at most this share of different-patient "
+        "matches (training images of other groups) are called Duplicate (needs --group-by)",
+    )
+    scan.add_argument(
         "--verify",
         action="store_true",
         help="with --decision score: also compute registered and plain SSIM of every top-k pair "
@@ -271,6 +282,8 @@ def _run_scan(args: argparse.Namespace) -> None:
         reference=args.reference,
         use_reference_threshold=args.reference_threshold,
         verify=args.verify,
+        group_by=args.group_by,
+        duplicate_fpr=args.duplicate_fpr,
         search=args.search,
         options=_loading_options(args),
         cache=False if args.no_cache else (args.cache or True),
@@ -305,6 +318,13 @@ def format_summary(summary: dict) -> str:
         f"  training images with at least one Duplicate: {memorised['count']} of {summary['training_images']}"
         f" ({memorised['share']:.1%}, 95% CI {low:.1%} - {high:.1%})"
     )
+    if "groups" in summary:
+        entry = summary["groups"]["with_a_duplicate"]
+        low, high = entry["ci95"]
+        lines.append(
+            f"  patients ({summary['groups']['by']}) with at least one Duplicate: {entry['count']} of "
+            f"{summary['groups']['groups']} ({entry['share']:.1%}, 95% CI {low:.1%} - {high:.1%})"
+        )
     if "reference" in summary:
         threshold = next(v for k, v in summary["reference"].items() if k.endswith("_threshold"))
         lines.append(f"  reference 95th percentile of best scores: {threshold:.4f}")

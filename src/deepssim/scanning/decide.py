@@ -79,6 +79,27 @@ def reference_threshold(reference_scores, percentile: float = REFERENCE_PERCENTI
     return float(np.percentile(reference_scores, percentile))
 
 
+def conformal_threshold(null_scores, false_positive_rate: float) -> float:
+    """The Duplicate threshold with a finite-sample false-positive guarantee.
+
+    null_scores: n scores of pairs known to be different patients (each training image's best
+    score against the training images of other groups). Returns their ceil((n + 1)(1 - rate))-th
+    smallest value t. If a new different-patient score is exchangeable with the n (split
+    conformal prediction), P(score > t) <= rate, whatever the score's distribution.
+    """
+    scores = np.sort(np.asarray(null_scores, dtype=np.float64))
+    if not 0 < false_positive_rate < 1:
+        raise DeepSSIMError(f"the false-positive rate must be in (0, 1), not {false_positive_rate}")
+    rank = int(np.ceil((len(scores) + 1) * (1 - false_positive_rate)))
+    if rank > len(scores):
+        need = int(np.ceil(1 / false_positive_rate)) - 1
+        raise DeepSSIMError(
+            f"{len(scores)} different-patient scores are too few for a false-positive rate of "
+            f"{false_positive_rate:g}; it needs at least {need} training images (or raise the rate)"
+        )
+    return float(scores[rank - 1])
+
+
 def calibrate(scores, labels, max_candidates: int = 100) -> tuple[Thresholds, float]:
     """Thresholds (low, high) maximising macro-F1 of the three classes on labelled pairs.
 

@@ -68,6 +68,7 @@ def render_report(result, gallery_size: int = 24, anonymise: bool = False) -> st
         + "</p>",
         "<h2 id='summary'>Summary</h2>",
         _summary_table(summary),
+        _patients(result),
         "<h2 id='histogram'>Best score of each generated image</h2>",
         f"<img id='histogram-image' alt='histogram of best scores' src='{_histogram_png(result)}'>",
         "<h2 id='gallery'>Most similar pairs</h2>",
@@ -244,6 +245,26 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
     weight = np.clip(heat / max(np.percentile(heat, 99), 1e-12), 0, 1)[..., None]
     red = np.array([230.0, 30.0, 30.0])
     return np.clip(gray * (1 - 0.7 * weight) + red * 0.7 * weight, 0, 255).astype(np.uint8)
+
+
+def _patients(result) -> str:
+    """The patient table: training groups, most-copied first (only with --group-by)."""
+    if result.groups is None:
+        return ""
+    entry = result.summary["groups"]["with_a_duplicate"]
+    low, high = entry["ci95"]
+    rows = "".join(
+        f"<tr><td>{escape(row['group'])}</td><td class='num'>{row['training_images']}</td>"
+        f"<td class='num'>{row['images_with_a_duplicate']}</td></tr>"
+        for row in result.groups[:200]
+    )
+    return (
+        f"<h2 id='patients'>Patients</h2><p>{entry['count']} of {len(result.groups)} training groups "
+        f"({escape(result.summary['groups']['by'])}) have at least one image with a Duplicate: "
+        f"{entry['share']:.1%} (95% CI {low:.1%} - {high:.1%}).</p>"
+        "<table id='patient-table'><tr><th>Group</th><th class='num'>Training images</th>"
+        f"<th class='num'>Images with a Duplicate</th></tr>{rows}</table>"
+    )
 
 
 def _audit(audit: dict | None) -> str:

@@ -22,7 +22,7 @@ from deepssim.embedding.model import DeepSSIM
 from deepssim.errors import DeepSSIMError
 from deepssim.hardware import resolve_precision
 from deepssim.io.cache import EmbeddingCache, default_cache_path, image_fingerprints
-from deepssim.io.files import write_text_atomic
+from deepssim.io.files import write_rows_atomic, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.metrics import SimilarityMetric, load_metric
 from deepssim.scanning.audit import audit_trail
@@ -31,9 +31,12 @@ from deepssim.scanning.decide import (
     REFERENCE_PERCENTILE,
     Thresholds,
     classify,
+    conformal_threshold,
     reference_threshold,
     share,
 )
+from deepssim.scanning.groups import group_of_each_image, group_summary
+from deepssim.scanning.search import top_k_other_groups
 from deepssim.ssim.registered import register_pairs
 
 
@@ -64,6 +67,7 @@ class ScanResult:
     evidence: PairEvidence | None = None
     decision: str = "score"
     embedder: DeepSSIM | None = None
+    groups: list[dict] | None = None
     reference_scores: np.ndarray | None = None
     best_per_training_image: np.ndarray | None = None
     files: dict = field(default_factory=dict)
@@ -148,6 +152,11 @@ class ScanResult:
         write_text_atomic(self.files["results"], self.results_csv())
         write_text_atomic(self.files["pairs"], self.pairs_csv())
         write_text_atomic(self.files["summary"], json.dumps(self.summary, indent=2) + "\n")
+        if self.groups is not None:
+            self.files["groups"] = out_dir / "groups.csv"
+            write_rows_atomic(
+                self.files["groups"], self.groups, ["group", "training_images", "images_with_a_duplicate"]
+            )
         if report:
             from deepssim.scanning.report import write_report
 
@@ -171,6 +180,8 @@ def scan(
     reference=None,
     use_reference_threshold: bool = False,
     verify: bool = False,
+    group_by: str | None = None,
+    duplicate_fpr: float | None = None,
     search: str = "exact",
     options: LoadOptions | None = None,
     cache: str | Path | None | bool = True,
@@ -194,6 +205,12 @@ def scan(
     (Dar et al.'s rule).
     verify: with the score decision, also compute registered and plain SSIM of every top-k pair
     (they are always computed for the pairs called Duplicate).
+    group_by: "volume", "folder" or a regex taking the patient ID from each training key
+    (:mod:`deepssim.scanning.groups`): the summary then counts patients with a Duplicate.
+    duplicate_fpr: set the high threshold without labels so that at most this share of
+    different-patient matches are called Duplicate (a conformal threshold from each training
+    image's best score against the other groups' training images; needs ``group_by``). A
+    reference threshold, when asked for, takes precedence.
     cache: True for the default cache file, a path, or False/None for none.
     search: "exact" (blocked matrix products), "faiss" (exact index) or "faiss-hnsw" (approximate).
     """
@@ -203,6 +220,8 @@ def scan(
         raise DeepSSIMError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
     if use_reference_threshold and reference is None:
         raise DeepSSIMError("the reference threshold needs reference images (--reference DIR)")
+    if duplicate_fpr is not None and group_by is None:
+        raise DeepSSIMError("--duplicate-fpr needs --group-by: different patients are different groups")
     started = time.perf_counter()
     precision = resolve_precision(precision, device)
     if not isinstance(metric, SimilarityMetric):
@@ -236,10 +255,18 @@ def scan(
             reference_scores = metric.top_k(
                 train_set, reference_set, 1, search=search, embed=embed, progress=progress
             )[2]
+        groups = group_of_each_image(train_set, group_by) if group_by else None
+        null_scores = None
+        if duplicate_fpr is not None:
+            null_scores = _different_patient_scores(metric, train_set, groups, k, two_stage, embed, progress)
     finally:
         if store is not None:
             store.close()
     model_name = getattr(metric, "source", metric.description)
+    if duplicate_fpr is not None and not use_reference_threshold:
+        high = conformal_threshold(null_scores, duplicate_fpr)
+        low = min(thresholds.low, high) if thresholds is not None else high
+        thresholds = Thresholds(low, high, f"fpr {duplicate_fpr:g} from {len(set(groups))} training groups")
     if use_reference_threshold:
         high = reference_threshold(reference_scores)
         low = high if thresholds is None else min(thresholds.low, high)
@@ -274,6 +301,17 @@ def scan(
         else f"score: {metric.name} decides"
     )
     summary["precision"] = precision
+    group_rows = None
+    if groups is not None:
+        with_duplicate, group_rows = group_summary(groups, best_per_train > thresholds.high)
+        summary["groups"] = {"by": group_by, "groups": len(group_rows), "with_a_duplicate": with_duplicate}
+    if null_scores is not None:
+        summary["different_patient_scores"] = {
+            "description": "each training image's best score against the training images of other groups",
+            "training_images": int(len(null_scores)),
+            "best_score_percentiles": {f"p{p}": float(np.percentile(null_scores, p)) for p in (50, 95, 99)},
+            "requested_fpr": duplicate_fpr,
+        }
     inputs = {"training": train_set, "generated": synthetic_set}
     if reference_set is not None:
         inputs["reference"] = reference_set
@@ -287,6 +325,8 @@ def scan(
             "thresholds": {"low": thresholds.low, "high": thresholds.high, "source": thresholds.source},
             "use_reference_threshold": use_reference_threshold,
             "verify": verify,
+            "group_by": group_by,
+            "duplicate_fpr": duplicate_fpr,
             "search": search,
             "precision": precision,
             "device": device,
@@ -307,6 +347,7 @@ def scan(
         evidence=evidence,
         decision=decision,
         embedder=getattr(metric, "model", None),
+        groups=group_rows,
         reference_scores=reference_scores,
         best_per_training_image=best_per_train,
     )
@@ -464,6 +505,18 @@ def register_top_k(
     if bar is not None:
         bar.close()
     return evidence
+
+
+def _different_patient_scores(metric, train_set, groups, k, two_stage, embed, progress) -> np.ndarray:
+    """Each training image's best decision score against the training images of other groups."""
+    if not metric.is_embedding:
+        raise DeepSSIMError(
+            "--duplicate-fpr retrieves with an embedding metric; use --metric deepssim (the default)"
+        )
+    scores, nearest = top_k_other_groups(embed(train_set, "training"), groups, k)
+    if not two_stage:
+        return scores[:, 0].astype(np.float64)
+    return np.nanmax(register_top_k(train_set, train_set, nearest, progress=progress).ssim_registered, axis=1)
 
 
 def _check_one_size(train_set: ImageSet, synthetic_set: ImageSet, alternative: str) -> None:

@@ -40,6 +40,32 @@ def top_k_embeddings(
     return _top_k_faiss(queries, database, k, approximate=method == "faiss-hnsw")
 
 
+def top_k_other_groups(
+    vectors: np.ndarray, groups: list[str], k: int, block_bytes: int = DEFAULT_BLOCK_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, indices), each (N, k): every row's k best rows of *other* groups by inner product
+    (exact, blocked; rows of the same group are never returned)."""
+    codes = np.unique(np.asarray(groups), return_inverse=True)[1]
+    if codes.max(initial=0) == 0:
+        raise DeepSSIMError(
+            "all training images are in one group: there are no different patients to compare"
+        )
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    k = min(k, int(len(vectors) - np.bincount(codes).max()))
+    base = torch.from_numpy(vectors)
+    code_tensor = torch.from_numpy(codes)
+    rows_per_block = max(1, block_bytes // (4 * len(vectors)))
+    scores = np.empty((len(vectors), k), dtype=np.float32)
+    indices = np.empty((len(vectors), k), dtype=np.int64)
+    for start in range(0, len(vectors), rows_per_block):
+        block = base[start : start + rows_per_block] @ base.T
+        same = code_tensor[start : start + len(block), None] == code_tensor[None, :]
+        best = torch.topk(block.masked_fill(same, -torch.inf), k, dim=1)
+        scores[start : start + len(block)] = best.values.numpy()
+        indices[start : start + len(block)] = best.indices.numpy()
+    return scores, indices
+
+
 def _top_k_torch(queries, database, k, block_bytes):
     rows_per_block = max(1, block_bytes // (4 * len(database)))
     base = torch.from_numpy(database)

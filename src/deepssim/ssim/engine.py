@@ -86,8 +86,9 @@ def _box_mean(stack: np.ndarray) -> np.ndarray:
 def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedImages:
     """Z-score images and compute their local statistics (in float64, stored as ``dtype``).
 
-    role: "real" (the side whose data range sets C1 and C2) or "synthetic". Works through
-    ``chunk`` images at a time so the float64 temporaries stay in cache.
+    role: "real" (the side whose data range sets C1 and C2) or "synthetic". The C kernel does
+    it in one pass per image; without it, NumPy works through ``chunk`` images at a time so the
+    float64 temporaries stay in cache.
     """
     if role not in ("real", "synthetic"):
         raise ValueError(f"role must be 'real' or 'synthetic', not {role!r}")
@@ -102,6 +103,24 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
         c1=np.empty(n, dtype) if role == "real" else None,
         c2=np.empty(n, dtype) if role == "real" else None,
     )
+    if _ssim_kernel is not None:
+        constant = _ssim_kernel.prepare_images(
+            np.ascontiguousarray(stack),
+            prepared.z,
+            prepared.mu,
+            prepared.mu_sq,
+            prepared.var,
+            prepared.c1 if role == "real" else np.empty(1, dtype),
+            prepared.c2 if role == "real" else np.empty(1, dtype),
+            n,
+            height,
+            width,
+            role == "real",
+            np.dtype(dtype) == np.float64,
+        )
+        if constant:
+            raise DeepSSIMError("a constant image has no standard deviation and cannot be z-scored")
+        return prepared
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         z = zscore(stack[part])
@@ -247,12 +266,43 @@ def ssim_pairs(real, synthetic, dtype=np.float64, chunk: int = 256) -> np.ndarra
     for start in range(0, len(real), chunk):
         part = slice(start, start + chunk)
         a, b = prepare(real[part], "real", np.float64), prepare(synthetic[part], "synthetic", np.float64)
-        mu_ab = a.mu * b.mu
-        covariance = COV_NORM * (_box_mean(a.z * b.z) - mu_ab)
-        c1, c2 = a.c1[:, None, None], a.c2[:, None, None]
-        ssim_map = (2 * mu_ab + c1) * (2 * covariance + c2) / ((a.mu_sq + b.mu_sq) * (a.var + b.var))
-        out[part] = ssim_map.mean(axis=(1, 2))
+        out[part] = ssim_prepared_pairs(a, b)
     return out
+
+
+def ssim_prepared_pairs(real: PreparedImages, synthetic: PreparedImages) -> np.ndarray:
+    """SSIM of matched prepared pairs (real[i], synthetic[i]): an (N,) array."""
+    _check_same_shape(real.z.shape[1:], synthetic.z.shape[1:])
+    if _ssim_kernel is not None and real.z.dtype == synthetic.z.dtype:
+        height, width = real.z.shape[1:]
+        out = np.empty(len(real), dtype=real.z.dtype)
+        _ssim_kernel.ssim_pairs(
+            real.z,
+            synthetic.z,
+            real.mu,
+            synthetic.mu,
+            real.mu_sq,
+            synthetic.mu_sq,
+            real.var,
+            synthetic.var,
+            real.c1,
+            real.c2,
+            out,
+            len(real),
+            height,
+            width,
+            real.z.dtype == np.float64,
+        )
+        return out.astype(np.float64)
+    mu_ab = real.mu * synthetic.mu
+    covariance = COV_NORM * (_box_mean(real.z * synthetic.z) - mu_ab)
+    c1, c2 = real.c1[:, None, None], real.c2[:, None, None]
+    ssim_map = (
+        (2 * mu_ab + c1)
+        * (2 * covariance + c2)
+        / ((real.mu_sq + synthetic.mu_sq) * (real.var + synthetic.var))
+    )
+    return ssim_map.mean(axis=(1, 2))
 
 
 def ssim_matrix(
