@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(commands)
     _add_benchmark_parser(commands)
     _add_train_parser(commands)
+    _add_fit_parser(commands)
     _add_train_dar_parser(commands)
     _add_embed_parser(commands)
     _add_export_parser(commands)
@@ -245,6 +246,12 @@ def _add_scan_parser(commands) -> None:
     scan.add_argument("--batch-size", type=int, default=64)
     scan.add_argument("--precision", choices=PRECISIONS, default="auto")
     scan.add_argument("--no-progress", action="store_true")
+    scan.add_argument(
+        "--fit",
+        action="store_true",
+        help="first fit the model to the training images (deepssim fit, cached), then scan with it",
+    )
+    scan.add_argument("--fit-minutes", type=float, default=10.0, help="time budget of --fit (default 10)")
     _add_model_options(scan)
     _add_loading_options(scan)
     scan.set_defaults(handler=_run_scan)
@@ -271,10 +278,23 @@ def _thresholds(args: argparse.Namespace):
 def _run_scan(args: argparse.Namespace) -> None:
     from deepssim.scanning.scan import scan
 
+    model, fitted = args.model, None
+    if args.fit:
+        from deepssim.training.fit import FitSettings, cached_fit, describe
+
+        fitted = cached_fit(
+            args.train,
+            generated=args.synthetic,
+            settings=FitSettings(start=args.model, minutes=args.fit_minutes, device=args.device),
+            options=_loading_options(args),
+            progress=not args.no_progress,
+        )
+        print(describe(fitted))
+        model = str(fitted.model_path)
     result = scan(
         args.train,
         args.synthetic,
-        model=args.model,
+        model=model,
         metric=args.metric,
         decision=args.decision,
         k=args.top_k,
@@ -292,6 +312,8 @@ def _run_scan(args: argparse.Namespace) -> None:
         precision=args.precision,
         progress=not args.no_progress,
     )
+    if fitted is not None:
+        result.summary["fit"] = fitted.report
     files = result.save(args.out, gallery_size=args.gallery, anonymise=args.anonymise)
     print(format_summary(result.summary))
     print(f"report: {files['report']}")
@@ -484,6 +506,58 @@ def _run_benchmark_build(args: argparse.Namespace) -> None:
         f"{summary['training_images']} training images, {summary['generated_images']} generated "
         f"({summary['pairs_by_label']}) -> {out / 'train'}, {out / 'generated'}, {out / 'pairs.csv'}"
     )
+
+
+def _add_fit_parser(commands) -> None:
+    from deepssim.training.fit import FitSettings
+
+    defaults = FitSettings()
+    fit = commands.add_parser(
+        "fit",
+        help="fine-tune a DeepSSIM model on your own training images within a time budget",
+        description="Fine-tune a start model on self-supervised pairs of your training images; validate "
+        "on held-out files and keep the fitted model only if it is better. Writes OUT/fitted.safetensors "
+        "(+ .json) and OUT/fit.json; then: deepssim scan --model OUT/fitted.safetensors",
+    )
+    fit.add_argument("--train", required=True, nargs="+", help="the training images: folders or files")
+    fit.add_argument("--generated", nargs="+", help="generated images (used only as unrelated partners)")
+    fit.add_argument("--out", required=True, help="output folder")
+    fit.add_argument(
+        "--from", dest="start", default=defaults.start, help="start model: default or a checkpoint"
+    )
+    fit.add_argument("--minutes", type=float, default=defaults.minutes, help="time budget (default 10)")
+    fit.add_argument("--epochs", type=int, help="fixed number of epochs instead of the time budget")
+    fit.add_argument("--n-pairs", type=int, default=defaults.n_pairs)
+    fit.add_argument("--precision", choices=PRECISIONS, default=defaults.precision)
+    fit.add_argument("--seed", type=int, default=defaults.seed)
+    fit.add_argument("--device", default=defaults.device)
+    fit.add_argument("--no-progress", action="store_true")
+    _add_loading_options(fit)
+    fit.set_defaults(handler=_run_fit)
+
+
+def _run_fit(args: argparse.Namespace) -> None:
+    from deepssim.training.fit import FitSettings, describe, fit
+
+    settings = FitSettings(
+        start=args.start,
+        minutes=args.minutes,
+        epochs=args.epochs,
+        n_pairs=args.n_pairs,
+        precision=args.precision,
+        seed=args.seed,
+        device=args.device,
+    )
+    result = fit(
+        args.train,
+        args.out,
+        generated=args.generated,
+        settings=settings,
+        options=_loading_options(args),
+        progress=not args.no_progress,
+    )
+    print(describe(result))
+    print(f"model: {result.model_path} (+ .json); report: {Path(args.out) / 'fit.json'}")
 
 
 def _add_train_dar_parser(commands) -> None:

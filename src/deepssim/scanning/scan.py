@@ -318,7 +318,12 @@ def scan(
     summary["audit"] = audit_trail(
         inputs,
         {"training": train, "generated": synthetic, "reference": reference},
-        {"metric": metric.name, "name": model_name, "fingerprint_sha256": metric.fingerprint.split(":")[-1]},
+        {
+            "metric": metric.name,
+            "name": model_name,
+            "fingerprint_sha256": metric.fingerprint.split(":")[-1],
+            "validation": _model_validation(metric),
+        },
         {
             "decision": decision,
             "k": k,
@@ -517,6 +522,13 @@ def _different_patient_scores(metric, train_set, groups, k, two_stage, embed, pr
     if not two_stage:
         return scores[:, 0].astype(np.float64)
     return np.nanmax(register_top_k(train_set, train_set, nearest, progress=progress).ssim_registered, axis=1)
+
+
+def _model_validation(metric) -> dict | None:
+    """The validation numbers a DeepSSIM checkpoint was selected by, as its card records them."""
+    model = getattr(metric, "model", None)
+    training = model.config.get("training") if model is not None else None
+    return training.get("best_validation") if isinstance(training, dict) else None
 
 
 def _check_one_size(train_set: ImageSet, synthetic_set: ImageSet, alternative: str) -> None:

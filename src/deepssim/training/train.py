@@ -60,6 +60,9 @@ class TrainSettings:
 
     layer_decay: each layer group from the output down gets this factor more decay of its
     learning rate (1.0 = none; the authors' later variant uses 0.3).
+    initial_weights: a DeepSSIM checkpoint (or "default") to fine-tune instead of starting from
+    scratch; its architecture replaces ``architecture``, and the log's epoch 0 is the start model
+    on the same validation pairs (best_epoch 0: training did not improve on it).
     """
 
     architecture: str = "deepssim_fast"
@@ -76,6 +79,7 @@ class TrainSettings:
     seed: int = 0
     synthetic_subjects: int = 0
     slices_per_subject: int = 24
+    initial_weights: str | None = None
     pretrained: str | None = None
     pretrained_file: str | None = None
     device: str = "cpu"
@@ -134,7 +138,14 @@ def train(
             "(at least two source files) or set a split column in the pairs file"
         )
     device = torch.device(settings.device)
-    network = build_network(settings.architecture)
+    if settings.initial_weights is not None:
+        start = DeepSSIM.load(settings.initial_weights)
+        if isinstance(start.network, torch.jit.ScriptModule):
+            raise DeepSSIMError(f"{settings.initial_weights}: a TorchScript model cannot be fine-tuned")
+        settings = replace(settings, architecture=start.config["architecture"])
+        network = start.network
+    else:
+        network = build_network(settings.architecture)
     if settings.pretrained == "imagenet":
         load_imagenet_weights(network, settings.architecture, settings.pretrained_file)
     network = network.to(device).to(memory_format=torch.channels_last)
@@ -155,15 +166,17 @@ def train(
         start_epoch, best_score, log = _restore(state_path, network, optimizer, scheduler, settings_json)
     config = make_config(settings.architecture, network.input_channels, EMBEDDING_DIM)
     model = DeepSSIM(network, config, settings.device)
+    if settings.initial_weights is not None and not log:  # epoch 0: the start model itself
+        row = {"epoch": 0, "train_mse": float("nan"), **_validation(network, pool, val_pairs, settings)}
+        row.update(learning_rate=0.0, seconds=0.0)
+        log.append(row)
+        best_score = (row["val_aligned_mse"] + row["val_misaligned_mse"]) / 2
+        summary = _summary(settings, log, image_count, train_pairs, val_pairs)
+        model.save(out_dir / "best", training=summary)
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
         train_mse = _train_epoch(network, optimizer, scheduler, pool, train_pairs, settings, epoch, progress)
-        row = {"epoch": epoch + 1, "train_mse": train_mse}
-        for setting, augmentation in (("aligned", "none"), ("misaligned", "misaligned")):
-            predicted = predict_pairs(network, pool, val_pairs, augmentation, settings)
-            row.update(
-                {f"val_{setting}_{k}": v for k, v in regression_metrics(predicted, val_pairs.ssim).items()}
-            )
+        row = {"epoch": epoch + 1, "train_mse": train_mse, **_validation(network, pool, val_pairs, settings)}
         row["learning_rate"] = scheduler.get_last_lr()[-1]
         row["seconds"] = time.perf_counter() - started
         log.append(row)
@@ -190,6 +203,17 @@ def train(
     return TrainingResult(
         out_dir / "best.safetensors", out_dir / "last.safetensors", log, best_config["training"]
     )
+
+
+def _validation(network, pool, val_pairs, settings) -> dict:
+    """MSE, MAE and Pearson on the validation pairs, aligned and misaligned."""
+    row = {}
+    for setting, augmentation in (("aligned", "none"), ("misaligned", "misaligned")):
+        predicted = predict_pairs(network, pool, val_pairs, augmentation, settings)
+        row.update(
+            {f"val_{setting}_{k}": v for k, v in regression_metrics(predicted, val_pairs.ssim).items()}
+        )
+    return row
 
 
 def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
@@ -385,7 +409,7 @@ def _summary(settings, log, image_count, train_pairs, val_pairs) -> dict:
         "images": image_count,
         "train_pairs": len(train_pairs),
         "val_pairs": len(val_pairs),
-        "epochs_run": len(log),
+        "epochs_run": sum(1 for r in log if r["epoch"] > 0),
         "best_epoch": best["epoch"],
         "best_validation": {k: v for k, v in best.items() if k.startswith("val_")},
         "training_seconds": round(sum(r["seconds"] for r in log), 1),
