@@ -149,3 +149,45 @@ def test_output_folder_that_cannot_be_created_is_a_one_line_error(tmp_path):
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "cannot write" in done.stderr and "choose another --out" in done.stderr
+
+
+def test_scan_command_with_patients_label_free_threshold_and_anonymised_report(tmp_path):
+    """The README's scan command with its trust options: every planted copy is a Duplicate
+    (registered SSIM decides), patients are counted, and the anonymised report holds no image.
+    (With 16 training images a 10% false-positive rate is a low threshold: look-alike slices of
+    other subjects may be called Duplicates, as the rate allows.)"""
+    out = tmp_path / "scan"
+    done = run_cli(
+        "scan",
+        "--train",
+        str(EXAMPLE / "train"),
+        "--synthetic",
+        str(EXAMPLE / "synthetic"),
+        "--out",
+        str(out),
+        "--group-by",
+        r"^(ants|dwi|itk|kmeans|mni)",
+        "--duplicate-fpr",
+        "0.1",
+        "--anonymise",
+        "--no-cache",
+        "--no-progress",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "patients (^(ants|dwi|itk|kmeans|mni)) with at least one Duplicate" in done.stdout
+    with open(out / "results.csv") as handle:
+        rows = {row["synthetic_key"]: row for row in csv.DictReader(handle)}
+    with open(EXAMPLE / "planted.csv") as handle:
+        planted = {row["synthetic_key"]: row for row in csv.DictReader(handle)}
+    for key, row in planted.items():
+        if row["kind"].startswith("duplicate"):
+            assert rows[key]["class"] == "Duplicate", key
+    html = (out / "report.html").read_text()
+    assert "Anonymised report: no image of any patient is included" in html
+    assert "alt='generated" not in html and "alt='training" not in html
+    assert (
+        "id='patient-table'" in html
+        and "id='audit-table'" in html
+        and "fpr 0.1 from 5 training groups" in html
+    )
+    assert (out / "groups.csv").is_file()

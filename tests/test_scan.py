@@ -279,6 +279,8 @@ def test_two_stage_decision_calls_every_planted_copy_by_registered_ssim(tmp_path
         if planted[key]["kind"].startswith("duplicate"):
             assert result.classes[i] == 1, key
             assert result.train_keys[result.neighbours[i, 0]] == planted[key]["source_train_key"]
+        if planted[key]["kind"] == "different":
+            assert result.classes[i] != 1, key  # no other subject is called a copy
         aligned = apply_transform(fake[i], **evidence.transform(i, 0))
         a = (real[result.neighbours[i, 0]] - real[result.neighbours[i, 0]].mean()) / real[
             result.neighbours[i, 0]

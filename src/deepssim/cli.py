@@ -247,11 +247,13 @@ def _add_scan_parser(commands) -> None:
     scan.add_argument("--precision", choices=PRECISIONS, default="auto")
     scan.add_argument("--no-progress", action="store_true")
     scan.add_argument(
-        "--fit",
+        "--fit-model",
         action="store_true",
         help="first fit the model to the training images (deepssim fit, cached), then scan with it",
     )
-    scan.add_argument("--fit-minutes", type=float, default=10.0, help="time budget of --fit (default 10)")
+    scan.add_argument(
+        "--fit-minutes", type=float, default=10.0, help="time budget of --fit-model (default 10)"
+    )
     _add_model_options(scan)
     _add_loading_options(scan)
     scan.set_defaults(handler=_run_scan)
@@ -279,7 +281,7 @@ def _run_scan(args: argparse.Namespace) -> None:
     from deepssim.scanning.scan import scan
 
     model, fitted = args.model, None
-    if args.fit:
+    if args.fit_model:
         from deepssim.training.fit import FitSettings, cached_fit, describe
 
         fitted = cached_fit(
