@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,21 @@ from deepssim.io.normalise import LUMA_WEIGHTS, check_finite_and_varying, fit_to
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
-SUPPORTED_SUFFIXES = RASTER_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES + (".npy",)
+# The reader registry: file suffix -> function(path, options) returning a 2D image or an
+# (N, H, W) stack of float64. A new format is one function with @reader(".suffix").
+READERS: dict[str, Callable[[Path, LoadOptions], np.ndarray]] = {}
+
+
+def reader(*suffixes: str):
+    """Register a reader for files with these (lower-case) suffixes."""
+
+    def add(function):
+        for suffix in suffixes:
+            READERS[suffix] = function
+        return function
+
+    return add
+
 
 # A volume slice is "near-empty" when fewer than `min_foreground` of its pixels are brighter
 # than this fraction of the volume's 99.5th-percentile intensity (above the volume minimum).
@@ -110,9 +124,7 @@ class ImageSet:
                 example_of_shape.setdefault(image_shape, str(ref.path))
         if not refs:
             where = ", ".join(str(p) for p in _as_list(inputs))
-            raise DeepSSIMError(
-                f"no usable images found in {where} (supported: {', '.join(SUPPORTED_SUFFIXES)})"
-            )
+            raise DeepSSIMError(f"no usable images found in {where} (supported: {', '.join(READERS)})")
         _check_unique_keys(refs)
         if skipped:
             warnings.warn(f"skipped {len(skipped)} bad image(s) (--skip-bad)", stacklevel=2)
@@ -192,7 +204,7 @@ def _is_dicom_without_suffix(path: Path) -> bool:
 
 
 def _is_supported(path: Path) -> bool:
-    return _suffix(path) in SUPPORTED_SUFFIXES or _is_dicom_without_suffix(path)
+    return _suffix(path) in READERS or _is_dicom_without_suffix(path)
 
 
 def _discover(inputs) -> Iterator[tuple[Path, Path]]:
@@ -215,7 +227,7 @@ def _discover(inputs) -> Iterator[tuple[Path, Path]]:
             if not _is_supported(item):
                 raise DeepSSIMError(
                     f"{item}: unsupported file type {_suffix(item) or '(no extension)'}; "
-                    f"supported: {', '.join(SUPPORTED_SUFFIXES)} and DICOM"
+                    f"supported: {', '.join(READERS)} and DICOM"
                 )
             yield item.parent, item
         else:
@@ -278,17 +290,9 @@ def _decode(path: Path, options: LoadOptions) -> np.ndarray:
         raise DeepSSIMError(f"{path}: cannot open ({error.strerror})") from None
     if size == 0:
         raise DeepSSIMError(f"{path}: file is empty (0 bytes); remove it or use --skip-bad")
-    suffix = _suffix(path)
-    reader = {".npy": _read_npy}.get(suffix)
-    if reader is None:
-        if suffix in NIFTI_SUFFIXES:
-            reader = _read_nifti
-        elif suffix in DICOM_SUFFIXES or not path.suffix:
-            reader = _read_dicom
-        else:
-            reader = _read_raster
+    read = READERS.get(_suffix(path), _read_dicom)  # files without a suffix are DICOM (checked)
     try:
-        return reader(path, options)
+        return read(path, options)
     except DeepSSIMError:
         raise
     except Exception as error:  # noqa: BLE001 - any decoder failure is a bad file for the user
@@ -298,6 +302,7 @@ def _decode(path: Path, options: LoadOptions) -> np.ndarray:
         ) from None
 
 
+@reader(*RASTER_SUFFIXES)
 def _read_raster(path: Path, options: LoadOptions) -> np.ndarray:
     from PIL import Image
 
@@ -312,6 +317,7 @@ def _read_raster(path: Path, options: LoadOptions) -> np.ndarray:
         return to_gray(np.asarray(image))
 
 
+@reader(".npy")
 def _read_npy(path: Path, options: LoadOptions) -> np.ndarray:
     data = np.load(path, allow_pickle=False)
     if data.ndim not in (2, 3):
@@ -319,6 +325,7 @@ def _read_npy(path: Path, options: LoadOptions) -> np.ndarray:
     return data.astype(np.float64)
 
 
+@reader(*NIFTI_SUFFIXES)
 def _read_nifti(path: Path, options: LoadOptions) -> np.ndarray:
     import nibabel as nib
 
@@ -334,6 +341,7 @@ def _read_nifti(path: Path, options: LoadOptions) -> np.ndarray:
     return np.moveaxis(volume, options.axis, 0)
 
 
+@reader(*DICOM_SUFFIXES)
 def _read_dicom(path: Path, options: LoadOptions) -> np.ndarray:
     import pydicom
 

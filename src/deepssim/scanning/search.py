@@ -12,7 +12,6 @@ from deepssim.errors import DeepSSIMError
 from deepssim.extras import require
 from deepssim.ssim.engine import ssim_blocks
 
-SEARCH_METHODS = ("exact", "faiss", "faiss-hnsw")
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 
 
@@ -30,14 +29,12 @@ def top_k_embeddings(
     exact flat inner-product index; ``faiss-hnsw`` an approximate HNSW graph (faster on
     millions of images, may miss a neighbour).
     """
-    if method not in SEARCH_METHODS:
-        raise DeepSSIMError(f"unknown search method {method!r}; choose one of {', '.join(SEARCH_METHODS)}")
+    if method not in SEARCH_BACKENDS:
+        raise DeepSSIMError(f"unknown search method {method!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
     k = min(k, len(database))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     database = np.ascontiguousarray(database, dtype=np.float32)
-    if method == "exact":
-        return _top_k_torch(queries, database, k, block_bytes)
-    return _top_k_faiss(queries, database, k, approximate=method == "faiss-hnsw")
+    return SEARCH_BACKENDS[method](queries, database, k, block_bytes)
 
 
 def top_k_other_groups(
@@ -66,7 +63,7 @@ def top_k_other_groups(
     return scores, indices
 
 
-def _top_k_torch(queries, database, k, block_bytes):
+def _top_k_torch(queries, database, k, block_bytes=DEFAULT_BLOCK_BYTES):
     rows_per_block = max(1, block_bytes // (4 * len(database)))
     base = torch.from_numpy(database)
     scores = np.empty((len(queries), k), dtype=np.float32)
@@ -79,7 +76,7 @@ def _top_k_torch(queries, database, k, block_bytes):
     return scores, indices
 
 
-def _top_k_faiss(queries, database, k, approximate):
+def _top_k_faiss(queries, database, k, approximate: bool):
     faiss = require("faiss")
 
     if approximate:
@@ -93,6 +90,15 @@ def _top_k_faiss(queries, database, k, approximate):
     scores[missing] = -np.inf
     indices[missing] = 0
     return scores, indices.astype(np.int64)
+
+
+# The search-backend registry: name -> function(queries, database, k, block_bytes) -> (scores, indices).
+SEARCH_BACKENDS = {
+    "exact": _top_k_torch,
+    "faiss": lambda queries, database, k, _: _top_k_faiss(queries, database, k, approximate=False),
+    "faiss-hnsw": lambda queries, database, k, _: _top_k_faiss(queries, database, k, approximate=True),
+}
+SEARCH_METHODS = tuple(SEARCH_BACKENDS)
 
 
 def top_k_ssim(train, synthetic, k: int, block_size: int = 1024, progress: bool = False):

@@ -104,7 +104,15 @@ def fit(
             "can be held out for validation"
         )
     started = time.perf_counter()
-    epochs = settings.epochs or _epochs_for_budget(image_set, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = out_dir / "plan.json"  # the epoch count, so an interrupted fit resumes with the same one
+    if settings.epochs is not None:
+        epochs = settings.epochs
+    elif plan.is_file() and json.loads(plan.read_text()).get("settings") == asdict(settings):
+        epochs = json.loads(plan.read_text())["epochs"]
+    else:
+        epochs = _epochs_for_budget(image_set, settings)
+        write_text_atomic(plan, json.dumps({"settings": asdict(settings), "epochs": epochs}) + "\n")
     recipe = TrainSettings(
         epochs=epochs,
         batch_size=settings.batch_size,
