@@ -28,6 +28,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ssim_matrix.py
+	$(BIN)/python benchmarks/registered_ssim.py
 	$(BIN)/python benchmarks/embed_throughput.py
 
 clean:

@@ -15,6 +15,7 @@ import torch
 from deepssim import DeepSSIM
 from deepssim.embedding.model import make_config
 from deepssim.embedding.networks import ARCHITECTURES, build_network
+from deepssim.hardware import cpu_description
 from deepssim.io.normalise import parse_size
 
 
@@ -36,6 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = parse_size(args.size)
     images = np.random.default_rng(0).normal(size=(args.images, *shape)).cumsum(1).cumsum(2)
+    print(f"CPU: {cpu_description()}")
     print(f"{args.images} images of {shape[0]}x{shape[1]}, torch threads {torch.get_num_threads()}")
     for architecture in ARCHITECTURES:
         torch.manual_seed(0)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from deepssim import LoadOptions, load_images, scan
 from deepssim.experiments.ldm import CONFIGS, generate, repetition_counts, train_diffusion, train_vae
+from deepssim.hardware import cpu_description
 
 LEVELS = ("none", "low", "high")
 
@@ -60,6 +61,7 @@ def main() -> None:
     work = Path(args.workdir)
     train = training_folder(Path(args.source), work / "train", args.images)
     count = len(load_images(train)[0])
+    print(f"CPU: {cpu_description()}")
     print(f"{count} training images of 64x64 in {train}")
     rows = []
     for level in LEVELS:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from deepssim.hardware import cpu_description
 from deepssim.io.normalise import fit_to_size
 from deepssim.ssim import ssim_pairs
 from deepssim.ssim.registered import FLIPS, register_pairs
@@ -27,18 +28,6 @@ from deepssim.ssim.registered import FLIPS, register_pairs
 VOLUME = Path(__file__).resolve().parents[1] / "data" / "sources" / "KmeansTest_T1UCharRaw.nii.gz"
 SHAPES = ((128, 128), (136, 112))
 KINDS = ("misaligned copy", "misaligned copy", "aligned copy", "other slice")
-
-
-def cpu_description() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next(
-        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?"
-    )
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    simd = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx512f", "avx2"))
-    return f"CPU: {model} ({simd}); torch threads {torch.get_num_threads()}"
 
 
 def transform(image: np.ndarray, flip: str, rotation_deg: float, shift, scale: float) -> np.ndarray:
@@ -134,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(cpu_description())
+    print(f"CPU: {cpu_description()}")
     for shape in SHAPES:
         run_shape(shape, args.pairs, args.repeats)
 

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from deepssim import ImageSet, load_images
+from deepssim.hardware import cpu_description
 from deepssim.scanning.search import top_k_ssim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,7 @@ def main() -> None:
     make_images(work / "train", args.train, 1)
     make_images(work / "generated", args.generated, 2)
     elapsed = time.perf_counter() - started
+    print(f"CPU: {cpu_description()}")
     print(f"images ready in {elapsed:.0f} s ({args.train} training, {args.generated} generated)")
 
     command = [

@@ -19,6 +19,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 import deepssim
+from deepssim.hardware import cpu_description
 
 SHAPE = (136, 112)  # the paper's brain-slice size
 
@@ -66,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
     real, synthetic = synthetic_images(args.real, 1), synthetic_images(args.synthetic, 2)
+    print(f"CPU: {cpu_description()}")
     print(
         f"{args.real} x {args.synthetic} images of {SHAPE[0]}x{SHAPE[1]}, {threads} threads/workers, "
         f"cpu count {os.cpu_count()}"
