@@ -37,7 +37,7 @@ from deepssim.scanning.decide import (
 )
 from deepssim.scanning.groups import group_of_each_image, group_summary
 from deepssim.scanning.search import top_k_other_groups
-from deepssim.ssim.registered import register_pairs
+from deepssim.ssim.registered import register_pairs, transform_text
 
 
 @dataclass
@@ -416,9 +416,9 @@ def summarise(
 
 @dataclass
 class PairEvidence:
-    """Per top-k pair (M, k): registered SSIM, plain SSIM and the rigid transform found for the
-    generated image (flip, rotation in degrees, shift in pixels (M, k, 2), scale); NaN where not
-    computed."""
+    """Per top-k pair (M, k): registered SSIM, plain SSIM and the transform that brings the
+    generated image into register (flip, rotation in degrees, shift in pixels (M, k, 2), scale,
+    contrast gamma); NaN where not computed."""
 
     ssim_registered: np.ndarray
     ssim_plain: np.ndarray
@@ -426,6 +426,7 @@ class PairEvidence:
     rotation_deg: np.ndarray
     shift_px: np.ndarray
     scale: np.ndarray
+    gamma: np.ndarray
 
     @classmethod
     def empty(cls, shape: tuple[int, int]) -> PairEvidence:
@@ -436,6 +437,7 @@ class PairEvidence:
             np.full(shape, "", dtype=object),
             nan.copy(),
             np.full((*shape, 2), np.nan),
+            nan.copy(),
             nan.copy(),
         )
 
@@ -449,14 +451,11 @@ class PairEvidence:
             "rotation_deg": float(self.rotation_deg[i, rank]),
             "shift_px": tuple(float(v) for v in self.shift_px[i, rank]),
             "scale": float(self.scale[i, rank]),
+            "gamma": float(self.gamma[i, rank]),
         }
 
     def transform_text(self, i: int, rank: int) -> str:
-        rows, columns = self.shift_px[i, rank]
-        return (
-            f"flip={self.flip[i, rank]} rot={self.rotation_deg[i, rank]:.1f} "
-            f"shift=({rows:.3g},{columns:.3g}) scale={self.scale[i, rank]:.2f}"
-        )
+        return transform_text(**self.transform(i, rank))
 
     def cells(self, i: int, rank: int) -> list[str]:
         """CSV cells: registered SSIM, transform, plain SSIM (empty where not computed)."""
@@ -503,7 +502,7 @@ def register_top_k(
         train_images = dict(zip(needed.tolist(), train_set.take(needed), strict=True))
         found = register_pairs(np.stack([train_images[i] for i in train_rows]), generated[chosen])
         rows = start + chosen
-        for name in ("ssim_registered", "ssim_plain", "flip", "rotation_deg", "shift_px", "scale"):
+        for name in ("ssim_registered", "ssim_plain", "flip", "rotation_deg", "shift_px", "scale", "gamma"):
             getattr(evidence, name)[rows, rank] = getattr(found, name)
         if bar is not None:
             bar.update(len(chosen))

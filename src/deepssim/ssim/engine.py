@@ -104,21 +104,26 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
         c2=np.empty(n, dtype) if role == "real" else None,
     )
     if _ssim_kernel is not None:
-        constant = _ssim_kernel.prepare_images(
-            np.ascontiguousarray(stack),
-            prepared.z,
-            prepared.mu,
-            prepared.mu_sq,
-            prepared.var,
-            prepared.c1 if role == "real" else np.empty(1, dtype),
-            prepared.c2 if role == "real" else np.empty(1, dtype),
-            n,
-            height,
-            width,
-            role == "real",
-            np.dtype(dtype) == np.float64,
-        )
-        if constant:
+        stack = np.ascontiguousarray(stack)
+        unused = np.empty(n, dtype)
+
+        def run(start: int, stop: int) -> int:
+            return _ssim_kernel.prepare_images(
+                stack[start:stop],
+                prepared.z[start:stop],
+                prepared.mu[start:stop],
+                prepared.mu_sq[start:stop],
+                prepared.var[start:stop],
+                (prepared.c1 if role == "real" else unused)[start:stop],
+                (prepared.c2 if role == "real" else unused)[start:stop],
+                stop - start,
+                height,
+                width,
+                role == "real",
+                np.dtype(dtype) == np.float64,
+            )
+
+        if any(_in_threads(n, run)):
             raise DeepSSIMError("a constant image has no standard deviation and cannot be z-scored")
         return prepared
     for start in range(0, n, chunk):
@@ -135,6 +140,16 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
             prepared.c1[part], prepared.c2[part] = c1, c2
         prepared.z[part], prepared.mu[part], prepared.mu_sq[part], prepared.var[part] = z, mu, mu_sq, var
     return prepared
+
+
+def _in_threads(n: int, run, minimum: int = 16) -> list:
+    """run(start, stop) over [0, n) split among torch's threads (the C kernel releases the GIL)."""
+    threads = max(1, min(torch.get_num_threads(), n // minimum))
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    if threads == 1:
+        return [run(0, n)]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(run, bounds[:-1], bounds[1:]))
 
 
 def ssim_prepared(
@@ -276,7 +291,7 @@ def ssim_prepared_pairs(real: PreparedImages, synthetic: PreparedImages) -> np.n
     if _ssim_kernel is not None and real.z.dtype == synthetic.z.dtype:
         height, width = real.z.shape[1:]
         out = np.empty(len(real), dtype=real.z.dtype)
-        _ssim_kernel.ssim_pairs(
+        arrays = [
             real.z,
             synthetic.z,
             real.mu,
@@ -285,14 +300,20 @@ def ssim_prepared_pairs(real: PreparedImages, synthetic: PreparedImages) -> np.n
             synthetic.mu_sq,
             real.var,
             synthetic.var,
-            real.c1,
-            real.c2,
-            out,
-            len(real),
-            height,
-            width,
-            real.z.dtype == np.float64,
-        )
+        ]
+        arrays = [np.ascontiguousarray(a) for a in arrays + [real.c1, real.c2]]
+
+        def run(start: int, stop: int) -> None:
+            _ssim_kernel.ssim_pairs(
+                *(a[start:stop] for a in arrays),
+                out[start:stop],
+                stop - start,
+                height,
+                width,
+                real.z.dtype == np.float64,
+            )
+
+        _in_threads(len(real), run)
         return out.astype(np.float64)
     mu_ab = real.mu * synthetic.mu
     covariance = COV_NORM * (_box_mean(real.z * synthetic.z) - mu_ab)

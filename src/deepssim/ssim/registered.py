@@ -48,7 +48,6 @@ With this rule aligned noisy copies score exactly their plain SSIM, and misalign
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +56,7 @@ import torch.nn.functional as F
 
 from deepssim.errors import DeepSSIMError
 from deepssim.io.normalise import zscore
-from deepssim.ssim.engine import PreparedImages, prepare, ssim_prepared
+from deepssim.ssim.engine import PreparedImages, prepare, ssim_pairs, ssim_prepared_pairs
 
 FLIPS = ("none", "rows", "cols", "both")
 # (row, col) signs of each flip, in centred coordinates.
@@ -67,6 +66,7 @@ COARSE_SIZE = 24  # longer side of the coarse level, in pixels
 COARSE_ROTATION_STEP = 5.0  # degrees
 COARSE_SCALES = 3  # scales tried at the coarse level (spread over the range)
 _REFINED_FLIPS = 2  # flips whose best coarse candidate is refined
+GAMMAS = np.exp(np.linspace(np.log(0.4), np.log(2.5), 41))  # contrast changes tried (1.0 included)
 MIDDLE_SIZE = 64  # longer side of the level where Gauss-Newton starts
 _ITERATIONS = (3, 3)  # Gauss-Newton steps at MIDDLE_SIZE, then at full resolution
 # Gauss-Newton samples every other row and column of its level (the gradients still come from the
@@ -91,6 +91,7 @@ class RegistrationSettings:
     max_shift_fraction: float = 0.10
     scale_range: tuple[float, float] = (0.9, 1.1)
     flips: bool = True
+    contrast: bool = True
     device: str = "cpu"
     chunk: int = 128
 
@@ -107,8 +108,10 @@ class RegistrationSettings:
             raise DeepSSIMError(
                 f"scale_range must satisfy 0.5 <= low <= 1 <= high <= 2, not {self.scale_range}"
             )
-        if not isinstance(self.flips, bool):
-            raise DeepSSIMError(f"flips must be True or False, not {self.flips!r}")
+        if not isinstance(self.flips, bool) or not isinstance(self.contrast, bool):
+            raise DeepSSIMError(
+                f"flips and contrast must be True or False, not {self.flips!r}, {self.contrast!r}"
+            )
         if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
             raise DeepSSIMError(f"chunk must be a positive integer, not {self.chunk!r}")
         try:
@@ -127,17 +130,30 @@ class Registration:
     rotation_deg: np.ndarray
     shift_px: np.ndarray
     scale: np.ndarray
+    gamma: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ssim_registered)
 
+    def transform(self, i: int) -> dict:
+        """Keyword arguments of :func:`apply_transform` for pair ``i``."""
+        return {
+            "flip": str(self.flip[i]),
+            "rotation_deg": float(self.rotation_deg[i]),
+            "shift_px": tuple(float(v) for v in self.shift_px[i]),
+            "scale": float(self.scale[i]),
+            "gamma": float(self.gamma[i]),
+        }
+
     def transform_text(self, i: int) -> str:
-        """The transform of pair ``i`` in one line, e.g. ``flip=cols rot=8.0 shift=(5,-2) scale=1.00``."""
-        rows, cols = self.shift_px[i]
-        return (
-            f"flip={self.flip[i]} rot={self.rotation_deg[i]:.1f} "
-            f"shift=({rows:.3g},{cols:.3g}) scale={self.scale[i]:.2f}"
-        )
+        """Pair ``i``'s transform in one line: ``flip=cols rot=8.0 shift=(5,-2) scale=1.00 gamma=0.71``."""
+        return transform_text(**self.transform(i))
+
+
+def transform_text(flip: str, rotation_deg: float, shift_px, scale: float, gamma: float) -> str:
+    rows, cols = shift_px
+    geometry = f"flip={flip} rot={rotation_deg:.1f} shift=({rows:.3g},{cols:.3g}) scale={scale:.2f}"
+    return f"{geometry} gamma={gamma:.2f}"
 
 
 def register_pairs(
@@ -158,7 +174,12 @@ def register_pairs(
         rotation_deg=np.zeros(n),
         shift_px=np.zeros((n, 2)),
         scale=np.ones(n),
+        gamma=np.ones(n),
     )
+    plain = ssim_pairs(train, generated)
+    if settings.contrast:
+        result.gamma = contrast_gamma(train, generated)
+        generated = _apply_gamma(generated, result.gamma)
     starts = range(0, n, settings.chunk)
     if progress:
         from tqdm import tqdm
@@ -169,7 +190,39 @@ def register_pairs(
             part = slice(start, start + settings.chunk)
             _register_chunk(train[part], generated[part], settings, result, part)
     result.flip = result.flip.astype(str)
+    # the untouched image is always a candidate: registered SSIM is never below plain SSIM
+    untouched = plain >= result.ssim_registered
+    result.ssim_plain = plain
+    result.ssim_registered = np.maximum(result.ssim_registered, plain)
+    result.flip[untouched] = "none"
+    result.rotation_deg[untouched], result.scale[untouched], result.gamma[untouched] = 0.0, 1.0, 1.0
+    result.shift_px[untouched] = 0.0
     return result
+
+
+def contrast_gamma(train: np.ndarray, generated: np.ndarray) -> np.ndarray:
+    """Per pair, the gamma (``GAMMAS``) that brings the generated image's intensity quantiles closest
+    to the training image's, both min-max scaled to [0, 1] (least squares over 99 quantiles)."""
+    levels = np.linspace(0.01, 0.99, 99)
+    target = np.quantile(_unit(train).reshape(len(train), -1), levels, axis=1).T  # (n, 99)
+    source = np.quantile(_unit(generated).reshape(len(generated), -1), levels, axis=1).T
+    error = ((source[:, None, :] ** GAMMAS[None, :, None] - target[:, None, :]) ** 2).sum(axis=2)
+    return GAMMAS[np.argmin(error, axis=1)]
+
+
+def _unit(images: np.ndarray) -> np.ndarray:
+    low = images.min(axis=(-2, -1), keepdims=True)
+    high = images.max(axis=(-2, -1), keepdims=True)
+    return (images - low) / np.maximum(high - low, 1e-12)
+
+
+def _apply_gamma(images: np.ndarray, gamma) -> np.ndarray:
+    """Min-max scale to [0, 1] and raise to ``gamma`` (per image); gamma 1 leaves an image as it is."""
+    gamma = np.broadcast_to(np.asarray(gamma, dtype=np.float64), (len(images),))
+    out = np.array(images, dtype=np.float64)
+    change = gamma != 1.0
+    out[change] = _unit(out[change]) ** gamma[change][:, None, None]
+    return out
 
 
 def registered_ssim(train_image, generated_image, **kwargs) -> float:
@@ -182,15 +235,19 @@ def registered_ssim(train_image, generated_image, **kwargs) -> float:
     return float(register_pairs(train_image[None], generated_image[None], **kwargs).ssim_registered[0])
 
 
-def apply_transform(image, flip: str, rotation_deg: float, shift_px, scale: float) -> np.ndarray:
-    """Warp one generated image by a transform as register_pairs reports it (for display or checking).
+def apply_transform(
+    image, flip: str, rotation_deg: float, shift_px, scale: float, gamma: float = 1.0
+) -> np.ndarray:
+    """Bring one generated image into register as register_pairs reports it (for display or checking).
 
-    Flips and whole-pixel shifts copy pixels; anything else is bicubic, computed exactly as during
-    registration. Pixels from outside the image take its minimum (the background of a scan).
+    The contrast first (min-max scaled to [0, 1], raised to ``gamma``; 1 leaves it as it is), then
+    the geometry: flips and whole-pixel shifts copy pixels; anything else is bicubic, computed exactly
+    as during registration. Pixels from outside the image take its minimum (the background of a scan).
     """
     image = np.asarray(image, dtype=np.float64)
     if image.ndim != 2:
         raise DeepSSIMError(f"apply_transform takes a 2D image, got shape {image.shape}")
+    image = _apply_gamma(image[None], gamma)[0]
     if flip not in FLIPS:
         raise DeepSSIMError(f"flip must be one of {', '.join(FLIPS)}, not {flip!r}")
     flip_index = np.array([FLIPS.index(flip)])
@@ -269,42 +326,14 @@ def _register_chunk(train, generated, settings, result: Registration, part: slic
 
 
 def _exact_ssim(train: np.ndarray, candidates: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """SSIM of (train[owner[j]], candidates[j]) for every j, with the SSIM engine (exact, float64).
-
-    Each training image is prepared once for all its candidates; the pairs are split among threads
-    (numpy and the C kernel release the GIL), each scoring its share with the per-pair C kernel.
-    """
-    out = np.empty(len(candidates))
-    workers = max(1, min(torch.get_num_threads(), len(train) // 8))
-
-    def run(pairs: np.ndarray) -> None:
-        mine = np.flatnonzero(np.isin(owner, pairs))
-        real = prepare(train[pairs], "real", np.float64)
-        synthetic = prepare(candidates[mine], "synthetic", np.float64)
-        for j, i in enumerate(np.searchsorted(pairs, owner[mine])):
-            out[mine[j]] = ssim_prepared(_take(real, i), _take(synthetic, j))[0, 0]
-
-    groups = np.array_split(np.arange(len(train)), workers)
-    if workers == 1:
-        run(groups[0])
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, groups))
-    return out
-
-
-def _take(prepared: PreparedImages, i: int) -> PreparedImages:
-    """Image i of prepared images, as a one-image PreparedImages (views, no copies)."""
-    one = slice(i, i + 1)
-    real = prepared.c1 is not None
-    return PreparedImages(
-        prepared.z[one],
-        prepared.mu[one],
-        prepared.mu_sq[one],
-        prepared.var[one],
-        prepared.c1[one] if real else None,
-        prepared.c2[one] if real else None,
+    """SSIM of (train[owner[j]], candidates[j]) for every j, with the SSIM engine (exact, float64):
+    each training image is prepared once for all its candidates, then the matched-pairs kernel."""
+    real = prepare(train, "real", np.float64)
+    synthetic = prepare(candidates, "synthetic", np.float64)
+    gathered = PreparedImages(
+        real.z[owner], real.mu[owner], real.mu_sq[owner], real.var[owner], real.c1[owner], real.c2[owner]
     )
+    return ssim_prepared_pairs(gathered, synthetic)
 
 
 # --------------------------------------------------------------------------------------------------
