@@ -16,12 +16,12 @@ Each score is then measured on S, aligned and misaligned (the evaluation protoco
 - regression fidelity (scores that estimate SSIM): MAE, RMSE, Pearson against the SSIM label,
   and the mean signed error in each SSIM decile (the calibration curve);
 - macro-F1 with thresholds calibrated for macro-F1 on the *other* sources' pairs;
-- duplicate recall@1: a degraded copy of an image of S (misaligned) must retrieve its own image
-  among all of S's images, its neighbouring slices included.
+- duplicate recall@1 and @5: a degraded copy of an image of S (misaligned) must retrieve its own
+  image among all of S's images, its neighbouring slices included.
 
 Scores are functions ``score(first, second) -> (n,)`` over matched pairs of raw images; a
-retrieval function ``retrieve(queries, gallery) -> (n,)`` gives the index of the best gallery
-image of each query.
+ranking function ``rank(queries, gallery) -> (n, k)`` gives each query's gallery indices, best
+first.
 """
 
 from __future__ import annotations
@@ -173,19 +173,25 @@ def macro_f1_held_out(
     return float(f1), (thresholds.low, thresholds.high)
 
 
-def duplicate_recall_at_1(
+def duplicate_recall(
     source: Source,
-    retrieve: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    rank: Callable[[np.ndarray, np.ndarray], np.ndarray],
     queries: int,
     seed: int,
-) -> float:
-    """Share of degraded, misaligned copies of S's images whose best match among all of S's images
-    (neighbouring slices included) is the image they were made from."""
+) -> dict:
+    """Recall@1 and recall@5 of degraded, misaligned copies of S's images among all of S's images
+    (neighbouring slices included): the share whose own image is ranked first, or in the top 5.
+
+    rank(queries, gallery) -> (n, >= 5) gallery indices of each query, best first.
+    """
     from deepssim.evaluation.protocol import misaligned_views
 
     rng = np.random.default_rng(derived_seed(seed, 13, sum(map(ord, source.name))))
     gallery = zscore(source.images.astype(np.float64))
     rows = rng.choice(len(gallery), size=min(queries, len(gallery)), replace=False)
     copies = np.stack([degrade(gallery[r], int(rng.integers(2**62)), COPY_STRENGTH) for r in rows])
-    found = retrieve(misaligned_views(copies, derived_seed(seed, 14)), gallery)
-    return float(np.mean(found == rows))
+    ranked = rank(misaligned_views(copies, derived_seed(seed, 14)), gallery)
+    return {
+        "recall_at_1": float(np.mean(ranked[:, 0] == rows)),
+        "recall_at_5": float(np.mean((ranked[:, :5] == rows[:, None]).any(axis=1))),
+    }
