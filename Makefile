@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml setup.py src/deepssim/ssim/_kernel.c
 
 demo: $(STAMP)
 	$(BIN)/deepssim scan --train data/example/train --synthetic data/example/synthetic \
-		--out demo-output --verify --cache demo-output/embeddings.sqlite
+		--out demo-output --group-by '^(ants_r[0-9]+|kmeans|mni|itk_[a-z0-9]+|dwi)' \
+		--cache demo-output/embeddings.sqlite
 
 test: lint
 	$(BIN)/python -m pytest -q
