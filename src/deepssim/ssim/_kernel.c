@@ -146,28 +146,39 @@ MULTIVERSION static long NAME(const double *x, T *z, T *mu, T *mu2, T *var, T *c
             c1[i] = (T)C1;                                                                     \
             c2[i] = (T)C2;                                                                     \
         }                                                                                      \
+        for (long xx = 0; xx < W; xx++) {                                                      \
+            double s = 0, s2 = 0;                                                              \
+            for (long k = 0; k < 7; k++) {                                                     \
+                const double v = zd[k * W + xx];                                               \
+                s += v;                                                                        \
+                s2 += v * v;                                                                   \
+            }                                                                                  \
+            col[xx] = s;                                                                       \
+            col2[xx] = s2;                                                                     \
+        }                                                                                      \
         for (long y = 0; y < ho; y++) {                                                        \
-            for (long xx = 0; xx < W; xx++) {                                                  \
-                double s = 0, s2 = 0;                                                          \
-                for (long k = 0; k < 7; k++) {                                                 \
-                    const double v = zd[(y + k) * W + xx];                                     \
-                    s += v;                                                                    \
-                    s2 += v * v;                                                               \
+            if (y > 0) {  /* slide the 7-row column sums down one row (double: no drift) */   \
+                const double *add = zd + (y + 6) * W, *drop = zd + (y - 1) * W;                \
+                for (long xx = 0; xx < W; xx++) {                                              \
+                    col[xx] += add[xx] - drop[xx];                                             \
+                    col2[xx] += add[xx] * add[xx] - drop[xx] * drop[xx];                       \
                 }                                                                              \
-                col[xx] = s;                                                                   \
-                col2[xx] = s2;                                                                 \
+            }                                                                                  \
+            double s = 0, s2 = 0;                                                              \
+            for (long k = 0; k < 6; k++) {                                                     \
+                s += col[k];                                                                   \
+                s2 += col2[k];                                                                 \
             }                                                                                  \
             for (long xx = 0; xx < wo; xx++) {                                                 \
-                double s = 0, s2 = 0;                                                          \
-                for (long k = 0; k < 7; k++) {                                                 \
-                    s += col[xx + k];                                                          \
-                    s2 += col2[xx + k];                                                        \
-                }                                                                              \
+                s += col[xx + 6];                                                              \
+                s2 += col2[xx + 6];                                                            \
                 const double m = s / 49.0;                                                     \
                 const long o = i * vhw + y * wo + xx;                                          \
                 mu[o] = (T)m;                                                                  \
                 mu2[o] = (T)(m * m + C1);                                                      \
                 var[o] = (T)((49.0 / 48.0) * (s2 / 49.0 - m * m) + C2);                        \
+                s -= col[xx];                                                                  \
+                s2 -= col2[xx];                                                                \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
