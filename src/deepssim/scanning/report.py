@@ -197,7 +197,8 @@ def _gallery(result, gallery_size: int, anonymise: bool) -> str:
             else:
                 images.append(_img("aligned generated", _to_uint8(moved)))
             if "local SSIM" in overlays:
-                images.append(_img("training, local SSIM", _overlay(real, 1 - overlays["local SSIM"])))
+                # 1 - local SSIM on an absolute scale: a copy shows (almost) no red
+                images.append(_img("training, local SSIM", _overlay(real, 1 - overlays["local SSIM"], 1.0)))
         score = f"{result.metric} {result.scores[i, 0]:.4f}"
         evidence = result.evidence
         if evidence is not None and evidence.has(i, 0):
@@ -239,10 +240,12 @@ def _colour(values: np.ndarray, colormap: str) -> np.ndarray:
     return (colormaps[colormap](scaled)[..., :3] * 255).astype(np.uint8)
 
 
-def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """The gray image with ``heat`` (scaled to its 99th percentile) blended in red."""
+def _overlay(image: np.ndarray, heat: np.ndarray, full_scale: float | None = None) -> np.ndarray:
+    """The gray image with ``heat`` blended in red: scaled to ``full_scale``, or to its own 99th
+    percentile when None (an attribution map has no natural unit)."""
     gray = _to_uint8(image).astype(np.float64)[..., None].repeat(3, axis=2)
-    weight = np.clip(heat / max(np.percentile(heat, 99), 1e-12), 0, 1)[..., None]
+    scale = full_scale if full_scale is not None else max(np.percentile(heat, 99), 1e-12)
+    weight = np.clip(heat / scale, 0, 1)[..., None]
     red = np.array([230.0, 30.0, 30.0])
     return np.clip(gray * (1 - 0.7 * weight) + red * 0.7 * weight, 0, 255).astype(np.uint8)
 
