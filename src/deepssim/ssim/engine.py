@@ -142,6 +142,22 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
     return prepared
 
 
+def _kernel_arrays(real: PreparedImages, synthetic: PreparedImages) -> tuple:
+    """The C kernels' inputs, in their order: z, mu, mu^2 (+C1), var (+C2) of both sides, C1, C2."""
+    return (
+        real.z,
+        synthetic.z,
+        real.mu,
+        synthetic.mu,
+        real.mu_sq,
+        synthetic.mu_sq,
+        real.var,
+        synthetic.var,
+        real.c1,
+        real.c2,
+    )
+
+
 def _in_threads(n: int, run, minimum: int = 16) -> list:
     """run(start, stop) over [0, n) split among torch's threads (the C kernel releases the GIL)."""
     threads = max(1, min(torch.get_num_threads(), n // minimum))
@@ -195,19 +211,7 @@ def _ssim_c(real: PreparedImages, synthetic: PreparedImages, threads: int | None
     out = np.empty((n, m), dtype=dtype)
     threads = threads or torch.get_num_threads() or os.cpu_count() or 1
     chunk = max(_KERNEL_TILE, -(-n // (threads * 4)) // _KERNEL_TILE * _KERNEL_TILE)
-    args = (
-        real.z,
-        synthetic.z,
-        real.mu,
-        synthetic.mu,
-        real.mu_sq,
-        synthetic.mu_sq,
-        real.var,
-        synthetic.var,
-        real.c1,
-        real.c2,
-        out,
-    )
+    args = (*_kernel_arrays(real, synthetic), out)
 
     def run(start: int) -> None:
         _ssim_kernel.ssim_rows(*args, start, min(start + chunk, n), m, height, width, dtype == np.float64)
@@ -291,17 +295,7 @@ def ssim_prepared_pairs(real: PreparedImages, synthetic: PreparedImages) -> np.n
     if _ssim_kernel is not None and real.z.dtype == synthetic.z.dtype:
         height, width = real.z.shape[1:]
         out = np.empty(len(real), dtype=real.z.dtype)
-        arrays = [
-            real.z,
-            synthetic.z,
-            real.mu,
-            synthetic.mu,
-            real.mu_sq,
-            synthetic.mu_sq,
-            real.var,
-            synthetic.var,
-        ]
-        arrays = [np.ascontiguousarray(a) for a in arrays + [real.c1, real.c2]]
+        arrays = [np.ascontiguousarray(a) for a in _kernel_arrays(real, synthetic)]
 
         def run(start: int, stop: int) -> None:
             _ssim_kernel.ssim_pairs(
