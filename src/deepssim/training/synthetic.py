@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from deepssim.errors import DeepSSIMError
 from deepssim.seeds import derived_seed
 
 VOXEL_MM = 1.5
@@ -105,7 +106,11 @@ def load_atlas(sources: str | None = None) -> Atlas:
     for name, file in SOURCE_FILES.items():
         path = root / file
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing; run data/assemble_sources.sh")
+            raise DeepSSIMError(
+                f"{path} is missing: synthetic subjects need the MNI ICBM152 maps of the repository's "
+                "data/sources/ (run data/assemble_sources.sh there), or DEEPSSIM_DATA_SOURCES set to "
+                "a folder holding them"
+            )
         maps[name] = np.asarray(nib.load(path).dataobj, dtype=np.float32)
     brain = ndi.binary_fill_holes((maps["t1"] > 0) | (maps["gm"] + maps["wm"] > 127.5))
 
