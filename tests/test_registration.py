@@ -162,3 +162,15 @@ def test_bad_input_raises():
     ):
         with pytest.raises(DeepSSIMError):
             RegistrationSettings(**bad)
+
+
+def test_registered_is_a_pairs_metric_for_calibrate_and_evaluate(near_copy):
+    from deepssim.metrics import load_metric
+
+    original, _, moved = near_copy
+    metric = load_metric("registered")
+    assert metric.thresholds == (0.6, 0.85)
+    score = metric.pair_scores(original[None], moved[None])[0]
+    assert score == pytest.approx(registered_ssim(original, moved), abs=1e-12)
+    with pytest.raises(DeepSSIMError, match="matched pairs only"):
+        metric.top_k(original[None], moved[None], 1)

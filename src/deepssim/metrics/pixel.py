@@ -47,3 +47,20 @@ class FSIMMetric(SimilarityMetric):
             b = unit_range(synthetic[start : start + batch_size])
             scores.append(piq.fsim(a, b, data_range=1.0, reduction="none", chromatic=False).numpy())
         return np.concatenate(scores).astype(np.float64)
+
+
+@register("registered")
+class RegisteredSSIMMetric(SimilarityMetric):
+    """Registered SSIM (:mod:`deepssim.ssim.registered`): SSIM after the flip, rotation, shift,
+    scale and contrast gamma that best bring the generated image into register. Pairs only; in a
+    scan it is the second stage of the default decision."""
+
+    thresholds = (0.6, 0.85)
+    description = "registered SSIM (SSIM after rigid and contrast registration)"
+
+    def pair_scores(self, real, synthetic):
+        from deepssim.ssim.registered import register_pairs
+
+        return register_pairs(
+            np.asarray(real, dtype=np.float64), np.asarray(synthetic, dtype=np.float64)
+        ).ssim_registered
