@@ -293,3 +293,18 @@ def test_two_stage_decision_calls_every_planted_copy_by_registered_ssim(tmp_path
     assert {"top1_ssim_registered", "top1_transform", "top1_ssim"} <= set(rows[0])
     assert rows[0]["top1_transform"].startswith("flip=")
     assert "registered SSIM" in files["report"].read_text()
+
+
+def test_scan_settings_are_validated_once_and_recorded():
+    from deepssim.scanning.search import SEARCH_BACKENDS
+    from deepssim.scanning.settings import ScanSettings
+
+    assert ScanSettings.choices("search") == tuple(SEARCH_BACKENDS)  # the Literal follows the registry
+    with pytest.raises(DeepSSIMError, match="decision must be one of two-stage, score"):
+        ScanSettings(decision="vote")
+    with pytest.raises(DeepSSIMError, match="k and the batch size"):
+        ScanSettings(k=0)
+    with pytest.raises(DeepSSIMError, match="needs --group-by"):
+        ScanSettings(duplicate_fpr=0.1)
+    with pytest.raises(DeepSSIMError, match="must be one of"):
+        scan(TRAIN, SYNTHETIC, metric="ssim", search="annoy")

@@ -183,8 +183,9 @@ def _run_ldm_generate(args: argparse.Namespace) -> None:
 
 
 def _add_scan_parser(commands) -> None:
-    from deepssim.scanning.scan import DECISIONS
-    from deepssim.scanning.search import SEARCH_METHODS
+    from deepssim.scanning.settings import ScanSettings
+
+    defaults = ScanSettings()
 
     scan = commands.add_parser(
         "scan",
@@ -202,12 +203,14 @@ def _add_scan_parser(commands) -> None:
     )
     scan.add_argument(
         "--decision",
-        choices=DECISIONS,
-        default="two-stage",
+        choices=ScanSettings.choices("decision"),
+        default=defaults.decision,
         help="two-stage (default): the metric retrieves the top-k, registered SSIM (after the best flip, "
         "rotation, shift and scale) decides; score: the metric's score decides (faster)",
     )
-    scan.add_argument("-k", "--top-k", type=int, default=5, help="training matches kept per generated image")
+    scan.add_argument(
+        "-k", "--top-k", type=int, default=defaults.k, help="training matches kept per generated image"
+    )
     _add_threshold_options(scan)
     scan.add_argument(
         "--reference", nargs="+", help="held-out real images: the similarity of different patients"
@@ -234,7 +237,12 @@ def _add_scan_parser(commands) -> None:
         help="with --decision score: also compute registered and plain SSIM of every top-k pair "
         "(always done for Duplicates, and for every pair in the two-stage decision)",
     )
-    scan.add_argument("--search", choices=SEARCH_METHODS, default="exact", help="nearest-neighbour search")
+    scan.add_argument(
+        "--search",
+        choices=ScanSettings.choices("search"),
+        default=defaults.search,
+        help="nearest-neighbour search",
+    )
     scan.add_argument("--cache", help="embedding cache file (default ~/.cache/deepssim/embeddings.sqlite)")
     scan.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     scan.add_argument("--gallery", type=int, default=24, help="pairs shown in report.html (default 24)")
@@ -243,8 +251,8 @@ def _add_scan_parser(commands) -> None:
         action="store_true",
         help="a report to share outside the hospital: no images, only keys, scores and maps of differences",
     )
-    scan.add_argument("--batch-size", type=int, default=64)
-    scan.add_argument("--precision", choices=PRECISIONS, default="auto")
+    scan.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    scan.add_argument("--precision", choices=ScanSettings.choices("precision"), default=defaults.precision)
     scan.add_argument("--no-progress", action="store_true")
     scan.add_argument(
         "--fit-model",

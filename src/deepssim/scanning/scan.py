@@ -37,6 +37,7 @@ from deepssim.scanning.decide import (
 )
 from deepssim.scanning.groups import group_of_each_image, group_summary
 from deepssim.scanning.search import top_k_other_groups
+from deepssim.scanning.settings import ScanSettings
 from deepssim.ssim.registered import register_pairs, transform_text
 
 
@@ -165,9 +166,6 @@ class ScanResult:
         return self.files
 
 
-DECISIONS = ("two-stage", "score")
-
-
 def scan(
     train,
     synthetic,
@@ -214,14 +212,20 @@ def scan(
     cache: True for the default cache file, a path, or False/None for none.
     search: "exact" (blocked matrix products), "faiss" (exact index) or "faiss-hnsw" (approximate).
     """
-    if k < 1:
-        raise DeepSSIMError("k must be at least 1")
-    if decision not in DECISIONS:
-        raise DeepSSIMError(f"decision must be one of {', '.join(DECISIONS)}, not {decision!r}")
+    settings = ScanSettings(
+        decision=decision,
+        k=k,
+        use_reference_threshold=use_reference_threshold,
+        verify=verify,
+        group_by=group_by,
+        duplicate_fpr=duplicate_fpr,
+        search=search,
+        batch_size=batch_size,
+        precision=precision,
+        device=device,
+    )
     if use_reference_threshold and reference is None:
         raise DeepSSIMError("the reference threshold needs reference images (--reference DIR)")
-    if duplicate_fpr is not None and group_by is None:
-        raise DeepSSIMError("--duplicate-fpr needs --group-by: different patients are different groups")
     started = time.perf_counter()
     precision = resolve_precision(precision, device)
     if not isinstance(metric, SimilarityMetric):
@@ -325,16 +329,9 @@ def scan(
             "validation": _model_validation(metric),
         },
         {
-            "decision": decision,
-            "k": k,
-            "thresholds": {"low": thresholds.low, "high": thresholds.high, "source": thresholds.source},
-            "use_reference_threshold": use_reference_threshold,
-            "verify": verify,
-            "group_by": group_by,
-            "duplicate_fpr": duplicate_fpr,
-            "search": search,
+            **asdict(settings),
             "precision": precision,
-            "device": device,
+            "thresholds": {"low": thresholds.low, "high": thresholds.high, "source": thresholds.source},
             "loading": asdict(train_set.options),
         },
     )

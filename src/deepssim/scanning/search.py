@@ -98,7 +98,6 @@ SEARCH_BACKENDS = {
     "faiss": lambda queries, database, k, _: _top_k_faiss(queries, database, k, approximate=False),
     "faiss-hnsw": lambda queries, database, k, _: _top_k_faiss(queries, database, k, approximate=True),
 }
-SEARCH_METHODS = tuple(SEARCH_BACKENDS)
 
 
 def top_k_ssim(train, synthetic, k: int, block_size: int = 1024, progress: bool = False):
