@@ -5,7 +5,7 @@ augmented batch z-scored again:
 
 - ``v1``: the paper's training set: flips (p 0.33 each), rotation +-0.17 rad (p 0.33),
   gamma 0.5-1.5 (p 0.33).
-- ``v2`` (default for training): the authors' later set: flips (p 0.25 each), affine with
+- ``v2``: the authors' later set: flips (p 0.25 each), affine with
   rotation +-0.09 rad and translation +-4 px (p 0.75), zoom 0.9-1.05 (p 0.75), smooth bias
   field (degree 3, coefficients up to 0.1, p 0.5), gamma 0.5-1.5 (p 0.25), Gaussian smoothing
   sigma 0.25-0.5 (p 0.25).
@@ -13,7 +13,7 @@ augmented batch z-scored again:
   the evaluation protocol's misalignment: flips (p 0.5 each), rotation +-0.1745 rad and
   translation +-4 px (p 0.8), zoom 0.9-1.05 (p 0.5), bias field (p 0.5), gamma 0.5-1.5
   (p 0.5), Gaussian smoothing sigma 0.25-0.5 (p 0.25).
-- ``rigid`` (ours; the default model since the generalisation work): only what the score must
+- ``rigid`` (ours; the training default and the bundled model's): only what the score must
   ignore: flips (p 0.5 each), rotation +-0.1745 rad and translation +-4 px (p 0.8), gamma
   0.5-1.5 (p 0.5). No blur, bias field or zoom: those change what SSIM measures, and learning
   to ignore them taught the network to call neighbouring slices copies.

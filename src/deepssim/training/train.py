@@ -73,7 +73,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     layer_decay: float = 1.0
     precision: str = "auto"
-    augmentation: str = "v2"
+    augmentation: str = "rigid"
     n_pairs: int = 20000
     val_fraction: float = 0.2
     seed: int = 0
