@@ -1,0 +1,144 @@
+"""The CUDA code paths, checked against the CPU and scikit-image, with their throughput.
+
+    PYTHONPATH=src python benchmarks/cuda_check.py      # on a machine with a CUDA GPU
+
+Runs without the compiled SSIM kernel (as on a machine without a C compiler), so the SSIM engine
+uses its PyTorch backend. Checks: the SSIM matrix on CUDA against scikit-image; registered SSIM
+on CUDA against the CPU; DeepSSIM embeddings on CUDA against the CPU (float32 and bfloat16); a
+short training run on CUDA (float16 and bfloat16 autocast); a scan on CUDA against a scan on the
+CPU. Prints one line per check, PASS or FAIL, and the pairs or images per second.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+
+import deepssim
+from deepssim.hardware import cpu_description
+from deepssim.ssim.registered import RegistrationSettings, register_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "data" / "example"
+FAILED = []
+
+
+def check(name: str, ok: bool, detail: str) -> None:
+    print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def timed(function):
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = function()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - started
+
+
+def images(count: int, seed: int, shape=(136, 112)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(count, *shape)).cumsum(1).cumsum(2)
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device")
+    print(f"CPU: {cpu_description()}; GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    from deepssim.ssim import engine
+
+    print(f"compiled SSIM kernel present: {engine._ssim_kernel is not None}")
+
+    real, synthetic = images(16, 1), images(24, 2)
+    matrix = deepssim.ssim_matrix(real, synthetic, dtype=np.float64, backend="torch", device="cuda")
+    za, zb = deepssim.zscore(real), deepssim.zscore(synthetic)
+    expected = np.array([[structural_similarity(a, b, data_range=a.max() - a.min()) for b in zb] for a in za])
+    difference = float(np.abs(matrix - expected).max())
+    check(
+        "SSIM matrix, torch backend on CUDA, float64",
+        difference < 1e-5,
+        f"max |diff| vs scikit-image {difference:.1e}",
+    )
+    big_real, big_synthetic = images(512, 3), images(1024, 4)
+    deepssim.ssim_matrix(big_real[:8], big_synthetic[:8], backend="torch", device="cuda")
+    _, seconds = timed(lambda: deepssim.ssim_matrix(big_real, big_synthetic, backend="torch", device="cuda"))
+    check(
+        "SSIM matrix throughput on CUDA",
+        True,
+        f"{512 * 1024 / seconds:,.0f} pairs/s float32 (512 x 1024, 136x112)",
+    )
+
+    train, moved = (
+        images(256, 5),
+        images(256, 5)[:, ::-1, :] + np.random.default_rng(6).normal(0, 0.5, (256, 136, 112)),
+    )
+    cpu = register_pairs(train[:32], moved[:32])
+    gpu = register_pairs(train[:32], moved[:32], settings=RegistrationSettings(device="cuda"))
+    difference = float(np.abs(cpu.ssim_registered - gpu.ssim_registered).max())
+    check("registered SSIM on CUDA vs CPU", difference < 1e-3, f"max |diff| {difference:.1e}")
+    register_pairs(train[:8], moved[:8], settings=RegistrationSettings(device="cuda"))
+    _, seconds = timed(lambda: register_pairs(train, moved, settings=RegistrationSettings(device="cuda")))
+    check("registered SSIM throughput on CUDA", True, f"{256 / seconds:,.0f} pairs/s (136x112)")
+
+    model_cpu = deepssim.DeepSSIM.load("default")
+    model_gpu = deepssim.DeepSSIM.load("default", device="cuda")
+    batch = images(256, 7, (128, 128))
+    reference = model_cpu.embed(batch, precision="float32")
+    for precision, tolerance in (("float32", 1e-3), ("bfloat16", 3e-2)):
+        got = model_gpu.embed(batch, precision=precision)
+        difference = float(np.abs(got - reference).max())
+        check(
+            f"embedding on CUDA, {precision}",
+            difference < tolerance,
+            f"max |diff| vs CPU float32 {difference:.1e}",
+        )
+        model_gpu.embed(batch[:64], precision=precision)
+        _, seconds = timed(
+            lambda precision=precision: model_gpu.embed(
+                np.tile(batch, (8, 1, 1)), batch_size=256, precision=precision
+            )
+        )
+        check(f"embedding throughput on CUDA, {precision}", True, f"{2048 / seconds:,.0f} images/s (128x128)")
+
+    from deepssim.training.train import TrainSettings
+    from deepssim.training.train import train as train_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        for precision in ("float16", "bfloat16"):
+            settings = TrainSettings(epochs=2, n_pairs=256, batch_size=32, precision=precision, device="cuda")
+            run = Path(folder) / precision
+            (result, seconds) = timed(
+                lambda settings=settings, run=run: train_model(EXAMPLE / "train", run, settings)
+            )
+            finite = all(np.isfinite(row["train_mse"]) for row in result.log)
+            check(
+                f"training on CUDA, {precision}",
+                finite,
+                f"2 epochs of 256 pairs in {seconds:.1f} s, "
+                f"validation MAE {result.log[-1]['val_aligned_mae']:.3f}",
+            )
+
+    on_cpu = deepssim.scan(EXAMPLE / "train", EXAMPLE / "synthetic", cache=False, precision="float32")
+    on_gpu = deepssim.scan(
+        EXAMPLE / "train", EXAMPLE / "synthetic", cache=False, precision="float32", device="cuda"
+    )
+    same = on_cpu.classes.tolist() == on_gpu.classes.tolist()
+    difference = float(np.abs(on_cpu.scores - on_gpu.scores).max())
+    check(
+        "scan on CUDA vs CPU",
+        same and difference < 1e-3,
+        f"same classes: {same}, max |score diff| {difference:.1e}",
+    )
+    print(f"{len(FAILED)} failed: {', '.join(FAILED) or 'none'}")
+    sys.exit(1 if FAILED else 0)
+
+
+if __name__ == "__main__":
+    main()
