@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from deepssim.scanning.decide import (
 from deepssim.scanning.groups import group_of_each_image, group_summary
 from deepssim.scanning.search import top_k_other_groups
 from deepssim.scanning.settings import ScanSettings
-from deepssim.ssim.registered import register_pairs, transform_text
+from deepssim.ssim.registered import Registration, register_pairs
 
 
 @dataclass
@@ -65,7 +65,7 @@ class ScanResult:
     thresholds: Thresholds
     classes: np.ndarray
     summary: dict
-    evidence: PairEvidence | None = None
+    evidence: Registration | None = None
     decision: str = "score"
     embedder: DeepSSIM | None = None
     groups: list[dict] | None = None
@@ -411,67 +411,6 @@ def summarise(
     return summary
 
 
-@dataclass
-class PairEvidence:
-    """Per top-k pair (M, k): registered SSIM, plain SSIM and the transform that brings the
-    generated image into register (flip, rotation in degrees, shift in pixels (M, k, 2), scale,
-    contrast gamma); NaN where not computed."""
-
-    ssim_registered: np.ndarray
-    ssim_plain: np.ndarray
-    flip: np.ndarray
-    rotation_deg: np.ndarray
-    shift_px: np.ndarray
-    scale: np.ndarray
-    gamma: np.ndarray
-
-    @classmethod
-    def empty(cls, shape: tuple[int, int]) -> PairEvidence:
-        nan = np.full(shape, np.nan)
-        return cls(
-            nan.copy(),
-            nan.copy(),
-            np.full(shape, "", dtype=object),
-            nan.copy(),
-            np.full((*shape, 2), np.nan),
-            nan.copy(),
-            nan.copy(),
-        )
-
-    def has(self, i: int, rank: int) -> bool:
-        return bool(np.isfinite(self.ssim_registered[i, rank]))
-
-    def transform(self, i: int, rank: int) -> dict:
-        """Keyword arguments of :func:`deepssim.ssim.registered.apply_transform`."""
-        return {
-            "flip": str(self.flip[i, rank]),
-            "rotation_deg": float(self.rotation_deg[i, rank]),
-            "shift_px": tuple(float(v) for v in self.shift_px[i, rank]),
-            "scale": float(self.scale[i, rank]),
-            "gamma": float(self.gamma[i, rank]),
-        }
-
-    def transform_text(self, i: int, rank: int) -> str:
-        return transform_text(**self.transform(i, rank))
-
-    def cells(self, i: int, rank: int) -> list[str]:
-        """CSV cells: registered SSIM, transform, plain SSIM (empty where not computed)."""
-        if not self.has(i, rank):
-            return ["", "", ""]
-        return [
-            f"{self.ssim_registered[i, rank]:.6f}",
-            self.transform_text(i, rank),
-            f"{self.ssim_plain[i, rank]:.6f}",
-        ]
-
-    def reordered(self, order: np.ndarray) -> PairEvidence:
-        def take(values):
-            index = order if values.ndim == 2 else order[..., None]
-            return np.take_along_axis(values, index, axis=1)
-
-        return PairEvidence(*(take(getattr(self, f.name)) for f in fields(self)))
-
-
 def register_top_k(
     train_set: ImageSet,
     synthetic_set: ImageSet,
@@ -479,11 +418,11 @@ def register_top_k(
     selected=None,
     progress=False,
     block=256,
-) -> PairEvidence:
+) -> Registration:
     """Registered SSIM of the (training image, generated image) pairs ``neighbours`` names, for
     the pairs ``selected`` (an (M, k) mask; default all), reading images block by block."""
     selected = np.ones(neighbours.shape, dtype=bool) if selected is None else np.asarray(selected)
-    evidence = PairEvidence.empty(neighbours.shape)
+    evidence = Registration.empty(neighbours.shape)
     bar = None
     if progress and selected.any():
         from tqdm import tqdm

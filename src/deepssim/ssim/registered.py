@@ -48,7 +48,7 @@ With this rule aligned noisy copies score exactly their plain SSIM, and misalign
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -122,7 +122,10 @@ class RegistrationSettings:
 
 @dataclass
 class Registration:
-    """Per pair: registered and plain SSIM, and the transform of the generated image that was found."""
+    """Registered and plain SSIM and the transform found for the generated image (flip, rotation
+    in degrees, shift in pixels (..., 2), scale, contrast gamma), per pair: arrays of one shape,
+    (N,) from :func:`register_pairs` or (M, k) for a scan's top-k pairs (NaN where not computed).
+    Methods take the pair's index: ``i`` or ``(i, rank)``."""
 
     ssim_registered: np.ndarray
     ssim_plain: np.ndarray
@@ -132,22 +135,57 @@ class Registration:
     scale: np.ndarray
     gamma: np.ndarray
 
+    @classmethod
+    def empty(cls, shape: tuple[int, ...]) -> Registration:
+        """All pairs not computed yet: NaN scores, no flip."""
+        nan = np.full(shape, np.nan)
+        return cls(
+            nan.copy(),
+            nan.copy(),
+            np.full(shape, "", dtype=object),
+            nan.copy(),
+            np.full((*shape, 2), np.nan),
+            nan.copy(),
+            nan.copy(),
+        )
+
     def __len__(self) -> int:
         return len(self.ssim_registered)
 
-    def transform(self, i: int) -> dict:
-        """Keyword arguments of :func:`apply_transform` for pair ``i``."""
+    def has(self, *index) -> bool:
+        return bool(np.isfinite(self.ssim_registered[index]))
+
+    def transform(self, *index) -> dict:
+        """Keyword arguments of :func:`apply_transform` for one pair."""
         return {
-            "flip": str(self.flip[i]),
-            "rotation_deg": float(self.rotation_deg[i]),
-            "shift_px": tuple(float(v) for v in self.shift_px[i]),
-            "scale": float(self.scale[i]),
-            "gamma": float(self.gamma[i]),
+            "flip": str(self.flip[index]),
+            "rotation_deg": float(self.rotation_deg[index]),
+            "shift_px": tuple(float(v) for v in self.shift_px[index]),
+            "scale": float(self.scale[index]),
+            "gamma": float(self.gamma[index]),
         }
 
-    def transform_text(self, i: int) -> str:
-        """Pair ``i``'s transform in one line: ``flip=cols rot=8.0 shift=(5,-2) scale=1.00 gamma=0.71``."""
-        return transform_text(**self.transform(i))
+    def transform_text(self, *index) -> str:
+        """One pair's transform in one line: ``flip=cols rot=8.0 shift=(5,-2) scale=1.00 gamma=0.71``."""
+        return transform_text(**self.transform(*index))
+
+    def cells(self, *index) -> list[str]:
+        """CSV cells of one pair: registered SSIM, transform, plain SSIM (empty where not computed)."""
+        if not self.has(*index):
+            return ["", "", ""]
+        return [
+            f"{self.ssim_registered[index]:.6f}",
+            self.transform_text(*index),
+            f"{self.ssim_plain[index]:.6f}",
+        ]
+
+    def reordered(self, order: np.ndarray) -> Registration:
+        """(M, k) pairs with each row's pairs put in ``order`` (as from argsort along axis 1)."""
+
+        def take(values):
+            return np.take_along_axis(values, order if values.ndim == 2 else order[..., None], axis=1)
+
+        return Registration(*(take(getattr(self, f.name)) for f in fields(self)))
 
 
 def transform_text(flip: str, rotation_deg: float, shift_px, scale: float, gamma: float) -> str:
