@@ -158,9 +158,13 @@ def cached_fit(
     """The fit of these training images with this recipe: from the cache, or made and cached."""
     settings = settings or FitSettings()
     image_set = ImageSet.coerce(train_images, options, progress, "indexing training images")
+    generated_set = (
+        ImageSet.coerce(generated, options, progress, "indexing generated images") if generated else None
+    )
     digest = hashlib.sha256()
-    for fingerprint in sorted(image_fingerprints(image_set)):
-        digest.update(fingerprint.encode())
+    for images in (image_set, generated_set):  # the generated images are pairs' partners: part of the key
+        for fingerprint in sorted(image_fingerprints(images)) if images is not None else ["none"]:
+            digest.update(fingerprint.encode())
     recipe = {k: v for k, v in asdict(settings).items() if k not in ("device", "minutes")}
     digest.update(json.dumps(recipe, sort_keys=True).encode())
     digest.update(DeepSSIM.load(settings.start).fingerprint.encode())
