@@ -327,7 +327,8 @@ def _run_scan(args: argparse.Namespace) -> None:
     files = result.save(args.out, gallery_size=args.gallery, anonymise=args.anonymise)
     print(format_summary(result.summary))
     print(f"report: {files['report']}")
-    print(f"tables: {files['results']}, {files['pairs']}, {files['summary']}")
+    tables = [files[name] for name in ("results", "pairs", "groups", "summary") if name in files]
+    print(f"tables: {', '.join(str(path) for path in tables)}")
 
 
 def format_summary(summary: dict) -> str:
