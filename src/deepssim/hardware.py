@@ -17,27 +17,28 @@ REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 @lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if not line.strip():
+            break
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo().get("flags", "").split())
 
 
 def cpu_description() -> str:
     """E.g. 'AMD EPYC (avx2 avx512f avx512_bf16), torch capability AVX512, 2 threads'."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    name = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     flags = " ".join(f for f in REPORTED_FLAGS if f in cpu_flags()) or "no AVX2"
     capability = torch.backends.cpu.get_cpu_capability()
     return f"{name} ({flags}), torch capability {capability}, {torch.get_num_threads()} threads"

@@ -98,3 +98,14 @@ def zscore_batch(images: torch.Tensor) -> torch.Tensor:
     mean = images.mean(dim=(-2, -1), keepdim=True)
     std = images.std(dim=(-2, -1), keepdim=True, unbiased=False)
     return (images - mean) / std.clamp(min=1e-12)
+
+
+def unit_range(images) -> torch.Tensor:
+    """Min-max scale each image of a (B, [C,] H, W) batch to [0, 1]; adds the channel axis.
+    Kornia's augmentations and the baselines' preprocessing work on [0, 1] images."""
+    batch = torch.as_tensor(images, dtype=torch.float32)
+    if batch.ndim == 3:
+        batch = batch.unsqueeze(1)
+    low = batch.amin(dim=(-2, -1), keepdim=True)
+    high = batch.amax(dim=(-2, -1), keepdim=True)
+    return (batch - low) / (high - low).clamp(min=1e-12)

@@ -163,16 +163,6 @@ def load_torchscript(path: str | Path, device: str, what: str) -> torch.nn.Modul
         ) from None
 
 
-def unit_range(images) -> torch.Tensor:
-    """Min-max scale each image of a (B, [C,] H, W) batch to [0, 1]; adds the channel axis."""
-    batch = torch.as_tensor(images, dtype=torch.float32)
-    if batch.ndim == 3:
-        batch = batch.unsqueeze(1)
-    low = batch.amin(dim=(-2, -1), keepdim=True)
-    high = batch.amax(dim=(-2, -1), keepdim=True)
-    return (batch - low) / (high - low).clamp(min=1e-12)
-
-
 def short_side(shape, target: int) -> tuple[int, int]:
     height, width = int(shape[0]), int(shape[1])
     scale = target / min(height, width)

@@ -6,7 +6,8 @@ import numpy as np
 
 from deepssim.errors import DeepSSIMError
 from deepssim.extras import require
-from deepssim.metrics.base import SimilarityMetric, register, unit_range
+from deepssim.io.normalise import unit_range
+from deepssim.metrics.base import SimilarityMetric, register
 from deepssim.ssim.engine import ssim_pairs
 
 

@@ -9,7 +9,8 @@ from torch.nn import functional as F
 
 from deepssim.errors import DeepSSIMError
 from deepssim.extras import require
-from deepssim.metrics.base import TorchEmbeddingMetric, register, require_argument, short_side, unit_range
+from deepssim.io.normalise import unit_range
+from deepssim.metrics.base import TorchEmbeddingMetric, register, require_argument, short_side
 
 
 @register("semdedup")

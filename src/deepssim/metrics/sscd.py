@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from deepssim.io.normalise import unit_range
 from deepssim.metrics.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -15,7 +16,6 @@ from deepssim.metrics.base import (
     register,
     require_argument,
     short_side,
-    unit_range,
 )
 
 

@@ -34,7 +34,7 @@ import torch
 
 from deepssim.errors import DeepSSIMError
 from deepssim.extras import require
-from deepssim.io.normalise import zscore_batch
+from deepssim.io.normalise import unit_range, zscore_batch
 
 AUGMENTATION_SETS = ("v1", "v2", "robust", "rigid", "misaligned", "none")
 BIAS_FIELD_DEGREE = 3
@@ -118,12 +118,6 @@ class RandomBiasField(torch.nn.Module):
         return images * (1 + apply * (field - 1))
 
 
-def _unit_range(images: torch.Tensor) -> torch.Tensor:
-    low = images.amin(dim=(-2, -1), keepdim=True)
-    high = images.amax(dim=(-2, -1), keepdim=True)
-    return (images - low) / (high - low).clamp(min=1e-12)
-
-
 def augment_batch(images: torch.Tensor, name: str, seed: int | None = None) -> torch.Tensor:
     """Independently augmented, z-scored views of a (B, 1, H, W) batch of images.
 
@@ -137,7 +131,7 @@ def augment_batch(images: torch.Tensor, name: str, seed: int | None = None) -> t
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        out = _unit_range(images.float())
+        out = unit_range(images)
         for step in steps:
             out = step(out).clamp(min=0)
     return zscore_batch(out)
