@@ -124,24 +124,28 @@ class FastEmbedder(nn.Module):
     A stride-2 stem and four stages (each a stride-2 convolution and one residual block) at
     1/4 ... 1/32 of the input size; GeM pooling of every stage, concatenated, as in the authors'
     later variant, so both fine texture and coarse layout reach the embedding.
+    Subclasses change the capacity (``widths``) or add a coarse spatial grid (``grid``).
     """
 
     input_channels = 1
+    stem_width = 24
     widths = (32, 64, 128, 256)
+    grid = 0  # > 0: also average-pool the last stage to grid x grid cells (coarse layout)
 
     def __init__(self):
         super().__init__()
-        self.stem = _down(1, 24)
+        self.stem = _down(1, self.stem_width)
         stages = []
-        previous = 24
+        previous = self.stem_width
         for width in self.widths:
             stages.append(nn.Sequential(_down(previous, width), _ResidualBlock(width)))
             previous = width
         self.stages = nn.ModuleList(stages)
         self.pool = GeM(3.0)
+        features = sum(self.widths) + self.widths[-1] * self.grid**2
         self.head = nn.Sequential(
-            nn.LayerNorm(sum(self.widths)),
-            nn.Linear(sum(self.widths), 512),
+            nn.LayerNorm(features),
+            nn.Linear(features, 512),
             nn.GELU(),
             nn.Dropout(0.1),
             nn.Linear(512, EMBEDDING_DIM),
@@ -153,6 +157,8 @@ class FastEmbedder(nn.Module):
         for stage in self.stages:
             x = stage(x)
             pooled.append(self.pool(x))
+        if self.grid:
+            pooled.append(F.adaptive_avg_pool2d(x, self.grid).flatten(1))
         return self.head(torch.cat(pooled, dim=1))
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
@@ -163,8 +169,24 @@ class FastEmbedder(nn.Module):
         )
 
 
+class WideFastEmbedder(FastEmbedder):
+    """``deepssim_wide``: ``deepssim_fast`` at 1.5x the channels (about 2.2x the compute)."""
+
+    stem_width = 32
+    widths = (48, 96, 192, 384)
+
+
+class SpatialFastEmbedder(FastEmbedder):
+    """``deepssim_spatial``: ``deepssim_fast`` plus the last stage averaged on a 2 x 2 grid, so
+    the embedding keeps where structures are, not only which textures occur."""
+
+    grid = 2
+
+
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "deepssim_fast": FastEmbedder,
+    "deepssim_wide": WideFastEmbedder,
+    "deepssim_spatial": SpatialFastEmbedder,
     "convnext_base": ConvNeXtBaseEmbedder,
     "convnext_tiny_gem": ConvNeXtTinyGeMEmbedder,
 }
