@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml setup.py src/deepssim/ssim/_kernel.c
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/deepssim scan --train data/example/train --synthetic data/example/synthetic \
+	$(BIN)/deepssim scan --train data/example/train --generated data/example/generated \
 		--out demo-output --group-by '^(ants_r[0-9]+|kmeans|mni|itk_[a-z0-9]+|dwi)' \
 		--cache demo-output/embeddings.sqlite
 

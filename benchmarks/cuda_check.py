@@ -56,9 +56,9 @@ def main() -> None:
 
     print(f"compiled SSIM kernel present: {engine._ssim_kernel is not None}")
 
-    real, synthetic = images(16, 1), images(24, 2)
-    matrix = deepssim.ssim_matrix(real, synthetic, dtype=np.float64, backend="torch", device="cuda")
-    za, zb = deepssim.zscore(real), deepssim.zscore(synthetic)
+    train, generated = images(16, 1), images(24, 2)
+    matrix = deepssim.ssim_matrix(train, generated, dtype=np.float64, backend="torch", device="cuda")
+    za, zb = deepssim.zscore(train), deepssim.zscore(generated)
     expected = np.array([[structural_similarity(a, b, data_range=a.max() - a.min()) for b in zb] for a in za])
     difference = float(np.abs(matrix - expected).max())
     check(
@@ -66,9 +66,9 @@ def main() -> None:
         difference < 1e-5,
         f"max |diff| vs scikit-image {difference:.1e}",
     )
-    big_real, big_synthetic = images(512, 3), images(1024, 4)
-    deepssim.ssim_matrix(big_real[:8], big_synthetic[:8], backend="torch", device="cuda")
-    _, seconds = timed(lambda: deepssim.ssim_matrix(big_real, big_synthetic, backend="torch", device="cuda"))
+    big_train, big_generated = images(512, 3), images(1024, 4)
+    deepssim.ssim_matrix(big_train[:8], big_generated[:8], backend="torch", device="cuda")
+    _, seconds = timed(lambda: deepssim.ssim_matrix(big_train, big_generated, backend="torch", device="cuda"))
     check(
         "SSIM matrix throughput on CUDA",
         True,
@@ -125,9 +125,9 @@ def main() -> None:
                 f"validation MAE {result.log[-1]['val_aligned_mae']:.3f}",
             )
 
-    on_cpu = deepssim.scan(EXAMPLE / "train", EXAMPLE / "synthetic", cache=False, precision="float32")
+    on_cpu = deepssim.scan(EXAMPLE / "train", EXAMPLE / "generated", cache=False, precision="float32")
     on_gpu = deepssim.scan(
-        EXAMPLE / "train", EXAMPLE / "synthetic", cache=False, precision="float32", device="cuda"
+        EXAMPLE / "train", EXAMPLE / "generated", cache=False, precision="float32", device="cuda"
     )
     same = on_cpu.classes.tolist() == on_gpu.classes.tolist()
     difference = float(np.abs(on_cpu.scores - on_gpu.scores).max())

@@ -67,7 +67,7 @@ def main() -> None:
         "scan",
         "--train",
         str(work / "train"),
-        "--synthetic",
+        "--generated",
         str(work / "generated"),
         "--out",
         str(work / "out"),

@@ -4,7 +4,7 @@ scikit-image runs in a process pool with as many workers as the engine has threa
 same z-scored images, so the ratio compares equal hardware. Prints pairs/s, the ratio and the
 max |difference| on the pairs both computed.
 
-    .venv/bin/python benchmarks/ssim_matrix.py [--real 512 --synthetic 512 --reference-pairs 4000]
+    .venv/bin/python benchmarks/ssim_matrix.py [--train 512 --generated 512 --reference-pairs 4000]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from deepssim.hardware import cpu_description
 SHAPE = (136, 112)  # the paper's brain-slice size
 
 
-def synthetic_images(count: int, seed: int) -> np.ndarray:
+def generated_images(count: int, seed: int) -> np.ndarray:
     """Smooth random 'anatomy' on a flat background, like skull-stripped slices."""
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(count, *SHAPE)).cumsum(1).cumsum(2)
@@ -46,9 +46,9 @@ def _reference_pairs(pairs) -> list[float]:
     return [structural_similarity(za[i], zb[j], data_range=za[i].max() - za[i].min()) for i, j in pairs]
 
 
-def reference_throughput(real, synthetic, pairs, workers: int) -> tuple[float, np.ndarray]:
-    za = deepssim.zscore(real)
-    zb = deepssim.zscore(synthetic)
+def reference_throughput(train, generated, pairs, workers: int) -> tuple[float, np.ndarray]:
+    za = deepssim.zscore(train)
+    zb = deepssim.zscore(generated)
     chunks = np.array_split(np.array(pairs), workers * 4)
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(za, zb)) as pool:
         list(pool.map(_reference_pairs, [chunks[0][:1]] * workers))  # start the workers
@@ -60,44 +60,44 @@ def reference_throughput(real, synthetic, pairs, workers: int) -> tuple[float, n
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--real", type=int, default=512)
-    parser.add_argument("--synthetic", type=int, default=512)
+    parser.add_argument("--train", type=int, default=512)
+    parser.add_argument("--generated", type=int, default=512)
     parser.add_argument("--reference-pairs", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     threads = torch.get_num_threads()
-    real, synthetic = synthetic_images(args.real, 1), synthetic_images(args.synthetic, 2)
+    train, generated = generated_images(args.train, 1), generated_images(args.generated, 2)
     print(f"CPU: {cpu_description()}")
     print(
-        f"{args.real} x {args.synthetic} images of {SHAPE[0]}x{SHAPE[1]}, {threads} threads/workers, "
+        f"{args.train} x {args.generated} images of {SHAPE[0]}x{SHAPE[1]}, {threads} threads/workers, "
         f"cpu count {os.cpu_count()}"
     )
 
     rng = np.random.default_rng(0)
     sample = list(
         zip(
-            rng.integers(0, args.real, args.reference_pairs),
-            rng.integers(0, args.synthetic, args.reference_pairs),
+            rng.integers(0, args.train, args.reference_pairs),
+            rng.integers(0, args.generated, args.reference_pairs),
             strict=True,
         )
     )
-    reference_rate, reference_values = reference_throughput(real, synthetic, sample, threads)
+    reference_rate, reference_values = reference_throughput(train, generated, sample, threads)
     print(f"scikit-image (process pool of {threads}): {reference_rate:,.0f} pairs/s")
 
     for backend, dtype in (("c", np.float32), ("c", np.float64), ("torch", np.float32)):
-        n_real = args.real if backend == "c" else min(args.real, 128)
+        n_train = args.train if backend == "c" else min(args.train, 128)
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            matrix = deepssim.ssim_matrix(real[:n_real], synthetic, dtype=dtype, backend=backend)
+            matrix = deepssim.ssim_matrix(train[:n_train], generated, dtype=dtype, backend=backend)
             times.append(time.perf_counter() - start)
-        rate = n_real * args.synthetic / min(times)
-        sampled = [(i, j) for i, j in sample if i < n_real]
+        rate = n_train * args.generated / min(times)
+        sampled = [(i, j) for i, j in sample if i < n_train]
         difference = (
             max(
                 abs(float(matrix[i, j]) - reference_values[k])
                 for k, (i, j) in enumerate(sample)
-                if i < n_real
+                if i < n_train
             )
             if sampled
             else float("nan")

@@ -1,6 +1,6 @@
-"""Build data/example/ (train/ and synthetic/ folders of 128x128 PNG slices) from data/sources/.
+"""Build data/example/ (train/ and generated/ folders of 128x128 PNG slices) from data/sources/.
 
-Seeded and deterministic. The synthetic folder plants, from the training slices: exact-ish
+Seeded and deterministic. The generated folder plants, from the training slices: exact-ish
 copies with generative-style degradation (noise, blur, intensity change), misaligned copies
 (flip, small rotation), near neighbours (an adjacent slice of the same volume), and different
 images (held-out subjects and slice positions). planted.csv records which is which.
@@ -88,16 +88,16 @@ def main() -> None:
     train = {key: square(image) for key, image in train.items()}
 
     planted = []
-    synthetic = {}
+    generated = {}
     keys = sorted(train)
     for n, key in enumerate(rng.choice(keys, 6, replace=False)):
-        synthetic[f"gen_copy_{n}"] = degrade(train[key], rng)
+        generated[f"gen_copy_{n}"] = degrade(train[key], rng)
         planted.append((f"gen_copy_{n}", "duplicate", key))
     for n, key in enumerate(rng.choice(keys, 3, replace=False)):
-        synthetic[f"gen_misaligned_{n}"] = degrade(misalign(train[key], rng), rng)
+        generated[f"gen_misaligned_{n}"] = degrade(misalign(train[key], rng), rng)
         planted.append((f"gen_misaligned_{n}", "duplicate_misaligned", key))
     for n, (key, z) in enumerate((("kmeans_t1_z30", 32), ("kmeans_t1_z46", 48))):
-        synthetic[f"gen_neighbour_{n}"] = degrade(square(volume_slice(kmeans, 2, z)), rng)
+        generated[f"gen_neighbour_{n}"] = degrade(square(volume_slice(kmeans, 2, z)), rng)
         planted.append((f"gen_neighbour_{n}", "similar", key))
     different = [
         raster("r85slice.jpg"),
@@ -109,18 +109,18 @@ def main() -> None:
         volume_slice(dwi, 2, 1),
     ]
     for n, image in enumerate(different):
-        synthetic[f"gen_other_{n}"] = degrade(square(image), rng)
+        generated[f"gen_other_{n}"] = degrade(square(image), rng)
         planted.append((f"gen_other_{n}", "different", ""))
 
-    for folder, images in (("train", train), ("synthetic", synthetic)):
+    for folder, images in (("train", train), ("generated", generated)):
         (OUT / folder).mkdir(parents=True, exist_ok=True)
         for key, image in images.items():
             Image.fromarray(to_uint8(image)).save(OUT / folder / f"{key}.png", optimize=True)
     with open(OUT / "planted.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["synthetic_key", "kind", "source_train_key"])
+        writer.writerow(["generated_key", "kind", "source_train_key"])
         writer.writerows(planted)
-    print(f"wrote {len(train)} training and {len(synthetic)} synthetic images to {OUT}")
+    print(f"wrote {len(train)} training and {len(generated)} generated images to {OUT}")
 
 
 if __name__ == "__main__":

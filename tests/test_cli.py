@@ -14,7 +14,7 @@ from deepssim.cli import main
 from tests.conftest import EXAMPLE, smooth_image
 from tests.test_ssim import reference_matrix
 
-ON_EXAMPLE = ("ssim-matrix", "--real", str(EXAMPLE / "train"), "--synthetic", str(EXAMPLE / "synthetic"))
+ON_EXAMPLE = ("ssim-matrix", "--train", str(EXAMPLE / "train"), "--generated", str(EXAMPLE / "generated"))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -35,28 +35,28 @@ def test_ssim_matrix_on_the_bundled_example(tmp_path):
         "float64",
     )
     assert done.returncode == 0, done.stderr
-    assert "16 real x 18 synthetic" in done.stdout
+    assert "16 training x 18 generated" in done.stdout
     result = SimilarityMatrix.load(out)
-    real_keys, real = load_images(EXAMPLE / "train")
-    synthetic_keys, synthetic = load_images(EXAMPLE / "synthetic")
-    assert result.real_keys == real_keys and result.synthetic_keys == synthetic_keys
+    train_keys, train = load_images(EXAMPLE / "train")
+    generated_keys, generated = load_images(EXAMPLE / "generated")
+    assert result.train_keys == train_keys and result.generated_keys == generated_keys
     assert result.settings["dtype"] == "float64" and result.settings["image_shape"] == [128, 128]
-    np.testing.assert_allclose(result.values, reference_matrix(real, synthetic), atol=1e-5)
+    np.testing.assert_allclose(result.values, reference_matrix(train, generated), atol=1e-5)
 
     with open(out.with_suffix(".top2.csv")) as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 2 * len(synthetic_keys)
-    for j, key in enumerate(synthetic_keys):
+    assert len(rows) == 2 * len(generated_keys)
+    for j, key in enumerate(generated_keys):
         best = np.argsort(-result.values[:, j])[:2]
-        mine = [r for r in rows if r["synthetic_key"] == key]
-        assert [r["real_key"] for r in mine] == [real_keys[i] for i in best]
+        mine = [r for r in rows if r["generated_key"] == key]
+        assert [r["train_key"] for r in mine] == [train_keys[i] for i in best]
         assert float(mine[0]["ssim"]) == pytest.approx(result.values[best[0], j], abs=1e-6)
     # the planted near-copies find their source
     with open(EXAMPLE / "planted.csv") as handle:
         planted = [r for r in csv.DictReader(handle) if r["kind"] == "duplicate"]
     for row in planted:
-        top = next(r for r in rows if r["synthetic_key"] == row["synthetic_key"] and r["rank"] == "1")
-        assert top["real_key"] == row["source_train_key"]
+        top = next(r for r in rows if r["generated_key"] == row["generated_key"] and r["rank"] == "1")
+        assert top["train_key"] == row["source_train_key"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
@@ -70,17 +70,17 @@ def test_ssim_matrix_on_the_bundled_example(tmp_path):
 )
 def test_user_errors_exit_nonzero_without_traceback(tmp_path, setup, message):
     rng = np.random.default_rng(0)
-    real, synthetic = tmp_path / "real", tmp_path / "synthetic"
-    real.mkdir()
-    synthetic.mkdir()
-    np.save(real / "r.npy", smooth_image(rng, (12, 12)))
+    train, generated = tmp_path / "train", tmp_path / "generated"
+    train.mkdir()
+    generated.mkdir()
+    np.save(train / "r.npy", smooth_image(rng, (12, 12)))
     if setup == "mixed_shapes":
-        np.save(synthetic / "a.npy", smooth_image(rng, (12, 12)))
-        np.save(synthetic / "b.npy", smooth_image(rng, (14, 12)))
+        np.save(generated / "a.npy", smooth_image(rng, (12, 12)))
+        np.save(generated / "b.npy", smooth_image(rng, (14, 12)))
     elif setup == "constant":
-        np.save(synthetic / "flat.npy", np.ones((12, 12)))
+        np.save(generated / "flat.npy", np.ones((12, 12)))
     out = tmp_path / "out.npz"
-    done = run_cli("ssim-matrix", "--real", str(real), "--synthetic", str(synthetic), "--out", str(out))
+    done = run_cli("ssim-matrix", "--train", str(train), "--generated", str(generated), "--out", str(out))
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
@@ -88,20 +88,20 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path, setup, message):
 
 def test_size_option_and_skip_bad(tmp_path, capsys):
     rng = np.random.default_rng(1)
-    real, synthetic = tmp_path / "real", tmp_path / "synthetic"
-    real.mkdir()
-    synthetic.mkdir()
-    np.save(real / "r.npy", smooth_image(rng, (12, 12)))
-    np.save(synthetic / "a.npy", smooth_image(rng, (15, 11)))
-    np.save(synthetic / "flat.npy", np.ones((12, 12)))
+    train, generated = tmp_path / "train", tmp_path / "generated"
+    train.mkdir()
+    generated.mkdir()
+    np.save(train / "r.npy", smooth_image(rng, (12, 12)))
+    np.save(generated / "a.npy", smooth_image(rng, (15, 11)))
+    np.save(generated / "flat.npy", np.ones((12, 12)))
     out = tmp_path / "out.npz"
     code = main(
         [
             "ssim-matrix",
-            "--real",
-            str(real),
-            "--synthetic",
-            str(synthetic),
+            "--train",
+            str(train),
+            "--generated",
+            str(generated),
             "--out",
             str(out),
             "--size",
@@ -113,8 +113,8 @@ def test_size_option_and_skip_bad(tmp_path, capsys):
     assert code == 0
     assert "skipped 1 bad image" in capsys.readouterr().err
     result = SimilarityMatrix.load(out)
-    assert result.synthetic_keys == ["a"] and result.values.shape == (1, 1)
-    assert result.settings["synthetic_skipped"] == 1
+    assert result.generated_keys == ["a"] and result.values.shape == (1, 1)
+    assert result.settings["generated_skipped"] == 1
 
 
 def test_bad_output_name_and_foreign_matrix_file(tmp_path):
@@ -138,8 +138,8 @@ def test_output_folder_that_cannot_be_created_is_a_one_line_error(tmp_path):
         "scan",
         "--train",
         str(EXAMPLE / "train"),
-        "--synthetic",
-        str(EXAMPLE / "synthetic"),
+        "--generated",
+        str(EXAMPLE / "generated"),
         "--metric",
         "ssim",
         "--no-cache",
@@ -161,8 +161,8 @@ def test_scan_command_with_patients_label_free_threshold_and_anonymised_report(t
         "scan",
         "--train",
         str(EXAMPLE / "train"),
-        "--synthetic",
-        str(EXAMPLE / "synthetic"),
+        "--generated",
+        str(EXAMPLE / "generated"),
         "--out",
         str(out),
         "--group-by",
@@ -176,9 +176,9 @@ def test_scan_command_with_patients_label_free_threshold_and_anonymised_report(t
     assert done.returncode == 0, done.stderr
     assert "patients (^(ants|dwi|itk|kmeans|mni)) with at least one Duplicate" in done.stdout
     with open(out / "results.csv") as handle:
-        rows = {row["synthetic_key"]: row for row in csv.DictReader(handle)}
+        rows = {row["generated_key"]: row for row in csv.DictReader(handle)}
     with open(EXAMPLE / "planted.csv") as handle:
-        planted = {row["synthetic_key"]: row for row in csv.DictReader(handle)}
+        planted = {row["generated_key"]: row for row in csv.DictReader(handle)}
     for key, row in planted.items():
         if row["kind"].startswith("duplicate"):
             assert rows[key]["class"] == "Duplicate", key

@@ -33,9 +33,9 @@ def example_images():
 def test_fsim_is_the_published_fsim(example_images, rng):
     import piqa
 
-    real = example_images[:4]
-    noisy = real + rng.normal(0, 10, real.shape)
-    ours = FSIMMetric().pair_scores(real, noisy)
+    train = example_images[:4]
+    noisy = train + rng.normal(0, 10, train.shape)
+    ours = FSIMMetric().pair_scores(train, noisy)
 
     def unit(x):
         return torch.from_numpy(
@@ -43,11 +43,11 @@ def test_fsim_is_the_published_fsim(example_images, rng):
         )
 
     reference = piqa.FSIM(chromatic=False, reduction="none")(
-        unit(real).float().unsqueeze(1).repeat(1, 3, 1, 1),
+        unit(train).float().unsqueeze(1).repeat(1, 3, 1, 1),
         unit(noisy).float().unsqueeze(1).repeat(1, 3, 1, 1),
     )
     np.testing.assert_allclose(ours, reference.numpy(), atol=1e-4)
-    assert FSIMMetric().pair_scores(real[:1], real[:1])[0] == pytest.approx(1.0, abs=1e-5)
+    assert FSIMMetric().pair_scores(train[:1], train[:1])[0] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_ssim_metric_is_scikit_image(example_images):
@@ -218,18 +218,18 @@ def test_evaluate_command_and_fsim_scan_refusal(tmp_path, capsys):
     pairs = tmp_path / "pairs.csv"
     with open(planted, newline="") as handle, open(pairs, "w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(["real_key", "synth_key", "label"])
+        writer.writerow(["train_key", "generated_key", "label"])
         for row in csv.DictReader(handle):
             if row["source_train_key"]:
-                writer.writerow([row["source_train_key"], row["synthetic_key"], labels[row["kind"]]])
+                writer.writerow([row["source_train_key"], row["generated_key"], labels[row["kind"]]])
     args = [
         "evaluate",
         "--pairs",
         str(pairs),
-        "--real",
+        "--train",
         str(EXAMPLE / "train"),
-        "--synthetic",
-        str(EXAMPLE / "synthetic"),
+        "--generated",
+        str(EXAMPLE / "generated"),
     ]
     assert (
         main([*args, "--metrics", "ssim", "--bootstrap", "10", "--out", str(tmp_path / "e"), "--no-progress"])
@@ -239,4 +239,4 @@ def test_evaluate_command_and_fsim_scan_refusal(tmp_path, capsys):
     assert main([*args, "--metrics", "ssim,bogus", "--out", str(tmp_path / "f")]) == 2
     assert "unknown metric 'bogus'" in capsys.readouterr().err
     with pytest.raises(DeepSSIMError, match="matched pairs only"):
-        scan(EXAMPLE / "train", EXAMPLE / "synthetic", metric="fsim", thresholds=(0.5, 0.9))
+        scan(EXAMPLE / "train", EXAMPLE / "generated", metric="fsim", thresholds=(0.5, 0.9))

@@ -11,7 +11,7 @@ from tests.test_ssim import reference_matrix
 
 @pytest.fixture(scope="module")
 def pair():
-    """A real slice, and the same slice with faint noise everywhere and a bright lesion-like blob
+    """A training slice, and the same slice with faint noise everywhere and a bright lesion-like blob
     in one known region."""
     from deepssim.io.load import load_images
 

@@ -53,7 +53,7 @@ def test_scan_counts_patients_and_sets_the_threshold_from_other_patients(tmp_pat
     model = fast_model(seed=3)
     result = scan(
         EXAMPLE / "train",
-        EXAMPLE / "synthetic",
+        EXAMPLE / "generated",
         model=model,
         decision="score",
         group_by=SUBJECT,
@@ -81,4 +81,4 @@ def test_scan_counts_patients_and_sets_the_threshold_from_other_patients(tmp_pat
     assert patients == sum(int(r["images_with_a_duplicate"]) > 0 for r in rows.values())
     assert "id='patient-table'" in files["report"].read_text()
     with pytest.raises(DeepSSIMError, match="needs --group-by"):
-        scan(EXAMPLE / "train", EXAMPLE / "synthetic", model=model, duplicate_fpr=0.1, cache=False)
+        scan(EXAMPLE / "train", EXAMPLE / "generated", model=model, duplicate_fpr=0.1, cache=False)

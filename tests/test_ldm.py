@@ -51,7 +51,7 @@ def test_train_resume_generate_and_scan(tmp_path):
     assert images.shape == (16, 16, 16) and np.isfinite(images).all()
     with open(out / "manifest.csv") as handle:
         manifest = list(csv.DictReader(handle))
-    assert [row["synthetic_key"] for row in manifest] == keys
+    assert [row["generated_key"] for row in manifest] == keys
     assert {row["duplication"] for row in manifest} == {"low"}
     assert (
         main(
@@ -59,7 +59,7 @@ def test_train_resume_generate_and_scan(tmp_path):
                 "scan",
                 "--train",
                 str(out),
-                "--synthetic",
+                "--generated",
                 str(out),
                 "--metric",
                 "ssim",

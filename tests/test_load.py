@@ -59,7 +59,7 @@ def test_nifti_slices_axis_range_and_empty_rule(tmp_path, rng):
 
 
 def test_bundled_volumes_load():
-    """The real NIfTI sources (one has a trailing singleton 4th dimension) load as slices."""
+    """The train NIfTI sources (one has a trailing singleton 4th dimension) load as slices."""
     for name in ("S0_10slices.nii.gz", "anatomical.nii", "KmeansTest_T1UCharRaw.nii.gz"):
         image_set = ImageSet.from_paths(SOURCES / name)
         assert len(image_set) > 0

@@ -28,12 +28,21 @@ def fast_model(seed: int = 0) -> DeepSSIM:
 
 @pytest.mark.parametrize(
     "architecture, shape",
-    [("deepssim_fast", (45, 61)), ("convnext_tiny_gem", (64, 48)), ("convnext_base", (64, 64))],
+    [
+        ("deepssim_fast", (45, 61)),
+        ("deepssim_wide", (40, 36)),
+        ("deepssim_spatial", (45, 61)),
+        ("convnext_tiny_gem", (64, 48)),
+        ("convnext_base", (64, 64)),
+    ],
 )
 def test_every_architecture_embeds_any_size_to_256(architecture, shape):
     network = build_network(architecture).eval()
+    x = torch.randn(2, network.input_channels, *shape)
     with torch.no_grad():
-        out = network(torch.randn(2, network.input_channels, *shape))
+        out = network(x)
+        if architecture.startswith("deepssim"):  # the CPU models also export to TorchScript
+            torch.testing.assert_close(torch.jit.script(network)(x), out)
     assert out.shape == (2, 256)
     assert torch.isfinite(out).all()
 
@@ -203,12 +212,12 @@ def test_bundled_default_model_loads_and_finds_the_planted_copies():
     size = (resources.files("deepssim.embedding") / "weights" / "default.safetensors").stat().st_size
     assert size <= 25 * 2**20
     train_keys, train = load_images(EXAMPLE / "train")
-    synthetic_keys, synthetic = load_images(EXAMPLE / "synthetic")
-    scores = model.matrix(train, synthetic)
+    generated_keys, generated = load_images(EXAMPLE / "generated")
+    scores = model.matrix(train, generated)
     with open(EXAMPLE / "planted.csv", newline="") as handle:
         planted = list(csv.DictReader(handle))
     for row in planted:
         if row["kind"] in ("duplicate", "duplicate_misaligned"):
-            column = synthetic_keys.index(row["synthetic_key"])
+            column = generated_keys.index(row["generated_key"])
             assert train_keys[int(np.argmax(scores[:, column]))] == row["source_train_key"]
             assert scores[:, column].max() > 0.85

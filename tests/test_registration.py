@@ -25,10 +25,10 @@ from deepssim.ssim.registered import (
 VOLUME = Path(__file__).resolve().parents[1] / "data" / "sources" / "KmeansTest_T1UCharRaw.nii.gz"
 
 
-def reference_ssim(real: np.ndarray, synthetic: np.ndarray) -> float:
-    """The label's definition: both images z-scored, data range from the real one."""
-    za = (real - real.mean()) / real.std()
-    zb = (synthetic - synthetic.mean()) / synthetic.std()
+def reference_ssim(train: np.ndarray, generated: np.ndarray) -> float:
+    """The label's definition: both images z-scored, data range from the train one."""
+    za = (train - train.mean()) / train.std()
+    zb = (generated - generated.mean()) / generated.std()
     return structural_similarity(za, zb, data_range=za.max() - za.min())
 
 

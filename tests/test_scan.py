@@ -22,7 +22,7 @@ from tests.conftest import EXAMPLE, smooth_image
 from tests.test_model import fast_model
 from tests.test_ssim import reference_matrix
 
-TRAIN, SYNTHETIC = EXAMPLE / "train", EXAMPLE / "synthetic"
+TRAIN, SYNTHETIC = EXAMPLE / "train", EXAMPLE / "generated"
 
 
 def read_csv(path) -> list[dict]:
@@ -93,19 +93,19 @@ def test_calibration_maximises_macro_f1_like_scikit_learn(rng):
 
 def test_ssim_scan_matches_scikit_image(tmp_path):
     result = scan(TRAIN, SYNTHETIC, metric="ssim", decision="score", k=3, verify=True)
-    _, real = load_images(TRAIN)
+    _, train = load_images(TRAIN)
     _, fake = load_images(SYNTHETIC)
-    expected = reference_matrix(real, fake).T  # (generated, training)
+    expected = reference_matrix(train, fake).T  # (generated, training)
     best = np.sort(expected, axis=1)[:, ::-1][:, :3]
     np.testing.assert_allclose(result.scores, best, atol=1e-4)
     np.testing.assert_allclose(result.evidence.ssim_plain, best, atol=1e-6)
     assert (result.evidence.ssim_registered >= result.evidence.ssim_plain - 1e-9).all()
-    planted = {row["synthetic_key"]: row for row in read_csv(EXAMPLE / "planted.csv")}
-    copies = [i for i, key in enumerate(result.synthetic_keys) if planted[key]["kind"] == "duplicate"]
+    planted = {row["generated_key"]: row for row in read_csv(EXAMPLE / "planted.csv")}
+    copies = [i for i, key in enumerate(result.generated_keys) if planted[key]["kind"] == "duplicate"]
     assert len(copies) == 6
     for i in copies:
         assert result.classes[i] == 1
-        source = planted[result.synthetic_keys[i]]["source_train_key"]
+        source = planted[result.generated_keys[i]]["source_train_key"]
         assert result.train_keys[result.neighbours[i, 0]] == source
 
 
@@ -117,7 +117,7 @@ def test_deepssim_scan_outputs_and_summary(tmp_path, model):
     np.testing.assert_allclose(result.scores, np.sort(matrix, axis=1)[:, ::-1][:, :4], atol=1e-5)
     files = result.save(tmp_path / "out")
     rows = read_csv(files["results"])
-    assert [r["synthetic_key"] for r in rows] == result.synthetic_keys
+    assert [r["generated_key"] for r in rows] == result.generated_keys
     assert len(read_csv(files["pairs"])) == 18 * 4
     summary = json.loads(files["summary"].read_text())
     counts = [entry["count"] for entry in summary["generated_by_class"].values()]
@@ -190,7 +190,7 @@ def test_scan_and_calibrate_commands(tmp_path, capsys):
         "scan",
         "--train",
         str(TRAIN),
-        "--synthetic",
+        "--generated",
         str(SYNTHETIC),
         "--metric",
         "ssim",
@@ -205,18 +205,18 @@ def test_scan_and_calibrate_commands(tmp_path, capsys):
     labelled = tmp_path / "labelled.csv"
     with open(labelled, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["real_key", "synth_key", "label"])
+        writer.writerow(["train_key", "generated_key", "label"])
         for row in planted:
             if row["source_train_key"]:
-                writer.writerow([row["source_train_key"], row["synthetic_key"], labels[row["kind"]]])
+                writer.writerow([row["source_train_key"], row["generated_key"], labels[row["kind"]]])
     thresholds = tmp_path / "thresholds.json"
     calibrate_args = [
         "calibrate",
         "--pairs",
         str(labelled),
-        "--real",
+        "--train",
         str(TRAIN),
-        "--synthetic",
+        "--generated",
         str(SYNTHETIC),
     ]
     assert main([*calibrate_args, "--metric", "ssim", "--out", str(thresholds), "--no-progress"]) == 0
@@ -228,7 +228,7 @@ def test_scan_and_calibrate_commands(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     capsys.readouterr()
-    assert main(["scan", "--train", str(TRAIN), "--synthetic", str(empty), "--out", str(tmp_path / "x")]) == 2
+    assert main(["scan", "--train", str(TRAIN), "--generated", str(empty), "--out", str(tmp_path / "x")]) == 2
     assert "empty" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -272,17 +272,17 @@ def test_two_stage_decision_calls_every_planted_copy_by_registered_ssim(tmp_path
     assert np.isfinite(evidence.ssim_registered).all()
     assert (np.diff(evidence.ssim_registered, axis=1) <= 1e-12).all()  # rows ordered by registered SSIM
     assert (evidence.ssim_registered >= evidence.ssim_plain - 1e-9).all()
-    planted = {row["synthetic_key"]: row for row in read_csv(EXAMPLE / "planted.csv")}
-    keys, real = load_images(TRAIN)
+    planted = {row["generated_key"]: row for row in read_csv(EXAMPLE / "planted.csv")}
+    keys, train = load_images(TRAIN)
     _, fake = load_images(SYNTHETIC)
-    for i, key in enumerate(result.synthetic_keys):
+    for i, key in enumerate(result.generated_keys):
         if planted[key]["kind"].startswith("duplicate"):
             assert result.classes[i] == 1, key
             assert result.train_keys[result.neighbours[i, 0]] == planted[key]["source_train_key"]
         if planted[key]["kind"] == "different":
             assert result.classes[i] != 1, key  # no other subject is called a copy
         aligned = apply_transform(fake[i], **evidence.transform(i, 0))
-        a = (real[result.neighbours[i, 0]] - real[result.neighbours[i, 0]].mean()) / real[
+        a = (train[result.neighbours[i, 0]] - train[result.neighbours[i, 0]].mean()) / train[
             result.neighbours[i, 0]
         ].std()
         b = (aligned - aligned.mean()) / aligned.std()

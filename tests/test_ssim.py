@@ -17,12 +17,12 @@ BACKENDS = ["torch"] + (["c"] if _ssim_kernel is not None else [])
 TOLERANCE = {np.float64: 1e-5, np.float32: 1e-4}
 
 
-def reference_matrix(real: np.ndarray, synthetic: np.ndarray) -> np.ndarray:
+def reference_matrix(train: np.ndarray, generated: np.ndarray) -> np.ndarray:
     """scikit-image with defaults under the paper's rule, in float64."""
-    out = np.empty((len(real), len(synthetic)))
-    for i, a in enumerate(real):
+    out = np.empty((len(train), len(generated)))
+    for i, a in enumerate(train):
         za = (a - a.mean()) / a.std()
-        for j, b in enumerate(synthetic):
+        for j, b in enumerate(generated):
             zb = (b - b.mean()) / b.std()
             out[i, j] = structural_similarity(za, zb, data_range=za.max() - za.min())
     return out
@@ -56,29 +56,29 @@ def test_matrix_matches_scikit_image(backend, dtype, case, monkeypatch):
         backend = "torch"
     rng = np.random.default_rng(7)
     if case == "random":
-        real, synthetic = rng.normal(size=(9, 24, 20)), rng.normal(size=(11, 24, 20))
+        train, generated = rng.normal(size=(9, 24, 20)), rng.normal(size=(11, 24, 20))
     elif case == "mri":
-        real = real_mri_slices(5)
-        synthetic = np.concatenate([real[:3] + rng.normal(0, 5, real[:3].shape), real_mri_slices(7)[4:]])
+        train = real_mri_slices(5)
+        generated = np.concatenate([train[:3] + rng.normal(0, 5, train[:3].shape), real_mri_slices(7)[4:]])
     elif case == "odd":
-        real = np.stack([smooth_image(rng, (23, 17)) for _ in range(10)])
-        synthetic = np.stack([smooth_image(rng, (23, 17)) for _ in range(3)])
+        train = np.stack([smooth_image(rng, (23, 17)) for _ in range(10)])
+        generated = np.stack([smooth_image(rng, (23, 17)) for _ in range(3)])
     elif case == "minimum":
-        real, synthetic = rng.normal(size=(4, 7, 7)), rng.normal(size=(5, 7, 7))
+        train, generated = rng.normal(size=(4, 7, 7)), rng.normal(size=(5, 7, 7))
     elif case == "flat_background":
-        real = np.zeros((6, 40, 36))
-        synthetic = np.zeros((5, 40, 36))
-        real[:, 12:28, 10:24] = rng.normal(100, 20, size=(6, 16, 14))
-        synthetic[:, 14:30, 8:22] = rng.normal(100, 20, size=(5, 16, 14))
+        train = np.zeros((6, 40, 36))
+        generated = np.zeros((5, 40, 36))
+        train[:, 12:28, 10:24] = rng.normal(100, 20, size=(6, 16, 14))
+        generated[:, 14:30, 8:22] = rng.normal(100, 20, size=(5, 16, 14))
     else:  # taller than the kernel's refresh interval, with large values
-        real = 1000 + 300 * np.stack([smooth_image(rng, (70, 12)) for _ in range(9)])
-        synthetic = 1000 + 300 * np.stack([smooth_image(rng, (70, 12)) for _ in range(9)])
-    expected = reference_matrix(real, synthetic)
-    got = deepssim.ssim_matrix(real, synthetic, dtype=dtype, backend=backend)
+        train = 1000 + 300 * np.stack([smooth_image(rng, (70, 12)) for _ in range(9)])
+        generated = 1000 + 300 * np.stack([smooth_image(rng, (70, 12)) for _ in range(9)])
+    expected = reference_matrix(train, generated)
+    got = deepssim.ssim_matrix(train, generated, dtype=dtype, backend=backend)
     assert got.shape == expected.shape and got.dtype == dtype
     assert np.abs(got - expected).max() <= TOLERANCE[dtype]
-    pairs = min(len(real), len(synthetic))
-    matched = deepssim.ssim_pairs(real[:pairs], synthetic[:pairs])
+    pairs = min(len(train), len(generated))
+    matched = deepssim.ssim_pairs(train[:pairs], generated[:pairs])
     np.testing.assert_allclose(matched, np.diag(expected[:pairs, :pairs]), atol=TOLERANCE[np.float64])
 
 
@@ -94,25 +94,25 @@ def test_single_pair_and_asymmetry():
 
 def test_blocks_stream_the_same_matrix():
     rng = np.random.default_rng(4)
-    real, synthetic = rng.normal(size=(13, 16, 15)), rng.normal(size=(10, 16, 15))
-    full = deepssim.ssim_matrix(real, synthetic, dtype=np.float64)
+    train, generated = rng.normal(size=(13, 16, 15)), rng.normal(size=(10, 16, 15))
+    full = deepssim.ssim_matrix(train, generated, dtype=np.float64)
     assembled = np.full_like(full, np.nan)
-    for r0, s0, block in deepssim.ssim_blocks(real, synthetic, np.float64, block_size=4, cache_bytes=0):
+    for r0, s0, block in deepssim.ssim_blocks(train, generated, np.float64, block_size=4, cache_bytes=0):
         assembled[r0 : r0 + block.shape[0], s0 : s0 + block.shape[1]] = block
     np.testing.assert_allclose(assembled, full, atol=1e-12)
-    np.testing.assert_allclose(full, reference_matrix(real, synthetic), atol=1e-10)
+    np.testing.assert_allclose(full, reference_matrix(train, generated), atol=1e-10)
 
 
 def test_list_of_arrays_input():
     rng = np.random.default_rng(5)
-    real = [smooth_image(rng, (12, 12)) for _ in range(3)]
-    synthetic = [smooth_image(rng, (12, 12)) for _ in range(2)]
-    got = deepssim.ssim_matrix(real, synthetic, dtype=np.float64)
-    np.testing.assert_allclose(got, reference_matrix(np.stack(real), np.stack(synthetic)), atol=1e-10)
+    train = [smooth_image(rng, (12, 12)) for _ in range(3)]
+    generated = [smooth_image(rng, (12, 12)) for _ in range(2)]
+    got = deepssim.ssim_matrix(train, generated, dtype=np.float64)
+    np.testing.assert_allclose(got, reference_matrix(np.stack(train), np.stack(generated)), atol=1e-10)
 
 
 @pytest.mark.parametrize(
-    "real, synthetic, message",
+    "train, generated, message",
     [
         (np.ones((2, 10, 10)), np.random.default_rng(0).normal(size=(2, 10, 10)), "constant"),
         (np.random.default_rng(0).normal(size=(1, 6, 9)), np.zeros((1, 6, 9)), "at least 7x7"),
@@ -124,9 +124,9 @@ def test_list_of_arrays_input():
         ),
     ],
 )
-def test_bad_arrays_give_clear_errors(real, synthetic, message):
+def test_bad_arrays_give_clear_errors(train, generated, message):
     with pytest.raises(deepssim.DeepSSIMError, match=message):
-        deepssim.ssim_matrix(real, synthetic)
+        deepssim.ssim_matrix(train, generated)
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C compiler")
@@ -136,7 +136,7 @@ def test_c_kernel_is_built_where_a_compiler_exists():
 
 
 def test_matched_pairs_match_scikit_image(rng):
-    real = real_mri_slices(5)
-    synthetic = real[::-1] + rng.normal(0, 5, real.shape)
-    expected = np.diag(reference_matrix(real, synthetic))
-    np.testing.assert_allclose(deepssim.ssim_pairs(real, synthetic, chunk=2), expected, atol=1e-10)
+    train = real_mri_slices(5)
+    generated = train[::-1] + rng.normal(0, 5, train.shape)
+    expected = np.diag(reference_matrix(train, generated))
+    np.testing.assert_allclose(deepssim.ssim_pairs(train, generated, chunk=2), expected, atol=1e-10)

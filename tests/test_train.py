@@ -62,24 +62,24 @@ def test_degradation_is_seeded_and_mild(volume_pool):
 
 def test_pairs_from_csv_compute_missing_ssim_and_check_keys(tmp_path, volume_pool):
     pool, _, _ = volume_pool
-    real_keys = [f"r{i}" for i in range(4)]
-    synthetic_keys = [f"s{i}" for i in range(4)]
+    train_keys = [f"r{i}" for i in range(4)]
+    generated_keys = [f"s{i}" for i in range(4)]
     images = pool[:8]
     path = tmp_path / "pairs.csv"
-    path.write_text("real_key,synth_key,split\nr0,s1,train\nr2,s3,val\n")
-    table = pairs_from_csv(path, real_keys, synthetic_keys, images)
+    path.write_text("train_key,generated_key,split\nr0,s1,train\nr2,s3,val\n")
+    table = pairs_from_csv(path, train_keys, generated_keys, images)
     np.testing.assert_allclose(
         table.ssim,
         [reference_matrix(images[[0]], images[[5]])[0, 0], reference_matrix(images[[2]], images[[7]])[0, 0]],
         atol=1e-8,
     )
     assert list(table.split) == ["train", "val"]
-    path.write_text("real_key,synth_key\nr0,s9\n")
-    with pytest.raises(DeepSSIMError, match="pairs.csv:2: synth_key 's9'"):
-        pairs_from_csv(path, real_keys, synthetic_keys, images)
-    path.write_text("real,synthetic\nr0,s1\n")
+    path.write_text("train_key,generated_key\nr0,s9\n")
+    with pytest.raises(DeepSSIMError, match="pairs.csv:2: generated_key 's9'"):
+        pairs_from_csv(path, train_keys, generated_keys, images)
+    path.write_text("train,generated\nr0,s1\n")
     with pytest.raises(DeepSSIMError, match="missing column"):
-        pairs_from_csv(path, real_keys, synthetic_keys, images)
+        pairs_from_csv(path, train_keys, generated_keys, images)
 
 
 def test_training_writes_checkpoints_log_and_cached_pairs(tmp_path):
@@ -142,7 +142,7 @@ def test_train_embed_export_commands(tmp_path, capsys):
             [
                 "embed",
                 "--images",
-                str(EXAMPLE / "synthetic"),
+                str(EXAMPLE / "generated"),
                 "--model",
                 model,
                 "--out",
@@ -155,7 +155,7 @@ def test_train_embed_export_commands(tmp_path, capsys):
         == 0
     )
     with np.load(out) as saved:
-        keys, images = load_images(EXAMPLE / "synthetic")
+        keys, images = load_images(EXAMPLE / "generated")
         assert saved["keys"].tolist() == keys
         np.testing.assert_allclose(saved["embeddings"], DeepSSIM.load(model).embed(images), atol=1e-6)
     scripted = tmp_path / "model.pt"
@@ -165,7 +165,7 @@ def test_train_embed_export_commands(tmp_path, capsys):
             [
                 "embed",
                 "--images",
-                str(EXAMPLE / "synthetic"),
+                str(EXAMPLE / "generated"),
                 "--model",
                 str(scripted),
                 "--out",
@@ -184,7 +184,7 @@ def test_train_embed_export_commands(tmp_path, capsys):
             [
                 "embed",
                 "--images",
-                str(EXAMPLE / "synthetic"),
+                str(EXAMPLE / "generated"),
                 "--model",
                 str(EXAMPLE / "planted.csv"),
                 "--out",

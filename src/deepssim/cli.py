@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 import tempfile
 import warnings
@@ -73,19 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     matrix = commands.add_parser(
         "ssim-matrix",
-        help="SSIM of every (real, synthetic) pair, saved as .npz",
-        description="Compute the exact SSIM (the paper's label) of every (real, synthetic) pair.",
+        help="SSIM of every (train, generated) pair, saved as .npz",
+        description="Compute the exact SSIM (the paper's label) of every (train, generated) pair.",
     )
-    matrix.add_argument("--real", required=True, nargs="+", help="folder(s) or files of real images")
+    matrix.add_argument("--train", required=True, nargs="+", help="folder(s) or files of training images")
     matrix.add_argument(
-        "--synthetic", required=True, nargs="+", help="folder(s) or files of synthetic images"
+        "--generated", required=True, nargs="+", help="folder(s) or files of generated images"
     )
     matrix.add_argument("--out", required=True, help="output .npz (matrix, keys, settings)")
     matrix.add_argument(
         "--top-k",
         type=int,
         default=0,
-        help="also write OUT.topK.csv with the K most similar real images per synthetic image",
+        help="also write OUT.topK.csv with the K most similar training images per generated image",
     )
     matrix.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     matrix.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.set_defaults(handler=_run_ssim_matrix)
     _add_scan_parser(commands)
     _add_calibrate_parser(commands)
+    _add_label_parser(commands)
     _add_evaluate_parser(commands)
     _add_benchmark_parser(commands)
     _add_train_parser(commands)
@@ -178,7 +180,7 @@ def _run_ldm_generate(args: argparse.Namespace) -> None:
     )
     print(
         f"{settings['images']} images -> {args.out} (manifest.csv, manifest.json); scan them with "
-        f"deepssim scan --train TRAIN --synthetic {args.out}"
+        f"deepssim scan --train TRAIN --generated {args.out}"
     )
 
 
@@ -194,7 +196,7 @@ def _add_scan_parser(commands) -> None:
         "(Different / Similar / Duplicate); writes results.csv, pairs.csv, summary.json and report.html.",
     )
     scan.add_argument("--train", required=True, nargs="+", help="training images: folders or files")
-    scan.add_argument("--synthetic", required=True, nargs="+", help="generated images: folders or files")
+    scan.add_argument("--generated", required=True, nargs="+", help="generated images: folders or files")
     scan.add_argument("--out", default="deepssim-scan", help="output folder (default deepssim-scan)")
     scan.add_argument(
         "--metric",
@@ -294,7 +296,7 @@ def _run_scan(args: argparse.Namespace) -> None:
 
         fitted = cached_fit(
             args.train,
-            generated=args.synthetic,
+            generated=args.generated,
             settings=FitSettings(start=args.model, minutes=args.fit_minutes, device=args.device),
             options=_loading_options(args),
             progress=not args.no_progress,
@@ -303,7 +305,7 @@ def _run_scan(args: argparse.Namespace) -> None:
         model = str(fitted.model_path)
     result = scan(
         args.train,
-        args.synthetic,
+        args.generated,
         model=model,
         metric=args.metric,
         decision=args.decision,
@@ -369,11 +371,15 @@ def _add_calibrate_parser(commands) -> None:
         "calibrate",
         help="fit low/high thresholds to labelled pairs",
         description="Find the low/high thresholds that maximise macro-F1 on labelled pairs "
-        "(CSV: real_key, synth_key, label with 0 Different, 1 Duplicate, 2 Similar).",
+        "(CSV: train_key, generated_key, label with 0 Different, 1 Duplicate, 2 Similar).",
     )
-    calibrate.add_argument("--pairs", required=True, help="labelled pairs CSV")
-    calibrate.add_argument("--real", required=True, nargs="+", help="training (real) images")
-    calibrate.add_argument("--synthetic", required=True, nargs="+", help="generated images")
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", help="labelled pairs CSV")
+    source.add_argument(
+        "--labels", help="a deepssim label folder: its majority labels, images from its scan's inputs"
+    )
+    calibrate.add_argument("--train", nargs="+", help="training images (with --labels: the scan's)")
+    calibrate.add_argument("--generated", nargs="+", help="generated images (with --labels: the scan's)")
     calibrate.add_argument(
         "--metric",
         default="deepssim",
@@ -389,13 +395,26 @@ def _add_calibrate_parser(commands) -> None:
 def _run_calibrate(args: argparse.Namespace) -> None:
     from deepssim.evaluation.protocol import calibrate_thresholds
 
+    pairs, train, generated, options = args.pairs, args.train, args.generated, _loading_options(args)
+    if args.labels:
+        from deepssim.labelling import LabelStore, ScanPairs, summarise
+
+        report = summarise(args.labels)
+        scan = ScanPairs.read(LabelStore.open(args.labels).meta()["scan"])
+        pairs = Path(args.labels) / "labelled.csv"
+        train = train or scan.inputs["training"]
+        generated = generated or scan.inputs["generated"]
+        options = scan.options
+        print(f"{report.majority_pairs} majority labels from {len(report.raters)} rater(s) -> {pairs}")
+    elif not (train and generated):
+        raise DeepSSIMError("--pairs needs --train and --generated (the images the keys name)")
     thresholds, f1, count = calibrate_thresholds(
-        args.pairs,
-        args.real,
-        args.synthetic,
+        pairs,
+        train,
+        generated,
         metric=args.metric,
         model=args.model,
-        options=_loading_options(args),
+        options=options,
         device=args.device,
         progress=not args.no_progress,
         out=args.out,
@@ -407,6 +426,91 @@ def _run_calibrate(args: argparse.Namespace) -> None:
     print(f"use them with: deepssim scan ... --metric {args.metric} --thresholds {args.out}")
 
 
+def _add_label_parser(commands) -> None:
+    label = commands.add_parser(
+        "label",
+        help="label a scan's pairs in the browser; or summarise raters' agreement",
+        description="Serve a local page (127.0.0.1 only) that shows a scan's pairs one at a time for a "
+        "rater to label Different / Similar / Duplicate (keys 1 / 2 / 3), or with --summary report "
+        "Fleiss' kappa and write labelled.csv for calibrate and evaluate.",
+    )
+    action = label.add_mutually_exclusive_group(required=True)
+    action.add_argument("--scan", help="a deepssim scan output folder: the pairs to label")
+    action.add_argument("--summary", metavar="LABELS_DIR", help="report agreement; write labelled.csv")
+    label.add_argument("--out", help="labels folder (labels.sqlite); several raters may share it")
+    label.add_argument("--rater", default=getpass.getuser(), help="the rater's name (default: user name)")
+    label.add_argument("--port", type=int, default=8765)
+    label.add_argument("--pairs", type=int, default=200, help="pairs to label (drawn once per folder)")
+    label.add_argument("--seed", type=int, default=0, help="the draw's seed: every rater sees one order")
+    label.add_argument("--train", nargs="+", help="the scan's training images, if they moved")
+    label.add_argument("--generated", nargs="+", help="the scan's generated images, if they moved")
+    label.add_argument("--bootstrap", type=int, default=1000, help="resamples for kappa's interval")
+    label.set_defaults(handler=_run_label)
+
+
+def _run_label(args: argparse.Namespace) -> None:
+    from deepssim.labelling import summarise
+    from deepssim.labelling.server import HOST, LabellingSession, make_server
+
+    if args.summary:
+        report = summarise(args.summary, bootstrap=args.bootstrap, seed=args.seed)
+        print(format_agreement(report))
+        print(f"labelled.csv and agreement.json -> {args.summary}")
+        return
+    if not args.out:
+        raise DeepSSIMError("--scan needs --out LABELS_DIR (where the labels are kept)")
+    session = LabellingSession(
+        args.scan,
+        args.out,
+        rater=args.rater,
+        pairs=args.pairs,
+        seed=args.seed,
+        train=args.train,
+        generated=args.generated,
+    )
+    server = make_server(session, args.port)
+    state = session.state()
+    print(
+        f"labelling {state['total']} pairs as rater {session.rater!r} ({state['done']} done) at "
+        f"http://{HOST}:{server.server_address[1]}/ - listening on {HOST} only (this machine); "
+        "every click is saved at once; Ctrl+C to stop"
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def format_agreement(report) -> str:
+    kappa = "n/a (needs two raters on the same pairs)"
+    if report.kappa is not None:
+        kappa = f"{report.kappa:.3f}"
+        if report.kappa_interval is not None:
+            kappa += (
+                f" (95% bootstrap interval {report.kappa_interval[0]:.3f} to {report.kappa_interval[1]:.3f})"
+            )
+    lines = [
+        f"raters: {', '.join(report.raters) or '(none)'}",
+        f"pairs: {report.pairs_labelled} of {report.pairs_in_queue} labelled, "
+        f"{report.pairs_labelled_by_all} by every rater; {report.skips} skips",
+        f"Fleiss' kappa: {kappa}",
+    ]
+    if report.per_class_agreement:
+        lines.append(
+            "per-class agreement: "
+            + ", ".join(
+                f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in report.per_class_agreement.items()
+            )
+        )
+    labels = list(report.confusion)
+    lines.append("confusion between raters (pooled over rater pairs):")
+    lines.append("  " + " " * 10 + "".join(f"{name:>11}" for name in labels))
+    for a in labels:
+        lines.append(f"  {a:<10}" + "".join(f"{report.confusion[a][b]:>11}" for b in labels))
+    lines.append(f"majority labels: {report.majority_pairs} pairs; ties left out: {report.ties}")
+    return "\n".join(lines)
+
+
 def _add_evaluate_parser(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate",
@@ -415,9 +519,9 @@ def _add_evaluate_parser(commands) -> None:
         "(each with a bootstrap 95%% CI) of every metric, aligned and misaligned, with the paper's and "
         "calibrated thresholds.",
     )
-    evaluate.add_argument("--pairs", required=True, help="CSV: real_key, synth_key, label[, split]")
-    evaluate.add_argument("--real", required=True, nargs="+", help="training (real) images")
-    evaluate.add_argument("--synthetic", required=True, nargs="+", help="generated images")
+    evaluate.add_argument("--pairs", required=True, help="CSV: train_key, generated_key, label[, split]")
+    evaluate.add_argument("--train", required=True, nargs="+", help="training images")
+    evaluate.add_argument("--generated", required=True, nargs="+", help="generated images")
     evaluate.add_argument(
         "--metrics",
         default="deepssim,ssim",
@@ -443,8 +547,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     settings = ("aligned", "misaligned") if args.setting == "both" else (args.setting,)
     rows = evaluate(
         args.pairs,
-        args.real,
-        args.synthetic,
+        args.train,
+        args.generated,
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
         settings=settings,
         calib_split=args.calib_split,
@@ -469,7 +573,7 @@ def _add_benchmark_parser(commands) -> None:
     actions = benchmark.add_subparsers(dest="action", required=True)
     build = actions.add_parser(
         "build",
-        help="build a labelled benchmark from real images",
+        help="build a labelled benchmark from training images",
         description="From real images or volumes, write a training folder, a generated folder with planted "
         "Duplicates, Similar and Different images, and pairs.csv (labels, calib/test split).",
     )
@@ -578,7 +682,8 @@ def _add_train_dar_parser(commands) -> None:
     dar = commands.add_parser(
         "train-dar",
         help="train the Dar et al. baseline (ResNet-50, NT-Xent)",
-        description="Train the Dar et al. embedder on real images; then: --metric dar=OUT/dar.safetensors",
+        description="Train the Dar et al. embedder on training images, then scan with "
+        "--metric dar=OUT/dar.safetensors",
     )
     dar.add_argument("--images", required=True, nargs="+")
     dar.add_argument("--out", required=True)
@@ -620,7 +725,7 @@ def _add_train_parser(commands) -> None:
         description="Train a DeepSSIM embedder: the cosine of two augmented views regresses their "
         "clean SSIM. Pairs come from --pairs, or are sampled self-supervised from the images.",
     )
-    train.add_argument("--images", nargs="+", help="training (real) images: folders or files")
+    train.add_argument("--images", nargs="+", help="training images: folders or files")
     train.add_argument(
         "--synthetic-subjects",
         type=int,
@@ -629,7 +734,7 @@ def _add_train_parser(commands) -> None:
     )
     train.add_argument("--slices-per-subject", type=int, default=defaults.slices_per_subject)
     train.add_argument("--generated", nargs="+", help="generated images (optional; needed with --pairs)")
-    train.add_argument("--pairs", help="CSV with real_key, synth_key[, ssim][, split]")
+    train.add_argument("--pairs", help="CSV with train_key, generated_key[, ssim][, split]")
     train.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, cached pairs")
     train.add_argument("--architecture", choices=list(ARCHITECTURES), default=defaults.architecture)
     train.add_argument("--epochs", type=int, default=defaults.epochs)
@@ -769,15 +874,15 @@ def _run_ssim_matrix(args: argparse.Namespace) -> None:
         raise DeepSSIMError("--top-k must be 0 or more")
     options = _loading_options(args)
     progress = not args.no_progress
-    real = ImageSet.from_paths(args.real, options, progress, "indexing real images")
-    synthetic = ImageSet.from_paths(args.synthetic, options, progress, "indexing synthetic images")
-    matrix_bytes = len(real) * len(synthetic) * np.dtype(args.dtype).itemsize
+    train = ImageSet.from_paths(args.train, options, progress, "indexing training images")
+    generated = ImageSet.from_paths(args.generated, options, progress, "indexing generated images")
+    matrix_bytes = len(train) * len(generated) * np.dtype(args.dtype).itemsize
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".deepssim-") as scratch:
         matrix_file = Path(scratch) / "ssim.npy" if matrix_bytes > IN_MEMORY_MATRIX_BYTES else None
         result = compute_ssim_matrix(
-            real,
-            synthetic,
+            train,
+            generated,
             dtype=args.dtype,
             device=args.device,
             block_size=args.block_size,
@@ -790,13 +895,13 @@ def _run_ssim_matrix(args: argparse.Namespace) -> None:
             result.save_top_k(top_k_path, args.top_k)
         values = np.asarray(result.values)
         print(
-            f"SSIM matrix: {len(real)} real x {len(synthetic)} synthetic images "
-            f"of {real.shape[0]}x{real.shape[1]} -> {out}"
+            f"SSIM matrix: {len(train)} training x {len(generated)} generated images "
+            f"of {train.shape[0]}x{train.shape[1]} -> {out}"
         )
         print(f"  SSIM min {values.min():.4f}  median {np.median(values):.4f}  max {values.max():.4f}")
         best = values.max(axis=0)
         print(
-            f"  synthetic images whose best real match has SSIM > 0.85: "
+            f"  generated images whose best train match has SSIM > 0.85: "
             f"{int((best > 0.85).sum())} of {len(best)}"
         )
         if args.top_k:
@@ -807,7 +912,15 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"deepssim: warning: {message}", file=sys.stderr)
 
 
+RENAMED_FLAGS = {"--real": "--train", "--synthetic": "--generated"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    for old, new in RENAMED_FLAGS.items():
+        if old in argv:
+            print(f"deepssim: error: {old} is now {new} (one name per role)", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
     try:

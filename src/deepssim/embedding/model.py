@@ -230,9 +230,9 @@ class DeepSSIM:
 
         return explain_pair(self, a, b, steps)
 
-    def matrix(self, real, synthetic, batch_size: int = 64) -> np.ndarray:
-        """(N, M) scores of every (real, synthetic) pair."""
-        return self.embed(real, batch_size) @ self.embed(synthetic, batch_size).T
+    def matrix(self, train, generated, batch_size: int = 64) -> np.ndarray:
+        """(N, M) scores of every (train, generated) pair."""
+        return self.embed(train, batch_size) @ self.embed(generated, batch_size).T
 
     @torch.inference_mode()
     def _forward(self, images: np.ndarray, precision: str = "float32") -> np.ndarray:

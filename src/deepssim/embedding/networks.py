@@ -134,6 +134,7 @@ class FastEmbedder(nn.Module):
 
     def __init__(self):
         super().__init__()
+        self.grid = type(self).grid  # an instance attribute, so TorchScript export sees it
         self.stem = _down(1, self.stem_width)
         stages = []
         previous = self.stem_width

@@ -143,7 +143,7 @@ def build_benchmark(
     splits = np.where(rng.random(len(planted)) < 0.5, "calib", "test")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["real_key", "synth_key", "label", "split", "kind"])
+    writer.writerow(["train_key", "generated_key", "label", "split", "kind"])
     for (train_key, key, label, kind), split in zip(planted, splits, strict=True):
         writer.writerow([train_key, key, label, split, kind])
     write_text_atomic(out_dir / "pairs.csv", buffer.getvalue())

@@ -1,6 +1,6 @@
 """The paper's evaluation protocol on labelled pairs, and threshold calibration.
 
-A labelled pairs CSV has ``real_key, synth_key, label`` (0 Different, 1 Duplicate, 2 Similar)
+A labelled pairs CSV has ``train_key, generated_key, label`` (0 Different, 1 Duplicate, 2 Similar)
 and optionally ``split``. For each metric and setting (aligned: images as they are;
 misaligned: each image of a pair augmented independently with flips along both axes, rotation
 uniform in +-0.1745 rad and gamma 0.5-1.5, each with probability 0.8, seeded, the same views for
@@ -44,42 +44,42 @@ FPR_AT = 0.05
 
 @dataclass
 class LabelledPairs:
-    """The images of every listed pair (real[i], synthetic[i]), its label and split."""
+    """The images of every listed pair (train[i], generated[i]), its label and split."""
 
-    real: np.ndarray
-    synthetic: np.ndarray
+    train: np.ndarray
+    generated: np.ndarray
     labels: np.ndarray
     splits: np.ndarray
     rows: list[dict]
 
 
 def read_labelled_pairs(
-    pairs_csv, real, synthetic, options: LoadOptions | None = None, progress=False, need_labels: bool = True
+    pairs_csv, train, generated, options: LoadOptions | None = None, progress=False, need_labels: bool = True
 ) -> LabelledPairs:
 
     rows = read_pair_csv(pairs_csv)
     if need_labels and "label" not in rows[0]:
         raise DeepSSIMError(f"{pairs_csv}: a labelled pairs file needs a 'label' column (0, 1 or 2)")
-    real_set = ImageSet.coerce(real, options, progress, "indexing real images")
-    synthetic_set = ImageSet.coerce(synthetic, options, progress, "indexing generated images")
-    if real_set.shape != synthetic_set.shape:
+    train_set = ImageSet.coerce(train, options, progress, "indexing training images")
+    generated_set = ImageSet.coerce(generated, options, progress, "indexing generated images")
+    if train_set.shape != generated_set.shape:
         raise DeepSSIMError(
-            f"real images are {real_set.shape} but generated images are {synthetic_set.shape}; "
+            f"training images are {train_set.shape} but generated images are {generated_set.shape}; "
             "pass --size HxW"
         )
     index = {
-        "real_key": {k: i for i, k in enumerate(real_set.keys)},
-        "synth_key": {k: i for i, k in enumerate(synthetic_set.keys)},
+        "train_key": {k: i for i, k in enumerate(train_set.keys)},
+        "generated_key": {k: i for i, k in enumerate(generated_set.keys)},
     }
     first, second, labels = [], [], []
     for line, row in enumerate(rows, start=2):
-        for column in ("real_key", "synth_key"):
+        for column in ("train_key", "generated_key"):
             if row[column] not in index[column]:
                 raise DeepSSIMError(
                     f"{pairs_csv}:{line}: {column} {row[column]!r} is not among the images given"
                 )
-        first.append(index["real_key"][row["real_key"]])
-        second.append(index["synth_key"][row["synth_key"]])
+        first.append(index["train_key"][row["train_key"]])
+        second.append(index["generated_key"][row["generated_key"]])
         if need_labels:
             if row["label"] not in ("0", "1", "2"):
                 raise DeepSSIMError(
@@ -88,7 +88,7 @@ def read_labelled_pairs(
                 )
             labels.append(int(row["label"]))
     splits = np.array([row.get("split") or "" for row in rows])
-    return LabelledPairs(real_set.take(first), synthetic_set.take(second), np.array(labels), splits, rows)
+    return LabelledPairs(train_set.take(first), generated_set.take(second), np.array(labels), splits, rows)
 
 
 def misaligned_views(images: np.ndarray, seed: int) -> np.ndarray:
@@ -101,8 +101,8 @@ def misaligned_views(images: np.ndarray, seed: int) -> np.ndarray:
 
 def calibrate_thresholds(
     pairs_csv,
-    real,
-    synthetic,
+    train,
+    generated,
     metric="deepssim",
     model="default",
     options=None,
@@ -115,8 +115,8 @@ def calibrate_thresholds(
     Returns (thresholds, macro-F1, number of pairs).
     """
     metric = metric if isinstance(metric, SimilarityMetric) else load_metric(metric, device, model)
-    pairs = read_labelled_pairs(pairs_csv, real, synthetic, options, progress)
-    scores = metric.pair_scores(pairs.real, pairs.synthetic)
+    pairs = read_labelled_pairs(pairs_csv, train, generated, options, progress)
+    scores = metric.pair_scores(pairs.train, pairs.generated)
     thresholds, f1 = calibrate(scores, pairs.labels)
     if out is not None:
         source = getattr(metric, "source", metric.description)
@@ -196,8 +196,8 @@ HEADLINE = ["macro_f1", "weighted_f1", "silhouette", "tpr_at_5fpr", "auroc"]
 
 def evaluate(
     pairs_csv,
-    real,
-    synthetic,
+    train,
+    generated,
     metrics=("deepssim", "ssim"),
     settings=SETTINGS,
     calib_split: str | None = None,
@@ -215,7 +215,7 @@ def evaluate(
     for setting in settings:
         if setting not in SETTINGS:
             raise DeepSSIMError(f"setting must be aligned, misaligned or both, not {setting!r}")
-    pairs = read_labelled_pairs(pairs_csv, real, synthetic, options, progress)
+    pairs = read_labelled_pairs(pairs_csv, train, generated, options, progress)
     calibration = None if calib_split is None else pairs.splits == calib_split
     if test_split is not None:
         test = pairs.splits == test_split
@@ -227,11 +227,11 @@ def evaluate(
         raise DeepSSIMError(f"{pairs_csv}: no pairs in the test split {test_split!r}")
     if calibration is not None and not calibration.any():
         raise DeepSSIMError(f"{pairs_csv}: no pairs in the calibration split {calib_split!r}")
-    views = {"aligned": (pairs.real, pairs.synthetic)}
+    views = {"aligned": (pairs.train, pairs.generated)}
     if "misaligned" in settings:
         views["misaligned"] = (
-            misaligned_views(pairs.real, seed),
-            misaligned_views(pairs.synthetic, seed + 1),
+            misaligned_views(pairs.train, seed),
+            misaligned_views(pairs.generated, seed + 1),
         )
     rows, all_scores = [], {}
     for spec in metrics:
@@ -287,10 +287,10 @@ def _write_outputs(out_dir: Path, rows: list[dict], scores: dict, pairs: Labelle
     write_text_atomic(out_dir / "metrics.md", metrics_markdown(rows))
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["real_key", "synth_key", "label", "split", *scores])
+    writer.writerow(["train_key", "generated_key", "label", "split", *scores])
     for i, row in enumerate(pairs.rows):
         values = [f"{scores[name][i]:.6f}" for name in scores]
-        writer.writerow([row["real_key"], row["synth_key"], pairs.labels[i], pairs.splits[i], *values])
+        writer.writerow([row["train_key"], row["generated_key"], pairs.labels[i], pairs.splits[i], *values])
     write_text_atomic(out_dir / "scores.csv", buffer.getvalue())
 
 

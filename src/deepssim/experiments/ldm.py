@@ -340,17 +340,17 @@ def train_vae(
             if discriminator is not None:
                 fake = discriminator(reconstruction.contiguous().float())[-1]
                 loss = loss + config.adversarial_weight * adversarial_loss(
-                    fake, target_is_real=True, for_discriminator=False
+                    fake, target_is_train=True, for_discriminator=False
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if discriminator is not None:
                 fake = discriminator(reconstruction.detach().contiguous())[-1]
-                real = discriminator(batch)[-1]
+                train = discriminator(batch)[-1]
                 d_loss = 0.5 * (
-                    adversarial_loss(fake, target_is_real=False, for_discriminator=True)
-                    + adversarial_loss(real, target_is_real=True, for_discriminator=True)
+                    adversarial_loss(fake, target_is_train=False, for_discriminator=True)
+                    + adversarial_loss(train, target_is_train=True, for_discriminator=True)
                 )
                 adversary.zero_grad(set_to_none=True)
                 (config.adversarial_weight * d_loss).backward()
@@ -506,7 +506,7 @@ def generate(
             source = info.keys[sources[row]] if conditions is not None else ""
             manifest.append(
                 {
-                    "synthetic_key": key,
+                    "generated_key": key,
                     "run": str(run),
                     "seed": seed,
                     "batch": number,

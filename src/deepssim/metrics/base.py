@@ -52,10 +52,10 @@ class SimilarityMetric:
     is_embedding = False
     description = ""
 
-    def pair_scores(self, real: np.ndarray, synthetic: np.ndarray) -> np.ndarray:
-        """Scores of matched pairs (real[i], synthetic[i])."""
+    def pair_scores(self, train: np.ndarray, generated: np.ndarray) -> np.ndarray:
+        """Scores of matched pairs (train[i], generated[i])."""
         if self.is_embedding:
-            return np.sum(self.embed(real) * self.embed(synthetic), axis=1)
+            return np.sum(self.embed(train) * self.embed(generated), axis=1)
         raise NotImplementedError
 
     def embed(self, images, batch_size: int = 64, precision: str = "float32", progress: bool = False):

@@ -113,7 +113,7 @@ def train_dar(
     options: LoadOptions | None = None,
     progress: bool = False,
 ) -> Path:
-    """Train the Dar et al. embedder on (real) images; returns the checkpoint path
+    """Train the Dar et al. embedder on training images; returns the checkpoint path
     (``out_dir/dar.safetensors``: the weights after the last epoch; NT-Xent has no
     validation target to choose another)."""
     settings = settings or DarSettings()

@@ -16,8 +16,8 @@ class SSIMMetric(SimilarityMetric):
     thresholds = (0.6, 0.85)
     description = "SSIM (scikit-image defaults, z-scored images, data range of the training image)"
 
-    def pair_scores(self, real, synthetic):
-        return ssim_pairs(real, synthetic)
+    def pair_scores(self, train, generated):
+        return ssim_pairs(train, generated)
 
     def top_k(self, train, generated, k, *, search="exact", embed=None, progress=False):
         from deepssim.scanning.search import top_k_ssim
@@ -34,18 +34,18 @@ class FSIMMetric(SimilarityMetric):
     thresholds = None  # the paper gives no FSIM thresholds: calibrate them
     description = "FSIM, Zhang et al. 2011, with phase congruency (piq implementation)"
 
-    def pair_scores(self, real, synthetic, batch_size: int = 64):
+    def pair_scores(self, train, generated, batch_size: int = 64):
         piq = require("piq")
 
-        real, synthetic = np.asarray(real, dtype=np.float64), np.asarray(synthetic, dtype=np.float64)
-        if real.shape != synthetic.shape:
+        train, generated = np.asarray(train, dtype=np.float64), np.asarray(generated, dtype=np.float64)
+        if train.shape != generated.shape:
             raise DeepSSIMError(
-                f"FSIM needs pairs of one size; got {real.shape[1:]} and {synthetic.shape[1:]}"
+                f"FSIM needs pairs of one size; got {train.shape[1:]} and {generated.shape[1:]}"
             )
         scores = []
-        for start in range(0, len(real), batch_size):
-            a = unit_range(real[start : start + batch_size])
-            b = unit_range(synthetic[start : start + batch_size])
+        for start in range(0, len(train), batch_size):
+            a = unit_range(train[start : start + batch_size])
+            b = unit_range(generated[start : start + batch_size])
             scores.append(piq.fsim(a, b, data_range=1.0, reduction="none", chromatic=False).numpy())
         return np.concatenate(scores).astype(np.float64)
 
@@ -59,9 +59,9 @@ class RegisteredSSIMMetric(SimilarityMetric):
     thresholds = (0.6, 0.85)
     description = "registered SSIM (SSIM after rigid and contrast registration)"
 
-    def pair_scores(self, real, synthetic):
+    def pair_scores(self, train, generated):
         from deepssim.ssim.registered import register_pairs
 
         return register_pairs(
-            np.asarray(real, dtype=np.float64), np.asarray(synthetic, dtype=np.float64)
+            np.asarray(train, dtype=np.float64), np.asarray(generated, dtype=np.float64)
         ).ssim_registered

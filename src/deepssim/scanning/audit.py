@@ -7,6 +7,7 @@ import hashlib
 import shlex
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 from deepssim.io.cache import image_fingerprints
 from deepssim.io.load import ImageSet
@@ -35,7 +36,11 @@ def audit_trail(inputs: dict[str, ImageSet], given: dict[str, object], model: di
         "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "command_line": shlex.join(sys.argv) if sys.argv and sys.argv[0] else "(Python API)",
         "inputs": {
-            role: {"given": [str(p) for p in _as_list(given.get(role))], **input_record(images)}
+            role: {
+                "given": [str(p) for p in _as_list(given.get(role))],
+                "absolute": [str(Path(p).resolve()) for p in _as_list(given.get(role)) if p != "(ImageSet)"],
+                **input_record(images),
+            }
             for role, images in inputs.items()
         },
         "model": model,

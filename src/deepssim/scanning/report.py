@@ -13,6 +13,7 @@ from html import escape
 
 import numpy as np
 
+from deepssim.io.display import colour, png_bytes, to_uint8
 from deepssim.io.files import write_text_atomic
 from deepssim.scanning.decide import CLASS_NAMES
 
@@ -117,14 +118,13 @@ def _summary_table(summary: dict) -> str:
 
 
 def _png(figure_or_array) -> str:
-    buffer = io.BytesIO()
     if isinstance(figure_or_array, np.ndarray):
-        from PIL import Image
-
-        Image.fromarray(figure_or_array).save(buffer, format="PNG")
+        data = png_bytes(figure_or_array)
     else:
+        buffer = io.BytesIO()
         figure_or_array.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        data = buffer.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
 def _histogram_png(result) -> str:
@@ -162,32 +162,27 @@ def _histogram_png(result) -> str:
     return encoded
 
 
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    low, high = np.percentile(image, [0.5, 99.5])
-    return np.clip((image - low) / max(high - low, 1e-12) * 255, 0, 255).astype(np.uint8)
-
-
 def _gallery(result, gallery_size: int, anonymise: bool) -> str:
     decided = np.nan_to_num(result.decision_scores[:, 0], nan=-np.inf)
     order = np.argsort(-decided, kind="stable")[:gallery_size]
     if len(order) == 0:
         return "<p>No generated images.</p>"
-    generated = result.synthetic.take(order)
+    generated = result.generated.take(order)
     training = result.train.take(result.neighbours[order, 0])
     items = []
-    for rank, (i, fake, real) in enumerate(zip(order, generated, training, strict=True), 1):
+    for rank, (i, fake, train) in enumerate(zip(order, generated, training, strict=True), 1):
         name = CLASS_NAMES[int(result.classes[i])]
-        synthetic_key = escape(result.synthetic_keys[i])
+        generated_key = escape(result.generated_keys[i])
         train_key = escape(result.train_keys[result.neighbours[i, 0]])
         aligned = _aligned(result, i, fake)
         moved = fake if aligned is None else aligned
-        maps = _maps(result, real, moved)
+        maps = _maps(result, train, moved)
         if anonymise:
-            images = [_img(f"{label} map", _colour(values, colormap)) for label, values, colormap in maps]
+            images = [_img(f"{label} map", colour(values, colormap)) for label, values, colormap in maps]
         else:
             images = [
-                _img(f"generated {synthetic_key}", _to_uint8(fake)),
-                _img(f"training {train_key}", _to_uint8(real)),
+                _img(f"generated {generated_key}", to_uint8(fake)),
+                _img(f"training {train_key}", to_uint8(train)),
             ]
             overlays = dict((label, values) for label, values, _ in maps)
             if "similarity lost" in overlays:
@@ -195,10 +190,10 @@ def _gallery(result, gallery_size: int, anonymise: bool) -> str:
                     _img("aligned generated, similarity lost", _overlay(moved, overlays["similarity lost"]))
                 )
             else:
-                images.append(_img("aligned generated", _to_uint8(moved)))
+                images.append(_img("aligned generated", to_uint8(moved)))
             if "local SSIM" in overlays:
                 # 1 - local SSIM on an absolute scale: a copy shows (almost) no red
-                images.append(_img("training, local SSIM", _overlay(real, 1 - overlays["local SSIM"], 1.0)))
+                images.append(_img("training, local SSIM", _overlay(train, 1 - overlays["local SSIM"], 1.0)))
         score = f"{result.metric} {result.scores[i, 0]:.4f}"
         evidence = result.evidence
         if evidence is not None and evidence.has(i, 0):
@@ -208,7 +203,7 @@ def _gallery(result, gallery_size: int, anonymise: bool) -> str:
             )
         items.append(
             f"<figure class='pair'>{''.join(images)}<figcaption>#{rank} "
-            f"<span class='badge {name}'>{name}</span> {escape(score)}<br>generated: {synthetic_key}"
+            f"<span class='badge {name}'>{name}</span> {escape(score)}<br>generated: {generated_key}"
             f"<br>training: {train_key}</figcaption></figure>"
         )
     return "<div id='gallery-items'>" + "\n".join(items) + "</div>"
@@ -218,32 +213,24 @@ def _img(alt: str, pixels: np.ndarray) -> str:
     return f"<img alt='{escape(alt)}' src='{_png(pixels)}'>"
 
 
-def _maps(result, real: np.ndarray, moved: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
+def _maps(result, train: np.ndarray, moved: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
     """(label, map, colormap) of a pair: the difference, where similarity is lost, local SSIM."""
-    if real.shape != moved.shape:
+    if train.shape != moved.shape:
         return []
-    za, zb = (real - real.mean()) / real.std(), (moved - moved.mean()) / moved.std()
+    za, zb = (train - train.mean()) / train.std(), (moved - moved.mean()) / moved.std()
     maps = [("difference", np.abs(za - zb), "magma")]
     model = result.embedder
     if model is not None:
-        explanation = model.explain(real, moved, steps=16)
+        explanation = model.explain(train, moved, steps=16)
         maps.append(("similarity lost", np.clip(explanation.lost_similarity, 0, None), "magma"))
         maps.append(("local SSIM", explanation.ssim_map, "viridis"))
     return maps
 
 
-def _colour(values: np.ndarray, colormap: str) -> np.ndarray:
-    from matplotlib import colormaps
-
-    low, high = np.percentile(values, [0.5, 99.5])
-    scaled = np.clip((values - low) / max(high - low, 1e-12), 0, 1)
-    return (colormaps[colormap](scaled)[..., :3] * 255).astype(np.uint8)
-
-
 def _overlay(image: np.ndarray, heat: np.ndarray, full_scale: float | None = None) -> np.ndarray:
     """The gray image with ``heat`` blended in red: scaled to ``full_scale``, or to its own 99th
     percentile when None (an attribution map has no natural unit)."""
-    gray = _to_uint8(image).astype(np.float64)[..., None].repeat(3, axis=2)
+    gray = to_uint8(image).astype(np.float64)[..., None].repeat(3, axis=2)
     scale = full_scale if full_scale is not None else max(np.percentile(heat, 99), 1e-12)
     weight = np.clip(heat / scale, 0, 1)[..., None]
     red = np.array([230.0, 30.0, 30.0])

@@ -1,6 +1,6 @@
 """The main job: for every generated image, its nearest training images, scores and class.
 
-``scan(train, synthetic)`` indexes both folders, embeds them with a DeepSSIM model (cached on
+``scan(train, generated)`` indexes both folders, embeds them with a DeepSSIM model (cached on
 disk) or computes exact SSIM, finds the top-k training images of each generated image without
 holding the full score matrix, classifies each generated image by its best score and
 summarises the shares with 95% confidence intervals. ``ScanResult.save`` writes
@@ -59,7 +59,7 @@ class ScanResult:
     metric: str
     model: str
     train: ImageSet
-    synthetic: ImageSet
+    generated: ImageSet
     scores: np.ndarray
     neighbours: np.ndarray
     thresholds: Thresholds
@@ -82,15 +82,15 @@ class ScanResult:
         return self.train.keys
 
     @property
-    def synthetic_keys(self) -> list[str]:
-        return self.synthetic.keys
+    def generated_keys(self) -> list[str]:
+        return self.generated.keys
 
     def duplicates(self) -> list[tuple[str, str, float]]:
         """(generated key, training key, decision score) of every top-k pair above the high threshold."""
         decided = self.decision_scores
         rows, ranks = np.nonzero(decided > self.thresholds.high)
         return [
-            (self.synthetic_keys[i], self.train_keys[self.neighbours[i, r]], float(decided[i, r]))
+            (self.generated_keys[i], self.train_keys[self.neighbours[i, r]], float(decided[i, r]))
             for i, r in zip(rows, ranks, strict=True)
         ]
 
@@ -99,13 +99,13 @@ class ScanResult:
         k = self.scores.shape[1]
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        header = ["synthetic_key", "top1_train_key", "score", "class"]
+        header = ["generated_key", "top1_train_key", "score", "class"]
         if self.evidence is not None:
             header += ["top1_ssim_registered", "top1_transform", "top1_ssim"]
         for rank in range(2, k + 1):
             header += [f"top{rank}_train_key", f"top{rank}_score"]
         writer.writerow(header)
-        for i, key in enumerate(self.synthetic_keys):
+        for i, key in enumerate(self.generated_keys):
             row = [key, self.train_keys[self.neighbours[i, 0]], f"{self.scores[i, 0]:.6f}"]
             row.append(CLASS_NAMES[int(self.classes[i])])
             if self.evidence is not None:
@@ -119,12 +119,12 @@ class ScanResult:
         """Every top-k pair: generated key, rank, training key, score, class (and the evidence)."""
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        header = ["synthetic_key", "rank", "train_key", "score", "class"]
+        header = ["generated_key", "rank", "train_key", "score", "class"]
         writer.writerow(
             header + (["ssim_registered", "transform", "ssim"] if self.evidence is not None else [])
         )
         pair_classes = classify(np.nan_to_num(self.decision_scores, nan=-np.inf), self.thresholds)
-        for i, key in enumerate(self.synthetic_keys):
+        for i, key in enumerate(self.generated_keys):
             for rank in range(self.scores.shape[1]):
                 row = [
                     key,
@@ -168,7 +168,7 @@ class ScanResult:
 
 def scan(
     train,
-    synthetic,
+    generated,
     *,
     model: str | Path | DeepSSIM = "default",
     metric: str | SimilarityMetric = "deepssim",
@@ -190,7 +190,7 @@ def scan(
 ) -> ScanResult:
     """Scan generated images against training images for memorised copies.
 
-    train, synthetic, reference: folders, files or :class:`ImageSet`s.
+    train, generated, reference: folders, files or :class:`ImageSet`s.
     metric: "deepssim" (with ``model``), "ssim" (exact; one shared image size), an embedding
     baseline spec such as "sscd=FILE" (see :mod:`deepssim.metrics`), or a metric object.
     decision: "two-stage" (default): the metric retrieves each generated image's top-k training
@@ -235,17 +235,17 @@ def scan(
         thresholds, load_metric("ssim") if two_stage else metric, use_reference_threshold
     )
     train_set = ImageSet.coerce(train, options, progress, "indexing training images")
-    synthetic_set = ImageSet.coerce(synthetic, options, progress, "indexing generated images")
+    generated_set = ImageSet.coerce(generated, options, progress, "indexing generated images")
     reference_set = (
         ImageSet.coerce(reference, options, progress, "indexing reference images") if reference else None
     )
     if two_stage or verify:
-        _check_one_size(train_set, synthetic_set, "--decision score" if two_stage else "no --verify")
+        _check_one_size(train_set, generated_set, "--decision score" if two_stage else "no --verify")
     store = _open_cache(cache, metric, precision) if metric.is_embedding else None
     embed = _embedder(metric, store, batch_size, precision, progress) if metric.is_embedding else None
     try:
         scores, neighbours, best_per_train = metric.top_k(
-            train_set, synthetic_set, k, search=search, embed=embed, progress=progress
+            train_set, generated_set, k, search=search, embed=embed, progress=progress
         )
         reference_scores = None
         if reference_set is not None and two_stage:  # registered SSIM against the nearest other patients
@@ -276,9 +276,9 @@ def scan(
         low = high if thresholds is None else min(thresholds.low, high)
         thresholds = Thresholds(low, high, f"reference p{REFERENCE_PERCENTILE:g}")
     if two_stage or verify:
-        evidence = register_top_k(train_set, synthetic_set, neighbours, progress=progress)
+        evidence = register_top_k(train_set, generated_set, neighbours, progress=progress)
     else:  # the evidence of every Duplicate, always
-        evidence = register_top_k(train_set, synthetic_set, neighbours, scores > thresholds.high, progress)
+        evidence = register_top_k(train_set, generated_set, neighbours, scores > thresholds.high, progress)
     if two_stage:
         order = np.argsort(-evidence.ssim_registered, axis=1, kind="stable")
         scores = np.take_along_axis(scores, order, axis=1)
@@ -292,7 +292,7 @@ def scan(
         metric.name,
         model_name,
         train_set,
-        synthetic_set,
+        generated_set,
         decided,
         best_per_train,
         thresholds,
@@ -316,12 +316,12 @@ def scan(
             "best_score_percentiles": {f"p{p}": float(np.percentile(null_scores, p)) for p in (50, 95, 99)},
             "requested_fpr": duplicate_fpr,
         }
-    inputs = {"training": train_set, "generated": synthetic_set}
+    inputs = {"training": train_set, "generated": generated_set}
     if reference_set is not None:
         inputs["reference"] = reference_set
     summary["audit"] = audit_trail(
         inputs,
-        {"training": train, "generated": synthetic, "reference": reference},
+        {"training": train, "generated": generated, "reference": reference},
         {
             "metric": metric.name,
             "name": model_name,
@@ -340,7 +340,7 @@ def scan(
         metric=metric.name,
         model=model_name,
         train=train_set,
-        synthetic=synthetic_set,
+        generated=generated_set,
         scores=scores,
         neighbours=neighbours,
         thresholds=thresholds,
@@ -376,12 +376,12 @@ def resolve_thresholds(given, metric: SimilarityMetric, use_reference_threshold:
 
 
 def summarise(
-    metric, model_name, train_set, synthetic_set, scores, best_per_train, thresholds, reference_scores, search
+    metric, model_name, train_set, generated_set, scores, best_per_train, thresholds, reference_scores, search
 ):
     """The numbers a paper needs: class shares with 95% Wilson intervals, memorised training
     images (those whose best score over all generated images is a Duplicate), the score
     distribution and the reference distribution."""
-    m, n = len(synthetic_set), len(train_set)
+    m, n = len(generated_set), len(train_set)
     classes = classify(scores[:, 0], thresholds)
     memorised = np.flatnonzero(best_per_train > thresholds.high)
     best = scores[:, 0]
@@ -397,7 +397,7 @@ def summarise(
         "generated_by_class": {CLASS_NAMES[c]: share(int((classes == c).sum()), m) for c in (1, 2, 0)},
         "training_images_with_a_duplicate": share(len(memorised), n),
         "best_score_percentiles": {f"p{p}": float(np.percentile(best, p)) for p in percentiles},
-        "skipped_images": {"training": len(train_set.skipped), "generated": len(synthetic_set.skipped)},
+        "skipped_images": {"training": len(train_set.skipped), "generated": len(generated_set.skipped)},
     }
     if reference_scores is not None:
         summary["reference"] = {
@@ -413,7 +413,7 @@ def summarise(
 
 def register_top_k(
     train_set: ImageSet,
-    synthetic_set: ImageSet,
+    generated_set: ImageSet,
     neighbours: np.ndarray,
     selected=None,
     progress=False,
@@ -432,7 +432,7 @@ def register_top_k(
         chosen, rank = np.nonzero(selected[start : start + block])
         if len(chosen) == 0:
             continue
-        generated = synthetic_set.read(start, start + block)
+        generated = generated_set.read(start, start + block)
         train_rows = neighbours[start + chosen, rank]
         needed = np.unique(train_rows)
         train_images = dict(zip(needed.tolist(), train_set.take(needed), strict=True))
@@ -466,11 +466,11 @@ def _model_validation(metric) -> dict | None:
     return training.get("best_validation") if isinstance(training, dict) else None
 
 
-def _check_one_size(train_set: ImageSet, synthetic_set: ImageSet, alternative: str) -> None:
-    if train_set.shape != synthetic_set.shape:
+def _check_one_size(train_set: ImageSet, generated_set: ImageSet, alternative: str) -> None:
+    if train_set.shape != generated_set.shape:
         raise DeepSSIMError(
             f"registered SSIM needs one image size: training images are {train_set.shape}, generated "
-            f"{synthetic_set.shape}; pass --size HxW (or use {alternative})"
+            f"{generated_set.shape}; pass --size HxW (or use {alternative})"
         )
 
 

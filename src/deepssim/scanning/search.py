@@ -100,15 +100,15 @@ SEARCH_BACKENDS = {
 }
 
 
-def top_k_ssim(train, synthetic, k: int, block_size: int = 1024, progress: bool = False):
+def top_k_ssim(train, generated, k: int, block_size: int = 1024, progress: bool = False):
     """(scores, indices, best_per_training_image): the k training images of highest exact SSIM
     per generated image, each (M, k), merged block by block, and each training image's best
-    score over all generated images, (N,). Training images are the "real" side of SSIM."""
+    score over all generated images, (N,). Training images are the "train" side of SSIM."""
     k = min(k, len(train))
-    scores = np.full((len(synthetic), k), -np.inf, dtype=np.float32)
-    indices = np.zeros((len(synthetic), k), dtype=np.int64)
+    scores = np.full((len(generated), k), -np.inf, dtype=np.float32)
+    indices = np.zeros((len(generated), k), dtype=np.int64)
     best_per_train = np.full(len(train), -np.inf, dtype=np.float32)
-    for r0, s0, block in ssim_blocks(train, synthetic, np.float32, block_size=block_size, progress=progress):
+    for r0, s0, block in ssim_blocks(train, generated, np.float32, block_size=block_size, progress=progress):
         rows = slice(r0, r0 + block.shape[0])
         best_per_train[rows] = np.maximum(best_per_train[rows], block.max(axis=1))
         columns = slice(s0, s0 + block.shape[1])

@@ -1,4 +1,4 @@
-/* Fused SSIM kernel: one mean-SSIM value per (real, synthetic) pair.
+/* Fused SSIM kernel: one mean-SSIM value per (train, generated) pair.
  *
  * For each pair the product image, its 7x7 box sum and the SSIM map are computed in one pass
  * and only the mean leaves the kernel, so nothing of size N x M x H x W is ever stored.
@@ -24,7 +24,7 @@
 
 /* za, zb: z-scored images (n, H, W); mua, mub: local means (n, H-6, W-6);
  * mua2c1 = mua^2 + C1; mub2 = mub^2; vac2 = local variance of a + C2; vb = local variance of b;
- * c1, c2: constants per real image. Computes out[i, j] for i in [i0, i1), j in [0, nb). */
+ * c1, c2: constants per training image. Computes out[i, j] for i in [i0, i1), j in [0, nb). */
 #define DEFINE_KERNEL(T, NAME)                                                                 \
 MULTIVERSION static int NAME(const T *za, const T *zb, const T *mua, const T *mub,             \
                              const T *mua2c1, const T *mub2, const T *vac2, const T *vb,       \
@@ -114,12 +114,12 @@ static PyObject *ssim_rows(PyObject *self, PyObject *args)
 
 /* Per-image statistics. x: raw images (n, H, W) in double. Writes z = (x - mean) / std
  * (population std), mu = 7x7 local mean of z, var = sample variance in the window (x 49/48),
- * and for real images mu2 = mu^2 + C1, var += C2 with C1 = (K1 R)^2, C2 = (K2 R)^2, R the range
- * of z; for synthetic images mu2 = mu^2. Window sums are recomputed for every output pixel in
+ * and for training images mu2 = mu^2 + C1, var += C2 with C1 = (K1 R)^2, C2 = (K2 R)^2, R the range
+ * of z; for generated images mu2 = mu^2. Window sums are recomputed for every output pixel in
  * double (no running sums, so no drift). Returns the index of the first constant image + 1, or 0. */
 #define DEFINE_PREPARE(T, NAME)                                                                \
 MULTIVERSION static long NAME(const double *x, T *z, T *mu, T *mu2, T *var, T *c1, T *c2,      \
-                              long n, long H, long W, int real, double *work)                  \
+                              long n, long H, long W, int train, double *work)                  \
 {                                                                                              \
     const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;                              \
     double *zd = work, *col = work + hw, *col2 = work + hw + W;                                \
@@ -140,7 +140,7 @@ MULTIVERSION static long NAME(const double *x, T *z, T *mu, T *mu2, T *var, T *c
             if (v > hi) hi = v;                                                                \
         }                                                                                      \
         double C1 = 0, C2 = 0;                                                                 \
-        if (real) {                                                                            \
+        if (train) {                                                                            \
             C1 = (0.01 * (hi - lo)) * (0.01 * (hi - lo));                                      \
             C2 = (0.03 * (hi - lo)) * (0.03 * (hi - lo));                                      \
             c1[i] = (T)C1;                                                                     \
@@ -241,9 +241,9 @@ static PyObject *prepare_images(PyObject *self, PyObject *args)
 {
     Py_buffer b[7];
     long n, H, W, bad;
-    int real, is64;
+    int train, is64;
     if (!PyArg_ParseTuple(args, "y*w*w*w*w*w*w*lllpp", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5],
-                          &b[6], &n, &H, &W, &real, &is64))
+                          &b[6], &n, &H, &W, &train, &is64))
         return NULL;
     double *work = (double *)malloc(sizeof(double) * (H * W + 2 * W));
     if (work == NULL) {
@@ -253,10 +253,10 @@ static PyObject *prepare_images(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     if (is64)
         bad = prepare_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[6].buf, n, H,
-                          W, real, work);
+                          W, train, work);
     else
         bad = prepare_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[6].buf, n, H,
-                          W, real, work);
+                          W, train, work);
     Py_END_ALLOW_THREADS
     free(work);
     for (int k = 0; k < 7; k++) PyBuffer_Release(&b[k]);
@@ -288,7 +288,7 @@ static PyMethodDef methods[] = {
     {"ssim_rows", ssim_rows, METH_VARARGS,
      "ssim_rows(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, i0, i1, nb, H, W, is64)"},
     {"prepare_images", prepare_images, METH_VARARGS,
-     "prepare_images(x, z, mu, mu2, var, c1, c2, n, H, W, real, is64) -> 1 + first constant image, or 0"},
+     "prepare_images(x, z, mu, mu2, var, c1, c2, n, H, W, train, is64) -> 1 + first constant image, or 0"},
     {"ssim_pairs", ssim_pairs, METH_VARARGS,
      "ssim_pairs(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, n, H, W, is64)"},
     {NULL, NULL, 0, NULL}};

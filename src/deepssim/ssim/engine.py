@@ -1,7 +1,7 @@
 """The SSIM engine: scikit-image's ``structural_similarity`` under the paper's rule, fast.
 
 The label (Scardace et al., arXiv 2509.16582): each image is z-scored on its own; ``data_range`` is
-max - min of the z-scored *real* image; then scikit-image's defaults apply: 7x7 uniform
+max - min of the z-scored *train* image; then scikit-image's defaults apply: 7x7 uniform
 window, sample covariance (N/(N-1) with N = 49), K1 = 0.01, K2 = 0.03, and the mean of the
 SSIM map with a 3-pixel border cropped. The cropped map covers exactly the windows that lie
 inside the image, so every statistic below is a "valid" 7x7 box mean.
@@ -43,8 +43,8 @@ _KERNEL_TILE = 8  # rows per tile in the C kernel; thread chunks are multiples o
 class PreparedImages:
     """Z-scored images and their per-image SSIM statistics, ready for pairing.
 
-    For real images ``mu_sq`` holds mu^2 + C1 and ``var`` holds var + C2 (C1, C2 come from
-    the real image's data range); for synthetic images they hold plain mu^2 and var.
+    For training images ``mu_sq`` holds mu^2 + C1 and ``var`` holds var + C2 (C1, C2 come from
+    the training image's data range); for generated images they hold plain mu^2 and var.
     """
 
     z: np.ndarray
@@ -86,12 +86,12 @@ def _box_mean(stack: np.ndarray) -> np.ndarray:
 def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedImages:
     """Z-score images and compute their local statistics (in float64, stored as ``dtype``).
 
-    role: "real" (the side whose data range sets C1 and C2) or "synthetic". The C kernel does
+    role: "train" (the side whose data range sets C1 and C2) or "generated". The C kernel does
     it in one pass per image; without it, NumPy works through ``chunk`` images at a time so the
     float64 temporaries stay in cache.
     """
-    if role not in ("real", "synthetic"):
-        raise ValueError(f"role must be 'real' or 'synthetic', not {role!r}")
+    if role not in ("train", "generated"):
+        raise ValueError(f"role must be 'train' or 'generated', not {role!r}")
     stack = _as_stack(images)
     n, height, width = stack.shape
     valid = (n, height - WINDOW + 1, width - WINDOW + 1)
@@ -100,8 +100,8 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
         mu=np.empty(valid, dtype),
         mu_sq=np.empty(valid, dtype),
         var=np.empty(valid, dtype),
-        c1=np.empty(n, dtype) if role == "real" else None,
-        c2=np.empty(n, dtype) if role == "real" else None,
+        c1=np.empty(n, dtype) if role == "train" else None,
+        c2=np.empty(n, dtype) if role == "train" else None,
     )
     if _ssim_kernel is not None:
         stack = np.ascontiguousarray(stack)
@@ -114,12 +114,12 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
                 prepared.mu[start:stop],
                 prepared.mu_sq[start:stop],
                 prepared.var[start:stop],
-                (prepared.c1 if role == "real" else unused)[start:stop],
-                (prepared.c2 if role == "real" else unused)[start:stop],
+                (prepared.c1 if role == "train" else unused)[start:stop],
+                (prepared.c2 if role == "train" else unused)[start:stop],
                 stop - start,
                 height,
                 width,
-                role == "real",
+                role == "train",
                 np.dtype(dtype) == np.float64,
             )
 
@@ -132,7 +132,7 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
         mu = _box_mean(z)
         var = COV_NORM * (_box_mean(z * z) - mu * mu)
         mu_sq = mu * mu
-        if role == "real":
+        if role == "train":
             data_range = z.max(axis=(1, 2)) - z.min(axis=(1, 2))
             c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
             mu_sq += c1[:, None, None]
@@ -142,19 +142,19 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
     return prepared
 
 
-def _kernel_arrays(real: PreparedImages, synthetic: PreparedImages) -> tuple:
+def _kernel_arrays(train: PreparedImages, generated: PreparedImages) -> tuple:
     """The C kernels' inputs, in their order: z, mu, mu^2 (+C1), var (+C2) of both sides, C1, C2."""
     return (
-        real.z,
-        synthetic.z,
-        real.mu,
-        synthetic.mu,
-        real.mu_sq,
-        synthetic.mu_sq,
-        real.var,
-        synthetic.var,
-        real.c1,
-        real.c2,
+        train.z,
+        generated.z,
+        train.mu,
+        generated.mu,
+        train.mu_sq,
+        generated.mu_sq,
+        train.var,
+        generated.var,
+        train.c1,
+        train.c2,
     )
 
 
@@ -169,25 +169,25 @@ def _in_threads(n: int, run, minimum: int = 16) -> list:
 
 
 def ssim_prepared(
-    real: PreparedImages,
-    synthetic: PreparedImages,
+    train: PreparedImages,
+    generated: PreparedImages,
     backend: str = "auto",
     device: str | torch.device = "cpu",
     threads: int | None = None,
 ) -> np.ndarray:
-    """SSIM of every (real, synthetic) pair of prepared images: an (N, M) array."""
-    _check_same_shape(real.z.shape[1:], synthetic.z.shape[1:])
+    """SSIM of every (train, generated) pair of prepared images: an (N, M) array."""
+    _check_same_shape(train.z.shape[1:], generated.z.shape[1:])
     backend = _choose_backend(backend, device)
     if backend == "c":
-        return _ssim_c(real, synthetic, threads)
-    return _ssim_torch(real, synthetic, torch.device(device))
+        return _ssim_c(train, generated, threads)
+    return _ssim_torch(train, generated, torch.device(device))
 
 
-def _check_same_shape(real_shape, synthetic_shape) -> None:
-    if tuple(real_shape) != tuple(synthetic_shape):
+def _check_same_shape(train_shape, generated_shape) -> None:
+    if tuple(train_shape) != tuple(generated_shape):
         raise DeepSSIMError(
-            f"real images are {real_shape[0]}x{real_shape[1]} but synthetic images are "
-            f"{synthetic_shape[0]}x{synthetic_shape[1]}; bring them to one size (--size HxW)"
+            f"training images are {train_shape[0]}x{train_shape[1]} but generated images are "
+            f"{generated_shape[0]}x{generated_shape[1]}; bring them to one size (--size HxW)"
         )
 
 
@@ -204,14 +204,14 @@ def _choose_backend(backend: str, device) -> str:
     return backend
 
 
-def _ssim_c(real: PreparedImages, synthetic: PreparedImages, threads: int | None) -> np.ndarray:
-    n, m = len(real), len(synthetic)
-    height, width = real.z.shape[1:]
-    dtype = real.z.dtype
+def _ssim_c(train: PreparedImages, generated: PreparedImages, threads: int | None) -> np.ndarray:
+    n, m = len(train), len(generated)
+    height, width = train.z.shape[1:]
+    dtype = train.z.dtype
     out = np.empty((n, m), dtype=dtype)
     threads = threads or torch.get_num_threads() or os.cpu_count() or 1
     chunk = max(_KERNEL_TILE, -(-n // (threads * 4)) // _KERNEL_TILE * _KERNEL_TILE)
-    args = (*_kernel_arrays(real, synthetic), out)
+    args = (*_kernel_arrays(train, generated), out)
 
     def run(start: int) -> None:
         _ssim_kernel.ssim_rows(*args, start, min(start + chunk, n), m, height, width, dtype == np.float64)
@@ -227,20 +227,20 @@ def _ssim_c(real: PreparedImages, synthetic: PreparedImages, threads: int | None
 
 
 def _ssim_torch(
-    real: PreparedImages,
-    synthetic: PreparedImages,
+    train: PreparedImages,
+    generated: PreparedImages,
     device: torch.device,
     max_elements: int = 2**26,
 ) -> np.ndarray:
-    """The same formula with tensor ops, in chunks of real rows to bound memory."""
+    """The same formula with tensor ops, in chunks of train rows to bound memory."""
 
     def tensor(array):
         return torch.from_numpy(array).to(device)
 
-    za, ma, sa, va = map(tensor, (real.z, real.mu, real.mu_sq, real.var))
-    zb, mb, sb, vb = map(tensor, (synthetic.z, synthetic.mu, synthetic.mu_sq, synthetic.var))
-    c1 = tensor(real.c1)[:, None, None, None]
-    c2 = tensor(real.c2)[:, None, None, None]
+    za, ma, sa, va = map(tensor, (train.z, train.mu, train.mu_sq, train.var))
+    zb, mb, sb, vb = map(tensor, (generated.z, generated.mu, generated.mu_sq, generated.var))
+    c1 = tensor(train.c1)[:, None, None, None]
+    c2 = tensor(train.c2)[:, None, None, None]
     n, height, width = za.shape
     ho, wo = height - WINDOW + 1, width - WINDOW + 1
     rows_per_chunk = max(1, max_elements // (len(zb) * height * width))
@@ -259,7 +259,7 @@ def _ssim_torch(
 
 
 def ssim(a, b, dtype=np.float64) -> float:
-    """SSIM of one (real ``a``, synthetic ``b``) pair of 2D images of raw intensities.
+    """SSIM of one (train ``a``, generated ``b``) pair of 2D images of raw intensities.
 
     Equals ``skimage.metrics.structural_similarity(za, zb, data_range=za.max() - za.min())``
     for the z-scored images ``za``, ``zb``. Not symmetric: the data range comes from ``a``.
@@ -267,35 +267,35 @@ def ssim(a, b, dtype=np.float64) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2:
         raise DeepSSIMError(f"ssim takes two 2D images; got shapes {a.shape} and {b.shape}")
-    return float(ssim_prepared(prepare(a, "real", dtype), prepare(b, "synthetic", dtype))[0, 0])
+    return float(ssim_prepared(prepare(a, "train", dtype), prepare(b, "generated", dtype))[0, 0])
 
 
-def ssim_pairs(real, synthetic, dtype=np.float64, chunk: int = 256) -> np.ndarray:
-    """SSIM of matched pairs: an (N,) array with [i] = ssim(real[i], synthetic[i]).
+def ssim_pairs(train, generated, dtype=np.float64, chunk: int = 256) -> np.ndarray:
+    """SSIM of matched pairs: an (N,) array with [i] = ssim(train[i], generated[i]).
 
     For pair tables (training targets, labelled benchmarks), where the full matrix is waste.
     """
-    real, synthetic = _as_stack(real), _as_stack(synthetic)
-    if len(real) != len(synthetic):
+    train, generated = _as_stack(train), _as_stack(generated)
+    if len(train) != len(generated):
         raise DeepSSIMError(
-            f"ssim_pairs needs as many real as synthetic images ({len(real)} != {len(synthetic)})"
+            f"ssim_pairs needs as many training as generated images ({len(train)} != {len(generated)})"
         )
-    _check_same_shape(real.shape[1:], synthetic.shape[1:])
-    out = np.empty(len(real), dtype=dtype)
-    for start in range(0, len(real), chunk):
+    _check_same_shape(train.shape[1:], generated.shape[1:])
+    out = np.empty(len(train), dtype=dtype)
+    for start in range(0, len(train), chunk):
         part = slice(start, start + chunk)
-        a, b = prepare(real[part], "real", np.float64), prepare(synthetic[part], "synthetic", np.float64)
+        a, b = prepare(train[part], "train", np.float64), prepare(generated[part], "generated", np.float64)
         out[part] = ssim_prepared_pairs(a, b)
     return out
 
 
-def ssim_prepared_pairs(real: PreparedImages, synthetic: PreparedImages) -> np.ndarray:
-    """SSIM of matched prepared pairs (real[i], synthetic[i]): an (N,) array."""
-    _check_same_shape(real.z.shape[1:], synthetic.z.shape[1:])
-    if _ssim_kernel is not None and real.z.dtype == synthetic.z.dtype:
-        height, width = real.z.shape[1:]
-        out = np.empty(len(real), dtype=real.z.dtype)
-        arrays = [np.ascontiguousarray(a) for a in _kernel_arrays(real, synthetic)]
+def ssim_prepared_pairs(train: PreparedImages, generated: PreparedImages) -> np.ndarray:
+    """SSIM of matched prepared pairs (train[i], generated[i]): an (N,) array."""
+    _check_same_shape(train.z.shape[1:], generated.z.shape[1:])
+    if _ssim_kernel is not None and train.z.dtype == generated.z.dtype:
+        height, width = train.z.shape[1:]
+        out = np.empty(len(train), dtype=train.z.dtype)
+        arrays = [np.ascontiguousarray(a) for a in _kernel_arrays(train, generated)]
 
         def run(start: int, stop: int) -> None:
             _ssim_kernel.ssim_pairs(
@@ -304,25 +304,25 @@ def ssim_prepared_pairs(real: PreparedImages, synthetic: PreparedImages) -> np.n
                 stop - start,
                 height,
                 width,
-                real.z.dtype == np.float64,
+                train.z.dtype == np.float64,
             )
 
-        _in_threads(len(real), run)
+        _in_threads(len(train), run)
         return out.astype(np.float64)
-    mu_ab = real.mu * synthetic.mu
-    covariance = COV_NORM * (_box_mean(real.z * synthetic.z) - mu_ab)
-    c1, c2 = real.c1[:, None, None], real.c2[:, None, None]
+    mu_ab = train.mu * generated.mu
+    covariance = COV_NORM * (_box_mean(train.z * generated.z) - mu_ab)
+    c1, c2 = train.c1[:, None, None], train.c2[:, None, None]
     ssim_map = (
         (2 * mu_ab + c1)
         * (2 * covariance + c2)
-        / ((real.mu_sq + synthetic.mu_sq) * (real.var + synthetic.var))
+        / ((train.mu_sq + generated.mu_sq) * (train.var + generated.var))
     )
     return ssim_map.mean(axis=(1, 2))
 
 
 def ssim_matrix(
-    real,
-    synthetic,
+    train,
+    generated,
     dtype=np.float32,
     backend: str = "auto",
     device: str | torch.device = "cpu",
@@ -330,25 +330,25 @@ def ssim_matrix(
     progress: bool = False,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """SSIM of every pair: an (N, M) array with [i, j] = ssim(real[i], synthetic[j]).
+    """SSIM of every pair: an (N, M) array with [i, j] = ssim(train[i], generated[j]).
 
-    real, synthetic: sequences of 2D arrays, (N, H, W) arrays, or :class:`deepssim.ImageSet`s
+    train, generated: sequences of 2D arrays, (N, H, W) arrays, or :class:`deepssim.ImageSet`s
     (read lazily). float32 (default) agrees with scikit-image to ~1e-6; float64 to ~1e-12.
     out: an (N, M) array to fill (e.g. a memory-mapped file for matrices larger than RAM).
     """
-    real_source, synthetic_source = _as_source(real), _as_source(synthetic)
+    train_source, generated_source = _as_source(train), _as_source(generated)
     if out is None:
-        out = np.empty((len(real_source), len(synthetic_source)), dtype=dtype)
+        out = np.empty((len(train_source), len(generated_source)), dtype=dtype)
     for r0, s0, block in ssim_blocks(
-        real_source, synthetic_source, dtype, backend, device, block_size, progress
+        train_source, generated_source, dtype, backend, device, block_size, progress
     ):
         out[r0 : r0 + block.shape[0], s0 : s0 + block.shape[1]] = block
     return out
 
 
 def ssim_blocks(
-    real,
-    synthetic,
+    train,
+    generated,
     dtype=np.float32,
     backend: str = "auto",
     device: str | torch.device = "cpu",
@@ -356,26 +356,26 @@ def ssim_blocks(
     progress: bool = False,
     cache_bytes: int = 2 * 2**30,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield (real_start, synthetic_start, block) so any N x M can be streamed to disk.
+    """Yield (train_start, generated_start, block) so any N x M can be streamed to disk.
 
-    Synthetic images are read and prepared once per block; prepared real blocks are kept
+    Generated images are read and prepared once per block; prepared train blocks are kept
     while they fit in ``cache_bytes`` and re-read otherwise.
     """
-    real, synthetic = _as_source(real), _as_source(synthetic)
-    _check_same_shape(real.shape, synthetic.shape)
+    train, generated = _as_source(train), _as_source(generated)
+    _check_same_shape(train.shape, generated.shape)
     itemsize = np.dtype(dtype).itemsize
-    keep_real = 4 * len(real) * real.shape[0] * real.shape[1] * itemsize <= cache_bytes
-    real_cache: dict[int, PreparedImages] = {}
-    bar = _pair_progress(len(real) * len(synthetic), progress)
-    for s0 in range(0, len(synthetic), block_size):
-        prepared_synthetic = prepare(synthetic.read(s0, s0 + block_size), "synthetic", dtype)
-        for r0 in range(0, len(real), block_size):
-            prepared_real = real_cache.get(r0)
-            if prepared_real is None:
-                prepared_real = prepare(real.read(r0, r0 + block_size), "real", dtype)
-                if keep_real:
-                    real_cache[r0] = prepared_real
-            block = ssim_prepared(prepared_real, prepared_synthetic, backend, device)
+    keep_train = 4 * len(train) * train.shape[0] * train.shape[1] * itemsize <= cache_bytes
+    train_cache: dict[int, PreparedImages] = {}
+    bar = _pair_progress(len(train) * len(generated), progress)
+    for s0 in range(0, len(generated), block_size):
+        prepared_generated = prepare(generated.read(s0, s0 + block_size), "generated", dtype)
+        for r0 in range(0, len(train), block_size):
+            prepared_train = train_cache.get(r0)
+            if prepared_train is None:
+                prepared_train = prepare(train.read(r0, r0 + block_size), "train", dtype)
+                if keep_train:
+                    train_cache[r0] = prepared_train
+            block = ssim_prepared(prepared_train, prepared_generated, backend, device)
             if bar is not None:
                 bar.update(block.size)
             yield r0, s0, block

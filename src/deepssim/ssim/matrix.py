@@ -1,4 +1,4 @@
-"""The SSIM-matrix job: every (real, synthetic) pair of two image sets, saved with its keys."""
+"""The SSIM-matrix job: every (train, generated) pair of two image sets, saved with its keys."""
 
 from __future__ import annotations
 
@@ -20,22 +20,22 @@ FORMAT_VERSION = 1
 
 @dataclass
 class SimilarityMatrix:
-    """An (N real, M synthetic) score matrix with the keys of its rows and columns."""
+    """An (N train, M generated) score matrix with the keys of its rows and columns."""
 
     values: np.ndarray
-    real_keys: list[str]
-    synthetic_keys: list[str]
+    train_keys: list[str]
+    generated_keys: list[str]
     settings: dict = field(default_factory=dict)
 
     def top_k(self, k: int) -> list[tuple[str, int, str, float]]:
-        """(synthetic_key, rank, real_key, score) for the k best real matches of each column."""
-        k = min(k, len(self.real_keys))
+        """(generated_key, rank, train_key, score) for the k best train matches of each column."""
+        k = min(k, len(self.train_keys))
         rows = []
-        for j, synthetic_key in enumerate(self.synthetic_keys):
+        for j, generated_key in enumerate(self.generated_keys):
             column = np.asarray(self.values[:, j])
             best = np.argsort(-column, kind="stable")[:k]
             rows += [
-                (synthetic_key, rank + 1, self.real_keys[i], float(column[i])) for rank, i in enumerate(best)
+                (generated_key, rank + 1, self.train_keys[i], float(column[i])) for rank, i in enumerate(best)
             ]
         return rows
 
@@ -45,15 +45,15 @@ class SimilarityMatrix:
             np.savez(
                 handle,
                 ssim=self.values,
-                real_keys=np.array(self.real_keys, dtype=str),
-                synthetic_keys=np.array(self.synthetic_keys, dtype=str),
+                train_keys=np.array(self.train_keys, dtype=str),
+                generated_keys=np.array(self.generated_keys, dtype=str),
                 settings=np.array(json.dumps(self.settings)),
             )
 
     def save_top_k(self, path: str | Path, k: int) -> None:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["synthetic_key", "rank", "real_key", "ssim"])
+        writer.writerow(["generated_key", "rank", "train_key", "ssim"])
         writer.writerows((s, rank, r, f"{score:.6f}") for s, rank, r, score in self.top_k(k))
         write_text_atomic(path, buffer.getvalue())
 
@@ -63,8 +63,8 @@ class SimilarityMatrix:
             with np.load(path, allow_pickle=False) as data:
                 return cls(
                     values=data["ssim"],
-                    real_keys=data["real_keys"].tolist(),
-                    synthetic_keys=data["synthetic_keys"].tolist(),
+                    train_keys=data["train_keys"].tolist(),
+                    generated_keys=data["generated_keys"].tolist(),
                     settings=json.loads(str(data["settings"])),
                 )
         except (OSError, KeyError, ValueError) as error:
@@ -72,8 +72,8 @@ class SimilarityMatrix:
 
 
 def compute_ssim_matrix(
-    real: str | Path | ImageSet,
-    synthetic: str | Path | ImageSet,
+    train: str | Path | ImageSet,
+    generated: str | Path | ImageSet,
     options: LoadOptions | None = None,
     dtype: str = "float32",
     backend: str = "auto",
@@ -82,30 +82,30 @@ def compute_ssim_matrix(
     progress: bool = False,
     matrix_file: str | Path | None = None,
 ) -> SimilarityMatrix:
-    """SSIM of every (real, synthetic) pair of two folders (or image sets).
+    """SSIM of every (train, generated) pair of two folders (or image sets).
 
     ``matrix_file``: a ``.npy`` path to hold the matrix on disk (memory-mapped) instead of in
     memory, for matrices larger than RAM.
     """
     if dtype not in ("float32", "float64"):
         raise DeepSSIMError(f"dtype must be float32 or float64, not {dtype!r}")
-    real_set = ImageSet.coerce(real, options, progress, "indexing real images")
-    synthetic_set = ImageSet.coerce(synthetic, options, progress, "indexing synthetic images")
-    shape = (len(real_set), len(synthetic_set))
+    train_set = ImageSet.coerce(train, options, progress, "indexing training images")
+    generated_set = ImageSet.coerce(generated, options, progress, "indexing generated images")
+    shape = (len(train_set), len(generated_set))
     if matrix_file is None:
         values = np.empty(shape, dtype=dtype)
     else:
         values = np.lib.format.open_memmap(matrix_file, mode="w+", dtype=dtype, shape=shape)
-    ssim_matrix(real_set, synthetic_set, np.dtype(dtype), backend, device, block_size, progress, values)
+    ssim_matrix(train_set, generated_set, np.dtype(dtype), backend, device, block_size, progress, values)
     settings = {
         "format_version": FORMAT_VERSION,
         "metric": "ssim",
         "definition": "skimage structural_similarity defaults on per-image z-scored images, "
-        "data_range = max - min of the z-scored real image",
+        "data_range = max - min of the z-scored training image",
         "dtype": dtype,
-        "image_shape": list(real_set.shape),
-        "load_options": asdict(real_set.options),
-        "real_skipped": len(real_set.skipped),
-        "synthetic_skipped": len(synthetic_set.skipped),
+        "image_shape": list(train_set.shape),
+        "load_options": asdict(train_set.options),
+        "train_skipped": len(train_set.skipped),
+        "generated_skipped": len(generated_set.skipped),
     }
-    return SimilarityMatrix(values, real_set.keys, synthetic_set.keys, settings)
+    return SimilarityMatrix(values, train_set.keys, generated_set.keys, settings)

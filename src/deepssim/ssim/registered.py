@@ -48,6 +48,7 @@ With this rule aligned noisy copies score exactly their plain SSIM, and misalign
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -192,6 +193,26 @@ def transform_text(flip: str, rotation_deg: float, shift_px, scale: float, gamma
     rows, cols = shift_px
     geometry = f"flip={flip} rot={rotation_deg:.1f} shift=({rows:.3g},{cols:.3g}) scale={scale:.2f}"
     return f"{geometry} gamma={gamma:.2f}"
+
+
+_TRANSFORM_TEXT = re.compile(
+    r"flip=(?P<flip>\w+) rot=(?P<rot>\S+) shift=\((?P<rows>[^,]+),(?P<cols>[^)]+)\) "
+    r"scale=(?P<scale>\S+)(?: gamma=(?P<gamma>\S+))?"
+)
+
+
+def parse_transform(text: str) -> dict:
+    """The keyword arguments of :func:`apply_transform` from a ``transform`` column of pairs.csv."""
+    match = _TRANSFORM_TEXT.fullmatch(text.strip())
+    if match is None or match["flip"] not in FLIPS:
+        raise DeepSSIMError(f"not a transform as pairs.csv writes it: {text!r}")
+    return {
+        "flip": match["flip"],
+        "rotation_deg": float(match["rot"]),
+        "shift_px": (float(match["rows"]), float(match["cols"])),
+        "scale": float(match["scale"]),
+        "gamma": float(match["gamma"] or 1.0),
+    }
 
 
 def register_pairs(
@@ -379,12 +400,10 @@ def _register_chunk(train, generated, original, settings, result: Registration, 
 def _exact_ssim(train: np.ndarray, candidates: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """SSIM of (train[owner[j]], candidates[j]) for every j, with the SSIM engine (exact, float64):
     each training image is prepared once for all its candidates, then the matched-pairs kernel."""
-    real = prepare(train, "real", np.float64)
-    synthetic = prepare(candidates, "synthetic", np.float64)
-    gathered = PreparedImages(
-        real.z[owner], real.mu[owner], real.mu_sq[owner], real.var[owner], real.c1[owner], real.c2[owner]
-    )
-    return ssim_prepared_pairs(gathered, synthetic)
+    prepared = prepare(train, "train", np.float64)
+    fields = ("z", "mu", "mu_sq", "var", "c1", "c2")
+    gathered = PreparedImages(*(getattr(prepared, name)[owner] for name in fields))
+    return ssim_prepared_pairs(gathered, prepare(candidates, "generated", np.float64))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Training pairs and their SSIM targets: from a CSV, or sampled self-supervised from folders.
 
-A pair is (first, second): ``first`` is a training (real) image; ``second`` is another image,
+A pair is (first, second): ``first`` is a training image; ``second`` is another image,
 optionally blended with a third (``partner``, weight 1 - ``alpha``) and optionally degraded
 like a generative model's output (``degrade_seed``). The SSIM target is computed once on the
 clean, aligned pair with our engine; augmentations come later, in training.
@@ -372,8 +372,11 @@ def _concatenate(tables: list[PairTable]) -> PairTable:
     )
 
 
+LEGACY_COLUMNS = {"real_key": "train_key", "synth_key": "generated_key", "synthetic_key": "generated_key"}
+
+
 def read_pair_csv(path: str | Path) -> list[dict]:
-    """Rows of a pairs CSV with columns ``real_key, synth_key[, ssim][, split]``."""
+    """Rows of a pairs CSV with columns ``train_key, generated_key[, ssim][, split]``."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as handle:
@@ -382,7 +385,11 @@ def read_pair_csv(path: str | Path) -> list[dict]:
         raise DeepSSIMError(f"{path}: cannot read the pairs file ({error.strerror})") from None
     if not rows:
         raise DeepSSIMError(f"{path}: the pairs file has no rows")
-    missing = {"real_key", "synth_key"} - set(rows[0])
+    for old, new in LEGACY_COLUMNS.items():  # files written before the roles had one name
+        if old in rows[0] and new not in rows[0]:
+            for row in rows:
+                row[new] = row.pop(old)
+    missing = {"train_key", "generated_key"} - set(rows[0])
     if missing:
         raise DeepSSIMError(
             f"{path}: missing column(s) {', '.join(sorted(missing))}; have {', '.join(rows[0])}"
@@ -392,30 +399,32 @@ def read_pair_csv(path: str | Path) -> list[dict]:
 
 def pairs_from_csv(
     path: str | Path,
-    real_keys: list[str],
-    synthetic_keys: list[str],
+    train_keys: list[str],
+    generated_keys: list[str],
     pool: np.ndarray,
     val_fraction: float = 0.2,
     seed: int = 0,
 ) -> PairTable:
-    """Listed pairs over a pool holding the real images, then the synthetic ones.
+    """Listed pairs over a pool holding the training images, then the generated ones.
 
-    Missing SSIM values are computed; without a ``split`` column, real images are split at
-    random and each pair goes where its real image went.
+    Missing SSIM values are computed; without a ``split`` column, training images are split at
+    random and each pair goes where its training image went.
     """
     rows = read_pair_csv(path)
-    real_index = {k: i for i, k in enumerate(real_keys)}
-    synthetic_index = {k: len(real_keys) + i for i, k in enumerate(synthetic_keys)}
+    train_index = {k: i for i, k in enumerate(train_keys)}
+    generated_index = {k: len(train_keys) + i for i, k in enumerate(generated_keys)}
     first, second = [], []
     for line, row in enumerate(rows, start=2):
-        if row["real_key"] not in real_index:
-            raise DeepSSIMError(f"{path}:{line}: real_key {row['real_key']!r} is not among the real images")
-        if row["synth_key"] not in synthetic_index:
+        if row["train_key"] not in train_index:
             raise DeepSSIMError(
-                f"{path}:{line}: synth_key {row['synth_key']!r} is not among the synthetic images"
+                f"{path}:{line}: train_key {row['train_key']!r} is not among the training images"
             )
-        first.append(real_index[row["real_key"]])
-        second.append(synthetic_index[row["synth_key"]])
+        if row["generated_key"] not in generated_index:
+            raise DeepSSIMError(
+                f"{path}:{line}: generated_key {row['generated_key']!r} is not among the generated images"
+            )
+        first.append(train_index[row["train_key"]])
+        second.append(generated_index[row["generated_key"]])
     first, second = np.array(first), np.array(second)
     count = len(rows)
     table = PairTable(
@@ -440,7 +449,7 @@ def pairs_from_csv(
         if unknown:
             raise DeepSSIMError(f"{path}: split must be 'train' or 'val'; found {', '.join(sorted(unknown))}")
     else:
-        image_split = split_by_group(real_keys, val_fraction, seed)
+        image_split = split_by_group(train_keys, val_fraction, seed)
         table.split = image_split[first]
     return table
 

@@ -38,7 +38,7 @@ from deepssim.training.augment import AUGMENTATION_SETS, augment_batch
 from deepssim.training.pairs import PairTable, fingerprint, pairs_from_csv, sample_pairs, second_images
 
 WARMUP_SHARE = 0.05
-SYNTHETIC_SIZE = (128, 128)  # pseudo-subject slices when no real images set the size
+SYNTHETIC_SIZE = (128, 128)  # pseudo-subject slices when no training images set the size
 LOG_COLUMNS = [
     "epoch",
     "train_mse",
@@ -120,7 +120,7 @@ def train(
 
     images, generated: folders, files or :class:`ImageSet`s. Without ``pairs_csv`` pairs are
     sampled self-supervised (:func:`deepssim.pairs.sample_pairs`); with it, the listed
-    (real_key, synth_key) pairs are used, real keys from ``images``, synthetic from ``generated``.
+    (train_key, generated_key) pairs are used, train keys from ``images``, generated from ``generated``.
     resume: continue from ``out_dir/resume.pt`` when it exists.
     """
     requested = settings or TrainSettings()
@@ -217,7 +217,7 @@ def _validation(network, pool, val_pairs, settings) -> dict:
 
 
 def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
-    """Load the image pool (real images, then pseudo-subjects, then generated images) and build
+    """Load the image pool (training images, then pseudo-subjects, then generated images) and build
     (or reuse) the pair table."""
     image_set = ImageSet.coerce(images, options, progress, "indexing training images") if images else None
     if image_set is None and settings.synthetic_subjects == 0:
@@ -234,7 +234,7 @@ def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
         )
     if pairs_csv and (generated_set is None or image_set is None or settings.synthetic_subjects):
         raise DeepSSIMError(
-            "a pairs file needs --images (real) and --generated (synthetic) images, and no synthetic subjects"
+            "a pairs file needs --images (training) and --generated images, and no synthetic subjects"
         )
     parts, keys, groups, stacks, levels, slice_index = [], [], [], [], [], []
     if image_set is not None:
