@@ -9,6 +9,7 @@ it without a CORS preflight that this server never grants).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -144,10 +145,9 @@ def make_server(session: LabellingSession, port: int = 8765) -> ThreadingHTTPSer
                 "script-src 'unsafe-inline'; connect-src 'self'",
             )
             self.end_headers()
-            try:
+            # a tab that went away mid-answer asks again on its next request
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the tab went away mid-answer; the next request asks again
 
         def _json(self, value: dict, status: HTTPStatus = HTTPStatus.OK) -> None:
             self._send(status, json.dumps(value).encode(), "application/json")
