@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--block-size", type=int, default=2048, help="images per block (memory)")
     matrix.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_loading_options(matrix)
+    _add_engine_options(matrix, shards=False)
     matrix.set_defaults(handler=_run_ssim_matrix)
     _add_scan_parser(commands)
     _add_calibrate_parser(commands)
@@ -266,6 +267,7 @@ def _add_scan_parser(commands) -> None:
     )
     _add_model_options(scan)
     _add_loading_options(scan)
+    _add_engine_options(scan, shards=True)
     scan.set_defaults(handler=_run_scan)
 
 
@@ -285,6 +287,44 @@ def _thresholds(args: argparse.Namespace):
             raise DeepSSIMError("give either --thresholds FILE or --low/--high, not both")
         return Thresholds.load(args.thresholds)
     return (args.low, args.high)
+
+
+def _add_engine_options(parser: argparse.ArgumentParser, shards: bool) -> None:
+    from deepssim.scanning.engines import ENGINES
+
+    group = parser.add_argument_group("engine (where the work runs)")
+    group.add_argument(
+        "--engine",
+        choices=list(ENGINES),
+        default="local",
+        help="local: this process (default); ray: a Ray cluster (pip install 'deepssim[ray]')",
+    )
+    group.add_argument(
+        "--ray-address", help="a running Ray cluster (e.g. auto, ray://HEAD:10001); default: start one here"
+    )
+    group.add_argument("--workers", type=int, default=2, help="Ray actors / tasks in flight (default 2)")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0)
+    group.add_argument("--gpus-per-worker", type=float, default=0.0)
+    if shards:
+        group.add_argument(
+            "--shard-size", type=int, default=1024, help="images per Parquet embedding shard (default 1024)"
+        )
+
+
+def _engine(args: argparse.Namespace, shard_dir: Path | None = None):
+    """The engine the flags ask for ("local" needs no object)."""
+    if args.engine == "local":
+        return "local"
+    from deepssim.scanning.ray_engine import RayEngine
+
+    return RayEngine(
+        address=args.ray_address,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        shard_dir=shard_dir,
+        shard_size=getattr(args, "shard_size", 1024),
+    )
 
 
 def _run_scan(args: argparse.Namespace) -> None:
@@ -322,6 +362,7 @@ def _run_scan(args: argparse.Namespace) -> None:
         device=args.device,
         batch_size=args.batch_size,
         precision=args.precision,
+        engine=_engine(args, Path(args.out) / "embeddings-parquet"),
         progress=not args.no_progress,
     )
     if fitted is not None:
@@ -888,6 +929,7 @@ def _run_ssim_matrix(args: argparse.Namespace) -> None:
             block_size=args.block_size,
             progress=progress,
             matrix_file=matrix_file,
+            engine=_engine(args),
         )
         result.save(out)
         if args.top_k:

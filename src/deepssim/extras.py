@@ -14,6 +14,7 @@ EXTRAS = {  # top-level module -> the extra that installs it
     "einops": "ldm",
     "faiss": "faiss",
     "ray": "ray",
+    "pyarrow": "ray",
 }
 
 

@@ -158,9 +158,13 @@ class ImageSet:
             out[row] = self._fit(image)
         return out
 
+    def subset(self, indices) -> ImageSet:
+        """The set of the images at ``indices`` (any order, repeats allowed); nothing is read."""
+        return ImageSet(refs=[self.refs[i] for i in indices], shape=self.shape, options=self.options)
+
     def take(self, indices) -> np.ndarray:
         """The images at ``indices`` (any order, repeats allowed), read lazily from their files."""
-        return ImageSet(refs=[self.refs[i] for i in indices], shape=self.shape, options=self.options).read()
+        return self.subset(indices).read()
 
     def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start, images) blocks of at most ``batch_size`` images, in order."""

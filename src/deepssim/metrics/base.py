@@ -70,27 +70,36 @@ class SimilarityMetric:
         """The metric from the text after ``NAME=`` (empty when none was given)."""
         return cls()
 
-    def top_k(self, train, generated, k: int, *, search: str = "exact", embed=None, progress: bool = False):
+    def top_k(
+        self,
+        train,
+        generated,
+        k: int,
+        *,
+        search: str = "exact",
+        embed=None,
+        engine=None,
+        progress: bool = False,
+    ):
         """The scan's search: (scores, indices) of the ``k`` best training images of every
         generated image, each (M, k) best first, and every training image's best score over all
         generated images, (N,). The full N x M matrix is never held.
 
-        Embedding metrics search inner products (``search``: exact, faiss, faiss-hnsw);
-        ``embed(images, role)`` may supply cached embeddings. Pixel metrics override this or
-        score matched pairs only.
+        Embedding metrics search inner products (``search``: exact, faiss, faiss-hnsw) on the
+        ``engine`` (:mod:`deepssim.scanning.engines`; default local); ``embed(images, role)`` may
+        supply cached embeddings. Pixel metrics override this or score matched pairs only.
         """
-        from deepssim.scanning.search import top_k_embeddings
+        from deepssim.scanning.engines import get_engine
 
         if not self.is_embedding:
             raise DeepSSIMError(
                 f"{self.name} scores matched pairs only (use it in calibrate or evaluate); scan with "
                 "deepssim, ssim or an embedding baseline"
             )
-        embed = embed or (lambda images, role: self.embed(images, progress=progress))
+        engine = get_engine(engine or "local")
+        embed = embed or engine.embedder(self, progress=progress)
         train_vectors, generated_vectors = embed(train, "training"), embed(generated, "generated")
-        scores, indices = top_k_embeddings(generated_vectors, train_vectors, k, search)
-        best_per_train = top_k_embeddings(train_vectors, generated_vectors, 1, search)[0][:, 0]
-        return scores, indices, best_per_train
+        return engine.top_k(generated_vectors, train_vectors, k, search)
 
 
 class TorchEmbeddingMetric(SimilarityMetric):

@@ -19,10 +19,10 @@ class SSIMMetric(SimilarityMetric):
     def pair_scores(self, train, generated):
         return ssim_pairs(train, generated)
 
-    def top_k(self, train, generated, k, *, search="exact", embed=None, progress=False):
-        from deepssim.scanning.search import top_k_ssim
+    def top_k(self, train, generated, k, *, search="exact", embed=None, engine=None, progress=False):
+        from deepssim.scanning.search import top_k_ssim_on
 
-        return top_k_ssim(train, generated, k, progress=progress)
+        return top_k_ssim_on(engine, train, generated, k, progress=progress)
 
 
 @register("fsim")

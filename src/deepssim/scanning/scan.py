@@ -21,7 +21,6 @@ import numpy as np
 from deepssim.embedding.model import DeepSSIM
 from deepssim.errors import DeepSSIMError
 from deepssim.hardware import resolve_precision
-from deepssim.io.cache import EmbeddingCache, default_cache_path, image_fingerprints
 from deepssim.io.files import write_rows_atomic, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.metrics import SimilarityMetric, load_metric
@@ -35,6 +34,7 @@ from deepssim.scanning.decide import (
     reference_threshold,
     share,
 )
+from deepssim.scanning.engines import ScanEngine, get_engine
 from deepssim.scanning.groups import group_of_each_image, group_summary
 from deepssim.scanning.search import top_k_other_groups
 from deepssim.scanning.settings import ScanSettings
@@ -186,6 +186,7 @@ def scan(
     device: str = "cpu",
     batch_size: int = 64,
     precision: str = "auto",
+    engine: str | ScanEngine = "local",
     progress: bool = False,
 ) -> ScanResult:
     """Scan generated images against training images for memorised copies.
@@ -211,6 +212,9 @@ def scan(
     reference threshold, when asked for, takes precedence.
     cache: True for the default cache file, a path, or False/None for none.
     search: "exact" (blocked matrix products), "faiss" (exact index) or "faiss-hnsw" (approximate).
+    engine: where embedding, search and registration run: "local" (this process) or "ray" (a Ray
+    cluster; pass a :class:`deepssim.scanning.ray_engine.RayEngine` for its options). The
+    decisions and outputs are the same either way.
     """
     settings = ScanSettings(
         decision=decision,
@@ -223,6 +227,7 @@ def scan(
         batch_size=batch_size,
         precision=precision,
         device=device,
+        engine=engine if isinstance(engine, str) else engine.name,
     )
     if use_reference_threshold and reference is None:
         raise DeepSSIMError("the reference threshold needs reference images (--reference DIR)")
@@ -241,31 +246,42 @@ def scan(
     )
     if two_stage or verify:
         _check_one_size(train_set, generated_set, "--decision score" if two_stage else "no --verify")
-    store = _open_cache(cache, metric, precision) if metric.is_embedding else None
-    embed = _embedder(metric, store, batch_size, precision, progress) if metric.is_embedding else None
+    engine = get_engine(engine)
+    embed = None
+    if metric.is_embedding:
+        embed = engine.embedder(
+            metric, cache=cache, batch_size=batch_size, precision=precision, progress=progress
+        )
     try:
+        if embed is not None:
+            embed.prepare({"training": train_set, "generated": generated_set})
         scores, neighbours, best_per_train = metric.top_k(
-            train_set, generated_set, k, search=search, embed=embed, progress=progress
+            train_set, generated_set, k, search=search, embed=embed, engine=engine, progress=progress
         )
         reference_scores = None
         if reference_set is not None and two_stage:  # registered SSIM against the nearest other patients
             _, nearest, _ = metric.top_k(
-                reference_set, train_set, k, search=search, embed=embed, progress=progress
+                reference_set, train_set, k, search=search, embed=embed, engine=engine, progress=progress
             )
             reference_scores = np.nanmax(
-                register_top_k(reference_set, train_set, nearest, progress=progress).ssim_registered, axis=1
+                register_top_k(
+                    reference_set, train_set, nearest, progress=progress, engine=engine
+                ).ssim_registered,
+                axis=1,
             )
         elif reference_set is not None:  # each training image's best score against other patients
             reference_scores = metric.top_k(
-                train_set, reference_set, 1, search=search, embed=embed, progress=progress
+                train_set, reference_set, 1, search=search, embed=embed, engine=engine, progress=progress
             )[2]
         groups = group_of_each_image(train_set, group_by) if group_by else None
         null_scores = None
         if duplicate_fpr is not None:
-            null_scores = _different_patient_scores(metric, train_set, groups, k, two_stage, embed, progress)
+            null_scores = _different_patient_scores(
+                metric, train_set, groups, k, two_stage, embed, engine, progress
+            )
     finally:
-        if store is not None:
-            store.close()
+        if hasattr(embed, "close"):
+            embed.close()
     model_name = getattr(metric, "source", metric.description)
     if duplicate_fpr is not None and not use_reference_threshold:
         high = conformal_threshold(null_scores, duplicate_fpr)
@@ -276,9 +292,11 @@ def scan(
         low = high if thresholds is None else min(thresholds.low, high)
         thresholds = Thresholds(low, high, f"reference p{REFERENCE_PERCENTILE:g}")
     if two_stage or verify:
-        evidence = register_top_k(train_set, generated_set, neighbours, progress=progress)
+        evidence = register_top_k(train_set, generated_set, neighbours, progress=progress, engine=engine)
     else:  # the evidence of every Duplicate, always
-        evidence = register_top_k(train_set, generated_set, neighbours, scores > thresholds.high, progress)
+        evidence = register_top_k(
+            train_set, generated_set, neighbours, scores > thresholds.high, progress, engine=engine
+        )
     if two_stage:
         order = np.argsort(-evidence.ssim_registered, axis=1, kind="stable")
         scores = np.take_along_axis(scores, order, axis=1)
@@ -330,6 +348,7 @@ def scan(
         },
         {
             **asdict(settings),
+            "engine": engine.describe(),
             "precision": precision,
             "thresholds": {"low": thresholds.low, "high": thresholds.high, "source": thresholds.source},
             "loading": asdict(train_set.options),
@@ -418,36 +437,40 @@ def register_top_k(
     selected=None,
     progress=False,
     block=256,
+    engine: str | ScanEngine = "local",
 ) -> Registration:
     """Registered SSIM of the (training image, generated image) pairs ``neighbours`` names, for
-    the pairs ``selected`` (an (M, k) mask; default all), reading images block by block."""
+    the pairs ``selected`` (an (M, k) mask; default all), one block of generated images per task
+    of the ``engine``."""
+    engine = get_engine(engine)
     selected = np.ones(neighbours.shape, dtype=bool) if selected is None else np.asarray(selected)
+    starts = [start for start in range(0, len(neighbours), block) if selected[start : start + block].any()]
+    found = engine.map(
+        _register_block,
+        [(train_set, generated_set, neighbours[s : s + block], selected[s : s + block], s) for s in starts],
+        sizes=[int(selected[s : s + block].sum()) for s in starts],
+        description="registering top-k pairs",
+        progress=progress,
+    )
     evidence = Registration.empty(neighbours.shape)
-    bar = None
-    if progress and selected.any():
-        from tqdm import tqdm
-
-        bar = tqdm(total=int(selected.sum()), desc="registering top-k pairs", unit="pair")
-    for start in range(0, len(neighbours), block):
-        chosen, rank = np.nonzero(selected[start : start + block])
-        if len(chosen) == 0:
-            continue
-        generated = generated_set.read(start, start + block)
-        train_rows = neighbours[start + chosen, rank]
-        needed = np.unique(train_rows)
-        train_images = dict(zip(needed.tolist(), train_set.take(needed), strict=True))
-        found = register_pairs(np.stack([train_images[i] for i in train_rows]), generated[chosen])
-        rows = start + chosen
+    for rows, rank, result in found:
         for name in ("ssim_registered", "ssim_plain", "flip", "rotation_deg", "shift_px", "scale", "gamma"):
-            getattr(evidence, name)[rows, rank] = getattr(found, name)
-        if bar is not None:
-            bar.update(len(chosen))
-    if bar is not None:
-        bar.close()
+            getattr(evidence, name)[rows, rank] = getattr(result, name)
     return evidence
 
 
-def _different_patient_scores(metric, train_set, groups, k, two_stage, embed, progress) -> np.ndarray:
+def _register_block(train_set: ImageSet, generated_set: ImageSet, neighbours, selected, start: int):
+    """One task: register the selected pairs of generated images ``start:start + len(neighbours)``."""
+    chosen, rank = np.nonzero(selected)
+    generated = generated_set.read(start, start + len(neighbours))
+    train_rows = neighbours[chosen, rank]
+    needed = np.unique(train_rows)
+    train_images = dict(zip(needed.tolist(), train_set.take(needed), strict=True))
+    result = register_pairs(np.stack([train_images[i] for i in train_rows]), generated[chosen])
+    return start + chosen, rank, result
+
+
+def _different_patient_scores(metric, train_set, groups, k, two_stage, embed, engine, progress) -> np.ndarray:
     """Each training image's best decision score against the training images of other groups."""
     if not metric.is_embedding:
         raise DeepSSIMError(
@@ -456,7 +479,8 @@ def _different_patient_scores(metric, train_set, groups, k, two_stage, embed, pr
     scores, nearest = top_k_other_groups(embed(train_set, "training"), groups, k)
     if not two_stage:
         return scores[:, 0].astype(np.float64)
-    return np.nanmax(register_top_k(train_set, train_set, nearest, progress=progress).ssim_registered, axis=1)
+    evidence = register_top_k(train_set, train_set, nearest, progress=progress, engine=engine)
+    return np.nanmax(evidence.ssim_registered, axis=1)
 
 
 def _model_validation(metric) -> dict | None:
@@ -472,50 +496,3 @@ def _check_one_size(train_set: ImageSet, generated_set: ImageSet, alternative: s
             f"registered SSIM needs one image size: training images are {train_set.shape}, generated "
             f"{generated_set.shape}; pass --size HxW (or use {alternative})"
         )
-
-
-def _open_cache(cache, metric: SimilarityMetric, precision: str) -> EmbeddingCache | None:
-    if cache is None or cache is False:
-        return None
-    path = default_cache_path() if cache is True else Path(cache)
-    return EmbeddingCache(path, f"{metric.fingerprint}:{precision}")
-
-
-def _embedder(metric: SimilarityMetric, store: EmbeddingCache | None, batch_size, precision, progress):
-    """A function embedding an ImageSet, taking what the cache has and storing the rest."""
-    chunk = batch_size * 8
-    done: dict[int, np.ndarray] = {}  # the training set is embedded once, also for --reference
-
-    def embed(images: ImageSet, role: str) -> np.ndarray:
-        if id(images) in done:
-            return done[id(images)]
-        fingerprints = image_fingerprints(images) if store is not None else None
-        found = store.get(fingerprints) if store is not None else {}
-        missing = [i for i in range(len(images)) if fingerprints is None or fingerprints[i] not in found]
-        out = None
-        if found:
-            out = np.empty((len(images), len(next(iter(found.values())))), dtype=np.float32)
-            for i, fingerprint in enumerate(fingerprints):
-                if fingerprint in found:
-                    out[i] = found[fingerprint]
-        bar = None
-        if progress and missing:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(missing), desc=f"embedding {role} images", unit="img")
-        for start in range(0, len(missing), chunk):
-            rows = missing[start : start + chunk]
-            vectors = metric.embed(images.take(rows), batch_size, precision)
-            if out is None:
-                out = np.empty((len(images), vectors.shape[1]), dtype=np.float32)
-            out[rows] = vectors
-            if store is not None:
-                store.put([fingerprints[i] for i in rows], vectors)
-            if bar is not None:
-                bar.update(len(rows))
-        if bar is not None:
-            bar.close()
-        done[id(images)] = out
-        return out
-
-    return embed

@@ -120,3 +120,29 @@ def top_k_ssim(train, generated, k: int, block_size: int = 1024, progress: bool 
         scores[columns] = np.take_along_axis(candidate_scores, order, axis=1)
         indices[columns] = np.take_along_axis(candidate_indices, order, axis=1)
     return scores, indices, best_per_train
+
+
+def top_k_ssim_on(engine, train, generated, k: int, progress: bool = False):
+    """:func:`top_k_ssim` with the training images split into the engine's blocks (one task
+    each, merged here); in this process when the engine makes one block."""
+    from deepssim.io.load import ImageSet
+    from deepssim.scanning.engines import get_engine, merge_top_k
+
+    engine = get_engine(engine or "local")
+    ranges = engine.split(len(train))
+    if len(ranges) == 1:
+        return top_k_ssim(train, generated, k, progress=progress)
+    part = (
+        (lambda a, b: train.subset(range(a, b))) if isinstance(train, ImageSet) else (lambda a, b: train[a:b])
+    )
+    results = engine.map(
+        top_k_ssim,
+        [(part(a, b), generated, k) for a, b in ranges],
+        sizes=[(b - a) * len(generated) for a, b in ranges],
+        description="SSIM top-k",
+        progress=progress,
+    )
+    scores, indices = merge_top_k(
+        [(a, s, i) for (a, _), (s, i, _) in zip(ranges, results, strict=True)], min(k, len(train))
+    )
+    return scores, indices, np.concatenate([best for _, _, best in results])

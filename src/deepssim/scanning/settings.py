@@ -28,6 +28,7 @@ class ScanSettings:
     batch_size: int = 64
     precision: Precision = "auto"
     device: str = "cpu"
+    engine: str = "local"  # a name in deepssim.scanning.engines.ENGINES
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -39,6 +40,10 @@ class ScanSettings:
                 raise DeepSSIMError(
                     f"{field.name} must be one of {', '.join(allowed)}, not {getattr(self, field.name)!r}"
                 )
+        from deepssim.scanning.engines import ENGINES
+
+        if self.engine not in ENGINES:
+            raise DeepSSIMError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if self.k < 1 or self.batch_size < 1:
             raise DeepSSIMError("k and the batch size must be at least 1")
         if self.duplicate_fpr is not None and not 0 < self.duplicate_fpr < 1:

@@ -81,11 +81,13 @@ def compute_ssim_matrix(
     block_size: int = 2048,
     progress: bool = False,
     matrix_file: str | Path | None = None,
+    engine=None,
 ) -> SimilarityMatrix:
     """SSIM of every (train, generated) pair of two folders (or image sets).
 
     ``matrix_file``: a ``.npy`` path to hold the matrix on disk (memory-mapped) instead of in
-    memory, for matrices larger than RAM.
+    memory, for matrices larger than RAM. ``engine``: "local" (default) or a scan engine such as
+    :class:`deepssim.scanning.ray_engine.RayEngine`, which computes blocks of pairs as tasks.
     """
     if dtype not in ("float32", "float64"):
         raise DeepSSIMError(f"dtype must be float32 or float64, not {dtype!r}")
@@ -96,7 +98,31 @@ def compute_ssim_matrix(
         values = np.empty(shape, dtype=dtype)
     else:
         values = np.lib.format.open_memmap(matrix_file, mode="w+", dtype=dtype, shape=shape)
-    ssim_matrix(train_set, generated_set, np.dtype(dtype), backend, device, block_size, progress, values)
+    from deepssim.scanning.engines import get_engine
+
+    engine = get_engine(engine or "local")
+    train_ranges = engine.split(len(train_set))
+    if len(train_ranges) == 1:  # one block: stream it here, reusing prepared images
+        ssim_matrix(train_set, generated_set, np.dtype(dtype), backend, device, block_size, progress, values)
+    else:
+        corners = [(a, b, c) for a, b in train_ranges for c in range(0, shape[1], block_size)]
+        blocks = [
+            (
+                train_set.subset(range(a, b)),
+                generated_set.subset(range(c, min(c + block_size, shape[1]))),
+                dtype,
+            )
+            for a, b, c in corners
+        ]
+        results = engine.map(
+            _ssim_block,
+            blocks,
+            sizes=[len(t) * len(g) for t, g, _ in blocks],
+            description="SSIM pairs",
+            progress=progress,
+        )
+        for (a, b, c), block in zip(corners, results, strict=True):
+            values[a:b, c : c + block.shape[1]] = block
     settings = {
         "format_version": FORMAT_VERSION,
         "metric": "ssim",
@@ -109,3 +135,8 @@ def compute_ssim_matrix(
         "generated_skipped": len(generated_set.skipped),
     }
     return SimilarityMatrix(values, train_set.keys, generated_set.keys, settings)
+
+
+def _ssim_block(train: ImageSet, generated: ImageSet, dtype: str) -> np.ndarray:
+    """One task of a distributed matrix: every pair of two blocks of images."""
+    return ssim_matrix(train, generated, np.dtype(dtype))
