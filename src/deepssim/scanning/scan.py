@@ -239,11 +239,14 @@ def scan(
     thresholds = resolve_thresholds(
         thresholds, load_metric("ssim") if two_stage else metric, use_reference_threshold
     )
+    stages: dict[str, float] = {}  # seconds per stage, for summary.json and the benchmarks
+    lap = _stopwatch(stages)
     train_set = ImageSet.coerce(train, options, progress, "indexing training images")
     generated_set = ImageSet.coerce(generated, options, progress, "indexing generated images")
     reference_set = (
         ImageSet.coerce(reference, options, progress, "indexing reference images") if reference else None
     )
+    lap("index")
     if two_stage or verify:
         _check_one_size(train_set, generated_set, "--decision score" if two_stage else "no --verify")
     engine = get_engine(engine)
@@ -255,9 +258,11 @@ def scan(
     try:
         if embed is not None:
             embed.prepare({"training": train_set, "generated": generated_set})
+            lap("embed")
         scores, neighbours, best_per_train = metric.top_k(
             train_set, generated_set, k, search=search, embed=embed, engine=engine, progress=progress
         )
+        lap("search")
         reference_scores = None
         if reference_set is not None and two_stage:  # registered SSIM against the nearest other patients
             _, nearest, _ = metric.top_k(
@@ -279,6 +284,7 @@ def scan(
             null_scores = _different_patient_scores(
                 metric, train_set, groups, k, two_stage, embed, engine, progress
             )
+        lap("references")
     finally:
         if hasattr(embed, "close"):
             embed.close()
@@ -297,6 +303,7 @@ def scan(
         evidence = register_top_k(
             train_set, generated_set, neighbours, scores > thresholds.high, progress, engine=engine
         )
+    lap("register")
     if two_stage:
         order = np.argsort(-evidence.ssim_registered, axis=1, kind="stable")
         scores = np.take_along_axis(scores, order, axis=1)
@@ -354,7 +361,9 @@ def scan(
             "loading": asdict(train_set.options),
         },
     )
+    lap("decide")
     summary["seconds"] = round(time.perf_counter() - started, 2)
+    summary["seconds_by_stage"] = {name: round(value, 2) for name, value in stages.items() if value > 0}
     return ScanResult(
         metric=metric.name,
         model=model_name,
@@ -428,6 +437,18 @@ def summarise(
             f"p{REFERENCE_PERCENTILE:g}_threshold": reference_threshold(reference_scores),
         }
     return summary
+
+
+def _stopwatch(stages: dict[str, float]):
+    """``lap(name)`` adds the seconds since the previous lap to ``stages[name]``."""
+    last = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        stages[name] = stages.get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    return lap
 
 
 def register_top_k(
