@@ -7,6 +7,7 @@ import getpass
 import sys
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,16 @@ def _add_ldm_parser(commands) -> None:
     diffusion.add_argument("--images", required=True, nargs="+", help="the same training images")
     diffusion.add_argument("--run", required=True)
     diffusion.add_argument("--epochs", type=int, help="diffusion epochs (default: the configuration's)")
+    diffusion.add_argument(
+        "--monitor-every",
+        type=int,
+        help="every N steps, sample a few images and scan them against the training images "
+        "(DeepSSIM retrieves, registered SSIM decides); log to RUN/memorisation.csv",
+    )
+    diffusion.add_argument("--monitor-samples", type=int, default=16, help="images per check (default 16)")
+    diffusion.add_argument(
+        "--monitor-stop-share", type=float, help="stop training once this share of samples are Duplicates"
+    )
     generate = actions.add_parser("generate", help="sample images from a trained run (DDIM)")
     generate.add_argument("--run", required=True)
     generate.add_argument("--out", required=True, help="folder of generated PNGs (+ manifest.csv/json)")
@@ -161,15 +172,36 @@ def _run_ldm_vae(args: argparse.Namespace) -> None:
 
 
 def _run_ldm_diffusion(args: argparse.Namespace) -> None:
-    from deepssim.experiments.ldm import train_diffusion
+    from deepssim.experiments.ldm import RunInfo, train_diffusion
 
+    monitor = None
+    if args.monitor_every:
+        from deepssim.monitor import MemorisationMonitor
+
+        size = RunInfo.load(Path(args.run)).config.image_size
+        options = LoadOptions(**{**asdict(_loading_options(args)), "size": size, "fit": "resize"})
+        monitor = MemorisationMonitor(
+            args.images,
+            every=args.monitor_every,
+            samples=args.monitor_samples,
+            stop_share=args.monitor_stop_share,
+            log=Path(args.run) / "memorisation.csv",
+            options=options,
+        )
     run = train_diffusion(
         args.images,
         args.run,
         options=_loading_options(args),
         progress=not args.no_progress,
         epochs=args.epochs,
+        monitor=monitor,
     )
+    if monitor is not None and monitor.records:
+        last = monitor.records[-1]
+        print(
+            f"memorisation at step {last.step}: {last.duplicate_share:.0%} of {last.samples} samples are "
+            f"Duplicates{' (stopped)' if last.stop else ''}; log: {Path(args.run) / 'memorisation.csv'}"
+        )
     print(f"diffusion model trained -> {run / 'unet.safetensors'}; next: deepssim ldm generate --run {run}")
 
 
@@ -265,6 +297,16 @@ def _add_scan_parser(commands) -> None:
     scan.add_argument(
         "--fit-minutes", type=float, default=10.0, help="time budget of --fit-model (default 10)"
     )
+    scan.add_argument(
+        "--release-dir",
+        help="also copy the generated images that pass (no Duplicate) into this new folder, with "
+        "release.csv and release.json: a set ready to share",
+    )
+    scan.add_argument(
+        "--release-drop",
+        choices=("similar",),
+        help="with --release-dir: also drop the images called Similar",
+    )
     _add_model_options(scan)
     _add_loading_options(scan)
     _add_engine_options(scan, shards=True)
@@ -330,6 +372,13 @@ def _engine(args: argparse.Namespace, shard_dir: Path | None = None):
 def _run_scan(args: argparse.Namespace) -> None:
     from deepssim.scanning.scan import scan
 
+    if args.release_drop and not args.release_dir:
+        raise DeepSSIMError("--release-drop needs --release-dir")
+    if args.release_dir and Path(args.release_dir).exists():
+        raise DeepSSIMError(
+            f"--release-dir {args.release_dir} already exists; a release goes into a new folder"
+        )
+
     model, fitted = args.model, None
     if args.fit_model:
         from deepssim.training.fit import FitSettings, cached_fit, describe
@@ -369,6 +418,16 @@ def _run_scan(args: argparse.Namespace) -> None:
         result.summary["fit"] = fitted.report
     files = result.save(args.out, gallery_size=args.gallery, anonymise=args.anonymise)
     print(format_summary(result.summary))
+    if args.release_dir:
+        from deepssim.scanning.release import write_release
+
+        drop = ("Duplicate", "Similar") if args.release_drop == "similar" else ("Duplicate",)
+        release = write_release(result, args.release_dir, drop=drop)
+        print(
+            f"release: {release['released_images']} of {release['generated_images']} generated images "
+            f"({release['released_files']} files) -> {args.release_dir} (dropped: {', '.join(drop)}; "
+            "release.csv says why)"
+        )
     print(f"report: {files['report']}")
     tables = [files[name] for name in ("results", "pairs", "groups", "summary") if name in files]
     print(f"tables: {', '.join(str(path) for path in tables)}")

@@ -22,6 +22,7 @@ import csv
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from deepssim.extras import require
 from deepssim.io.files import atomic_path, write_rows_atomic, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.seeds import derived_seed
+
+if TYPE_CHECKING:
+    from deepssim.monitor import MemorisationMonitor
 
 DUPLICATION_EXTRA = {"none": (0, 0), "low": (1, 4), "high": (1, 14)}
 
@@ -384,8 +388,15 @@ def train_diffusion(
     options: LoadOptions | None = None,
     progress: bool = False,
     epochs: int | None = None,
+    monitor: MemorisationMonitor | None = None,
+    monitor_steps: int = 20,
 ) -> Path:
-    """Train the diffusion UNet of a run on the autoencoder's latents (or resume)."""
+    """Train the diffusion UNet of a run on the autoencoder's latents (or resume).
+
+    monitor: a :class:`deepssim.monitor.MemorisationMonitor` of the run's training images (at
+    the configuration's size), called after every optimisation step with a DDIM sampler of
+    ``monitor_steps`` steps. Its ``stop`` ends training after that step, saved.
+    """
     run = Path(run)
     info = RunInfo.load(run)
     config = (
@@ -420,6 +431,8 @@ def train_diffusion(
         optimizer.load_state_dict(state["optimizer"])
         start, log = state["epoch"], state["log"]
     order_pool = np.repeat(np.arange(len(keys)), info.repeats)
+    steps_per_epoch = len(_batches(order_pool, config.diffusion_batch_size))
+    stop = False
     for epoch in range(start, config.diffusion_epochs):
         unet.train()
         order = np.random.default_rng(derived_seed(seed, 2, epoch)).permutation(order_pool)
@@ -439,6 +452,14 @@ def train_diffusion(
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            if monitor is not None:
+                unet.eval()
+                stop = monitor(
+                    epoch * steps_per_epoch + step + 1, _monitor_sampler(vae, unet, info, seed, monitor_steps)
+                ).stop
+                unet.train()
+                if stop:
+                    break
         log.append({"epoch": epoch + 1, "mse": float(np.mean(losses))})
         _save_weights(unet, run / "unet.safetensors")
         _save_state(
@@ -446,7 +467,46 @@ def train_diffusion(
             {"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "log": log},
         )
         write_rows_atomic(run / "log_diffusion.csv", log)
+        if stop:
+            break
     return run
+
+
+def _monitor_sampler(vae, unet, info: RunInfo, seed: int, steps: int):
+    """The monitor's sampler: unconditioned, or conditioned on random training images' variables."""
+
+    def draw(count: int) -> np.ndarray:
+        generator = torch.Generator().manual_seed(derived_seed(seed, 4, count))
+        context = None
+        if info.conditions is not None:
+            rows = torch.randint(0, len(info.conditions), (count,), generator=generator)
+            context = torch.tensor(info.conditions, dtype=torch.float32)[rows].unsqueeze(1)
+        with torch.no_grad():
+            return sample(vae, unet, info, count, generator, context, steps)
+
+    return draw
+
+
+@torch.no_grad()
+def sample(
+    vae, unet, info: RunInfo, count: int, generator, context=None, steps: int | None = None
+) -> np.ndarray:
+    """``count`` images in [0, 1], (count, H, W), by DDIM with ``steps`` steps (default the config's)."""
+    config = info.config
+    scheduler = make_scheduler(config, "ddim")
+    scheduler.set_timesteps(steps or config.sampling_steps)
+    factor = 2 ** (len(config.vae_channels) - 1)
+    latent_shape = (config.image_size[0] // factor, config.image_size[1] // factor)
+    pad_rows, pad_columns = _latent_padding(config, latent_shape)
+    z = torch.randn(
+        (count, config.latent_channels, latent_shape[0] + pad_rows, latent_shape[1] + pad_columns),
+        generator=generator,
+    )
+    for t in scheduler.timesteps:
+        noise = unet(z, timesteps=torch.full((count,), int(t)), context=context)
+        z, _ = scheduler.step(noise, t, z)
+    z = z[..., : latent_shape[0], : latent_shape[1]] / info.scale_factor
+    return vae.decode(z).clamp(0, 1)[:, 0].numpy()
 
 
 @torch.no_grad()
@@ -478,27 +538,14 @@ def generate(
     _load_weights(unet, run / "unet.safetensors", "train-diffusion")
     vae.eval()
     unet.eval()
-    scheduler = make_scheduler(config, "ddim")
-    scheduler.set_timesteps(steps or config.sampling_steps)
-    factor = 2 ** (len(config.vae_channels) - 1)
-    latent_shape = (config.image_size[0] // factor, config.image_size[1] // factor)
-    pad_rows, pad_columns = _latent_padding(config, latent_shape)
     sources = np.repeat(np.arange(len(info.keys)), per_image)
     manifest = []
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = _batches(np.arange(len(sources)), batch_size)
     for number, rows in enumerate(_progress(batches, progress, "generating")):
         generator = torch.Generator().manual_seed(derived_seed(seed, 3, number))
-        z = torch.randn(
-            (len(rows), config.latent_channels, latent_shape[0] + pad_rows, latent_shape[1] + pad_columns),
-            generator=generator,
-        )
         context = None if conditions is None else conditions[sources[rows]]
-        for t in scheduler.timesteps:
-            noise = unet(z, timesteps=torch.full((len(rows),), int(t)), context=context)
-            z, _ = scheduler.step(noise, t, z)
-        z = z[..., : latent_shape[0], : latent_shape[1]] / info.scale_factor
-        images = vae.decode(z).clamp(0, 1)[:, 0].numpy()
+        images = sample(vae, unet, info, len(rows), generator, context, steps)
         for row, image in zip(rows, images, strict=True):
             key = f"gen_{row:06d}"
             with atomic_path(out_dir / f"{key}.png", suffix=".png") as temporary:

@@ -1,0 +1,130 @@
+"""The release filter (scan --release-dir) and the memorisation monitor for training loops."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from deepssim import scan
+from deepssim.cli import main
+from deepssim.io.load import load_images
+from deepssim.monitor import MemorisationMonitor
+from deepssim.scanning import release as release_module
+from deepssim.scanning.release import write_release
+from tests.conftest import EXAMPLE, smooth_image
+
+
+def _planted() -> dict[str, str]:
+    with open(EXAMPLE / "planted.csv", newline="") as handle:
+        return {row["generated_key"]: row["kind"] for row in csv.DictReader(handle)}
+
+
+def test_release_copies_only_what_passes(tmp_path, capsys):
+    out, released = tmp_path / "scan", tmp_path / "release"
+    command = ["scan", "--train", str(EXAMPLE / "train"), "--generated", str(EXAMPLE / "generated")]
+    command += ["--out", str(out), "--no-cache", "--no-progress", "--release-dir", str(released)]
+    assert main(command) == 0
+    assert "release:" in capsys.readouterr().out
+    with open(released / "release.csv", newline="") as handle:
+        rows = {row["generated_key"]: row for row in csv.DictReader(handle)}
+    with open(out / "results.csv", newline="") as handle:
+        classes = {row["generated_key"]: row["class"] for row in csv.DictReader(handle)}
+    assert set(rows) == set(classes) == set(_planted())
+    for key, kind in _planted().items():
+        copy = released / f"{key}.png"
+        if kind.startswith("duplicate"):  # every planted copy is held back ...
+            assert not copy.exists() and rows[key]["released"] == "no"
+        if classes[key] != "Duplicate":  # ... and everything else goes out, byte for byte
+            assert copy.read_bytes() == (EXAMPLE / "generated" / f"{key}.png").read_bytes()
+        assert (EXAMPLE / "generated" / f"{key}.png").exists()  # copied, never moved
+    summary = json.loads((released / "release.json").read_text())
+    assert summary["released_images"] == sum(c != "Duplicate" for c in classes.values())
+    assert summary["model"]["fingerprint_sha256"] and summary["thresholds"]["high"] == 0.85
+
+    assert main(command) == 2  # a release never overwrites one
+    assert "already exists" in capsys.readouterr().err
+
+    strict = tmp_path / "strict"
+    assert main(command[:-1] + [str(strict), "--release-drop", "similar"]) == 0
+    kept = {p.stem for p in strict.glob("*.png")}
+    assert kept == {key for key, name in classes.items() if name == "Different"}
+
+
+def test_release_is_complete_or_absent_and_drops_whole_multi_image_files(tmp_path, monkeypatch):
+    keys, train = load_images(EXAMPLE / "train")
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(generated / "volume.npy", np.stack([train[3], smooth_image(rng, train.shape[1:])]))
+    np.save(generated / "other.npy", smooth_image(rng, train.shape[1:])[None])
+    result = scan(EXAMPLE / "train", generated, cache=False)
+    summary = write_release(result, tmp_path / "release")
+    with open(tmp_path / "release" / "release.csv", newline="") as handle:
+        rows = {row["generated_key"]: row for row in csv.DictReader(handle)}
+    assert rows["volume#0"]["class"] == "Duplicate" and rows["volume#1"]["released"] == "no"
+    assert "volume#0" in rows["volume#1"]["reason"]
+    assert sorted(p.name for p in (tmp_path / "release").iterdir()) == [
+        "other.npy",
+        "release.csv",
+        "release.json",
+    ]
+    assert summary["released_files"] == 1
+
+    def broken_copy(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(release_module.shutil, "copy2", broken_copy)
+    with pytest.raises(OSError):
+        write_release(result, tmp_path / "second")
+    assert not (tmp_path / "second").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".second")]  # no partial folder
+
+
+def test_monitor_flags_a_copying_generator_and_not_a_novel_one(tmp_path):
+    keys, train = load_images(EXAMPLE / "train")
+    log = tmp_path / "memorisation.csv"
+    monitor = MemorisationMonitor(EXAMPLE / "train", every=5, samples=6, stop_share=0.5, log=log)
+    rng = np.random.default_rng(1)
+
+    def copying(n):  # noisy, flipped copies of training images
+        chosen = rng.choice(len(train), n, replace=False)
+        return train[chosen][:, :, ::-1] + rng.normal(0, 3, (n, *train.shape[1:]))
+
+    def novel(n):
+        return np.stack([smooth_image(rng, train.shape[1:]) for _ in range(n)])
+
+    assert monitor(3, copying).stop is False  # not due: nothing sampled
+    caught = monitor(5, copying)
+    assert caught.stop and caught.duplicate_share == 1.0 and caught.groups_hit == 6
+    calm = monitor(10, novel)
+    assert not calm.stop and calm.duplicate_share == 0.0 and calm.best_max < 0.6
+    with open(log, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [5, 10]
+
+    # the monitor's decision is the scan's two-stage decision on the same images
+    images = copying(4)
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    np.save(generated / "samples.npy", images)
+    shares = scan(EXAMPLE / "train", generated, cache=False).summary["generated_by_class"]
+    assert monitor.check(11, images).duplicate_share == shares["Duplicate"]["share"]
+
+
+def test_monitor_stops_diffusion_training_from_the_command_line(tmp_path, capsys):
+    from deepssim.experiments.ldm import train_vae
+
+    tiny = {"image_size": (32, 32), "vae_epochs": 1, "vae_batch_size": 8, "diffusion_batch_size": 8}
+    run = train_vae(EXAMPLE / "train", tmp_path / "run", "small", "none", **tiny)
+    command = ["ldm", "train-diffusion", "--images", str(EXAMPLE / "train"), "--run", str(run)]
+    command += ["--epochs", "1", "--monitor-every", "1", "--monitor-samples", "2", "--no-progress"]
+    assert main(command) == 0
+    with open(run / "memorisation.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [1, 2]  # 16 images, batches of 8: two steps, two checks
+    assert "memorisation at step 2" in capsys.readouterr().out
+    shutil.rmtree(run)
