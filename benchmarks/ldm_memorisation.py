@@ -1,23 +1,32 @@
-"""The case-study experiment: train the small latent diffusion model at the three duplication
-levels, generate, scan with DeepSSIM (default model) and with SSIM, and print the share of
-generated images in each class per level.
+"""The case study: does memorisation rise with duplication, and does the tool see it?
 
-Every level gets the same number of optimisation steps (epochs are set from the duplicated
-set's size), so the levels differ in how often each image is seen, not in training length;
-on 2 CPU cores the paper's fixed epoch count would leave the un-duplicated model untrained.
-DeepSSIM scans at 128x128 (the default model's training size; images are upsampled), SSIM at
-the native 64x64.
+Trains the small latent diffusion model at the three duplication levels (none, low, high) on a
+small training set, the memorisation-prone setting, with the memorisation monitor checking every
+``--monitor-every`` steps; then generates ``--per-image`` images per training image and scans
+them with DeepSSIM (two-stage: DeepSSIM retrieves, registered SSIM decides), with exact SSIM, and
+with the Dar et al. embedding baseline (trained here on the same training images; label-free
+threshold at 5% false positives from different volumes). Finally the release filter: the share
+of each level's images that pass, and exact SSIM on what passes.
 
-Training images: 64 axial slices (every 4th kept slice of axis 2) of the bundled volumes,
-written by data/build_training_slices.py, at 64x64.
+Every level gets the same number of optimisation steps (epochs are set from the duplicated set's
+size), so levels differ in how often each image is seen, not in training length. The paper keeps
+epochs equal, which at the high level means about 4x more steps; on 2 cores equal steps keeps the
+comparison about duplication alone.
 
     .venv/bin/python data/build_training_slices.py build/default-train
-    .venv/bin/python benchmarks/ldm_memorisation.py [--per-image 10 --workdir build/ldm]
+    .venv/bin/python benchmarks/ldm_memorisation.py --images 24 --diffusion-steps 5000 --workdir build/ldm24
+
+Writes ``results.json``, ``memorisation_by_step.csv``, ``case_study.png`` (Duplicate share by
+level with 95% intervals, and against training steps) and ``most_copied.png`` (the most-copied
+training images beside their closest generated copies) into the work folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -27,8 +36,11 @@ from PIL import Image
 from deepssim import LoadOptions, load_images, scan
 from deepssim.experiments.ldm import CONFIGS, generate, repetition_counts, train_diffusion, train_vae
 from deepssim.hardware import cpu_description
+from deepssim.monitor import MemorisationMonitor
+from deepssim.scanning.release import write_release
 
 LEVELS = ("none", "low", "high")
+GROUPS = r"^(.*)_axis\d"  # training slices are named STACK_axisN_III: one group per volume
 
 
 def training_folder(source: Path, out: Path, count: int) -> Path:
@@ -49,59 +61,200 @@ def training_folder(source: Path, out: Path, count: int) -> Path:
     return out
 
 
+def train_level(train: Path, work: Path, level: str, args) -> tuple[Path, float]:
+    run = work / f"run_{level}"
+    started = time.perf_counter()
+    count = len(load_images(train)[0])
+    seen = sum(repetition_counts(count, level, 0))  # images per epoch after duplication
+    config = CONFIGS["small"]
+    vae_epochs = max(1, round(args.vae_steps / -(-seen // config.vae_batch_size)))
+    diffusion_epochs = max(1, round(args.diffusion_steps / -(-seen // config.diffusion_batch_size)))
+    train_vae(train, run, "small", level, vae_epochs=vae_epochs, diffusion_epochs=diffusion_epochs)
+    log = run / "memorisation.csv"
+    monitor = MemorisationMonitor(
+        train,
+        every=args.monitor_every,
+        samples=args.monitor_samples,
+        group_by=GROUPS,
+        log=log,
+        options=LoadOptions(size=(64, 64), fit="resize"),
+    )
+    train_diffusion(train, run, monitor=monitor)
+    return run, time.perf_counter() - started
+
+
+def scans(train: Path, generated: Path, work: Path, level: str, dar: Path) -> dict:
+    """The three scores' results on one level's generated images."""
+    options = LoadOptions(size=(64, 64), fit="resize")
+    runs = {
+        "deepssim": {"metric": "deepssim"},
+        "ssim": {"metric": "ssim", "decision": "score"},
+        "dar": {"metric": f"dar={dar}", "decision": "score", "duplicate_fpr": 0.05},
+    }
+    out = {}
+    for name, settings in runs.items():
+        result = scan(train, generated, cache=False, options=options, group_by=GROUPS, **settings)
+        result.save(work / f"scan_{level}_{name}", gallery_size=12)
+        out[name] = result
+    return out
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="build/default-train")
-    parser.add_argument("--workdir", default="build/ldm")
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--workdir", default="build/ldm24")
+    parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--per-image", type=int, default=10)
     parser.add_argument("--vae-steps", type=int, default=400)
-    parser.add_argument("--diffusion-steps", type=int, default=1000)
+    parser.add_argument("--diffusion-steps", type=int, default=5000)
+    parser.add_argument("--monitor-every", type=int, default=1000)
+    parser.add_argument("--monitor-samples", type=int, default=24)
+    parser.add_argument("--dar-epochs", type=int, default=5)
     args = parser.parse_args()
     work = Path(args.workdir)
     train = training_folder(Path(args.source), work / "train", args.images)
     count = len(load_images(train)[0])
     print(f"CPU: {cpu_description()}")
-    print(f"{count} training images of 64x64 in {train}")
-    rows = []
+    print(f"{count} training images of 64x64 in {train}; {args.diffusion_steps} diffusion steps per level")
+
+    from deepssim.metrics.dar import DarSettings, train_dar
+
+    dar = work / "dar" / "dar.safetensors"
+    if not dar.is_file():
+        train_dar(train, work / "dar", DarSettings(epochs=args.dar_epochs), LoadOptions(size=(64, 64)))
+
+    results, by_step, copies = {}, [], []
     for level in LEVELS:
-        run = work / f"run_{level}"
-        started = time.perf_counter()
-        seen = sum(repetition_counts(count, level, 0))  # images per epoch after duplication
-        config = CONFIGS["small"]
-        vae_epochs = max(1, round(args.vae_steps / -(-seen // config.vae_batch_size)))
-        diffusion_epochs = max(1, round(args.diffusion_steps / -(-seen // config.diffusion_batch_size)))
-        train_vae(train, run, "small", level, vae_epochs=vae_epochs, diffusion_epochs=diffusion_epochs)
-        vae_seconds = time.perf_counter() - started
-        train_diffusion(train, run)
-        train_seconds = time.perf_counter() - started
+        run, seconds = train_level(train, work, level, args)
+        with open(run / "memorisation.csv", newline="") as handle:
+            by_step += [{"level": level, **row} for row in csv.DictReader(handle)]
         generated = work / f"generated_{level}"
-        generate(run, generated, per_image=args.per_image)
-        for metric, size in (("deepssim", (128, 128)), ("ssim", (64, 64))):
-            options = LoadOptions(size=size, fit="resize")
-            result = scan(train, generated, metric=metric, cache=False, options=options)
-            result.save(work / f"scan_{level}_{metric}", gallery_size=12)
-            classes = result.summary["generated_by_class"]
-            memorised = result.summary["training_images_with_a_duplicate"]
-            rows.append((level, metric, classes, memorised, vae_seconds, train_seconds))
-            print(
-                f"{level:<5} {metric:<8} "
-                + "  ".join(
-                    f"{name} {entry['share']:.1%} [{entry['ci95'][0]:.1%}, {entry['ci95'][1]:.1%}]"
-                    for name, entry in classes.items()
-                )
-                + f"  memorised {memorised['count']}/{result.summary['training_images']}"
-                + f"  (train {train_seconds / 60:.1f} min, VAE {vae_seconds / 60:.1f})"
-            )
-    print()
-    print("| duplication | metric | Duplicate | Similar | Different | training images with a Duplicate |")
+        if not (generated / "manifest.json").is_file():
+            generate(run, generated, per_image=args.per_image)
+        found = scans(train, generated, work, level, dar)
+        release = work / f"release_{level}"
+        shutil.rmtree(release, ignore_errors=True)
+        survived = write_release(found["deepssim"], release)
+        check = (
+            scan(train, release, metric="ssim", decision="score", cache=False)
+            if survived["released_images"]
+            else None
+        )
+        results[level] = {
+            "training_minutes": round(seconds / 60, 1),
+            "scores": {
+                name: {
+                    "by_class": r.summary["generated_by_class"],
+                    "patients_leaked": r.summary["groups"]["with_a_duplicate"]["count"],
+                    "patients": r.summary["groups"]["groups"],
+                    "training_images_with_a_duplicate": r.summary["training_images_with_a_duplicate"][
+                        "count"
+                    ],
+                }
+                for name, r in found.items()
+            },
+            "release": {
+                "released": survived["released_images"],
+                "generated": survived["generated_images"],
+                "ssim_duplicates_among_released": 0
+                if check is None
+                else check.summary["generated_by_class"]["Duplicate"]["count"],
+            },
+        }
+        copies += _top_copies(found["deepssim"], level)
+        print(json.dumps({level: results[level]}), flush=True)
+
+    (work / "results.json").write_text(
+        json.dumps({"cpu": cpu_description(), "args": vars(args), "levels": results}, indent=1)
+    )
+    with open(work / "memorisation_by_step.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(by_step[0]))
+        writer.writeheader()
+        writer.writerows(by_step)
+    _plot(results, by_step, work / "case_study.png")
+    _grid(copies, work / "most_copied.png")
+    _table(results)
+
+
+def _top_copies(result, level: str, count: int = 4) -> list:
+    """The ``count`` generated images with the highest registered SSIM, beside their training image."""
+    scores = np.nan_to_num(result.decision_scores[:, 0], nan=-np.inf)
+    order = np.argsort(-scores)[:count]
+    train = result.train.take(result.neighbours[order, 0])
+    generated = result.generated.take(order)
+    return [(level, float(scores[i]), t, g) for i, t, g in zip(order, train, generated, strict=True)]
+
+
+def _plot(results: dict, by_step: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4))
+    left, right = figure.subplots(1, 2)
+    width = 0.25
+    for n, name in enumerate(("deepssim", "ssim", "dar")):
+        shares, low, high = [], [], []
+        for level in LEVELS:
+            entry = results[level]["scores"][name]["by_class"]["Duplicate"]
+            shares.append(entry["share"])
+            low.append(entry["share"] - entry["ci95"][0])
+            high.append(entry["ci95"][1] - entry["share"])
+        x = np.arange(len(LEVELS)) + (n - 1) * width
+        left.bar(x, shares, width, yerr=[low, high], capsize=3, label=name)
+    left.set_xticks(np.arange(len(LEVELS)), LEVELS)
+    left.set_xlabel("duplication level")
+    left.set_ylabel("share of generated images called Duplicate")
+    left.legend()
+    for level in LEVELS:
+        rows = [r for r in by_step if r["level"] == level]
+        right.plot(
+            [int(r["step"]) for r in rows],
+            [float(r["duplicate_share"]) for r in rows],
+            marker="o",
+            label=level,
+        )
+    right.set_xlabel("diffusion training step")
+    right.set_ylabel("Duplicate share of the monitor's samples")
+    right.legend(title="duplication")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def _grid(copies: list, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2 * len(copies) // 2 + 1, 4.4))
+    axes = figure.subplots(2, len(copies))
+    for column, (level, score, train, generated) in enumerate(copies):
+        for row, (image, label) in enumerate(((train, "training"), (generated, f"{level} {score:.2f}"))):
+            axes[row, column].imshow(image, cmap="gray")
+            axes[row, column].set_title(label, fontsize=7)
+            axes[row, column].axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def _table(results: dict) -> None:
+    print(
+        "\n| duplication | score | Duplicate [95% CI] | Similar | patients leaked | training images copied |"
+    )
     print("|---|---|---|---|---|---|")
-    for level, metric, classes, memorised, _, _ in rows:
-        cells = [f"{e['share']:.1%} [{e['ci95'][0]:.1%}, {e['ci95'][1]:.1%}]" for e in classes.values()]
+    for level, entry in results.items():
+        for name, r in entry["scores"].items():
+            d, s = r["by_class"]["Duplicate"], r["by_class"]["Similar"]
+            interval = f"{d['share']:.1%} [{d['ci95'][0]:.1%}, {d['ci95'][1]:.1%}]"
+            print(
+                f"| {level} | {name} | {interval} | {s['share']:.1%} | "
+                f"{r['patients_leaked']} of {r['patients']} | {r['training_images_with_a_duplicate']} |"
+            )
+    print(
+        "\n| duplication | released (DeepSSIM filter) | SSIM Duplicates among released | training minutes |"
+    )
+    print("|---|---|---|---|")
+    for level, entry in results.items():
+        rel = entry["release"]
         print(
-            f"| {level} | {metric} | "
-            + " | ".join(cells)
-            + f" | {memorised['count']} ({memorised['share']:.0%}) |"
+            f"| {level} | {rel['released']} of {rel['generated']} | "
+            f"{rel['ssim_duplicates_among_released']} | {entry['training_minutes']} |"
         )
 
 
