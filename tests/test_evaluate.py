@@ -13,7 +13,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from deepssim import DeepSSIMError, load_images
 from deepssim.cli import main
 from deepssim.evaluation.builder import BenchmarkSettings, build_benchmark
-from deepssim.evaluation.protocol import classification_numbers, evaluate, misaligned_views
+from deepssim.evaluation.protocol import EvaluateSettings, classification_numbers, evaluate, misaligned_views
 from deepssim.metrics import load_metric
 from deepssim.metrics.dar import DarMetric, DarSettings, nt_xent, train_dar
 from deepssim.metrics.pixel import FSIMMetric
@@ -186,15 +186,15 @@ def test_benchmark_build_and_evaluate_end_to_end(tmp_path):
         pairs = list(csv.DictReader(handle))
     assert {p["split"] for p in pairs} == {"calib", "test"}
     assert {p["kind"] for p in pairs} >= {"degraded_copy", "neighbour_slice", "deformed", "blend"}
+    settings = EvaluateSettings(
+        metrics=("ssim", "fsim"), calib_split="calib", test_split="test", bootstrap=20
+    )
     rows = evaluate(
         out / "pairs.csv",
         out / "train",
         out / "generated",
-        metrics=["ssim", "fsim"],
-        calib_split="calib",
-        test_split="test",
+        settings=settings,
         out_dir=tmp_path / "evaluation",
-        bootstrap=20,
     )
     ssim_rows = [r for r in rows if r["metric"] == "ssim"]
     assert {(r["setting"], r["thresholds"]) for r in ssim_rows} == {
@@ -240,3 +240,11 @@ def test_evaluate_command_and_fsim_scan_refusal(tmp_path, capsys):
     assert "unknown metric 'bogus'" in capsys.readouterr().err
     with pytest.raises(DeepSSIMError, match="matched pairs only"):
         scan(EXAMPLE / "train", EXAMPLE / "generated", metric="fsim", thresholds=(0.5, 0.9))
+
+
+def test_evaluate_settings_are_validated_once_and_recorded(tmp_path):
+    with pytest.raises(DeepSSIMError, match="setting must be one of aligned, misaligned, both"):
+        EvaluateSettings(setting="sideways")
+    with pytest.raises(DeepSSIMError, match="bootstrap"):
+        EvaluateSettings(bootstrap=-1)
+    assert EvaluateSettings(setting="misaligned").views == ("misaligned",)

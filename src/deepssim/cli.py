@@ -612,6 +612,9 @@ def format_agreement(report) -> str:
 
 
 def _add_evaluate_parser(commands) -> None:
+    from deepssim.evaluation.protocol import EvaluateSettings
+
+    defaults = EvaluateSettings()
     evaluate = commands.add_parser(
         "evaluate",
         help="the paper's evaluation protocol on labelled pairs",
@@ -627,13 +630,15 @@ def _add_evaluate_parser(commands) -> None:
         default="deepssim,ssim",
         help="comma-separated: deepssim[=MODEL], ssim, fsim, sscd=FILE, dar=FILE, semdedup=ARCH:FILE",
     )
-    evaluate.add_argument("--setting", choices=("aligned", "misaligned", "both"), default="both")
+    evaluate.add_argument("--setting", choices=EvaluateSettings.choices("setting"), default=defaults.setting)
     evaluate.add_argument("--calib-split", help="split whose pairs calibrate thresholds (e.g. calib)")
     evaluate.add_argument(
         "--test-split", help="split whose pairs are scored (default: all pairs not in --calib-split)"
     )
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument(
+        "--bootstrap", type=int, default=defaults.bootstrap, help="bootstrap resamples for the CIs"
+    )
+    evaluate.add_argument("--seed", type=int, default=defaults.seed)
     evaluate.add_argument("--out", required=True, help="output folder")
     evaluate.add_argument("--no-progress", action="store_true")
     _add_model_options(evaluate)
@@ -642,23 +647,25 @@ def _add_evaluate_parser(commands) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    from deepssim.evaluation.protocol import evaluate, metrics_markdown
+    from deepssim.evaluation.protocol import EvaluateSettings, evaluate, metrics_markdown
 
-    settings = ("aligned", "misaligned") if args.setting == "both" else (args.setting,)
+    settings = EvaluateSettings(
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        setting=args.setting,
+        calib_split=args.calib_split,
+        test_split=args.test_split,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        device=args.device,
+    )
     rows = evaluate(
         args.pairs,
         args.train,
         args.generated,
-        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
         settings=settings,
-        calib_split=args.calib_split,
-        test_split=args.test_split,
-        out_dir=args.out,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
         model=args.model,
         options=_loading_options(args),
-        device=args.device,
+        out_dir=args.out,
         progress=not args.no_progress,
     )
     print(metrics_markdown(rows), end="")

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,6 +37,7 @@ from deepssim.scanning.decide import (
     calibrate,
     classify,
 )
+from deepssim.settings import check_literal_fields, choices
 from deepssim.training.pairs import read_pair_csv
 
 SETTINGS = ("aligned", "misaligned")
@@ -194,27 +197,56 @@ def with_bootstrap(scores, labels, thresholds, repeats: int, seed: int) -> dict:
 HEADLINE = ["macro_f1", "weighted_f1", "silhouette", "tpr_at_5fpr", "auroc"]
 
 
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """How to run the protocol (everything but the data and the model), validated when made.
+
+    metrics: metric specs as ``--metric`` takes them. setting: aligned pairs, misaligned views
+    of them (the paper's flips and rotations), or both. calib_split / test_split: values of the
+    pairs file's ``split`` column; thresholds fitted on the calibration split are scored on the
+    test split (default: every pair not in the calibration split). bootstrap: resamples of the
+    test pairs for the 95% intervals. seed: the misaligned views and the bootstrap.
+    """
+
+    metrics: tuple[str, ...] = ("deepssim", "ssim")
+    setting: Literal["aligned", "misaligned", "both"] = "both"
+    calib_split: str | None = None
+    test_split: str | None = None
+    bootstrap: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_literal_fields(self)
+        if not self.metrics:
+            raise DeepSSIMError("name at least one metric to evaluate")
+        if self.bootstrap < 0:
+            raise DeepSSIMError(f"bootstrap must be 0 or more, not {self.bootstrap}")
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return SETTINGS if self.setting == "both" else (self.setting,)
+
+    @classmethod
+    def choices(cls, name: str) -> tuple[str, ...]:
+        return choices(cls, name)
+
+
 def evaluate(
     pairs_csv,
     train,
     generated,
-    metrics=("deepssim", "ssim"),
-    settings=SETTINGS,
-    calib_split: str | None = None,
-    test_split: str | None = None,
-    out_dir=None,
-    bootstrap: int = 1000,
-    seed: int = 0,
+    *,
+    settings: EvaluateSettings = EvaluateSettings(),
     model="default",
     options: LoadOptions | None = None,
-    device: str = "cpu",
+    out_dir=None,
     progress: bool = False,
 ) -> list[dict]:
     """Run the protocol; returns one row per metric x setting x threshold source (and writes
-    metrics.csv, metrics.md, scores.csv and one histogram per metric and setting to ``out_dir``)."""
-    for setting in settings:
-        if setting not in SETTINGS:
-            raise DeepSSIMError(f"setting must be aligned, misaligned or both, not {setting!r}")
+    metrics.csv, metrics.md, scores.csv, evaluation.json (the settings) and one histogram per
+    metric and setting to ``out_dir``). ``settings.metrics`` may also hold metric objects."""
+    calib_split, test_split, seed = settings.calib_split, settings.test_split, settings.seed
     pairs = read_labelled_pairs(pairs_csv, train, generated, options, progress)
     calibration = None if calib_split is None else pairs.splits == calib_split
     if test_split is not None:
@@ -228,15 +260,15 @@ def evaluate(
     if calibration is not None and not calibration.any():
         raise DeepSSIMError(f"{pairs_csv}: no pairs in the calibration split {calib_split!r}")
     views = {"aligned": (pairs.train, pairs.generated)}
-    if "misaligned" in settings:
+    if "misaligned" in settings.views:
         views["misaligned"] = (
             misaligned_views(pairs.train, seed),
             misaligned_views(pairs.generated, seed + 1),
         )
     rows, all_scores = [], {}
-    for spec in metrics:
-        metric = spec if isinstance(spec, SimilarityMetric) else load_metric(spec, device, model)
-        for setting in settings:
+    for spec in settings.metrics:
+        metric = spec if isinstance(spec, SimilarityMetric) else load_metric(spec, settings.device, model)
+        for setting in settings.views:
             scores = np.asarray(metric.pair_scores(*views[setting]), dtype=np.float64)
             all_scores[f"{metric.name}_{setting}"] = scores
             sources = []
@@ -252,7 +284,9 @@ def evaluate(
                     Thresholds(*_calibrated(scores[calibration], pairs.labels[calibration]), "calibrated")
                 )
             for thresholds in sources:
-                numbers = with_bootstrap(scores[test], pairs.labels[test], thresholds, bootstrap, seed)
+                numbers = with_bootstrap(
+                    scores[test], pairs.labels[test], thresholds, settings.bootstrap, seed
+                )
                 rows.append(
                     {
                         "metric": metric.name,
@@ -274,6 +308,9 @@ def evaluate(
                 )
     if out_dir is not None:
         _write_outputs(Path(out_dir), rows, all_scores, pairs)
+        recorded = {f.name: getattr(settings, f.name) for f in fields(settings)}
+        recorded["metrics"] = [getattr(m, "name", m) for m in settings.metrics]
+        write_text_atomic(Path(out_dir) / "evaluation.json", json.dumps(recorded, indent=2) + "\n")
     return rows
 
 

@@ -3,11 +3,11 @@ summary's audit trail all read."""
 
 from __future__ import annotations
 
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 from deepssim.errors import DeepSSIMError
+from deepssim.settings import check_literal_fields, choices
 
 Decision = Literal["two-stage", "score"]
 Search = Literal["exact", "faiss", "faiss-hnsw"]
@@ -31,15 +31,7 @@ class ScanSettings:
     engine: str = "local"  # a name in deepssim.scanning.engines.ENGINES
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for field in fields(self):
-            allowed = (
-                typing.get_args(hints[field.name]) if typing.get_origin(hints[field.name]) is Literal else ()
-            )
-            if allowed and getattr(self, field.name) not in allowed:
-                raise DeepSSIMError(
-                    f"{field.name} must be one of {', '.join(allowed)}, not {getattr(self, field.name)!r}"
-                )
+        check_literal_fields(self)
         from deepssim.scanning.engines import ENGINES
 
         if self.engine not in ENGINES:
@@ -51,7 +43,7 @@ class ScanSettings:
         if self.duplicate_fpr is not None and self.group_by is None:
             raise DeepSSIMError("--duplicate-fpr needs --group-by: different patients are different groups")
 
-    @staticmethod
-    def choices(name: str) -> tuple[str, ...]:
+    @classmethod
+    def choices(cls, name: str) -> tuple[str, ...]:
         """The allowed values of a Literal field, for the CLI."""
-        return typing.get_args(typing.get_type_hints(ScanSettings)[name])
+        return choices(cls, name)
