@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ from deepssim.seeds import derived_seed
 if TYPE_CHECKING:
     from deepssim.monitor import MemorisationMonitor
 
+CHECKPOINT_SECONDS = 30.0  # an interrupted run loses at most this much training
 DUPLICATION_EXTRA = {"none": (0, 0), "low": (1, 4), "high": (1, 14)}
 
 
@@ -325,6 +327,7 @@ def train_vae(
             discriminator.load_state_dict(state["discriminator"])
             adversary.load_state_dict(state["adversary"])
         start, log = state["epoch"], state["log"]
+    checkpoint = _Every(CHECKPOINT_SECONDS)
     order_pool = np.repeat(np.arange(len(keys)), info.repeats)
     for epoch in range(start, config.vae_epochs):
         vae.train()
@@ -361,6 +364,8 @@ def train_vae(
                 adversary.step()
             losses.append(F.l1_loss(reconstruction, batch).item())
         log.append({"epoch": epoch + 1, "l1": float(np.mean(losses))})
+        if not checkpoint(force=epoch + 1 == config.vae_epochs):
+            continue
         _save_weights(vae, run / "vae.safetensors")
         state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "log": log}
         if discriminator is not None:
@@ -373,6 +378,21 @@ def train_vae(
     info.scale_factor = float(1.0 / latents.std())
     info.save(run)
     return run
+
+
+class _Every:
+    """True at most once every ``seconds`` (always when forced): when a run saves its state, so
+    that small epochs are not dominated by writing checkpoints."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.last = seconds, time.monotonic()
+
+    def __call__(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if force or now - self.last >= self.seconds:
+            self.last = now
+            return True
+        return False
 
 
 def _latent_padding(config: LDMConfig, latent_shape) -> tuple[int, int]:
@@ -430,6 +450,7 @@ def train_diffusion(
         unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         start, log = state["epoch"], state["log"]
+    checkpoint = _Every(CHECKPOINT_SECONDS)
     order_pool = np.repeat(np.arange(len(keys)), info.repeats)
     steps_per_epoch = len(_batches(order_pool, config.diffusion_batch_size))
     stop = False
@@ -461,6 +482,8 @@ def train_diffusion(
                 if stop:
                     break
         log.append({"epoch": epoch + 1, "mse": float(np.mean(losses))})
+        if not checkpoint(force=stop or epoch + 1 == config.diffusion_epochs):
+            continue
         _save_weights(unet, run / "unet.safetensors")
         _save_state(
             run / "unet_state.pt",
