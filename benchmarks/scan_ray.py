@@ -4,7 +4,9 @@
     python benchmarks/scan_ray.py search --train 2195 --generated 1000000
 
 ``scan``: the paper-scale job (2,195 training x 65,850 generated images of 128x128, PNG files
-made once from the bundled example with seeded shifts, gamma and noise) with the score decision
+made once with seeded shifts, gamma and noise: training images from the bundled training
+slices, generated images from the bundled held-out subjects, so few are Duplicates and the
+Duplicates' registration stays small) with the score decision
 (DeepSSIM decides; the two-stage registration of 329k pairs would take about 12 minutes per
 engine here and runs as the same kind of Ray task): seconds per stage (index, embed, search,
 decide, report) and peak resident memory of the driver and of every Ray worker.
@@ -32,7 +34,7 @@ from deepssim.hardware import cpu_description
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_images(folder: Path, count: int, seed: int, sources: Path) -> Path:
+def make_images(folder: Path, count: int, seed: int, sources: list[Path]) -> Path:
     """``count`` 128x128 PNGs made from the bundled images with seeded shifts, gamma and noise."""
     from PIL import Image
 
