@@ -27,8 +27,8 @@ from deepssim.errors import DeepSSIMError
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.metrics.deepssim_metric import DeepSSIMMetric
 from deepssim.scanning.decide import DUPLICATE, SIMILAR, Thresholds, classify
-from deepssim.scanning.engines import LocalEngine
 from deepssim.scanning.groups import group_of_each_image
+from deepssim.scanning.search import top_k_embeddings
 from deepssim.ssim.registered import register_pairs
 
 Sampler = Callable[[int], np.ndarray]  # n -> (n, H, W) images of the training images' size
@@ -115,7 +115,7 @@ class MemorisationMonitor:
             height, width = self.images.shape[1:]
             raise DeepSSIMError(f"the sampler must return (n, {height}, {width}) images, got {images.shape}")
         queries = self.metric.embed(images, precision=self.precision)
-        _, neighbours, _ = LocalEngine().top_k(queries, self.vectors, self.k)
+        neighbours = top_k_embeddings(queries, self.vectors, self.k)[1]  # no reverse search needed
         train = self.images[neighbours.ravel()].astype(np.float64)
         registered = register_pairs(train, np.repeat(images, neighbours.shape[1], axis=0)).ssim_registered
         best = registered.reshape(neighbours.shape).max(axis=1)

@@ -117,9 +117,8 @@ class PairImages:
             self.sets[role] = (images, {key: i for i, key in enumerate(images.keys)})
 
     def image(self, role: str, key: str) -> np.ndarray:
+        """One image of a queued pair (:meth:`check` has made sure every one is there)."""
         images, index = self.sets[role]
-        if key not in index:
-            raise DeepSSIMError(f"{role} image {key!r} of the scan is no longer among its inputs")
         return images.take([index[key]])[0]
 
     def check(self, pairs: list[QueuedPair]) -> None:

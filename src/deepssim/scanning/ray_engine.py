@@ -31,7 +31,7 @@ import numpy as np
 from deepssim.errors import DeepSSIMError
 from deepssim.extras import require
 from deepssim.io.load import ImageSet
-from deepssim.scanning.engines import ScanEngine, merge_top_k, register_engine
+from deepssim.scanning.engines import LocalEngine, ScanEngine, _bar, merge_top_k, register_engine
 
 SEARCH_SHARD_ROWS = 262_144  # training embeddings per search task, at most
 
@@ -94,7 +94,8 @@ class RayEngine(ScanEngine):
     def top_k(self, queries, database, k, method="exact"):
         ray = self.ray()
         queries = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
-        task = ray.remote(num_cpus=self.cpus_per_worker)(_top_k_shard)
+        # one search task = the local engine's search on one shard of training embeddings
+        task = ray.remote(num_cpus=self.cpus_per_worker)(_local_top_k)
         ranges = self.split(len(database), max_rows=SEARCH_SHARD_ROWS)
         parts = ray.get(
             [
@@ -119,8 +120,6 @@ class RayEngine(ScanEngine):
     # -- blocks of work -------------------------------------------------------------------------
 
     def map(self, function, blocks, *, sizes=None, description="", progress=False):
-        from deepssim.scanning.engines import _bar
-
         ray = self.ray()
         task = ray.remote(num_cpus=self.cpus_per_worker)(function)
         shared: dict[int, object] = {}  # an image set shared by many blocks goes to the store once
@@ -151,12 +150,8 @@ class RayEngine(ScanEngine):
         return results
 
 
-def _top_k_shard(queries: np.ndarray, shard: np.ndarray, k: int, method: str):
-    """One search task: the shard's top-k per query and each shard row's best score."""
-    from deepssim.scanning.search import top_k_embeddings
-
-    scores, indices = top_k_embeddings(queries, shard, k, method)
-    return scores, indices, top_k_embeddings(shard, queries, 1, method)[0][:, 0]
+def _local_top_k(queries: np.ndarray, shard: np.ndarray, k: int, method: str):
+    return LocalEngine().top_k(queries, shard, k, method)
 
 
 def _signatures(images: ImageSet) -> list[str]:
