@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +60,9 @@ def training_folder(source: Path, out: Path, count: int) -> Path:
     return out
 
 
-def train_level(train: Path, work: Path, level: str, args) -> tuple[Path, float]:
+def train_level(train: Path, work: Path, level: str, args) -> Path:
+    """Train (or resume, or reuse) one level's autoencoder and diffusion model."""
     run = work / f"run_{level}"
-    started = time.perf_counter()
     count = len(load_images(train)[0])
     seen = sum(repetition_counts(count, level, 0))  # images per epoch after duplication
     config = CONFIGS["small"]
@@ -80,7 +79,7 @@ def train_level(train: Path, work: Path, level: str, args) -> tuple[Path, float]
         options=LoadOptions(size=(64, 64), fit="resize"),
     )
     train_diffusion(train, run, monitor=monitor)
-    return run, time.perf_counter() - started
+    return run
 
 
 def scans(train: Path, generated: Path, work: Path, level: str, dar: Path) -> dict:
@@ -125,7 +124,7 @@ def main() -> None:
 
     results, by_step, copies = {}, [], []
     for level in LEVELS:
-        run, seconds = train_level(train, work, level, args)
+        run = train_level(train, work, level, args)
         with open(run / "memorisation.csv", newline="") as handle:
             by_step += [{"level": level, **row} for row in csv.DictReader(handle)]
         generated = work / f"generated_{level}"
@@ -141,7 +140,6 @@ def main() -> None:
             else None
         )
         results[level] = {
-            "training_minutes": round(seconds / 60, 1),
             "scores": {
                 name: {
                     "by_class": r.summary["generated_by_class"],
@@ -246,15 +244,12 @@ def _table(results: dict) -> None:
                 f"| {level} | {name} | {interval} | {s['share']:.1%} | "
                 f"{r['patients_leaked']} of {r['patients']} | {r['training_images_with_a_duplicate']} |"
             )
-    print(
-        "\n| duplication | released (DeepSSIM filter) | SSIM Duplicates among released | training minutes |"
-    )
-    print("|---|---|---|---|")
+    print("\n| duplication | released (DeepSSIM filter) | SSIM Duplicates among released |")
+    print("|---|---|---|")
     for level, entry in results.items():
         rel = entry["release"]
         print(
-            f"| {level} | {rel['released']} of {rel['generated']} | "
-            f"{rel['ssim_duplicates_among_released']} | {entry['training_minutes']} |"
+            f"| {level} | {rel['released']} of {rel['generated']} | {rel['ssim_duplicates_among_released']} |"
         )
 
 

@@ -47,7 +47,7 @@ def test_scikit_image_not_a_tautology():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize(
     "case",
-    ["random", "mri", "odd", "minimum", "flat_background", "tall_for_refresh"],
+    ["random", "mri", "odd", "minimum", "flat_background", "tall_for_refresh", "many_generated"],
 )
 def test_matrix_matches_scikit_image(backend, dtype, case, monkeypatch):
     """Every backend; "numpy-prepare" is an install without the C kernel (statistics in NumPy)."""
@@ -70,6 +70,9 @@ def test_matrix_matches_scikit_image(backend, dtype, case, monkeypatch):
         generated = np.zeros((5, 40, 36))
         train[:, 12:28, 10:24] = rng.normal(100, 20, size=(6, 16, 14))
         generated[:, 14:30, 8:22] = rng.normal(100, 20, size=(5, 16, 14))
+    elif case == "many_generated":  # threads split generated blocks; the last has empty lanes
+        train = np.stack([smooth_image(rng, (30, 41)) for _ in range(5)])
+        generated = np.stack([smooth_image(rng, (30, 41)) for _ in range(37)])
     else:  # taller than the kernel's refresh interval, with large values
         train = 1000 + 300 * np.stack([smooth_image(rng, (70, 12)) for _ in range(9)])
         generated = 1000 + 300 * np.stack([smooth_image(rng, (70, 12)) for _ in range(9)])
@@ -140,3 +143,34 @@ def test_matched_pairs_match_scikit_image(rng):
     generated = train[::-1] + rng.normal(0, 5, train.shape)
     expected = np.diag(reference_matrix(train, generated))
     np.testing.assert_allclose(deepssim.ssim_pairs(train, generated, chunk=2), expected, atol=1e-10)
+
+
+@pytest.fixture(params=["avx512", "avx2", "baseline"])
+def instruction_set(request):
+    """Each of the pair kernel's instruction sets this CPU has (CI machines differ)."""
+    if _ssim_kernel is None:
+        pytest.skip("the C kernel is not built")
+    chosen = _ssim_kernel.instruction_set()
+    if not _ssim_kernel.set_instruction_set(request.param):
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    _ssim_kernel.set_instruction_set(chosen)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("counts", [(5, 37), (7, 3)])  # split over generated / training images
+def test_c_kernel_matches_scikit_image_on_every_instruction_set(instruction_set, dtype, threads, counts):
+    """Generated images fill SIMD lanes (4 to 16 a vector); 37 leaves a block with empty lanes,
+    and 45 columns span several restarts of the horizontal running sum."""
+    rng = np.random.default_rng(3)
+    train = np.stack([smooth_image(rng, (26, 45)) for _ in range(counts[0])])
+    generated = np.stack([smooth_image(rng, (26, 45)) for _ in range(counts[1])])
+    got = engine.ssim_prepared(
+        engine.prepare(train, "train", dtype=dtype),
+        engine.prepare(generated, "generated", dtype=dtype),
+        backend="c",
+        threads=threads,
+    )
+    tolerance = 1e-9 if dtype == np.float64 else 2e-5
+    assert np.abs(got - reference_matrix(train, generated)).max() <= tolerance

@@ -3,108 +3,234 @@
  * For each pair the product image, its 7x7 box sum and the SSIM map are computed in one pass
  * and only the mean leaves the kernel, so nothing of size N x M x H x W is ever stored.
  * Per-image local statistics (z-scores, 7x7 local means and variances, C1 and C2) are computed
- * once per image by prepare_images; deepssim/ssim/engine.py documents the formula. Pairs are processed in TILE x TILE tiles row by row so the rows of
- * both images stay in cache while they are reused. The vertical 7-row sums are updated
- * incrementally (add the new row, drop the old one) and recomputed exactly every REFRESH rows
- * to bound floating-point drift.
+ * once per image by prepare_images; deepssim/ssim/engine.py documents the formula. The pair
+ * kernel puts generated images in SIMD lanes (see DEFINE_KERNEL). The vertical 7-row sums are
+ * updated incrementally (add the new row, drop the old one) and recomputed exactly every
+ * REFRESH rows to bound floating-point drift.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
-#define TILE 8
-#define REFRESH 16
+#define TI 4        /* training images sharing one block row (a multiple of every P) */
+#define XREFRESH 16 /* columns between exact recomputations of the horizontal sums */
+#define REFRESH 16  /* rows between exact recomputations of the vertical sums */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MULTIVERSION __attribute__((target_clones("arch=sapphirerapids", "avx512f", "avx2,fma", "default")))
+#define MULTIVERSION __attribute__((target_clones("arch=sapphirerapids", "avx512f", "arch=haswell", "default")))
 #else
 #define MULTIVERSION
 #endif
 
 /* za, zb: z-scored images (n, H, W); mua, mub: local means (n, H-6, W-6);
  * mua2c1 = mua^2 + C1; mub2 = mub^2; vac2 = local variance of a + C2; vb = local variance of b;
- * c1, c2: constants per training image. Computes out[i, j] for i in [i0, i1), j in [0, nb). */
-#define DEFINE_KERNEL(T, NAME)                                                                 \
-MULTIVERSION static int NAME(const T *za, const T *zb, const T *mua, const T *mub,             \
-                             const T *mua2c1, const T *mub2, const T *vac2, const T *vb,       \
-                             const T *c1, const T *c2, T *out, long i0, long i1, long nb,      \
-                             long H, long W)                                                   \
+ * c1, c2: constants per training image. Computes out[i, j] (row stride nb) for i in [i0, i1),
+ * j in [j0, j1).
+ *
+ * Generated images go LANES at a time into the lanes of a SIMD vector: their statistics are
+ * interleaved once per block (pixel-major, image-minor), so a training image's value is one
+ * broadcast shared by LANES pairs and the 7-wide horizontal window slides as a running sum
+ * (add the entering column, drop the leaving one; restarted every XREFRESH columns) instead of
+ * six adds per pixel. A column's vertical sum slides down one row just before it enters the
+ * window. P training images go through the block row together so they share its loads (P = 2
+ * needs AVX-512's 32 registers), and TI of them share it while it is in cache. */
+#define DEFINE_KERNEL(T, NAME, LANES, P, TARGET)                                               \
+TARGET static int NAME(const T *za, const T *zb, const T *mua, const T *mub,                   \
+                       const T *mua2c1, const T *mub2, const T *vac2, const T *vb,             \
+                       const T *c1, const T *c2, T *out, long i0, long i1, long j0, long j1,   \
+                       long nb, long H, long W)                                                \
 {                                                                                              \
+    typedef T V __attribute__((vector_size(sizeof(T) * LANES)));                               \
     const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;                              \
     const T k1 = (T)(2.0 * (49.0 / 48.0) / 49.0), k2 = (T)(2.0 * (49.0 / 48.0));              \
-    T *cols = (T *)malloc(sizeof(T) * W * TILE * TILE);                                        \
-    if (cols == NULL) return -1;                                                               \
-    double acc[TILE][TILE];                                                                    \
-    for (long it = i0; it < i1; it += TILE) {                                                  \
-        const long ni = (i1 - it < TILE) ? i1 - it : TILE;                                     \
-        for (long jt = 0; jt < nb; jt += TILE) {                                               \
-            const long nj = (nb - jt < TILE) ? nb - jt : TILE;                                 \
+    V *bz = aligned_alloc(sizeof(V), sizeof(V) * (hw + 3 * vhw + TI * (W + 1)));               \
+    if (bz == NULL) return -1;                                                                 \
+    V *bm = bz + hw, *bs = bm + vhw, *bv = bs + vhw, *cols = bv + vhw;                         \
+    for (long u = 0; u < TI; u++) cols[u * (W + 1)] = (V){0}; /* col[-1] of each image */      \
+    for (long jb = j0; jb < j1; jb += LANES) {                                                 \
+        const long nj = (j1 - jb < LANES) ? j1 - jb : LANES;                                   \
+        /* padding lanes hold zeros: their denominators stay positive (C1, C2 > 0) */         \
+        if (nj < LANES) memset(bz, 0, sizeof(V) * (hw + 3 * vhw));                            \
+        for (long l = 0; l < nj; l++) {                                                        \
+            const T *z = zb + (jb + l) * hw, *m = mub + (jb + l) * vhw,                        \
+                    *s = mub2 + (jb + l) * vhw, *v = vb + (jb + l) * vhw;                      \
+            for (long p = 0; p < hw; p++) bz[p][l] = z[p];                                     \
+            for (long p = 0; p < vhw; p++) {                                                   \
+                bm[p][l] = m[p];                                                               \
+                bs[p][l] = s[p];                                                               \
+                bv[p][l] = v[p];                                                               \
+            }                                                                                  \
+        }                                                                                      \
+        for (long it = i0; it < i1; it += TI) {                                                \
+            const long ni = (i1 - it < TI) ? i1 - it : TI;                                     \
+            double acc[TI][LANES];                                                             \
             for (long u = 0; u < ni; u++)                                                      \
-                for (long v = 0; v < nj; v++) acc[u][v] = 0.0;                                 \
+                for (long l = 0; l < LANES; l++) acc[u][l] = 0.0;                              \
             for (long y = 0; y < ho; y++) {                                                    \
-                const long o = y * wo;                                                         \
-                for (long u = 0; u < ni; u++) {                                                \
-                    const long i = it + u;                                                     \
-                    const T *ar = za + i * hw + y * W, *ma = mua + i * vhw + o,                \
-                            *sa = mua2c1 + i * vhw + o, *va = vac2 + i * vhw + o;              \
-                    const T C1 = c1[i], C2 = c2[i];                                            \
-                    for (long v = 0; v < nj; v++) {                                            \
-                        const long j = jt + v;                                                 \
-                        const T *br = zb + j * hw + y * W, *mb = mub + j * vhw + o,            \
-                                *sb = mub2 + j * vhw + o, *vbj = vb + j * vhw + o;             \
-                        T *col = cols + (u * TILE + v) * W;                                    \
-                        if (y % REFRESH == 0) {                                                \
-                            for (long x = 0; x < W; x++) {                                     \
-                                T s = 0;                                                       \
-                                for (long k = 0; k < 7; k++) s += ar[k * W + x] * br[k * W + x]; \
-                                col[x] = s;                                                    \
-                            }                                                                  \
+                const int slide = y % REFRESH != 0; /* else sum all 7 rows afresh */           \
+                const long back = slide ? W : 0;    /* row y - 1, the one leaving */           \
+                const V *br = bz + y * W, *b6 = br + 6 * W, *b0 = br - back;                   \
+                const V *mb = bm + y * wo, *sb = bs + y * wo, *vbr = bv + y * wo;              \
+                for (long u = 0; u < ni; u += P) {                                             \
+                    const T *ar[P], *ma[P], *sa[P], *va[P];                                    \
+                    T C1[P], C2[P];                                                            \
+                    V *col[P], s[P], row[P];                                                   \
+                    for (int q = 0; q < P; q++) {                                              \
+                        /* past the last image, repeat it (computed, never stored) */          \
+                        const long i = it + (u + q < ni ? u + q : ni - 1);                     \
+                        ar[q] = za + i * hw + y * W;                                           \
+                        ma[q] = mua + i * vhw + y * wo;                                        \
+                        sa[q] = mua2c1 + i * vhw + y * wo;                                     \
+                        va[q] = vac2 + i * vhw + y * wo;                                       \
+                        C1[q] = c1[i];                                                         \
+                        C2[q] = c2[i];                                                         \
+                        col[q] = cols + (u + q) * (W + 1) + 1;                                 \
+                        row[q] = (V){0};                                                       \
+                        const T *a6 = ar[q] + 6 * W, *a0 = ar[q] - back;                       \
+                        if (slide) {                                                           \
+                            for (long x = 0; x < 6; x++)                                       \
+                                col[q][x] += a6[x] * b6[x] - a0[x] * b0[x];                    \
                         } else {                                                               \
-                            for (long x = 0; x < W; x++)                                       \
-                                col[x] += ar[6 * W + x] * br[6 * W + x] - ar[x - W] * br[x - W]; \
+                            for (long x = 0; x < W; x++) {                                     \
+                                V t = ar[q][x] * br[x];                                        \
+                                for (long k = 1; k < 7; k++)                                   \
+                                    t += ar[q][k * W + x] * br[k * W + x];                     \
+                                col[q][x] = t;                                                 \
+                            }                                                                  \
                         }                                                                      \
-                        T row = 0;                                                             \
-                        for (long x = 0; x < wo; x++) {                                        \
-                            const T s = col[x] + col[x + 1] + col[x + 2] + col[x + 3]          \
-                                      + col[x + 4] + col[x + 5] + col[x + 6];                  \
-                            const T m = ma[x] * mb[x];                                         \
-                            const T num = (m + m + C1) * (k1 * s - k2 * m + C2);               \
-                            const T den = (sa[x] + sb[x]) * (va[x] + vbj[x]);                  \
-                            row += num / den;                                                  \
-                        }                                                                      \
-                        acc[u][v] += row;                                                      \
                     }                                                                          \
+                    for (long x0 = 0; x0 < wo; x0 += XREFRESH) {                               \
+                        const long x1 = (wo - x0 < XREFRESH) ? wo : x0 + XREFRESH;             \
+                        /* the window left of x0 (col[-1] is 0); entering minus leaving    \
+                         * column first, so flat regions add exactly 0 */                       \
+                        for (int q = 0; q < P; q++) {                                          \
+                            const V *c = col[q];                                               \
+                            s[q] = c[x0 - 1] + c[x0] + c[x0 + 1] + c[x0 + 2] + c[x0 + 3]       \
+                                 + c[x0 + 4] + c[x0 + 5];                                      \
+                        }                                                                      \
+                        for (long x = x0; x < x1; x++) {                                       \
+                            const V in6 = b6[x + 6], out0 = b0[x + 6];                         \
+                            const V mbx = mb[x], sbx = sb[x], vbx = vbr[x];                    \
+                            for (int q = 0; q < P; q++) {                                      \
+                                V *c = col[q];                                                 \
+                                if (slide)                                                     \
+                                    c[x + 6] += ar[q][6 * W + x + 6] * in6                     \
+                                              - ar[q][x + 6 - back] * out0;                    \
+                                s[q] += c[x + 6] - c[x - 1];                                   \
+                                const V m = ma[q][x] * mbx;                                    \
+                                const V num = (m + m + C1[q]) * (k1 * s[q] - k2 * m + C2[q]);  \
+                                const V den = (sa[q][x] + sbx) * (va[q][x] + vbx);             \
+                                row[q] += num * RECIP(den);                                           \
+                            }                                                                  \
+                        }                                                                      \
+                    }                                                                          \
+                    for (int q = 0; q < P && u + q < ni; q++)                                  \
+                        for (long l = 0; l < LANES; l++) acc[u + q][l] += row[q][l];           \
                 }                                                                              \
             }                                                                                  \
             for (long u = 0; u < ni; u++)                                                      \
-                for (long v = 0; v < nj; v++)                                                  \
-                    out[(it + u) * nb + jt + v] = (T)(acc[u][v] / (double)vhw);                \
+                for (long l = 0; l < nj; l++)                                                  \
+                    out[(it + u) * nb + jb + l] = (T)(acc[u][l] / (double)vhw);                \
         }                                                                                      \
     }                                                                                          \
-    free(cols);                                                                                \
+    free(bz);                                                                                  \
     return 0;                                                                                  \
 }
 
-DEFINE_KERNEL(float, ssim_rows_f32)
-DEFINE_KERNEL(double, ssim_rows_f64)
+/* One kernel per instruction set, each with the lane count its registers hold, chosen at run
+ * time (target_clones would give every clone the same vector width). */
+typedef int (*rows_f32_fn)(const float *, const float *, const float *, const float *,
+                           const float *, const float *, const float *, const float *,
+                           const float *, const float *, float *, long, long, long, long, long,
+                           long, long);
+typedef int (*rows_f64_fn)(const double *, const double *, const double *, const double *,
+                           const double *, const double *, const double *, const double *,
+                           const double *, const double *, double *, long, long, long, long,
+                           long, long, long);
+
+/* 1 / d for the SSIM map's denominator; the float32 AVX kernels use the approximate
+ * reciprocal and one Newton step (relative error ~1e-7, as accurate as float32 division) */
+#define RECIP(d) (1 / (d))
+DEFINE_KERNEL(float, ssim_rows_f32_base, 4, 1, )
+DEFINE_KERNEL(double, ssim_rows_f64_base, 2, 1, )
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
+#define AVX2 __attribute__((target("avx2,fma")))
+DEFINE_KERNEL(double, ssim_rows_f64_avx512, 8, 2, AVX512)
+DEFINE_KERNEL(double, ssim_rows_f64_avx2, 4, 1, AVX2)
+#undef RECIP
+#define RECIP(d) ({ const V r_ = (V)_mm512_rcp14_ps((__m512)(d)); r_ * (2.0f - (d) * r_); })
+DEFINE_KERNEL(float, ssim_rows_f32_avx512, 16, 2, AVX512)
+#undef RECIP
+#define RECIP(d) ({ const V r_ = (V)_mm256_rcp_ps((__m256)(d)); r_ * (2.0f - (d) * r_); })
+DEFINE_KERNEL(float, ssim_rows_f32_avx2, 8, 1, AVX2)
+#endif
+
+static rows_f32_fn ssim_rows_f32 = ssim_rows_f32_base;
+static rows_f64_fn ssim_rows_f64 = ssim_rows_f64_base;
+static const char *instruction_set = "baseline";
+
+/* Use the kernels of one instruction set ("avx512", "avx2" or "baseline"); returns 0 when this
+ * CPU or build lacks it. The widest available is chosen at import. */
+static int use_kernels(const char *name)
+{
+    if (strcmp(name, "baseline") == 0) {
+        ssim_rows_f32 = ssim_rows_f32_base;
+        ssim_rows_f64 = ssim_rows_f64_base;
+        instruction_set = "baseline";
+        return 1;
+    }
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+    __builtin_cpu_init();
+    if (strcmp(name, "avx512") == 0 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw")) {
+        ssim_rows_f32 = ssim_rows_f32_avx512;
+        ssim_rows_f64 = ssim_rows_f64_avx512;
+        instruction_set = "avx512";
+        return 1;
+    }
+    if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        ssim_rows_f32 = ssim_rows_f32_avx2;
+        ssim_rows_f64 = ssim_rows_f64_avx2;
+        instruction_set = "avx2";
+        return 1;
+    }
+#endif
+    return 0;
+}
+
+static PyObject *set_instruction_set(PyObject *self, PyObject *args)
+{
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    return PyBool_FromLong(use_kernels(name));
+}
+
+static PyObject *get_instruction_set(PyObject *self, PyObject *args)
+{
+    return PyUnicode_FromString(instruction_set);
+}
 
 static PyObject *ssim_rows(PyObject *self, PyObject *args)
 {
     Py_buffer b[11];
-    long i0, i1, nb, H, W;
+    long i0, i1, j0, j1, nb, H, W;
     int is64, status;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*y*w*lllllp", &b[0], &b[1], &b[2], &b[3],
-                          &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10], &i0, &i1, &nb, &H,
-                          &W, &is64))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*y*w*lllllllp", &b[0], &b[1], &b[2], &b[3],
+                          &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10], &i0, &i1, &j0, &j1,
+                          &nb, &H, &W, &is64))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (is64)
         status = ssim_rows_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf,
-                               b[6].buf, b[7].buf, b[8].buf, b[9].buf, b[10].buf, i0, i1, nb, H, W);
+                               b[6].buf, b[7].buf, b[8].buf, b[9].buf, b[10].buf, i0, i1, j0, j1, nb, H, W);
     else
         status = ssim_rows_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf,
-                               b[6].buf, b[7].buf, b[8].buf, b[9].buf, b[10].buf, i0, i1, nb, H, W);
+                               b[6].buf, b[7].buf, b[8].buf, b[9].buf, b[10].buf, i0, i1, j0, j1, nb, H, W);
     Py_END_ALLOW_THREADS
     for (int k = 0; k < 11; k++) PyBuffer_Release(&b[k]);
     if (status != 0) return PyErr_NoMemory();
@@ -115,8 +241,8 @@ static PyObject *ssim_rows(PyObject *self, PyObject *args)
 /* Per-image statistics. x: raw images (n, H, W) in double. Writes z = (x - mean) / std
  * (population std), mu = 7x7 local mean of z, var = sample variance in the window (x 49/48),
  * and for training images mu2 = mu^2 + C1, var += C2 with C1 = (K1 R)^2, C2 = (K2 R)^2, R the range
- * of z; for generated images mu2 = mu^2. Window sums are recomputed for every output pixel in
- * double (no running sums, so no drift). Returns the index of the first constant image + 1, or 0. */
+ * of z; for generated images mu2 = mu^2. Sums are in double: 7-row column sums slide down the
+ * image, and each window adds its 7 columns afresh. Returns 1 + the first constant image, or 0. */
 #define DEFINE_PREPARE(T, NAME)                                                                \
 MULTIVERSION static long NAME(const double *x, T *z, T *mu, T *mu2, T *var, T *c1, T *c2,      \
                               long n, long H, long W, int train, double *work)                  \
@@ -164,21 +290,16 @@ MULTIVERSION static long NAME(const double *x, T *z, T *mu, T *mu2, T *var, T *c
                     col2[xx] += add[xx] * add[xx] - drop[xx] * drop[xx];                       \
                 }                                                                              \
             }                                                                                  \
-            double s = 0, s2 = 0;                                                              \
-            for (long k = 0; k < 6; k++) {                                                     \
-                s += col[k];                                                                   \
-                s2 += col2[k];                                                                 \
-            }                                                                                  \
-            for (long xx = 0; xx < wo; xx++) {                                                 \
-                s += col[xx + 6];                                                              \
-                s2 += col2[xx + 6];                                                            \
-                const double m = s / 49.0;                                                     \
-                const long o = i * vhw + y * wo + xx;                                          \
-                mu[o] = (T)m;                                                                  \
-                mu2[o] = (T)(m * m + C1);                                                      \
-                var[o] = (T)((49.0 / 48.0) * (s2 / 49.0 - m * m) + C2);                        \
-                s -= col[xx];                                                                  \
-                s2 -= col2[xx];                                                                \
+            T *mur = mu + i * vhw + y * wo, *mu2r = mu2 + i * vhw + y * wo,                     \
+              *varr = var + i * vhw + y * wo;                                                  \
+            for (long xx = 0; xx < wo; xx++) { /* 7 columns summed afresh: vectorises */       \
+                const double *c = col + xx, *c2 = col2 + xx;                                   \
+                const double s = c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6];              \
+                const double s2 = c2[0] + c2[1] + c2[2] + c2[3] + c2[4] + c2[5] + c2[6];       \
+                const double m = s * (1.0 / 49.0);                                             \
+                mur[xx] = (T)m;                                                                \
+                mu2r[xx] = (T)(m * m + C1);                                                    \
+                varr[xx] = (T)((49.0 / 48.0) * (s2 * (1.0 / 49.0) - m * m) + C2);              \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
@@ -286,9 +407,12 @@ static PyObject *ssim_pairs(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"ssim_rows", ssim_rows, METH_VARARGS,
-     "ssim_rows(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, i0, i1, nb, H, W, is64)"},
+     "ssim_rows(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, i0, i1, j0, j1, nb, H, W, is64)"},
     {"prepare_images", prepare_images, METH_VARARGS,
      "prepare_images(x, z, mu, mu2, var, c1, c2, n, H, W, train, is64) -> 1 + first constant image, or 0"},
+    {"set_instruction_set", set_instruction_set, METH_VARARGS,
+     "set_instruction_set(name) -> False if this CPU lacks it: the pair kernel's 'avx512', 'avx2' or 'baseline'"},
+    {"instruction_set", get_instruction_set, METH_NOARGS, "instruction_set() -> the pair kernel in use"},
     {"ssim_pairs", ssim_pairs, METH_VARARGS,
      "ssim_pairs(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, n, H, W, is64)"},
     {NULL, NULL, 0, NULL}};
@@ -296,4 +420,8 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel",
                                     "Fused CPU kernel for SSIM matrices.", -1, methods};
 
-PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernel(void)
+{
+    if (!use_kernels("avx512")) use_kernels("avx2"); /* the widest this CPU has */
+    return PyModule_Create(&module);
+}

@@ -36,7 +36,7 @@ K1 = 0.01
 K2 = 0.03
 COV_NORM = WINDOW * WINDOW / (WINDOW * WINDOW - 1)
 BACKENDS = ("auto", "c", "torch")
-_KERNEL_TILE = 8  # rows per tile in the C kernel; thread chunks are multiples of it
+_KERNEL_LANES = 16  # generated images per SIMD vector in the C kernel; thread chunks are multiples of it
 
 
 @dataclass
@@ -205,24 +205,29 @@ def _choose_backend(backend: str, device) -> str:
 
 
 def _ssim_c(train: PreparedImages, generated: PreparedImages, threads: int | None) -> np.ndarray:
+    """Threads take blocks of generated images (each thread interleaves its own blocks once), or
+    blocks of training images when there are too few generated images to go round."""
     n, m = len(train), len(generated)
     height, width = train.z.shape[1:]
     dtype = train.z.dtype
     out = np.empty((n, m), dtype=dtype)
     threads = threads or torch.get_num_threads() or os.cpu_count() or 1
-    chunk = max(_KERNEL_TILE, -(-n // (threads * 4)) // _KERNEL_TILE * _KERNEL_TILE)
     args = (*_kernel_arrays(train, generated), out)
-
-    def run(start: int) -> None:
-        _ssim_kernel.ssim_rows(*args, start, min(start + chunk, n), m, height, width, dtype == np.float64)
-
-    starts = range(0, n, chunk)
-    if threads == 1 or len(starts) == 1:
-        for start in starts:
-            run(start)
+    if m >= _KERNEL_LANES * threads:
+        step = -(-m // (threads * _KERNEL_LANES)) * _KERNEL_LANES
+        blocks = [(0, n, j, min(j + step, m)) for j in range(0, m, step)]
     else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, starts))
+        step = -(-n // threads)
+        blocks = [(i, min(i + step, n), 0, m) for i in range(0, n, step)]
+
+    def run(block: tuple[int, int, int, int]) -> None:
+        _ssim_kernel.ssim_rows(*args, *block, m, height, width, dtype == np.float64)
+
+    if len(blocks) == 1:
+        run(blocks[0])
+    else:
+        with ThreadPoolExecutor(len(blocks)) as pool:
+            list(pool.map(run, blocks))
     return out
 
 
