@@ -51,18 +51,34 @@ TARGET static int NAME(const T *za, const T *zb, const T *mua, const T *mub,    
     for (long u = 0; u < TI; u++) cols[u * (W + 1)] = (V){0}; /* col[-1] of each image */      \
     for (long jb = j0; jb < j1; jb += LANES) {                                                 \
         const long nj = (j1 - jb < LANES) ? j1 - jb : LANES;                                   \
-        /* padding lanes hold zeros: their denominators stay positive (C1, C2 > 0) */         \
-        if (nj < LANES) memset(bz, 0, sizeof(V) * (hw + 3 * vhw));                            \
-        for (long l = 0; l < nj; l++) {                                                        \
-            const T *z = zb + (jb + l) * hw, *m = mub + (jb + l) * vhw,                        \
-                    *s = mub2 + (jb + l) * vhw, *v = vb + (jb + l) * vhw;                      \
-            for (long p = 0; p < hw; p++) bz[p][l] = z[p];                                     \
-            for (long p = 0; p < vhw; p++) {                                                   \
-                bm[p][l] = m[p];                                                               \
-                bs[p][l] = s[p];                                                               \
-                bv[p][l] = v[p];                                                               \
-            }                                                                                  \
+        /* interleave pixel by pixel, one vector written at a time */                           \
+        const T *z[LANES], *m[LANES], *m2[LANES], *v[LANES];                                   \
+        for (long l = 0; l < LANES; l++) {                                                     \
+            const long j = jb + (l < nj ? l : 0); /* padding lanes copy a real image for now */ \
+            z[l] = zb + j * hw;                                                                \
+            m[l] = mub + j * vhw;                                                              \
+            m2[l] = mub2 + j * vhw;                                                            \
+            v[l] = vb + j * vhw;                                                               \
         }                                                                                      \
+        for (long p = 0; p < hw; p++) {                                                        \
+            V t;                                                                               \
+            for (long l = 0; l < LANES; l++) t[l] = z[l][p];                                   \
+            bz[p] = t;                                                                         \
+        }                                                                                      \
+        for (long p = 0; p < vhw; p++) {                                                       \
+            V t1, t2, t3;                                                                      \
+            for (long l = 0; l < LANES; l++) {                                                 \
+                t1[l] = m[l][p];                                                               \
+                t2[l] = m2[l][p];                                                              \
+                t3[l] = v[l][p];                                                               \
+            }                                                                                  \
+            bm[p] = t1;                                                                        \
+            bs[p] = t2;                                                                        \
+            bv[p] = t3;                                                                        \
+        }                                                                                      \
+        if (nj < LANES) /* zero the padding lanes: their denominators stay positive */        \
+            for (long p = 0; p < hw + 3 * vhw; p++)                                            \
+                for (long l = nj; l < LANES; l++) bz[p][l] = 0;                                \
         for (long it = i0; it < i1; it += TI) {                                                \
             const long ni = (i1 - it < TI) ? i1 - it : TI;                                     \
             double acc[TI][LANES];                                                             \

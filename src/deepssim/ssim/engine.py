@@ -92,7 +92,11 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
     """
     if role not in ("train", "generated"):
         raise ValueError(f"role must be 'train' or 'generated', not {role!r}")
-    stack = _as_stack(images)
+    return _prepare_checked(_as_stack(images), role, dtype, chunk)
+
+
+def _prepare_checked(stack: np.ndarray, role: str, dtype, chunk: int = 32) -> PreparedImages:
+    """:func:`prepare` on a stack that ``_as_stack`` has already checked."""
     n, height, width = stack.shape
     valid = (n, height - WINDOW + 1, width - WINDOW + 1)
     prepared = PreparedImages(
@@ -373,11 +377,11 @@ def ssim_blocks(
     train_cache: dict[int, PreparedImages] = {}
     bar = _pair_progress(len(train) * len(generated), progress)
     for s0 in range(0, len(generated), block_size):
-        prepared_generated = prepare(generated.read(s0, s0 + block_size), "generated", dtype)
+        prepared_generated = _prepare_checked(generated.read(s0, s0 + block_size), "generated", dtype)
         for r0 in range(0, len(train), block_size):
             prepared_train = train_cache.get(r0)
             if prepared_train is None:
-                prepared_train = prepare(train.read(r0, r0 + block_size), "train", dtype)
+                prepared_train = _prepare_checked(train.read(r0, r0 + block_size), "train", dtype)
                 if keep_train:
                     train_cache[r0] = prepared_train
             block = ssim_prepared(prepared_train, prepared_generated, backend, device)
@@ -389,7 +393,7 @@ def ssim_blocks(
 
 
 class _ArraySource:
-    """In-memory images with the ``read(start, stop)`` interface of :class:`ImageSet`."""
+    """In-memory images with the ``read(start, stop)`` interface of :class:`ImageSet`, checked once."""
 
     def __init__(self, images):
         if isinstance(images, list | tuple):
@@ -407,8 +411,26 @@ class _ArraySource:
         return self.images[start:stop]
 
 
+class _CheckedSource:
+    """Another source (an :class:`ImageSet`) whose blocks are checked as they are read."""
+
+    def __init__(self, source):
+        self.source, self.shape = source, source.shape
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return _as_stack(self.source.read(start, stop))
+
+
 def _as_source(images):
-    return images if hasattr(images, "read") and hasattr(images, "shape") else _ArraySource(images)
+    """Images as a source whose ``read`` returns checked float64 stacks (checked once)."""
+    if isinstance(images, _ArraySource | _CheckedSource):
+        return images
+    if hasattr(images, "read") and hasattr(images, "shape"):
+        return _CheckedSource(images)
+    return _ArraySource(images)
 
 
 def _pair_progress(total: int, enabled: bool):
