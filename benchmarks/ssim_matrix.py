@@ -5,6 +5,7 @@ same z-scored images, so the ratio compares equal hardware. Prints pairs/s, the 
 max |difference| on the pairs both computed.
 
     .venv/bin/python benchmarks/ssim_matrix.py [--train 512 --generated 512 --reference-pairs 4000]
+        [--instruction-set avx2]   # the C kernel's AVX2 (or baseline) code on a CPU that has more
 """
 
 from __future__ import annotations
@@ -64,10 +65,15 @@ def main() -> None:
     parser.add_argument("--generated", type=int, default=512)
     parser.add_argument("--reference-pairs", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--instruction-set", choices=("avx512", "avx2", "baseline"))
     args = parser.parse_args()
+    from deepssim.ssim.engine import _ssim_kernel
+
+    if args.instruction_set and not _ssim_kernel.set_instruction_set(args.instruction_set):
+        parser.error(f"this CPU has no {args.instruction_set}")
     threads = torch.get_num_threads()
     train, generated = generated_images(args.train, 1), generated_images(args.generated, 2)
-    print(f"CPU: {cpu_description()}")
+    print(f"CPU: {cpu_description()}; C kernel instruction set: {_ssim_kernel.instruction_set()}")
     print(
         f"{args.train} x {args.generated} images of {SHAPE[0]}x{SHAPE[1]}, {threads} threads/workers, "
         f"cpu count {os.cpu_count()}"
