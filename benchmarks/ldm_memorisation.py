@@ -8,13 +8,18 @@ with the Dar et al. embedding baseline (trained here on the same training images
 threshold at 5% false positives from different volumes). Finally the release filter: the share
 of each level's images that pass, and exact SSIM on what passes.
 
-Every level gets the same number of optimisation steps (epochs are set from the duplicated set's
-size), so levels differ in how often each image is seen, not in training length. The paper keeps
-epochs equal, which at the high level means about 4x more steps; on 2 cores equal steps keeps the
-comparison about duplication alone.
+``--equal steps`` (default) gives every level the same number of diffusion optimisation steps
+(epochs are set from the duplicated set's size), so levels differ in how often each image is
+seen, not in training length. ``--equal epochs --diffusion-epochs E`` is the paper's protocol:
+every level trains E epochs of its duplicated set, so more duplication also means more steps
+(with 24 images: none 1 step per epoch, low 3, high 7). The autoencoder gets ``--vae-steps``
+steps at every level either way.
 
     .venv/bin/python data/build_training_slices.py build/default-train
-    .venv/bin/python benchmarks/ldm_memorisation.py --images 24 --diffusion-steps 5000 --workdir build/ldm24
+    .venv/bin/python benchmarks/ldm_memorisation.py --images 24 --diffusion-steps 3000 --monitor-every 500 \
+        --workdir build/ldm24
+    .venv/bin/python benchmarks/ldm_memorisation.py --images 24 --equal epochs --diffusion-epochs 1000 \
+        --monitor-every 500 --workdir build/ldm24-epochs
 
 Writes ``results.json``, ``memorisation_by_step.csv``, ``case_study.png`` (Duplicate share by
 level with 95% intervals, and against training steps) and ``most_copied.png`` (the most-copied
@@ -67,7 +72,10 @@ def train_level(train: Path, work: Path, level: str, args) -> Path:
     seen = sum(repetition_counts(count, level, 0))  # images per epoch after duplication
     config = CONFIGS["small"]
     vae_epochs = max(1, round(args.vae_steps / -(-seen // config.vae_batch_size)))
-    diffusion_epochs = max(1, round(args.diffusion_steps / -(-seen // config.diffusion_batch_size)))
+    if args.equal == "epochs":
+        diffusion_epochs = args.diffusion_epochs
+    else:
+        diffusion_epochs = max(1, round(args.diffusion_steps / -(-seen // config.diffusion_batch_size)))
     train_vae(train, run, "small", level, vae_epochs=vae_epochs, diffusion_epochs=diffusion_epochs)
     log = run / "memorisation.csv"
     monitor = MemorisationMonitor(
@@ -105,7 +113,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--per-image", type=int, default=10)
     parser.add_argument("--vae-steps", type=int, default=400)
-    parser.add_argument("--diffusion-steps", type=int, default=5000)
+    parser.add_argument("--equal", choices=("steps", "epochs"), default="steps")
+    parser.add_argument("--diffusion-steps", type=int, default=3000, help="per level, with --equal steps")
+    parser.add_argument("--diffusion-epochs", type=int, default=1000, help="per level, with --equal epochs")
     parser.add_argument("--monitor-every", type=int, default=1000)
     parser.add_argument("--monitor-samples", type=int, default=24)
     parser.add_argument("--dar-epochs", type=int, default=5)
@@ -114,7 +124,12 @@ def main() -> None:
     train = training_folder(Path(args.source), work / "train", args.images)
     count = len(load_images(train)[0])
     print(f"CPU: {cpu_description()}")
-    print(f"{count} training images of 64x64 in {train}; {args.diffusion_steps} diffusion steps per level")
+    budget = (
+        f"{args.diffusion_steps} diffusion steps"
+        if args.equal == "steps"
+        else f"{args.diffusion_epochs} diffusion epochs"
+    )
+    print(f"{count} training images of 64x64 in {train}; {budget} per level")
 
     from deepssim.metrics.dar import DarSettings, train_dar
 
@@ -159,6 +174,10 @@ def main() -> None:
                 else check.summary["generated_by_class"]["Duplicate"]["count"],
             },
         }
+        if level != "none":  # every image is seen once per epoch there: no dose to compare
+            results[level]["copies_by_repeats"] = {
+                name: _copies_by_repeats(found[name], run) for name in ("deepssim", "ssim")
+            }
         copies += _top_copies(found["deepssim"], level)
         print(json.dumps({level: results[level]}), flush=True)
 
@@ -174,6 +193,29 @@ def main() -> None:
     _table(results)
 
 
+def _copies_by_repeats(result, run: Path) -> dict:
+    """Are the images the duplication repeats most the ones the model copies? Per training
+    image: its repeats per epoch and the generated images called its Duplicate (their best pair,
+    the decided one, is that image); Spearman's rank correlation and the copies per image in
+    the upper and lower halves of repeats."""
+    from scipy.stats import spearmanr
+
+    recorded = json.loads((run / "run.json").read_text())
+    repeats = dict(zip(recorded["keys"], recorded["repeats"], strict=True))
+    copied = np.bincount(result.neighbours[result.classes == 1, 0], minlength=len(result.train))
+    seen = np.array([repeats[key] for key in result.train.keys])
+    upper = seen > np.median(seen)
+    rho, p_value = spearmanr(seen, copied)
+    return {
+        "repeats": seen.tolist(),
+        "duplicates": copied.tolist(),
+        "spearman_rho": round(float(rho), 3),
+        "p_value": float(p_value),
+        "duplicates_per_image_upper_half": round(float(copied[upper].mean()), 2),
+        "duplicates_per_image_lower_half": round(float(copied[~upper].mean()), 2),
+    }
+
+
 def _top_copies(result, level: str, count: int = 4) -> list:
     """The ``count`` generated images with the highest registered SSIM, beside their training image."""
     scores = np.nan_to_num(result.decision_scores[:, 0], nan=-np.inf)
@@ -186,8 +228,8 @@ def _top_copies(result, level: str, count: int = 4) -> list:
 def _plot(results: dict, by_step: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11, 4))
-    left, right = figure.subplots(1, 2)
+    figure = Figure(figsize=(15, 4))
+    left, right, dose = figure.subplots(1, 3)
     width = 0.25
     for n, name in enumerate(("deepssim", "ssim", "dar")):
         shares, low, high = [], [], []
@@ -213,6 +255,14 @@ def _plot(results: dict, by_step: list[dict], path: Path) -> None:
     right.set_xlabel("diffusion training step")
     right.set_ylabel("Duplicate share of the monitor's samples")
     right.legend(title="duplication")
+    jitter = np.random.default_rng(0)
+    for level in LEVELS[1:]:
+        d = results[level]["copies_by_repeats"]["deepssim"]
+        x = np.array(d["repeats"]) + jitter.uniform(-0.15, 0.15, len(d["repeats"]))
+        dose.scatter(x, d["duplicates"], label=f"{level} (rho {d['spearman_rho']:.2f})", alpha=0.7)
+    dose.set_xlabel("times the training image is seen per epoch")
+    dose.set_ylabel("generated images called its Duplicate (DeepSSIM)")
+    dose.legend(title="duplication")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -243,6 +293,17 @@ def _table(results: dict) -> None:
             print(
                 f"| {level} | {name} | {interval} | {s['share']:.1%} | "
                 f"{r['patients_leaked']} of {r['patients']} | {r['training_images_with_a_duplicate']} |"
+            )
+    print(
+        "\n| duplication | score | Spearman rho (repeats, Duplicates per image) | p "
+        "| Duplicates per image, upper / lower half of repeats |"
+    )
+    print("|---|---|---|---|---|")
+    for level, entry in results.items():
+        for name, d in entry.get("copies_by_repeats", {}).items():
+            print(
+                f"| {level} | {name} | {d['spearman_rho']:.2f} | {d['p_value']:.2g} | "
+                f"{d['duplicates_per_image_upper_half']} / {d['duplicates_per_image_lower_half']} |"
             )
     print("\n| duplication | released (DeepSSIM filter) | SSIM Duplicates among released |")
     print("|---|---|---|")

@@ -11,18 +11,52 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define TI 4        /* training images sharing one block row (a multiple of every P) */
 #define XREFRESH 16 /* columns between exact recomputations of the horizontal sums */
 #define REFRESH 16  /* rows between exact recomputations of the vertical sums */
+/* The pair kernel's workspace, in 64-byte vectors (the widest): the interleaved generated
+ * block (z, mu, mu^2, var) and TI column-sum rows with a leading zero. */
+#define WORK_VECTORS(H, W) ((H) * (W) + 3 * ((H) - 6) * ((W) - 6) + TI * ((W) + 1))
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define MULTIVERSION __attribute__((target_clones("arch=sapphirerapids", "avx512f", "arch=haswell", "default")))
 #else
 #define MULTIVERSION
 #endif
+
+/* The horizontal pass over one block row of the kernel below (its local variables): SLIDE
+ * rows first slide each column's vertical sum down one row. Two expansions, so the test is not
+ * made per pixel. */
+#define HORIZONTAL_PASS(SLIDE, P)                                                              \
+    for (long x0 = 0; x0 < wo; x0 += XREFRESH) {                                               \
+        const long x1 = (wo - x0 < XREFRESH) ? wo : x0 + XREFRESH;                             \
+        /* the window left of x0 (col[-1] is 0); entering minus leaving                        \
+         * column first, so flat regions add exactly 0 */                                      \
+        for (int q = 0; q < P; q++) {                                                          \
+            const V *c = col[q];                                                               \
+            s[q] = c[x0 - 1] + c[x0] + c[x0 + 1] + c[x0 + 2] + c[x0 + 3]                       \
+                 + c[x0 + 4] + c[x0 + 5];                                                      \
+        }                                                                                      \
+        for (long x = x0; x < x1; x++) {                                                       \
+            const V in6 = b6[x + 6], out0 = b0[x + 6];                                         \
+            const V mbx = mb[x], sbx = sb[x], vbx = vbr[x];                                    \
+            for (int q = 0; q < P; q++) {                                                      \
+                V *c = col[q];                                                                 \
+                if (SLIDE)                                                                     \
+                    c[x + 6] += ar[q][6 * W + x + 6] * in6                                     \
+                              - ar[q][x + 6 - back] * out0;                                    \
+                s[q] += c[x + 6] - c[x - 1];                                                   \
+                const V m = ma[q][x] * mbx;                                                    \
+                const V num = (m + m + C1[q]) * (k1 * s[q] - k2 * m + C2[q]);                  \
+                const V den = (sa[q][x] + sbx) * (va[q][x] + vbx);                             \
+                row[q] += num * RECIP(den);                                                    \
+            }                                                                                  \
+        }                                                                                      \
+    }
 
 /* za, zb: z-scored images (n, H, W); mua, mub: local means (n, H-6, W-6);
  * mua2c1 = mua^2 + C1; mub2 = mub^2; vac2 = local variance of a + C2; vb = local variance of b;
@@ -37,16 +71,15 @@
  * window. P training images go through the block row together so they share its loads (P = 2
  * needs AVX-512's 32 registers), and TI of them share it while it is in cache. */
 #define DEFINE_KERNEL(T, NAME, LANES, P, TARGET)                                               \
-TARGET static int NAME(const T *za, const T *zb, const T *mua, const T *mub,                   \
-                       const T *mua2c1, const T *mub2, const T *vac2, const T *vb,             \
-                       const T *c1, const T *c2, T *out, long i0, long i1, long j0, long j1,   \
-                       long nb, long H, long W)                                                \
+TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,                  \
+                        const T *mua2c1, const T *mub2, const T *vac2, const T *vb,            \
+                        const T *c1, const T *c2, T *out, long i0, long i1, long j0, long j1,  \
+                        long nb, long H, long W, void *work)                                   \
 {                                                                                              \
     typedef T V __attribute__((vector_size(sizeof(T) * LANES)));                               \
     const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;                              \
     const T k1 = (T)(2.0 * (49.0 / 48.0) / 49.0), k2 = (T)(2.0 * (49.0 / 48.0));              \
-    V *bz = aligned_alloc(sizeof(V), sizeof(V) * (hw + 3 * vhw + TI * (W + 1)));               \
-    if (bz == NULL) return -1;                                                                 \
+    V *bz = (V *)work; /* WORK_VECTORS(H, W) vectors, 64-byte aligned */                      \
     V *bm = bz + hw, *bs = bm + vhw, *bv = bs + vhw, *cols = bv + vhw;                         \
     for (long u = 0; u < TI; u++) cols[u * (W + 1)] = (V){0}; /* col[-1] of each image */      \
     for (long jb = j0; jb < j1; jb += LANES) {                                                 \
@@ -117,31 +150,10 @@ TARGET static int NAME(const T *za, const T *zb, const T *mua, const T *mub,    
                             }                                                                  \
                         }                                                                      \
                     }                                                                          \
-                    for (long x0 = 0; x0 < wo; x0 += XREFRESH) {                               \
-                        const long x1 = (wo - x0 < XREFRESH) ? wo : x0 + XREFRESH;             \
-                        /* the window left of x0 (col[-1] is 0); entering minus leaving    \
-                         * column first, so flat regions add exactly 0 */                       \
-                        for (int q = 0; q < P; q++) {                                          \
-                            const V *c = col[q];                                               \
-                            s[q] = c[x0 - 1] + c[x0] + c[x0 + 1] + c[x0 + 2] + c[x0 + 3]       \
-                                 + c[x0 + 4] + c[x0 + 5];                                      \
-                        }                                                                      \
-                        for (long x = x0; x < x1; x++) {                                       \
-                            const V in6 = b6[x + 6], out0 = b0[x + 6];                         \
-                            const V mbx = mb[x], sbx = sb[x], vbx = vbr[x];                    \
-                            for (int q = 0; q < P; q++) {                                      \
-                                V *c = col[q];                                                 \
-                                if (slide)                                                     \
-                                    c[x + 6] += ar[q][6 * W + x + 6] * in6                     \
-                                              - ar[q][x + 6 - back] * out0;                    \
-                                s[q] += c[x + 6] - c[x - 1];                                   \
-                                const V m = ma[q][x] * mbx;                                    \
-                                const V num = (m + m + C1[q]) * (k1 * s[q] - k2 * m + C2[q]);  \
-                                const V den = (sa[q][x] + sbx) * (va[q][x] + vbx);             \
-                                row[q] += num * RECIP(den);                                           \
-                            }                                                                  \
-                        }                                                                      \
-                    }                                                                          \
+                    if (slide)                                                                 \
+                        HORIZONTAL_PASS(1, P)                                                  \
+                    else                                                                       \
+                        HORIZONTAL_PASS(0, P)                                                  \
                     for (int q = 0; q < P && u + q < ni; q++)                                  \
                         for (long l = 0; l < LANES; l++) acc[u + q][l] += row[q][l];           \
                 }                                                                              \
@@ -151,20 +163,18 @@ TARGET static int NAME(const T *za, const T *zb, const T *mua, const T *mub,    
                     out[(it + u) * nb + jb + l] = (T)(acc[u][l] / (double)vhw);                \
         }                                                                                      \
     }                                                                                          \
-    free(bz);                                                                                  \
-    return 0;                                                                                  \
 }
 
 /* One kernel per instruction set, each with the lane count its registers hold, chosen at run
  * time (target_clones would give every clone the same vector width). */
-typedef int (*rows_f32_fn)(const float *, const float *, const float *, const float *,
-                           const float *, const float *, const float *, const float *,
-                           const float *, const float *, float *, long, long, long, long, long,
-                           long, long);
-typedef int (*rows_f64_fn)(const double *, const double *, const double *, const double *,
-                           const double *, const double *, const double *, const double *,
-                           const double *, const double *, double *, long, long, long, long,
-                           long, long, long);
+typedef void (*rows_f32_fn)(const float *, const float *, const float *, const float *,
+                            const float *, const float *, const float *, const float *,
+                            const float *, const float *, float *, long, long, long, long, long,
+                            long, long, void *);
+typedef void (*rows_f64_fn)(const double *, const double *, const double *, const double *,
+                            const double *, const double *, const double *, const double *,
+                            const double *, const double *, double *, long, long, long, long,
+                            long, long, long, void *);
 
 /* 1 / d for the SSIM map's denominator; the float32 AVX kernels use the approximate
  * reciprocal and one Newton step (relative error ~1e-7, as accurate as float32 division) */
@@ -233,26 +243,38 @@ static PyObject *get_instruction_set(PyObject *self, PyObject *args)
 
 static PyObject *ssim_rows(PyObject *self, PyObject *args)
 {
-    Py_buffer b[11];
+    Py_buffer b[12];
     long i0, i1, j0, j1, nb, H, W;
-    int is64, status;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*y*w*lllllllp", &b[0], &b[1], &b[2], &b[3],
+    int is64;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*y*w*lllllllpw*", &b[0], &b[1], &b[2], &b[3],
                           &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10], &i0, &i1, &j0, &j1,
-                          &nb, &H, &W, &is64))
+                          &nb, &H, &W, &is64, &b[11]))
         return NULL;
+    /* the workspace is caller-owned so repeated calls reuse memory already touched */
+    const Py_ssize_t need = 64 * WORK_VECTORS(H, W) + 64;
+    if (b[11].len < need) {
+        for (int k = 0; k < 12; k++) PyBuffer_Release(&b[k]);
+        return PyErr_Format(PyExc_ValueError, "workspace of %zd bytes, need %zd", b[11].len, need);
+    }
+    void *work = (void *)(((uintptr_t)b[11].buf + 63) & ~(uintptr_t)63);
     Py_BEGIN_ALLOW_THREADS
     if (is64)
-        status = ssim_rows_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf,
-                               b[6].buf, b[7].buf, b[8].buf, b[9].buf, b[10].buf, i0, i1, j0, j1, nb, H, W);
+        ssim_rows_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[6].buf,
+                      b[7].buf, b[8].buf, b[9].buf, b[10].buf, i0, i1, j0, j1, nb, H, W, work);
     else
-        status = ssim_rows_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf,
-                               b[6].buf, b[7].buf, b[8].buf, b[9].buf, b[10].buf, i0, i1, j0, j1, nb, H, W);
+        ssim_rows_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[6].buf,
+                      b[7].buf, b[8].buf, b[9].buf, b[10].buf, i0, i1, j0, j1, nb, H, W, work);
     Py_END_ALLOW_THREADS
-    for (int k = 0; k < 11; k++) PyBuffer_Release(&b[k]);
-    if (status != 0) return PyErr_NoMemory();
+    for (int k = 0; k < 12; k++) PyBuffer_Release(&b[k]);
     Py_RETURN_NONE;
 }
 
+static PyObject *workspace_bytes(PyObject *self, PyObject *args)
+{
+    long H, W;
+    if (!PyArg_ParseTuple(args, "ll", &H, &W)) return NULL;
+    return PyLong_FromLong(64 * WORK_VECTORS(H, W) + 64);
+}
 
 /* Per-image statistics. x: raw images (n, H, W) in double. Writes z = (x - mean) / std
  * (population std), mu = 7x7 local mean of z, var = sample variance in the window (x 49/48),
@@ -423,7 +445,10 @@ static PyObject *ssim_pairs(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"ssim_rows", ssim_rows, METH_VARARGS,
-     "ssim_rows(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, i0, i1, j0, j1, nb, H, W, is64)"},
+     "ssim_rows(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, i0, i1, j0, j1, nb, H, W, is64, "
+     "workspace)"},
+    {"workspace_bytes", workspace_bytes, METH_VARARGS,
+     "workspace_bytes(H, W) -> the bytes ssim_rows needs as its workspace"},
     {"prepare_images", prepare_images, METH_VARARGS,
      "prepare_images(x, z, mu, mu2, var, c1, c2, n, H, W, train, is64) -> 1 + first constant image, or 0"},
     {"set_instruction_set", set_instruction_set, METH_VARARGS,

@@ -37,6 +37,10 @@ K2 = 0.03
 COV_NORM = WINDOW * WINDOW / (WINDOW * WINDOW - 1)
 BACKENDS = ("auto", "c", "torch")
 _KERNEL_LANES = 16  # generated images per SIMD vector in the C kernel; thread chunks are multiples of it
+# Generated images are prepared this many at a time into one reused buffer (~30 MB at 136x112):
+# fresh memory costs a page fault per page on first touch, which on some machines took longer
+# than the SSIM itself.
+_GENERATED_CHUNK = 128
 
 
 @dataclass
@@ -95,18 +99,24 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
     return _prepare_checked(_as_stack(images), role, dtype, chunk)
 
 
-def _prepare_checked(stack: np.ndarray, role: str, dtype, chunk: int = 32) -> PreparedImages:
-    """:func:`prepare` on a stack that ``_as_stack`` has already checked."""
+def _prepare_checked(
+    stack: np.ndarray, role: str, dtype, chunk: int = 32, into: PreparedImages | None = None
+) -> PreparedImages:
+    """:func:`prepare` on a stack that ``_as_stack`` has already checked; ``into``: generated
+    images' arrays of at least ``len(stack)`` images to fill (the first rows) and return."""
     n, height, width = stack.shape
     valid = (n, height - WINDOW + 1, width - WINDOW + 1)
-    prepared = PreparedImages(
-        z=np.empty(stack.shape, dtype),
-        mu=np.empty(valid, dtype),
-        mu_sq=np.empty(valid, dtype),
-        var=np.empty(valid, dtype),
-        c1=np.empty(n, dtype) if role == "train" else None,
-        c2=np.empty(n, dtype) if role == "train" else None,
-    )
+    if into is not None:
+        prepared = PreparedImages(z=into.z[:n], mu=into.mu[:n], mu_sq=into.mu_sq[:n], var=into.var[:n])
+    else:
+        prepared = PreparedImages(
+            z=np.empty(stack.shape, dtype),
+            mu=np.empty(valid, dtype),
+            mu_sq=np.empty(valid, dtype),
+            var=np.empty(valid, dtype),
+            c1=np.empty(n, dtype) if role == "train" else None,
+            c2=np.empty(n, dtype) if role == "train" else None,
+        )
     if _ssim_kernel is not None:
         stack = np.ascontiguousarray(stack)
         unused = np.empty(n, dtype)
@@ -178,13 +188,27 @@ def ssim_prepared(
     backend: str = "auto",
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    workspace: np.ndarray | None = None,
 ) -> np.ndarray:
-    """SSIM of every (train, generated) pair of prepared images: an (N, M) array."""
+    """SSIM of every (train, generated) pair of prepared images: an (N, M) array.
+
+    workspace: the C kernel's scratch memory, one row per thread (see :func:`kernel_workspace`),
+    for callers that call this many times; made per call otherwise.
+    """
     _check_same_shape(train.z.shape[1:], generated.z.shape[1:])
     backend = _choose_backend(backend, device)
     if backend == "c":
-        return _ssim_c(train, generated, threads)
+        return _ssim_c(train, generated, threads, workspace)
     return _ssim_torch(train, generated, torch.device(device))
+
+
+def kernel_workspace(height: int, width: int, threads: int | None = None) -> np.ndarray | None:
+    """Scratch memory for the C kernel on images of this size, one row per thread (None
+    without the kernel). Reusing it across calls avoids touching fresh memory each time."""
+    if _ssim_kernel is None:
+        return None
+    threads = threads or torch.get_num_threads() or os.cpu_count() or 1
+    return np.empty((threads, _ssim_kernel.workspace_bytes(height, width)), np.uint8)
 
 
 def _check_same_shape(train_shape, generated_shape) -> None:
@@ -208,7 +232,9 @@ def _choose_backend(backend: str, device) -> str:
     return backend
 
 
-def _ssim_c(train: PreparedImages, generated: PreparedImages, threads: int | None) -> np.ndarray:
+def _ssim_c(
+    train: PreparedImages, generated: PreparedImages, threads: int | None, workspace: np.ndarray | None
+) -> np.ndarray:
     """Threads take blocks of generated images (each thread interleaves its own blocks once), or
     blocks of training images when there are too few generated images to go round."""
     n, m = len(train), len(generated)
@@ -223,15 +249,18 @@ def _ssim_c(train: PreparedImages, generated: PreparedImages, threads: int | Non
     else:
         step = -(-n // threads)
         blocks = [(i, min(i + step, n), 0, m) for i in range(0, n, step)]
+    needed = _ssim_kernel.workspace_bytes(height, width)
+    if workspace is None or len(workspace) < len(blocks) or workspace.shape[1] < needed:
+        workspace = kernel_workspace(height, width, len(blocks))
 
-    def run(block: tuple[int, int, int, int]) -> None:
-        _ssim_kernel.ssim_rows(*args, *block, m, height, width, dtype == np.float64)
+    def run(k: int) -> None:
+        _ssim_kernel.ssim_rows(*args, *blocks[k], m, height, width, dtype == np.float64, workspace[k])
 
     if len(blocks) == 1:
-        run(blocks[0])
+        run(0)
     else:
         with ThreadPoolExecutor(len(blocks)) as pool:
-            list(pool.map(run, blocks))
+            list(pool.map(run, range(len(blocks))))
     return out
 
 
@@ -367,24 +396,40 @@ def ssim_blocks(
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (train_start, generated_start, block) so any N x M can be streamed to disk.
 
-    Generated images are read and prepared once per block; prepared train blocks are kept
-    while they fit in ``cache_bytes`` and re-read otherwise.
+    Generated images are read once per block and prepared 128 at a time, per training block,
+    into one reused buffer; prepared train blocks are kept while they fit in ``cache_bytes`` and
+    re-read otherwise.
     """
     train, generated = _as_source(train), _as_source(generated)
     _check_same_shape(train.shape, generated.shape)
     itemsize = np.dtype(dtype).itemsize
     keep_train = 4 * len(train) * train.shape[0] * train.shape[1] * itemsize <= cache_bytes
     train_cache: dict[int, PreparedImages] = {}
+    chunk = min(_GENERATED_CHUNK, len(generated))
+    height, width = generated.shape
+    valid = (chunk, height - WINDOW + 1, width - WINDOW + 1)
+    buffer = PreparedImages(
+        z=np.empty((chunk, height, width), dtype),
+        mu=np.empty(valid, dtype),
+        mu_sq=np.empty(valid, dtype),
+        var=np.empty(valid, dtype),
+    )
+    workspace = kernel_workspace(height, width)
     bar = _pair_progress(len(train) * len(generated), progress)
     for s0 in range(0, len(generated), block_size):
-        prepared_generated = _prepare_checked(generated.read(s0, s0 + block_size), "generated", dtype)
+        generated_block = generated.read(s0, s0 + block_size)
         for r0 in range(0, len(train), block_size):
             prepared_train = train_cache.get(r0)
             if prepared_train is None:
                 prepared_train = _prepare_checked(train.read(r0, r0 + block_size), "train", dtype)
                 if keep_train:
                     train_cache[r0] = prepared_train
-            block = ssim_prepared(prepared_train, prepared_generated, backend, device)
+            block = np.empty((len(prepared_train), len(generated_block)), dtype)
+            for g0 in range(0, len(generated_block), chunk):
+                part = _prepare_checked(generated_block[g0 : g0 + chunk], "generated", dtype, into=buffer)
+                block[:, g0 : g0 + chunk] = ssim_prepared(
+                    prepared_train, part, backend, device, workspace=workspace
+                )
             if bar is not None:
                 bar.update(block.size)
             yield r0, s0, block
