@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from deepssim import LoadOptions, load_images, scan
-from deepssim.experiments.ldm import CONFIGS, generate, repetition_counts, train_diffusion, train_vae
+from deepssim.experiments.ldm import CONFIGS, RunInfo, generate, repetition_counts, train_diffusion, train_vae
 from deepssim.hardware import cpu_description
 from deepssim.monitor import MemorisationMonitor
 from deepssim.scanning.release import write_release
@@ -200,8 +200,8 @@ def _copies_by_repeats(result, run: Path) -> dict:
     the upper and lower halves of repeats."""
     from scipy.stats import spearmanr
 
-    recorded = json.loads((run / "run.json").read_text())
-    repeats = dict(zip(recorded["keys"], recorded["repeats"], strict=True))
+    recorded = RunInfo.load(run)
+    repeats = dict(zip(recorded.keys, recorded.repeats, strict=True))
     copied = np.bincount(result.neighbours[result.classes == 1, 0], minlength=len(result.train))
     seen = np.array([repeats[key] for key in result.train.keys])
     upper = seen > np.median(seen)

@@ -69,11 +69,12 @@ def main() -> None:
     args = parser.parse_args()
     from deepssim.ssim.engine import _ssim_kernel
 
-    if args.instruction_set and not _ssim_kernel.set_instruction_set(args.instruction_set):
-        parser.error(f"this CPU has no {args.instruction_set}")
+    if args.instruction_set and not (_ssim_kernel and _ssim_kernel.set_instruction_set(args.instruction_set)):
+        parser.error(f"this CPU or build has no {args.instruction_set} kernel")
     threads = torch.get_num_threads()
     train, generated = generated_images(args.train, 1), generated_images(args.generated, 2)
-    print(f"CPU: {cpu_description()}; C kernel instruction set: {_ssim_kernel.instruction_set()}")
+    kernel = _ssim_kernel.instruction_set() if _ssim_kernel else "not built"
+    print(f"CPU: {cpu_description()}; C kernel instruction set: {kernel}")
     print(
         f"{args.train} x {args.generated} images of {SHAPE[0]}x{SHAPE[1]}, {threads} threads/workers, "
         f"cpu count {os.cpu_count()}"

@@ -21,6 +21,7 @@
 /* The pair kernel's workspace, in 64-byte vectors (the widest): the interleaved generated
  * block (z, mu, mu^2, var) and TI column-sum rows with a leading zero. */
 #define WORK_VECTORS(H, W) ((H) * (W) + 3 * ((H) - 6) * ((W) - 6) + TI * ((W) + 1))
+#define WORK_BYTES(H, W) (64 * WORK_VECTORS(H, W) + 64) /* + 64: room to align the start */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define MULTIVERSION __attribute__((target_clones("arch=sapphirerapids", "avx512f", "arch=haswell", "default")))
@@ -251,7 +252,7 @@ static PyObject *ssim_rows(PyObject *self, PyObject *args)
                           &nb, &H, &W, &is64, &b[11]))
         return NULL;
     /* the workspace is caller-owned so repeated calls reuse memory already touched */
-    const Py_ssize_t need = 64 * WORK_VECTORS(H, W) + 64;
+    const Py_ssize_t need = WORK_BYTES(H, W);
     if (b[11].len < need) {
         for (int k = 0; k < 12; k++) PyBuffer_Release(&b[k]);
         return PyErr_Format(PyExc_ValueError, "workspace of %zd bytes, need %zd", b[11].len, need);
@@ -273,7 +274,7 @@ static PyObject *workspace_bytes(PyObject *self, PyObject *args)
 {
     long H, W;
     if (!PyArg_ParseTuple(args, "ll", &H, &W)) return NULL;
-    return PyLong_FromLong(64 * WORK_VECTORS(H, W) + 64);
+    return PyLong_FromLong(WORK_BYTES(H, W));
 }
 
 /* Per-image statistics. x: raw images (n, H, W) in double. Writes z = (x - mean) / std

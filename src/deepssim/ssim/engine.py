@@ -99,24 +99,28 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
     return _prepare_checked(_as_stack(images), role, dtype, chunk)
 
 
+def _empty_prepared(n: int, height: int, width: int, dtype, role: str) -> PreparedImages:
+    valid = (n, height - WINDOW + 1, width - WINDOW + 1)
+    return PreparedImages(
+        z=np.empty((n, height, width), dtype),
+        mu=np.empty(valid, dtype),
+        mu_sq=np.empty(valid, dtype),
+        var=np.empty(valid, dtype),
+        c1=np.empty(n, dtype) if role == "train" else None,
+        c2=np.empty(n, dtype) if role == "train" else None,
+    )
+
+
 def _prepare_checked(
     stack: np.ndarray, role: str, dtype, chunk: int = 32, into: PreparedImages | None = None
 ) -> PreparedImages:
     """:func:`prepare` on a stack that ``_as_stack`` has already checked; ``into``: generated
     images' arrays of at least ``len(stack)`` images to fill (the first rows) and return."""
     n, height, width = stack.shape
-    valid = (n, height - WINDOW + 1, width - WINDOW + 1)
     if into is not None:
         prepared = PreparedImages(z=into.z[:n], mu=into.mu[:n], mu_sq=into.mu_sq[:n], var=into.var[:n])
     else:
-        prepared = PreparedImages(
-            z=np.empty(stack.shape, dtype),
-            mu=np.empty(valid, dtype),
-            mu_sq=np.empty(valid, dtype),
-            var=np.empty(valid, dtype),
-            c1=np.empty(n, dtype) if role == "train" else None,
-            c2=np.empty(n, dtype) if role == "train" else None,
-        )
+        prepared = _empty_prepared(n, height, width, dtype, role)
     if _ssim_kernel is not None:
         stack = np.ascontiguousarray(stack)
         unused = np.empty(n, dtype)
@@ -207,8 +211,11 @@ def kernel_workspace(height: int, width: int, threads: int | None = None) -> np.
     without the kernel). Reusing it across calls avoids touching fresh memory each time."""
     if _ssim_kernel is None:
         return None
-    threads = threads or torch.get_num_threads() or os.cpu_count() or 1
-    return np.empty((threads, _ssim_kernel.workspace_bytes(height, width)), np.uint8)
+    return np.empty((_thread_count(threads), _ssim_kernel.workspace_bytes(height, width)), np.uint8)
+
+
+def _thread_count(threads: int | None) -> int:
+    return threads or torch.get_num_threads() or os.cpu_count() or 1
 
 
 def _check_same_shape(train_shape, generated_shape) -> None:
@@ -241,7 +248,7 @@ def _ssim_c(
     height, width = train.z.shape[1:]
     dtype = train.z.dtype
     out = np.empty((n, m), dtype=dtype)
-    threads = threads or torch.get_num_threads() or os.cpu_count() or 1
+    threads = _thread_count(threads)
     args = (*_kernel_arrays(train, generated), out)
     if m >= _KERNEL_LANES * threads:
         step = -(-m // (threads * _KERNEL_LANES)) * _KERNEL_LANES
@@ -407,13 +414,7 @@ def ssim_blocks(
     train_cache: dict[int, PreparedImages] = {}
     chunk = min(_GENERATED_CHUNK, len(generated))
     height, width = generated.shape
-    valid = (chunk, height - WINDOW + 1, width - WINDOW + 1)
-    buffer = PreparedImages(
-        z=np.empty((chunk, height, width), dtype),
-        mu=np.empty(valid, dtype),
-        mu_sq=np.empty(valid, dtype),
-        var=np.empty(valid, dtype),
-    )
+    buffer = _empty_prepared(chunk, height, width, dtype, "generated")
     workspace = kernel_workspace(height, width)
     bar = _pair_progress(len(train) * len(generated), progress)
     for s0 in range(0, len(generated), block_size):
