@@ -51,8 +51,8 @@
                     c[x + 6] += ar[q][6 * W + x + 6] * in6                                     \
                               - ar[q][x + 6 - back] * out0;                                    \
                 s[q] += c[x + 6] - c[x - 1];                                                   \
-                const V m = ma[q][x] * mbx;                                                    \
-                const V num = (m + m + C1[q]) * (k1 * s[q] - k2 * m + C2[q]);                  \
+                const V lum = ma[q][x] * mbx + C1[q]; /* 2 mu_a mu_b + C1 */                   \
+                const V num = lum * (s[q] - kcov * lum);                                       \
                 const V den = (sa[q][x] + sbx) * (va[q][x] + vbx);                             \
                 row[q] += num * RECIP(den);                                                    \
             }                                                                                  \
@@ -70,7 +70,10 @@
  * (add the entering column, drop the leaving one; restarted every XREFRESH columns) instead of
  * six adds per pixel. A column's vertical sum slides down one row just before it enters the
  * window. P training images go through the block row together so they share its loads (P = 2
- * needs AVX-512's 32 registers), and TI of them share it while it is in cache. */
+ * needs AVX-512's 32 registers), and TI of them share it while it is in cache.
+ * Constants are folded so the pixel loop does little arithmetic: the interleaved z is scaled by
+ * k1 = 2 (49/48) / 49 and mu by 2, and each column sum carries (C2 + (49/48) C1) / 7, so with
+ * lum = 2 mu_a mu_b + C1 the window sum s gives 2 cov + C2 = s - (49/48) lum. */
 #define DEFINE_KERNEL(T, NAME, LANES, P, TARGET)                                               \
 TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,                  \
                         const T *mua2c1, const T *mub2, const T *vac2, const T *vb,            \
@@ -79,7 +82,7 @@ TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,   
 {                                                                                              \
     typedef T V __attribute__((vector_size(sizeof(T) * LANES)));                               \
     const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;                              \
-    const T k1 = (T)(2.0 * (49.0 / 48.0) / 49.0), k2 = (T)(2.0 * (49.0 / 48.0));              \
+    const T kcov = (T)(49.0 / 48.0), k1 = (T)(2.0 * (49.0 / 48.0) / 49.0);                   \
     V *bz = (V *)work; /* WORK_VECTORS(H, W) vectors, 64-byte aligned */                      \
     V *bm = bz + hw, *bs = bm + vhw, *bv = bs + vhw, *cols = bv + vhw;                         \
     for (long u = 0; u < TI; u++) cols[u * (W + 1)] = (V){0}; /* col[-1] of each image */      \
@@ -96,13 +99,13 @@ TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,   
         }                                                                                      \
         for (long p = 0; p < hw; p++) {                                                        \
             V t;                                                                               \
-            for (long l = 0; l < LANES; l++) t[l] = z[l][p];                                   \
+            for (long l = 0; l < LANES; l++) t[l] = k1 * z[l][p];                              \
             bz[p] = t;                                                                         \
         }                                                                                      \
         for (long p = 0; p < vhw; p++) {                                                       \
             V t1, t2, t3;                                                                      \
             for (long l = 0; l < LANES; l++) {                                                 \
-                t1[l] = m[l][p];                                                               \
+                t1[l] = 2 * m[l][p];                                                           \
                 t2[l] = m2[l][p];                                                              \
                 t3[l] = v[l][p];                                                               \
             }                                                                                  \
@@ -125,7 +128,7 @@ TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,   
                 const V *mb = bm + y * wo, *sb = bs + y * wo, *vbr = bv + y * wo;              \
                 for (long u = 0; u < ni; u += P) {                                             \
                     const T *ar[P], *ma[P], *sa[P], *va[P];                                    \
-                    T C1[P], C2[P];                                                            \
+                    T C1[P], C7[P];                                                            \
                     V *col[P], s[P], row[P];                                                   \
                     for (int q = 0; q < P; q++) {                                              \
                         /* past the last image, repeat it (computed, never stored) */          \
@@ -135,7 +138,7 @@ TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,   
                         sa[q] = mua2c1 + i * vhw + y * wo;                                     \
                         va[q] = vac2 + i * vhw + y * wo;                                       \
                         C1[q] = c1[i];                                                         \
-                        C2[q] = c2[i];                                                         \
+                        C7[q] = (c2[i] + kcov * c1[i]) / 7;                                    \
                         col[q] = cols + (u + q) * (W + 1) + 1;                                 \
                         row[q] = (V){0};                                                       \
                         const T *a6 = ar[q] + 6 * W, *a0 = ar[q] - back;                       \
@@ -144,7 +147,7 @@ TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,   
                                 col[q][x] += a6[x] * b6[x] - a0[x] * b0[x];                    \
                         } else {                                                               \
                             for (long x = 0; x < W; x++) {                                     \
-                                V t = ar[q][x] * br[x];                                        \
+                                V t = C7[q] + ar[q][x] * br[x];                                \
                                 for (long k = 1; k < 7; k++)                                   \
                                     t += ar[q][k * W + x] * br[k * W + x];                     \
                                 col[q][x] = t;                                                 \
