@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TI 4        /* training images sharing one block row (a multiple of every P) */
+#define TI 2        /* training images sharing one block row (a multiple of every P) */
 #define XREFRESH 16 /* columns between exact recomputations of the horizontal sums */
 #define REFRESH 16  /* rows between exact recomputations of the vertical sums */
 /* The pair kernel's workspace, in 64-byte vectors (the widest): the interleaved generated
@@ -44,7 +44,7 @@
         }                                                                                      \
         for (long x = x0; x < x1; x++) {                                                       \
             const V in6 = b6[x + 6], out0 = b0[x + 6];                                         \
-            const V mbx = mb[x], sbx = sb[x], vbx = vbr[x];                                    \
+            const V mbx = st[3 * x], sbx = st[3 * x + 1], vbx = st[3 * x + 2];                 \
             for (int q = 0; q < P; q++) {                                                      \
                 V *c = col[q];                                                                 \
                 if (SLIDE)                                                                     \
@@ -69,8 +69,10 @@
  * broadcast shared by LANES pairs and the 7-wide horizontal window slides as a running sum
  * (add the entering column, drop the leaving one; restarted every XREFRESH columns) instead of
  * six adds per pixel. A column's vertical sum slides down one row just before it enters the
- * window. P training images go through the block row together so they share its loads (P = 2
- * needs AVX-512's 32 registers), and TI of them share it while it is in cache.
+ * window. P training images go through the block row together so they share its loads (the
+ * AVX2 kernel, with half the lanes, spills a few pointers but still gains), and TI of them share
+ * it while it is in cache. The block's statistics are one vector per pixel for z and three
+ * consecutive vectors (mu, mu^2, var) per valid pixel, so one pointer walks them.
  * Constants are folded so the pixel loop does little arithmetic: the interleaved z is scaled by
  * k1 = 2 (49/48) / 49 and mu by 2, and each column sum carries (C2 + (49/48) C1) / 7, so with
  * lum = 2 mu_a mu_b + C1 the window sum s gives 2 cov + C2 = s - (49/48) lum. */
@@ -84,7 +86,7 @@ TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,   
     const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;                              \
     const T kcov = (T)(49.0 / 48.0), k1 = (T)(2.0 * (49.0 / 48.0) / 49.0);                   \
     V *bz = (V *)work; /* WORK_VECTORS(H, W) vectors, 64-byte aligned */                      \
-    V *bm = bz + hw, *bs = bm + vhw, *bv = bs + vhw, *cols = bv + vhw;                         \
+    V *bstat = bz + hw, *cols = bstat + 3 * vhw;                                               \
     for (long u = 0; u < TI; u++) cols[u * (W + 1)] = (V){0}; /* col[-1] of each image */      \
     for (long jb = j0; jb < j1; jb += LANES) {                                                 \
         const long nj = (j1 - jb < LANES) ? j1 - jb : LANES;                                   \
@@ -109,9 +111,9 @@ TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,   
                 t2[l] = m2[l][p];                                                              \
                 t3[l] = v[l][p];                                                               \
             }                                                                                  \
-            bm[p] = t1;                                                                        \
-            bs[p] = t2;                                                                        \
-            bv[p] = t3;                                                                        \
+            bstat[3 * p] = t1;                                                                 \
+            bstat[3 * p + 1] = t2;                                                             \
+            bstat[3 * p + 2] = t3;                                                             \
         }                                                                                      \
         if (nj < LANES) /* zero the padding lanes: their denominators stay positive */        \
             for (long p = 0; p < hw + 3 * vhw; p++)                                            \
@@ -125,7 +127,7 @@ TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,   
                 const int slide = y % REFRESH != 0; /* else sum all 7 rows afresh */           \
                 const long back = slide ? W : 0;    /* row y - 1, the one leaving */           \
                 const V *br = bz + y * W, *b6 = br + 6 * W, *b0 = br - back;                   \
-                const V *mb = bm + y * wo, *sb = bs + y * wo, *vbr = bv + y * wo;              \
+                const V *st = bstat + 3 * y * wo;                                              \
                 for (long u = 0; u < ni; u += P) {                                             \
                     const T *ar[P], *ma[P], *sa[P], *va[P];                                    \
                     T C1[P], C7[P];                                                            \
@@ -196,7 +198,7 @@ DEFINE_KERNEL(double, ssim_rows_f64_avx2, 4, 1, AVX2)
 DEFINE_KERNEL(float, ssim_rows_f32_avx512, 16, 2, AVX512)
 #undef RECIP
 #define RECIP(d) ({ const V r_ = (V)_mm256_rcp_ps((__m256)(d)); r_ * (2.0f - (d) * r_); })
-DEFINE_KERNEL(float, ssim_rows_f32_avx2, 8, 1, AVX2)
+DEFINE_KERNEL(float, ssim_rows_f32_avx2, 8, 2, AVX2)
 #endif
 
 static rows_f32_fn ssim_rows_f32 = ssim_rows_f32_base;
