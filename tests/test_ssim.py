@@ -118,6 +118,7 @@ def test_list_of_arrays_input():
     "train, generated, message",
     [
         (np.ones((2, 10, 10)), np.random.default_rng(0).normal(size=(2, 10, 10)), "constant"),
+        (np.random.default_rng(0).normal(size=(2, 10, 10)), np.ones((20, 10, 10)), "constant"),
         (np.random.default_rng(0).normal(size=(1, 6, 9)), np.zeros((1, 6, 9)), "at least 7x7"),
         (np.full((1, 10, 10), np.nan), np.zeros((1, 10, 10)), "NaN"),
         (
@@ -160,17 +161,20 @@ def instruction_set(request):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("counts", [(5, 37), (7, 3)])  # split over generated / training images
-def test_c_kernel_matches_scikit_image_on_every_instruction_set(instruction_set, dtype, threads, counts):
+@pytest.mark.parametrize("generated_as", ["prepared", "raw"])
+def test_c_kernel_matches_scikit_image_on_every_instruction_set(
+    instruction_set, dtype, threads, counts, generated_as
+):
     """Generated images fill SIMD lanes (4 to 16 a vector); 37 leaves a block with empty lanes,
-    and 45 columns span several restarts of the horizontal running sum."""
+    and 45 columns span several restarts of the horizontal running sum. Generated images come
+    prepared, or raw for the kernel to prepare into its lanes itself."""
     rng = np.random.default_rng(3)
     train = np.stack([smooth_image(rng, (26, 45)) for _ in range(counts[0])])
     generated = np.stack([smooth_image(rng, (26, 45)) for _ in range(counts[1])])
-    got = engine.ssim_prepared(
-        engine.prepare(train, "train", dtype=dtype),
-        engine.prepare(generated, "generated", dtype=dtype),
-        backend="c",
-        threads=threads,
-    )
+    if generated_as == "prepared":
+        generated_input = engine.prepare(generated, "generated", dtype=dtype)
+    else:
+        generated_input = generated
+    got = engine._ssim_c(engine.prepare(train, "train", dtype=dtype), generated_input, threads, None)
     tolerance = 1e-9 if dtype == np.float64 else 2e-5
     assert np.abs(got - reference_matrix(train, generated)).max() <= tolerance

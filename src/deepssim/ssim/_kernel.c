@@ -21,13 +21,91 @@
 /* The pair kernel's workspace, in 64-byte vectors (the widest): the interleaved generated
  * block (z, mu, mu^2, var) and TI column-sum rows with a leading zero. */
 #define WORK_VECTORS(H, W) ((H) * (W) + 3 * ((H) - 6) * ((W) - 6) + TI * ((W) + 1))
-#define WORK_BYTES(H, W) (64 * WORK_VECTORS(H, W) + 64) /* + 64: room to align the start */
+#define WORK_BYTES(H, W) (64 * WORK_VECTORS(H, W) + 8 * PREPARE_WORK(H, W) + 64) /* + 64: alignment */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define MULTIVERSION __attribute__((target_clones("arch=sapphirerapids", "avx512f", "arch=haswell", "default")))
 #else
 #define MULTIVERSION
 #endif
+
+/* Per-image statistics of one raw image xi (H, W) in double: z = (x - mean) / std (population
+ * std), mu = 7x7 local mean of z, var = sample variance in the window (x 49/48), and for a
+ * training image (c1 != NULL) mu^2 + C1 and var + C2 with C1 = (K1 R)^2, C2 = (K2 R)^2, R the
+ * range of z, stored in *c1, *c2; for a generated image mu^2 and var. Written with strides so
+ * a pair kernel's interleaved block can take them directly: z * zscale at z[p * zs], and
+ * mu * muscale, mu^2 and var at mu[q * ss], mu2[q * ss], var[q * ss]. Sums are in double: 7-row
+ * column sums slide down the image, and each window adds its 7 columns afresh. work: H * W +
+ * 2 * W + 3 * (W - 6) doubles. Returns 1 for a constant image, else 0. */
+#define PREPARE_WORK(H, W) ((H) * (W) + 2 * (W) + 3 * ((W) - 6))
+#define DEFINE_PREPARE_ONE(T, NAME)                                                            \
+MULTIVERSION static int NAME(const double *xi, T *z, long zs, T *mu, T *mu2, T *var, long ss,  \
+                             double zscale, double muscale, T *c1, T *c2, long H, long W,      \
+                             double *work)                                                     \
+{                                                                                              \
+    const long ho = H - 6, wo = W - 6, hw = H * W;                                             \
+    double *zd = work, *col = zd + hw, *col2 = col + W, *mr = col2 + W, *m2r = mr + wo,       \
+           *vr = m2r + wo;                                                                     \
+    double mean = 0, ss2 = 0;                                                                  \
+    for (long p = 0; p < hw; p++) mean += xi[p];                                               \
+    mean /= (double)hw;                                                                        \
+    for (long p = 0; p < hw; p++) ss2 += (xi[p] - mean) * (xi[p] - mean);                      \
+    const double sd = sqrt(ss2 / (double)hw);                                                  \
+    if (!(sd > 0)) return 1;                                                                   \
+    double lo = 1e300, hi = -1e300;                                                            \
+    for (long p = 0; p < hw; p++) {                                                            \
+        const double v = (xi[p] - mean) / sd;                                                  \
+        zd[p] = v;                                                                             \
+        if (v < lo) lo = v;                                                                    \
+        if (v > hi) hi = v;                                                                    \
+    }                                                                                          \
+    for (long p = 0; p < hw; p++) z[p * zs] = (T)(zscale * zd[p]);                             \
+    double C1 = 0, C2 = 0;                                                                     \
+    if (c1 != NULL) {                                                                          \
+        C1 = (0.01 * (hi - lo)) * (0.01 * (hi - lo));                                          \
+        C2 = (0.03 * (hi - lo)) * (0.03 * (hi - lo));                                          \
+        *c1 = (T)C1;                                                                           \
+        *c2 = (T)C2;                                                                           \
+    }                                                                                          \
+    for (long x = 0; x < W; x++) {                                                             \
+        double s = 0, s2 = 0;                                                                  \
+        for (long k = 0; k < 7; k++) {                                                         \
+            const double v = zd[k * W + x];                                                    \
+            s += v;                                                                            \
+            s2 += v * v;                                                                       \
+        }                                                                                      \
+        col[x] = s;                                                                            \
+        col2[x] = s2;                                                                          \
+    }                                                                                          \
+    for (long y = 0; y < ho; y++) {                                                            \
+        if (y > 0) { /* slide the 7-row column sums down one row (double: no drift) */        \
+            const double *add = zd + (y + 6) * W, *drop = zd + (y - 1) * W;                    \
+            for (long x = 0; x < W; x++) {                                                     \
+                col[x] += add[x] - drop[x];                                                    \
+                col2[x] += add[x] * add[x] - drop[x] * drop[x];                                \
+            }                                                                                  \
+        }                                                                                      \
+        for (long x = 0; x < wo; x++) { /* 7 columns summed afresh: vectorises */              \
+            const double *c = col + x, *q = col2 + x;                                          \
+            const double s = c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6];                  \
+            const double s2 = q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6];                  \
+            const double m = s * (1.0 / 49.0);                                                 \
+            mr[x] = muscale * m;                                                               \
+            m2r[x] = m * m + C1;                                                               \
+            vr[x] = (49.0 / 48.0) * (s2 * (1.0 / 49.0) - m * m) + C2;                          \
+        }                                                                                      \
+        const long o = y * wo;                                                                 \
+        for (long x = 0; x < wo; x++) {                                                        \
+            mu[(o + x) * ss] = (T)mr[x];                                                       \
+            mu2[(o + x) * ss] = (T)m2r[x];                                                     \
+            var[(o + x) * ss] = (T)vr[x];                                                      \
+        }                                                                                      \
+    }                                                                                          \
+    return 0;                                                                                  \
+}
+
+DEFINE_PREPARE_ONE(float, prepare_one_f32)
+DEFINE_PREPARE_ONE(double, prepare_one_f64)
 
 /* The horizontal pass over one block row of the kernel below (its local variables): SLIDE
  * rows first slide each column's vertical sum down one row. Two expansions, so the test is not
@@ -76,44 +154,53 @@
  * Constants are folded so the pixel loop does little arithmetic: the interleaved z is scaled by
  * k1 = 2 (49/48) / 49 and mu by 2, and each column sum carries (C2 + (49/48) C1) / 7, so with
  * lum = 2 mu_a mu_b + C1 the window sum s gives 2 cov + C2 = s - (49/48) lum. */
-#define DEFINE_KERNEL(T, NAME, LANES, P, TARGET)                                               \
-TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,                  \
+#define DEFINE_KERNEL(T, NAME, LANES, P, TARGET, PREPARE_ONE)                                  \
+TARGET static long NAME(const T *za, const T *zb, const T *mua, const T *mub,                  \
                         const T *mua2c1, const T *mub2, const T *vac2, const T *vb,            \
-                        const T *c1, const T *c2, T *out, long i0, long i1, long j0, long j1,  \
-                        long nb, long H, long W, void *work)                                   \
+                        const T *c1, const T *c2, const double *raw, T *out, long i0, long i1, \
+                        long j0, long j1, long nb, long H, long W, void *work)                 \
 {                                                                                              \
     typedef T V __attribute__((vector_size(sizeof(T) * LANES)));                               \
     const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;                              \
     const T kcov = (T)(49.0 / 48.0), k1 = (T)(2.0 * (49.0 / 48.0) / 49.0);                   \
     V *bz = (V *)work; /* WORK_VECTORS(H, W) vectors, 64-byte aligned */                      \
     V *bstat = bz + hw, *cols = bstat + 3 * vhw;                                               \
+    double *prepare_work = (double *)(cols + TI * (W + 1));                                    \
     for (long u = 0; u < TI; u++) cols[u * (W + 1)] = (V){0}; /* col[-1] of each image */      \
     for (long jb = j0; jb < j1; jb += LANES) {                                                 \
         const long nj = (j1 - jb < LANES) ? j1 - jb : LANES;                                   \
-        /* interleave pixel by pixel, one vector written at a time */                           \
-        const T *z[LANES], *m[LANES], *m2[LANES], *v[LANES];                                   \
-        for (long l = 0; l < LANES; l++) {                                                     \
-            const long j = jb + (l < nj ? l : 0); /* padding lanes copy a real image for now */ \
-            z[l] = zb + j * hw;                                                                \
-            m[l] = mub + j * vhw;                                                              \
-            m2[l] = mub2 + j * vhw;                                                            \
-            v[l] = vb + j * vhw;                                                               \
-        }                                                                                      \
-        for (long p = 0; p < hw; p++) {                                                        \
-            V t;                                                                               \
-            for (long l = 0; l < LANES; l++) t[l] = k1 * z[l][p];                              \
-            bz[p] = t;                                                                         \
-        }                                                                                      \
-        for (long p = 0; p < vhw; p++) {                                                       \
-            V t1, t2, t3;                                                                      \
+        if (raw != NULL) { /* prepare each generated image straight into its lane */           \
+            T *zl = (T *)bz, *sl = (T *)bstat;                                                 \
+            for (long l = 0; l < nj; l++)                                                      \
+                if (PREPARE_ONE(raw + (jb + l) * hw, zl + l, LANES, sl + l, sl + LANES + l,    \
+                                sl + 2 * LANES + l, 3 * LANES, k1, 2.0, NULL, NULL, H, W,      \
+                                prepare_work))                                                 \
+                    return 1 + jb + l; /* a constant image */                                  \
+        } else { /* interleave prepared images pixel by pixel, a vector at a time */           \
+            const T *z[LANES], *m[LANES], *m2[LANES], *v[LANES];                               \
             for (long l = 0; l < LANES; l++) {                                                 \
-                t1[l] = 2 * m[l][p];                                                           \
-                t2[l] = m2[l][p];                                                              \
-                t3[l] = v[l][p];                                                               \
+                const long j = jb + (l < nj ? l : 0); /* padding: any real image, zeroed below */\
+                z[l] = zb + j * hw;                                                            \
+                m[l] = mub + j * vhw;                                                          \
+                m2[l] = mub2 + j * vhw;                                                        \
+                v[l] = vb + j * vhw;                                                           \
             }                                                                                  \
-            bstat[3 * p] = t1;                                                                 \
-            bstat[3 * p + 1] = t2;                                                             \
-            bstat[3 * p + 2] = t3;                                                             \
+            for (long p = 0; p < hw; p++) {                                                    \
+                V t;                                                                           \
+                for (long l = 0; l < LANES; l++) t[l] = k1 * z[l][p];                          \
+                bz[p] = t;                                                                     \
+            }                                                                                  \
+            for (long p = 0; p < vhw; p++) {                                                   \
+                V t1, t2, t3;                                                                  \
+                for (long l = 0; l < LANES; l++) {                                             \
+                    t1[l] = 2 * m[l][p];                                                       \
+                    t2[l] = m2[l][p];                                                          \
+                    t3[l] = v[l][p];                                                           \
+                }                                                                              \
+                bstat[3 * p] = t1;                                                             \
+                bstat[3 * p + 1] = t2;                                                         \
+                bstat[3 * p + 2] = t3;                                                         \
+            }                                                                                  \
         }                                                                                      \
         if (nj < LANES) /* zero the padding lanes: their denominators stay positive */        \
             for (long p = 0; p < hw + 3 * vhw; p++)                                            \
@@ -169,36 +256,37 @@ TARGET static void NAME(const T *za, const T *zb, const T *mua, const T *mub,   
                     out[(it + u) * nb + jb + l] = (T)(acc[u][l] / (double)vhw);                \
         }                                                                                      \
     }                                                                                          \
+    return 0;                                                                                  \
 }
 
 /* One kernel per instruction set, each with the lane count its registers hold, chosen at run
  * time (target_clones would give every clone the same vector width). */
-typedef void (*rows_f32_fn)(const float *, const float *, const float *, const float *,
+typedef long (*rows_f32_fn)(const float *, const float *, const float *, const float *,
                             const float *, const float *, const float *, const float *,
-                            const float *, const float *, float *, long, long, long, long, long,
-                            long, long, void *);
-typedef void (*rows_f64_fn)(const double *, const double *, const double *, const double *,
+                            const float *, const float *, const double *, float *, long, long,
+                            long, long, long, long, long, void *);
+typedef long (*rows_f64_fn)(const double *, const double *, const double *, const double *,
                             const double *, const double *, const double *, const double *,
-                            const double *, const double *, double *, long, long, long, long,
-                            long, long, long, void *);
+                            const double *, const double *, const double *, double *, long,
+                            long, long, long, long, long, long, void *);
 
 /* 1 / d for the SSIM map's denominator; the float32 AVX kernels use the approximate
  * reciprocal and one Newton step (relative error ~1e-7, as accurate as float32 division) */
 #define RECIP(d) (1 / (d))
-DEFINE_KERNEL(float, ssim_rows_f32_base, 4, 1, )
-DEFINE_KERNEL(double, ssim_rows_f64_base, 2, 1, )
+DEFINE_KERNEL(float, ssim_rows_f32_base, 4, 1, , prepare_one_f32)
+DEFINE_KERNEL(double, ssim_rows_f64_base, 2, 1, , prepare_one_f64)
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
 #define AVX2 __attribute__((target("avx2,fma")))
-DEFINE_KERNEL(double, ssim_rows_f64_avx512, 8, 2, AVX512)
-DEFINE_KERNEL(double, ssim_rows_f64_avx2, 4, 1, AVX2)
+DEFINE_KERNEL(double, ssim_rows_f64_avx512, 8, 2, AVX512, prepare_one_f64)
+DEFINE_KERNEL(double, ssim_rows_f64_avx2, 4, 1, AVX2, prepare_one_f64)
 #undef RECIP
 #define RECIP(d) ({ const V r_ = (V)_mm512_rcp14_ps((__m512)(d)); r_ * (2.0f - (d) * r_); })
-DEFINE_KERNEL(float, ssim_rows_f32_avx512, 16, 2, AVX512)
+DEFINE_KERNEL(float, ssim_rows_f32_avx512, 16, 2, AVX512, prepare_one_f32)
 #undef RECIP
 #define RECIP(d) ({ const V r_ = (V)_mm256_rcp_ps((__m256)(d)); r_ * (2.0f - (d) * r_); })
-DEFINE_KERNEL(float, ssim_rows_f32_avx2, 8, 2, AVX2)
+DEFINE_KERNEL(float, ssim_rows_f32_avx2, 8, 2, AVX2, prepare_one_f32)
 #endif
 
 static rows_f32_fn ssim_rows_f32 = ssim_rows_f32_base;
@@ -247,32 +335,67 @@ static PyObject *get_instruction_set(PyObject *self, PyObject *args)
     return PyUnicode_FromString(instruction_set);
 }
 
-static PyObject *ssim_rows(PyObject *self, PyObject *args)
+/* Runs the pair kernel on buffers already taken; train: za, mua, mua2c1, vac2, c1, c2; generated:
+ * zb, mub, mub2, vb prepared, or raw (float64 images) with those NULL. Releases every buffer. */
+static PyObject *run_rows(Py_buffer *train, Py_buffer *prepared, Py_buffer *raw, Py_buffer *out,
+                          Py_buffer *workspace, long i0, long i1, long j0, long j1, long nb, long H,
+                          long W, int is64)
 {
-    Py_buffer b[12];
-    long i0, i1, j0, j1, nb, H, W;
-    int is64;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*y*w*lllllllpw*", &b[0], &b[1], &b[2], &b[3],
-                          &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10], &i0, &i1, &j0, &j1,
-                          &nb, &H, &W, &is64, &b[11]))
-        return NULL;
+    Py_buffer *all[] = {&train[0], &train[1], &train[2], &train[3], &train[4], &train[5],
+                        prepared ? &prepared[0] : NULL, prepared ? &prepared[1] : NULL,
+                        prepared ? &prepared[2] : NULL, prepared ? &prepared[3] : NULL, raw, out,
+                        workspace};
+    const int count = sizeof(all) / sizeof(all[0]);
     /* the workspace is caller-owned so repeated calls reuse memory already touched */
     const Py_ssize_t need = WORK_BYTES(H, W);
-    if (b[11].len < need) {
-        for (int k = 0; k < 12; k++) PyBuffer_Release(&b[k]);
-        return PyErr_Format(PyExc_ValueError, "workspace of %zd bytes, need %zd", b[11].len, need);
+    if (workspace->len < need) {
+        for (int k = 0; k < count; k++)
+            if (all[k]) PyBuffer_Release(all[k]);
+        return PyErr_Format(PyExc_ValueError, "workspace of %zd bytes, need %zd", workspace->len, need);
     }
-    void *work = (void *)(((uintptr_t)b[11].buf + 63) & ~(uintptr_t)63);
+    void *work = (void *)(((uintptr_t)workspace->buf + 63) & ~(uintptr_t)63);
+    const void *zb = prepared ? prepared[0].buf : NULL, *mub = prepared ? prepared[1].buf : NULL,
+               *mub2 = prepared ? prepared[2].buf : NULL, *vb = prepared ? prepared[3].buf : NULL;
+    const double *images = raw ? (const double *)raw->buf : NULL;
+    long bad;
     Py_BEGIN_ALLOW_THREADS
     if (is64)
-        ssim_rows_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[6].buf,
-                      b[7].buf, b[8].buf, b[9].buf, b[10].buf, i0, i1, j0, j1, nb, H, W, work);
+        bad = ssim_rows_f64(train[0].buf, zb, train[1].buf, mub, train[2].buf, mub2, train[3].buf,
+                            vb, train[4].buf, train[5].buf, images, out->buf, i0, i1, j0, j1, nb,
+                            H, W, work);
     else
-        ssim_rows_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[6].buf,
-                      b[7].buf, b[8].buf, b[9].buf, b[10].buf, i0, i1, j0, j1, nb, H, W, work);
+        bad = ssim_rows_f32(train[0].buf, zb, train[1].buf, mub, train[2].buf, mub2, train[3].buf,
+                            vb, train[4].buf, train[5].buf, images, out->buf, i0, i1, j0, j1, nb,
+                            H, W, work);
     Py_END_ALLOW_THREADS
-    for (int k = 0; k < 12; k++) PyBuffer_Release(&b[k]);
-    Py_RETURN_NONE;
+    for (int k = 0; k < count; k++)
+        if (all[k]) PyBuffer_Release(all[k]);
+    return PyLong_FromLong(bad);
+}
+
+static PyObject *ssim_rows(PyObject *self, PyObject *args)
+{
+    Py_buffer train[6], prepared[4], out, workspace;
+    long i0, i1, j0, j1, nb, H, W;
+    int is64;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*y*w*lllllllpw*", &train[0], &prepared[0],
+                          &train[1], &prepared[1], &train[2], &prepared[2], &train[3],
+                          &prepared[3], &train[4], &train[5], &out, &i0, &i1, &j0, &j1, &nb, &H,
+                          &W, &is64, &workspace))
+        return NULL;
+    return run_rows(train, prepared, NULL, &out, &workspace, i0, i1, j0, j1, nb, H, W, is64);
+}
+
+static PyObject *ssim_rows_raw(PyObject *self, PyObject *args)
+{
+    Py_buffer train[6], raw, out, workspace;
+    long i0, i1, j0, j1, nb, H, W;
+    int is64;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*w*lllllllpw*", &train[0], &train[1], &train[2],
+                          &train[3], &train[4], &train[5], &raw, &out, &i0, &i1, &j0, &j1, &nb,
+                          &H, &W, &is64, &workspace))
+        return NULL;
+    return run_rows(train, NULL, &raw, &out, &workspace, i0, i1, j0, j1, nb, H, W, is64);
 }
 
 static PyObject *workspace_bytes(PyObject *self, PyObject *args)
@@ -282,76 +405,6 @@ static PyObject *workspace_bytes(PyObject *self, PyObject *args)
     return PyLong_FromLong(WORK_BYTES(H, W));
 }
 
-/* Per-image statistics. x: raw images (n, H, W) in double. Writes z = (x - mean) / std
- * (population std), mu = 7x7 local mean of z, var = sample variance in the window (x 49/48),
- * and for training images mu2 = mu^2 + C1, var += C2 with C1 = (K1 R)^2, C2 = (K2 R)^2, R the range
- * of z; for generated images mu2 = mu^2. Sums are in double: 7-row column sums slide down the
- * image, and each window adds its 7 columns afresh. Returns 1 + the first constant image, or 0. */
-#define DEFINE_PREPARE(T, NAME)                                                                \
-MULTIVERSION static long NAME(const double *x, T *z, T *mu, T *mu2, T *var, T *c1, T *c2,      \
-                              long n, long H, long W, int train, double *work)                  \
-{                                                                                              \
-    const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;                              \
-    double *zd = work, *col = work + hw, *col2 = work + hw + W;                                \
-    for (long i = 0; i < n; i++) {                                                             \
-        const double *xi = x + i * hw;                                                         \
-        double mean = 0, ss = 0;                                                               \
-        for (long p = 0; p < hw; p++) mean += xi[p];                                           \
-        mean /= (double)hw;                                                                    \
-        for (long p = 0; p < hw; p++) ss += (xi[p] - mean) * (xi[p] - mean);                   \
-        const double sd = sqrt(ss / (double)hw);                                               \
-        if (!(sd > 0)) return i + 1;                                                           \
-        double lo = 1e300, hi = -1e300;                                                        \
-        for (long p = 0; p < hw; p++) {                                                        \
-            const double v = (xi[p] - mean) / sd;                                              \
-            zd[p] = v;                                                                         \
-            z[i * hw + p] = (T)v;                                                              \
-            if (v < lo) lo = v;                                                                \
-            if (v > hi) hi = v;                                                                \
-        }                                                                                      \
-        double C1 = 0, C2 = 0;                                                                 \
-        if (train) {                                                                            \
-            C1 = (0.01 * (hi - lo)) * (0.01 * (hi - lo));                                      \
-            C2 = (0.03 * (hi - lo)) * (0.03 * (hi - lo));                                      \
-            c1[i] = (T)C1;                                                                     \
-            c2[i] = (T)C2;                                                                     \
-        }                                                                                      \
-        for (long xx = 0; xx < W; xx++) {                                                      \
-            double s = 0, s2 = 0;                                                              \
-            for (long k = 0; k < 7; k++) {                                                     \
-                const double v = zd[k * W + xx];                                               \
-                s += v;                                                                        \
-                s2 += v * v;                                                                   \
-            }                                                                                  \
-            col[xx] = s;                                                                       \
-            col2[xx] = s2;                                                                     \
-        }                                                                                      \
-        for (long y = 0; y < ho; y++) {                                                        \
-            if (y > 0) {  /* slide the 7-row column sums down one row (double: no drift) */   \
-                const double *add = zd + (y + 6) * W, *drop = zd + (y - 1) * W;                \
-                for (long xx = 0; xx < W; xx++) {                                              \
-                    col[xx] += add[xx] - drop[xx];                                             \
-                    col2[xx] += add[xx] * add[xx] - drop[xx] * drop[xx];                       \
-                }                                                                              \
-            }                                                                                  \
-            T *mur = mu + i * vhw + y * wo, *mu2r = mu2 + i * vhw + y * wo,                     \
-              *varr = var + i * vhw + y * wo;                                                  \
-            for (long xx = 0; xx < wo; xx++) { /* 7 columns summed afresh: vectorises */       \
-                const double *c = col + xx, *c2 = col2 + xx;                                   \
-                const double s = c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6];              \
-                const double s2 = c2[0] + c2[1] + c2[2] + c2[3] + c2[4] + c2[5] + c2[6];       \
-                const double m = s * (1.0 / 49.0);                                             \
-                mur[xx] = (T)m;                                                                \
-                mu2r[xx] = (T)(m * m + C1);                                                    \
-                varr[xx] = (T)((49.0 / 48.0) * (s2 * (1.0 / 49.0) - m * m) + C2);              \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-    return 0;                                                                                  \
-}
-
-DEFINE_PREPARE(float, prepare_f32)
-DEFINE_PREPARE(double, prepare_f64)
 
 /* Matched pairs: out[i] = mean SSIM of (a_i, b_i), the same formula as the matrix kernel. */
 #define DEFINE_PAIRS(T, NAME)                                                                  \
@@ -410,18 +463,30 @@ static PyObject *prepare_images(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*w*w*w*w*w*w*lllpp", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5],
                           &b[6], &n, &H, &W, &train, &is64))
         return NULL;
-    double *work = (double *)malloc(sizeof(double) * (H * W + 2 * W));
+    double *work = (double *)malloc(sizeof(double) * PREPARE_WORK(H, W));
     if (work == NULL) {
         for (int k = 0; k < 7; k++) PyBuffer_Release(&b[k]);
         return PyErr_NoMemory();
     }
+    const long hw = H * W, vhw = (H - 6) * (W - 6);
+    bad = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (is64)
-        bad = prepare_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[6].buf, n, H,
-                          W, train, work);
-    else
-        bad = prepare_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[6].buf, n, H,
-                          W, train, work);
+    for (long i = 0; i < n && !bad; i++) {
+        const double *x = (const double *)b[0].buf + i * hw;
+        int constant;
+        if (is64) {
+            double *c1 = (double *)b[5].buf + i, *c2 = (double *)b[6].buf + i;
+            constant = prepare_one_f64(x, (double *)b[1].buf + i * hw, 1, (double *)b[2].buf + i * vhw,
+                                       (double *)b[3].buf + i * vhw, (double *)b[4].buf + i * vhw, 1,
+                                       1.0, 1.0, train ? c1 : NULL, c2, H, W, work);
+        } else {
+            float *c1 = (float *)b[5].buf + i, *c2 = (float *)b[6].buf + i;
+            constant = prepare_one_f32(x, (float *)b[1].buf + i * hw, 1, (float *)b[2].buf + i * vhw,
+                                       (float *)b[3].buf + i * vhw, (float *)b[4].buf + i * vhw, 1,
+                                       1.0, 1.0, train ? c1 : NULL, c2, H, W, work);
+        }
+        if (constant) bad = i + 1;
+    }
     Py_END_ALLOW_THREADS
     free(work);
     for (int k = 0; k < 7; k++) PyBuffer_Release(&b[k]);
@@ -453,6 +518,9 @@ static PyMethodDef methods[] = {
     {"ssim_rows", ssim_rows, METH_VARARGS,
      "ssim_rows(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, i0, i1, j0, j1, nb, H, W, is64, "
      "workspace)"},
+    {"ssim_rows_raw", ssim_rows_raw, METH_VARARGS,
+     "ssim_rows_raw(za, mua, mua2c1, vac2, c1, c2, images, out, i0, i1, j0, j1, nb, H, W, is64, "
+     "workspace) -> 0, or 1 + the first constant generated image; images: raw float64 (m, H, W)"},
     {"workspace_bytes", workspace_bytes, METH_VARARGS,
      "workspace_bytes(H, W) -> the bytes ssim_rows needs as its workspace"},
     {"prepare_images", prepare_images, METH_VARARGS,

@@ -240,16 +240,31 @@ def _choose_backend(backend: str, device) -> str:
 
 
 def _ssim_c(
-    train: PreparedImages, generated: PreparedImages, threads: int | None, workspace: np.ndarray | None
+    train: PreparedImages,
+    generated: PreparedImages | np.ndarray,
+    threads: int | None,
+    workspace: np.ndarray | None,
 ) -> np.ndarray:
     """Threads take blocks of generated images (each thread interleaves its own blocks once), or
-    blocks of training images when there are too few generated images to go round."""
+    blocks of training images when there are too few generated images to go round.
+
+    generated: prepared images, or raw float64 images (m, H, W) that the kernel prepares one
+    SIMD block at a time straight into its workspace (no prepared copy passes through memory).
+    """
+    raw = isinstance(generated, np.ndarray)
+    if raw:
+        generated = np.ascontiguousarray(generated, dtype=np.float64)
     n, m = len(train), len(generated)
     height, width = train.z.shape[1:]
     dtype = train.z.dtype
     out = np.empty((n, m), dtype=dtype)
     threads = _thread_count(threads)
-    args = (*_kernel_arrays(train, generated), out)
+    if raw:
+        args = (train.z, train.mu, train.mu_sq, train.var, train.c1, train.c2, generated, out)
+        kernel = _ssim_kernel.ssim_rows_raw
+    else:
+        args = (*_kernel_arrays(train, generated), out)
+        kernel = _ssim_kernel.ssim_rows
     if m >= _KERNEL_LANES * threads:
         step = -(-m // (threads * _KERNEL_LANES)) * _KERNEL_LANES
         blocks = [(0, n, j, min(j + step, m)) for j in range(0, m, step)]
@@ -260,14 +275,19 @@ def _ssim_c(
     if workspace is None or len(workspace) < len(blocks) or workspace.shape[1] < needed:
         workspace = kernel_workspace(height, width, len(blocks))
 
-    def run(k: int) -> None:
-        _ssim_kernel.ssim_rows(*args, *blocks[k], m, height, width, dtype == np.float64, workspace[k])
+    def run(k: int) -> int:
+        return kernel(*args, *blocks[k], m, height, width, dtype == np.float64, workspace[k])
 
     if len(blocks) == 1:
-        run(0)
+        constant = [run(0)]
     else:
         with ThreadPoolExecutor(len(blocks)) as pool:
-            list(pool.map(run, range(len(blocks))))
+            constant = list(pool.map(run, range(len(blocks))))
+    if any(constant):
+        raise DeepSSIMError(
+            f"generated image {max(constant) - 1} is constant: it has no standard deviation and "
+            "cannot be z-scored"
+        )
     return out
 
 
@@ -403,18 +423,20 @@ def ssim_blocks(
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (train_start, generated_start, block) so any N x M can be streamed to disk.
 
-    Generated images are read once per block and prepared 128 at a time, per training block,
-    into one reused buffer; prepared train blocks are kept while they fit in ``cache_bytes`` and
+    Generated images are read once per block. The C kernel prepares them itself, per training
+    block, one SIMD block at a time; the PyTorch backend gets them prepared 128 at a time into
+    one reused buffer. Prepared train blocks are kept while they fit in ``cache_bytes`` and
     re-read otherwise.
     """
     train, generated = _as_source(train), _as_source(generated)
     _check_same_shape(train.shape, generated.shape)
+    in_kernel = _choose_backend(backend, device) == "c"
     itemsize = np.dtype(dtype).itemsize
     keep_train = 4 * len(train) * train.shape[0] * train.shape[1] * itemsize <= cache_bytes
     train_cache: dict[int, PreparedImages] = {}
     chunk = min(_GENERATED_CHUNK, len(generated))
     height, width = generated.shape
-    buffer = _empty_prepared(chunk, height, width, dtype, "generated")
+    buffer = None if in_kernel else _empty_prepared(chunk, height, width, dtype, "generated")
     workspace = kernel_workspace(height, width)
     bar = _pair_progress(len(train) * len(generated), progress)
     for s0 in range(0, len(generated), block_size):
@@ -425,12 +447,15 @@ def ssim_blocks(
                 prepared_train = _prepare_checked(train.read(r0, r0 + block_size), "train", dtype)
                 if keep_train:
                     train_cache[r0] = prepared_train
-            block = np.empty((len(prepared_train), len(generated_block)), dtype)
-            for g0 in range(0, len(generated_block), chunk):
-                part = _prepare_checked(generated_block[g0 : g0 + chunk], "generated", dtype, into=buffer)
-                block[:, g0 : g0 + chunk] = ssim_prepared(
-                    prepared_train, part, backend, device, workspace=workspace
-                )
+            if in_kernel:
+                block = _ssim_c(prepared_train, generated_block, None, workspace)
+            else:
+                block = np.empty((len(prepared_train), len(generated_block)), dtype)
+                for g0 in range(0, len(generated_block), chunk):
+                    part = _prepare_checked(
+                        generated_block[g0 : g0 + chunk], "generated", dtype, into=buffer
+                    )
+                    block[:, g0 : g0 + chunk] = ssim_prepared(prepared_train, part, backend, device)
             if bar is not None:
                 bar.update(block.size)
             yield r0, s0, block
