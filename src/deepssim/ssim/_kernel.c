@@ -129,18 +129,19 @@ DEFINE_PREPARE_ONE(double, prepare_one_f64)
                     c[x + 6] += ar[q][6 * W + x + 6] * in6                                     \
                               - ar[q][x + 6 - back] * out0;                                    \
                 s[q] += c[x + 6] - c[x - 1];                                                   \
-                const V lum = ma[q][x] * mbx + C1[q]; /* 2 mu_a mu_b + C1 */                   \
+                const V lum = ta[q][3 * x] * mbx + C1[q]; /* 2 mu_a mu_b + C1 */               \
                 const V num = lum * (s[q] - kcov * lum);                                       \
-                const V den = (sa[q][x] + sbx) * (va[q][x] + vbx);                             \
+                const V den = (ta[q][3 * x + 1] + sbx) * (ta[q][3 * x + 2] + vbx);             \
                 row[q] += num * RECIP(den);                                                    \
             }                                                                                  \
         }                                                                                      \
     }
 
-/* za, zb: z-scored images (n, H, W); mua, mub: local means (n, H-6, W-6);
- * mua2c1 = mua^2 + C1; mub2 = mub^2; vac2 = local variance of a + C2; vb = local variance of b;
- * c1, c2: constants per training image. Computes out[i, j] (row stride nb) for i in [i0, i1),
- * j in [j0, j1).
+/* za, zb: z-scored images (n, H, W); sa, sb: statistics (n, H-6, W-6, 3): the local mean,
+ * mu^2 and the local variance side by side, + C1 and + C2 on the training side (sa); c1, c2:
+ * constants per training image; raw: when not NULL, generated images (m, H, W) in double,
+ * prepared here instead of zb, sb. Computes out[i, j] (row stride nb) for i in [i0, i1),
+ * j in [j0, j1); returns 0, or 1 + the index of a constant generated image.
  *
  * Generated images go LANES at a time into the lanes of a SIMD vector: their statistics are
  * interleaved once per block (pixel-major, image-minor), so a training image's value is one
@@ -155,9 +156,8 @@ DEFINE_PREPARE_ONE(double, prepare_one_f64)
  * k1 = 2 (49/48) / 49 and mu by 2, and each column sum carries (C2 + (49/48) C1) / 7, so with
  * lum = 2 mu_a mu_b + C1 the window sum s gives 2 cov + C2 = s - (49/48) lum. */
 #define DEFINE_KERNEL(T, NAME, LANES, P, TARGET, PREPARE_ONE)                                  \
-TARGET static long NAME(const T *za, const T *zb, const T *mua, const T *mub,                  \
-                        const T *mua2c1, const T *mub2, const T *vac2, const T *vb,            \
-                        const T *c1, const T *c2, const double *raw, T *out, long i0, long i1, \
+TARGET static long NAME(const T *za, const T *zb, const T *sa, const T *sb, const T *c1,      \
+                        const T *c2, const double *raw, T *out, long i0, long i1,              \
                         long j0, long j1, long nb, long H, long W, void *work)                 \
 {                                                                                              \
     typedef T V __attribute__((vector_size(sizeof(T) * LANES)));                               \
@@ -177,13 +177,11 @@ TARGET static long NAME(const T *za, const T *zb, const T *mua, const T *mub,   
                                 prepare_work))                                                 \
                     return 1 + jb + l; /* a constant image */                                  \
         } else { /* interleave prepared images pixel by pixel, a vector at a time */           \
-            const T *z[LANES], *m[LANES], *m2[LANES], *v[LANES];                               \
+            const T *z[LANES], *m[LANES];                                                      \
             for (long l = 0; l < LANES; l++) {                                                 \
                 const long j = jb + (l < nj ? l : 0); /* padding: any real image, zeroed below */\
                 z[l] = zb + j * hw;                                                            \
-                m[l] = mub + j * vhw;                                                          \
-                m2[l] = mub2 + j * vhw;                                                        \
-                v[l] = vb + j * vhw;                                                           \
+                m[l] = sb + 3 * j * vhw;                                                       \
             }                                                                                  \
             for (long p = 0; p < hw; p++) {                                                    \
                 V t;                                                                           \
@@ -193,9 +191,9 @@ TARGET static long NAME(const T *za, const T *zb, const T *mua, const T *mub,   
             for (long p = 0; p < vhw; p++) {                                                   \
                 V t1, t2, t3;                                                                  \
                 for (long l = 0; l < LANES; l++) {                                             \
-                    t1[l] = 2 * m[l][p];                                                       \
-                    t2[l] = m2[l][p];                                                          \
-                    t3[l] = v[l][p];                                                           \
+                    t1[l] = 2 * m[l][3 * p];                                                   \
+                    t2[l] = m[l][3 * p + 1];                                                   \
+                    t3[l] = m[l][3 * p + 2];                                                   \
                 }                                                                              \
                 bstat[3 * p] = t1;                                                             \
                 bstat[3 * p + 1] = t2;                                                         \
@@ -216,16 +214,14 @@ TARGET static long NAME(const T *za, const T *zb, const T *mua, const T *mub,   
                 const V *br = bz + y * W, *b6 = br + 6 * W, *b0 = br - back;                   \
                 const V *st = bstat + 3 * y * wo;                                              \
                 for (long u = 0; u < ni; u += P) {                                             \
-                    const T *ar[P], *ma[P], *sa[P], *va[P];                                    \
+                    const T *ar[P], *ta[P];                                                    \
                     T C1[P], C7[P];                                                            \
                     V *col[P], s[P], row[P];                                                   \
                     for (int q = 0; q < P; q++) {                                              \
                         /* past the last image, repeat it (computed, never stored) */          \
                         const long i = it + (u + q < ni ? u + q : ni - 1);                     \
                         ar[q] = za + i * hw + y * W;                                           \
-                        ma[q] = mua + i * vhw + y * wo;                                        \
-                        sa[q] = mua2c1 + i * vhw + y * wo;                                     \
-                        va[q] = vac2 + i * vhw + y * wo;                                       \
+                        ta[q] = sa + 3 * (i * vhw + y * wo);                                   \
                         C1[q] = c1[i];                                                         \
                         C7[q] = (c2[i] + kcov * c1[i]) / 7;                                    \
                         col[q] = cols + (u + q) * (W + 1) + 1;                                 \
@@ -262,13 +258,11 @@ TARGET static long NAME(const T *za, const T *zb, const T *mua, const T *mub,   
 /* One kernel per instruction set, each with the lane count its registers hold, chosen at run
  * time (target_clones would give every clone the same vector width). */
 typedef long (*rows_f32_fn)(const float *, const float *, const float *, const float *,
-                            const float *, const float *, const float *, const float *,
                             const float *, const float *, const double *, float *, long, long,
                             long, long, long, long, long, void *);
 typedef long (*rows_f64_fn)(const double *, const double *, const double *, const double *,
-                            const double *, const double *, const double *, const double *,
-                            const double *, const double *, const double *, double *, long,
-                            long, long, long, long, long, long, void *);
+                            const double *, const double *, const double *, double *, long, long,
+                            long, long, long, long, long, void *);
 
 /* 1 / d for the SSIM map's denominator; the float32 AVX kernels use the approximate
  * reciprocal and one Newton step (relative error ~1e-7, as accurate as float32 division) */
@@ -335,16 +329,15 @@ static PyObject *get_instruction_set(PyObject *self, PyObject *args)
     return PyUnicode_FromString(instruction_set);
 }
 
-/* Runs the pair kernel on buffers already taken; train: za, mua, mua2c1, vac2, c1, c2; generated:
- * zb, mub, mub2, vb prepared, or raw (float64 images) with those NULL. Releases every buffer. */
-static PyObject *run_rows(Py_buffer *train, Py_buffer *prepared, Py_buffer *raw, Py_buffer *out,
+/* Runs the pair kernel on buffers already taken: train = za, sa, c1, c2; generated = zb, sb
+ * prepared, or raw images (float64) with generated NULL. Releases every buffer. */
+static PyObject *run_rows(Py_buffer *train, Py_buffer *generated, Py_buffer *raw, Py_buffer *out,
                           Py_buffer *workspace, long i0, long i1, long j0, long j1, long nb, long H,
                           long W, int is64)
 {
-    Py_buffer *all[] = {&train[0], &train[1], &train[2], &train[3], &train[4], &train[5],
-                        prepared ? &prepared[0] : NULL, prepared ? &prepared[1] : NULL,
-                        prepared ? &prepared[2] : NULL, prepared ? &prepared[3] : NULL, raw, out,
-                        workspace};
+    Py_buffer *all[] = {&train[0], &train[1], &train[2], &train[3],
+                        generated ? &generated[0] : NULL, generated ? &generated[1] : NULL,
+                        raw, out, workspace};
     const int count = sizeof(all) / sizeof(all[0]);
     /* the workspace is caller-owned so repeated calls reuse memory already touched */
     const Py_ssize_t need = WORK_BYTES(H, W);
@@ -354,19 +347,16 @@ static PyObject *run_rows(Py_buffer *train, Py_buffer *prepared, Py_buffer *raw,
         return PyErr_Format(PyExc_ValueError, "workspace of %zd bytes, need %zd", workspace->len, need);
     }
     void *work = (void *)(((uintptr_t)workspace->buf + 63) & ~(uintptr_t)63);
-    const void *zb = prepared ? prepared[0].buf : NULL, *mub = prepared ? prepared[1].buf : NULL,
-               *mub2 = prepared ? prepared[2].buf : NULL, *vb = prepared ? prepared[3].buf : NULL;
+    const void *zb = generated ? generated[0].buf : NULL, *sb = generated ? generated[1].buf : NULL;
     const double *images = raw ? (const double *)raw->buf : NULL;
     long bad;
     Py_BEGIN_ALLOW_THREADS
     if (is64)
-        bad = ssim_rows_f64(train[0].buf, zb, train[1].buf, mub, train[2].buf, mub2, train[3].buf,
-                            vb, train[4].buf, train[5].buf, images, out->buf, i0, i1, j0, j1, nb,
-                            H, W, work);
+        bad = ssim_rows_f64(train[0].buf, zb, train[1].buf, sb, train[2].buf, train[3].buf, images,
+                            out->buf, i0, i1, j0, j1, nb, H, W, work);
     else
-        bad = ssim_rows_f32(train[0].buf, zb, train[1].buf, mub, train[2].buf, mub2, train[3].buf,
-                            vb, train[4].buf, train[5].buf, images, out->buf, i0, i1, j0, j1, nb,
-                            H, W, work);
+        bad = ssim_rows_f32(train[0].buf, zb, train[1].buf, sb, train[2].buf, train[3].buf, images,
+                            out->buf, i0, i1, j0, j1, nb, H, W, work);
     Py_END_ALLOW_THREADS
     for (int k = 0; k < count; k++)
         if (all[k]) PyBuffer_Release(all[k]);
@@ -375,25 +365,24 @@ static PyObject *run_rows(Py_buffer *train, Py_buffer *prepared, Py_buffer *raw,
 
 static PyObject *ssim_rows(PyObject *self, PyObject *args)
 {
-    Py_buffer train[6], prepared[4], out, workspace;
+    Py_buffer train[4], generated[2], out, workspace;
     long i0, i1, j0, j1, nb, H, W;
     int is64;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*y*w*lllllllpw*", &train[0], &prepared[0],
-                          &train[1], &prepared[1], &train[2], &prepared[2], &train[3],
-                          &prepared[3], &train[4], &train[5], &out, &i0, &i1, &j0, &j1, &nb, &H,
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*w*lllllllpw*", &train[0], &generated[0], &train[1],
+                          &generated[1], &train[2], &train[3], &out, &i0, &i1, &j0, &j1, &nb, &H,
                           &W, &is64, &workspace))
         return NULL;
-    return run_rows(train, prepared, NULL, &out, &workspace, i0, i1, j0, j1, nb, H, W, is64);
+    return run_rows(train, generated, NULL, &out, &workspace, i0, i1, j0, j1, nb, H, W, is64);
 }
 
 static PyObject *ssim_rows_raw(PyObject *self, PyObject *args)
 {
-    Py_buffer train[6], raw, out, workspace;
+    Py_buffer train[4], raw, out, workspace;
     long i0, i1, j0, j1, nb, H, W;
     int is64;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*w*lllllllpw*", &train[0], &train[1], &train[2],
-                          &train[3], &train[4], &train[5], &raw, &out, &i0, &i1, &j0, &j1, &nb,
-                          &H, &W, &is64, &workspace))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*w*lllllllpw*", &train[0], &train[1], &train[2],
+                          &train[3], &raw, &out, &i0, &i1, &j0, &j1, &nb, &H, &W, &is64,
+                          &workspace))
         return NULL;
     return run_rows(train, NULL, &raw, &out, &workspace, i0, i1, j0, j1, nb, H, W, is64);
 }
@@ -408,9 +397,8 @@ static PyObject *workspace_bytes(PyObject *self, PyObject *args)
 
 /* Matched pairs: out[i] = mean SSIM of (a_i, b_i), the same formula as the matrix kernel. */
 #define DEFINE_PAIRS(T, NAME)                                                                  \
-MULTIVERSION static int NAME(const T *za, const T *zb, const T *mua, const T *mub,             \
-                             const T *mua2c1, const T *mub2, const T *vac2, const T *vb,       \
-                             const T *c1, const T *c2, T *out, long n, long H, long W)         \
+MULTIVERSION static int NAME(const T *za, const T *zb, const T *sa, const T *sb, const T *c1,  \
+                             const T *c2, T *out, long n, long H, long W)                      \
 {                                                                                              \
     const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;                              \
     const T k1 = (T)(2.0 * (49.0 / 48.0) / 49.0), k2 = (T)(2.0 * (49.0 / 48.0));              \
@@ -432,16 +420,14 @@ MULTIVERSION static int NAME(const T *za, const T *zb, const T *mua, const T *mu
                 for (long x = 0; x < W; x++)                                                   \
                     col[x] += ar[6 * W + x] * br[6 * W + x] - ar[x - W] * br[x - W];           \
             }                                                                                  \
-            const long o = i * vhw + y * wo;                                                   \
-            const T *ma = mua + o, *mb = mub + o, *sa = mua2c1 + o, *sb = mub2 + o,            \
-                    *va = vac2 + o, *vbi = vb + o;                                             \
+            const T *ta = sa + 3 * (i * vhw + y * wo), *tb = sb + 3 * (i * vhw + y * wo);      \
             T row = 0;                                                                         \
             for (long x = 0; x < wo; x++) {                                                    \
                 const T s = col[x] + col[x + 1] + col[x + 2] + col[x + 3]                      \
                           + col[x + 4] + col[x + 5] + col[x + 6];                              \
-                const T m = ma[x] * mb[x];                                                     \
+                const T m = ta[3 * x] * tb[3 * x];                                             \
                 const T num = (m + m + C1) * (k1 * s - k2 * m + C2);                           \
-                const T den = (sa[x] + sb[x]) * (va[x] + vbi[x]);                              \
+                const T den = (ta[3 * x + 1] + tb[3 * x + 1]) * (ta[3 * x + 2] + tb[3 * x + 2]); \
                 row += num / den;                                                              \
             }                                                                                  \
             acc += row;                                                                        \
@@ -457,79 +443,78 @@ DEFINE_PAIRS(double, ssim_pairs_f64)
 
 static PyObject *prepare_images(PyObject *self, PyObject *args)
 {
-    Py_buffer b[7];
-    long n, H, W, bad;
+    Py_buffer b[5]; /* x, z, stats, c1, c2 */
+    long n, H, W, bad = 0;
     int train, is64;
-    if (!PyArg_ParseTuple(args, "y*w*w*w*w*w*w*lllpp", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5],
-                          &b[6], &n, &H, &W, &train, &is64))
+    if (!PyArg_ParseTuple(args, "y*w*w*w*w*lllpp", &b[0], &b[1], &b[2], &b[3], &b[4], &n, &H, &W,
+                          &train, &is64))
         return NULL;
     double *work = (double *)malloc(sizeof(double) * PREPARE_WORK(H, W));
     if (work == NULL) {
-        for (int k = 0; k < 7; k++) PyBuffer_Release(&b[k]);
+        for (int k = 0; k < 5; k++) PyBuffer_Release(&b[k]);
         return PyErr_NoMemory();
     }
-    const long hw = H * W, vhw = (H - 6) * (W - 6);
-    bad = 0;
+    const long hw = H * W, vhw3 = 3 * (H - 6) * (W - 6);
     Py_BEGIN_ALLOW_THREADS
     for (long i = 0; i < n && !bad; i++) {
         const double *x = (const double *)b[0].buf + i * hw;
         int constant;
         if (is64) {
-            double *c1 = (double *)b[5].buf + i, *c2 = (double *)b[6].buf + i;
-            constant = prepare_one_f64(x, (double *)b[1].buf + i * hw, 1, (double *)b[2].buf + i * vhw,
-                                       (double *)b[3].buf + i * vhw, (double *)b[4].buf + i * vhw, 1,
-                                       1.0, 1.0, train ? c1 : NULL, c2, H, W, work);
+            double *z = (double *)b[1].buf + i * hw, *st = (double *)b[2].buf + i * vhw3;
+            double *c1 = (double *)b[3].buf + i, *c2 = (double *)b[4].buf + i;
+            constant = prepare_one_f64(x, z, 1, st, st + 1, st + 2, 3, 1.0, 1.0, train ? c1 : NULL,
+                                       c2, H, W, work);
         } else {
-            float *c1 = (float *)b[5].buf + i, *c2 = (float *)b[6].buf + i;
-            constant = prepare_one_f32(x, (float *)b[1].buf + i * hw, 1, (float *)b[2].buf + i * vhw,
-                                       (float *)b[3].buf + i * vhw, (float *)b[4].buf + i * vhw, 1,
-                                       1.0, 1.0, train ? c1 : NULL, c2, H, W, work);
+            float *z = (float *)b[1].buf + i * hw, *st = (float *)b[2].buf + i * vhw3;
+            float *c1 = (float *)b[3].buf + i, *c2 = (float *)b[4].buf + i;
+            constant = prepare_one_f32(x, z, 1, st, st + 1, st + 2, 3, 1.0, 1.0, train ? c1 : NULL,
+                                       c2, H, W, work);
         }
         if (constant) bad = i + 1;
     }
     Py_END_ALLOW_THREADS
     free(work);
-    for (int k = 0; k < 7; k++) PyBuffer_Release(&b[k]);
+    for (int k = 0; k < 5; k++) PyBuffer_Release(&b[k]);
     return PyLong_FromLong(bad);
 }
 
 static PyObject *ssim_pairs(PyObject *self, PyObject *args)
 {
-    Py_buffer b[11];
+    Py_buffer b[7]; /* za, zb, sa, sb, c1, c2, out */
     long n, H, W;
     int is64, status;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*y*w*lllp", &b[0], &b[1], &b[2], &b[3], &b[4],
-                          &b[5], &b[6], &b[7], &b[8], &b[9], &b[10], &n, &H, &W, &is64))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*w*lllp", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5],
+                          &b[6], &n, &H, &W, &is64))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (is64)
         status = ssim_pairs_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf,
-                                b[6].buf, b[7].buf, b[8].buf, b[9].buf, b[10].buf, n, H, W);
+                                b[6].buf, n, H, W);
     else
         status = ssim_pairs_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf,
-                                b[6].buf, b[7].buf, b[8].buf, b[9].buf, b[10].buf, n, H, W);
+                                b[6].buf, n, H, W);
     Py_END_ALLOW_THREADS
-    for (int k = 0; k < 11; k++) PyBuffer_Release(&b[k]);
+    for (int k = 0; k < 7; k++) PyBuffer_Release(&b[k]);
     if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"ssim_rows", ssim_rows, METH_VARARGS,
-     "ssim_rows(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, i0, i1, j0, j1, nb, H, W, is64, "
+     "ssim_rows(za, zb, sa, sb, c1, c2, out, i0, i1, j0, j1, nb, H, W, is64, "
      "workspace)"},
     {"ssim_rows_raw", ssim_rows_raw, METH_VARARGS,
-     "ssim_rows_raw(za, mua, mua2c1, vac2, c1, c2, images, out, i0, i1, j0, j1, nb, H, W, is64, "
+     "ssim_rows_raw(za, sa, c1, c2, images, out, i0, i1, j0, j1, nb, H, W, is64, "
      "workspace) -> 0, or 1 + the first constant generated image; images: raw float64 (m, H, W)"},
     {"workspace_bytes", workspace_bytes, METH_VARARGS,
      "workspace_bytes(H, W) -> the bytes ssim_rows needs as its workspace"},
     {"prepare_images", prepare_images, METH_VARARGS,
-     "prepare_images(x, z, mu, mu2, var, c1, c2, n, H, W, train, is64) -> 1 + first constant image, or 0"},
+     "prepare_images(x, z, stats, c1, c2, n, H, W, train, is64) -> 1 + first constant image, or 0"},
     {"set_instruction_set", set_instruction_set, METH_VARARGS,
      "set_instruction_set(name) -> False if this CPU lacks it: the pair kernel's 'avx512', 'avx2' or 'baseline'"},
     {"instruction_set", get_instruction_set, METH_NOARGS, "instruction_set() -> the pair kernel in use"},
     {"ssim_pairs", ssim_pairs, METH_VARARGS,
-     "ssim_pairs(za, zb, mua, mub, mua2c1, mub2, vac2, vb, c1, c2, out, n, H, W, is64)"},
+     "ssim_pairs(za, zb, sa, sb, c1, c2, out, n, H, W, is64)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel",

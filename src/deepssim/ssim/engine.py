@@ -47,19 +47,40 @@ _GENERATED_CHUNK = 128
 class PreparedImages:
     """Z-scored images and their per-image SSIM statistics, ready for pairing.
 
-    For training images ``mu_sq`` holds mu^2 + C1 and ``var`` holds var + C2 (C1, C2 come from
-    the training image's data range); for generated images they hold plain mu^2 and var.
+    ``stats`` (n, H-6, W-6, 3) holds, for each valid pixel, the local mean ``mu``, ``mu_sq`` and
+    the local variance ``var`` side by side, so the C kernel reads a pixel's three with one
+    pointer. For training images ``mu_sq`` is mu^2 + C1 and ``var`` is var + C2 (C1, C2 come
+    from the training image's data range); for generated images they are plain mu^2 and var.
     """
 
     z: np.ndarray
-    mu: np.ndarray
-    mu_sq: np.ndarray
-    var: np.ndarray
+    stats: np.ndarray
     c1: np.ndarray | None = None
     c2: np.ndarray | None = None
 
+    @property
+    def mu(self) -> np.ndarray:
+        return self.stats[..., 0]
+
+    @property
+    def mu_sq(self) -> np.ndarray:
+        return self.stats[..., 1]
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.stats[..., 2]
+
     def __len__(self) -> int:
         return len(self.z)
+
+    def __getitem__(self, index) -> PreparedImages:
+        """The images at ``index`` (a slice or an index array)."""
+        return PreparedImages(
+            self.z[index],
+            self.stats[index],
+            None if self.c1 is None else self.c1[index],
+            None if self.c2 is None else self.c2[index],
+        )
 
 
 def _as_stack(images) -> np.ndarray:
@@ -100,12 +121,9 @@ def prepare(images, role: str, dtype=np.float32, chunk: int = 32) -> PreparedIma
 
 
 def _empty_prepared(n: int, height: int, width: int, dtype, role: str) -> PreparedImages:
-    valid = (n, height - WINDOW + 1, width - WINDOW + 1)
     return PreparedImages(
         z=np.empty((n, height, width), dtype),
-        mu=np.empty(valid, dtype),
-        mu_sq=np.empty(valid, dtype),
-        var=np.empty(valid, dtype),
+        stats=np.empty((n, height - WINDOW + 1, width - WINDOW + 1, 3), dtype),
         c1=np.empty(n, dtype) if role == "train" else None,
         c2=np.empty(n, dtype) if role == "train" else None,
     )
@@ -118,7 +136,7 @@ def _prepare_checked(
     images' arrays of at least ``len(stack)`` images to fill (the first rows) and return."""
     n, height, width = stack.shape
     if into is not None:
-        prepared = PreparedImages(z=into.z[:n], mu=into.mu[:n], mu_sq=into.mu_sq[:n], var=into.var[:n])
+        prepared = into[:n]
     else:
         prepared = _empty_prepared(n, height, width, dtype, role)
     if _ssim_kernel is not None:
@@ -129,9 +147,7 @@ def _prepare_checked(
             return _ssim_kernel.prepare_images(
                 stack[start:stop],
                 prepared.z[start:stop],
-                prepared.mu[start:stop],
-                prepared.mu_sq[start:stop],
-                prepared.var[start:stop],
+                prepared.stats[start:stop],
                 (prepared.c1 if role == "train" else unused)[start:stop],
                 (prepared.c2 if role == "train" else unused)[start:stop],
                 stop - start,
@@ -161,19 +177,8 @@ def _prepare_checked(
 
 
 def _kernel_arrays(train: PreparedImages, generated: PreparedImages) -> tuple:
-    """The C kernels' inputs, in their order: z, mu, mu^2 (+C1), var (+C2) of both sides, C1, C2."""
-    return (
-        train.z,
-        generated.z,
-        train.mu,
-        generated.mu,
-        train.mu_sq,
-        generated.mu_sq,
-        train.var,
-        generated.var,
-        train.c1,
-        train.c2,
-    )
+    """The C kernels' inputs, in their order: z and statistics of both sides, C1, C2."""
+    return (train.z, generated.z, train.stats, generated.stats, train.c1, train.c2)
 
 
 def _in_threads(n: int, run, minimum: int = 16) -> list:
@@ -260,7 +265,7 @@ def _ssim_c(
     out = np.empty((n, m), dtype=dtype)
     threads = _thread_count(threads)
     if raw:
-        args = (train.z, train.mu, train.mu_sq, train.var, train.c1, train.c2, generated, out)
+        args = (train.z, train.stats, train.c1, train.c2, generated, out)
         kernel = _ssim_kernel.ssim_rows_raw
     else:
         args = (*_kernel_arrays(train, generated), out)

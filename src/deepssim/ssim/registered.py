@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from deepssim.errors import DeepSSIMError
 from deepssim.io.normalise import zscore
-from deepssim.ssim.engine import PreparedImages, prepare, ssim_prepared_pairs
+from deepssim.ssim.engine import prepare, ssim_prepared_pairs
 
 FLIPS = ("none", "rows", "cols", "both")
 # (row, col) signs of each flip, in centred coordinates.
@@ -401,9 +401,7 @@ def _exact_ssim(train: np.ndarray, candidates: np.ndarray, owner: np.ndarray) ->
     """SSIM of (train[owner[j]], candidates[j]) for every j, with the SSIM engine (exact, float64):
     each training image is prepared once for all its candidates, then the matched-pairs kernel."""
     prepared = prepare(train, "train", np.float64)
-    fields = ("z", "mu", "mu_sq", "var", "c1", "c2")
-    gathered = PreparedImages(*(getattr(prepared, name)[owner] for name in fields))
-    return ssim_prepared_pairs(gathered, prepare(candidates, "generated", np.float64))
+    return ssim_prepared_pairs(prepared[owner], prepare(candidates, "generated", np.float64))
 
 
 # --------------------------------------------------------------------------------------------------
