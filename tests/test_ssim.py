@@ -133,6 +133,28 @@ def test_bad_arrays_give_clear_errors(train, generated, message):
         deepssim.ssim_matrix(train, generated)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("role", ["training", "generated"])
+@pytest.mark.parametrize(
+    "problem, message",
+    [("nan", "contains NaN or Inf"), ("inf", "contains NaN or Inf"), ("constant", "is constant")],
+)
+def test_an_unpreparable_image_is_named(backend, role, problem, message):
+    """The error names the image, counted across blocks (the C kernel finds these as it prepares)."""
+    rng = np.random.default_rng(0)
+    images = {"training": rng.normal(size=(5, 9, 9)), "generated": rng.normal(size=(40, 9, 9))}
+    bad = {"nan": np.nan, "inf": np.inf, "constant": None}[problem]
+    if bad is None:
+        images[role][3] = 1.0
+    else:
+        images[role][3, 4, 4] = bad
+    expected = message if _ssim_kernel is not None or problem == "constant" else "NaN or Inf"
+    with pytest.raises(deepssim.DeepSSIMError, match=expected) as error:
+        deepssim.ssim_matrix(images["training"], images["generated"], backend=backend, block_size=2)
+    if _ssim_kernel is not None:
+        assert f"{role} image 3 " in str(error.value)
+
+
 @pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C compiler")
 def test_c_kernel_is_built_where_a_compiler_exists():
     """Installation must have compiled the fast kernel; otherwise the CPU path is ~50x slower."""

@@ -36,8 +36,18 @@
  * a pair kernel's interleaved block can take them directly: z * zscale at z[p * zs], and
  * mu * muscale, mu^2 and var at mu[q * ss], mu2[q * ss], var[q * ss]. Sums are in double: 7-row
  * column sums slide down the image, and each window adds its 7 columns afresh. work: H * W +
- * 2 * W + 3 * (W - 6) doubles. Returns 1 for a constant image, else 0. */
+ * 2 * W + 3 * (W - 6) doubles. Returns 1 for a constant image, 2 for one with NaN or Inf values
+ * (its sum is not finite), else 0. */
 #define PREPARE_WORK(H, W) ((H) * (W) + 2 * (W) + 3 * ((W) - 6))
+
+/* NaN or Inf, by the exponent bits: -ffast-math lets the compiler assume isfinite() is true. */
+static int not_finite(double v)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return (bits & 0x7ff0000000000000ULL) == 0x7ff0000000000000ULL;
+}
+
 #define DEFINE_PREPARE_ONE(T, NAME)                                                            \
 MULTIVERSION static int NAME(const double *xi, T *z, long zs, T *mu, T *mu2, T *var, long ss,  \
                              double zscale, double muscale, T *c1, T *c2, long H, long W,      \
@@ -48,6 +58,7 @@ MULTIVERSION static int NAME(const double *xi, T *z, long zs, T *mu, T *mu2, T *
            *vr = m2r + wo;                                                                     \
     double mean = 0, ss2 = 0;                                                                  \
     for (long p = 0; p < hw; p++) mean += xi[p];                                               \
+    if (not_finite(mean)) return 2;                                                            \
     mean /= (double)hw;                                                                        \
     for (long p = 0; p < hw; p++) ss2 += (xi[p] - mean) * (xi[p] - mean);                      \
     const double sd = sqrt(ss2 / (double)hw);                                                  \
@@ -141,7 +152,8 @@ DEFINE_PREPARE_ONE(double, prepare_one_f64)
  * mu^2 and the local variance side by side, + C1 and + C2 on the training side (sa); c1, c2:
  * constants per training image; raw: when not NULL, generated images (m, H, W) in double,
  * prepared here instead of zb, sb. Computes out[i, j] (row stride nb) for i in [i0, i1),
- * j in [j0, j1); returns 0, or 1 + the index of a constant generated image.
+ * j in [j0, j1); returns 0, or for the first generated image that cannot be prepared 1 + its
+ * index, negated when it has NaN or Inf values (see prepare_one).
  *
  * Generated images go LANES at a time into the lanes of a SIMD vector: their statistics are
  * interleaved once per block (pixel-major, image-minor), so a training image's value is one
@@ -171,11 +183,12 @@ TARGET static long NAME(const T *za, const T *zb, const T *sa, const T *sb, cons
         const long nj = (j1 - jb < LANES) ? j1 - jb : LANES;                                   \
         if (raw != NULL) { /* prepare each generated image straight into its lane */           \
             T *zl = (T *)bz, *sl = (T *)bstat;                                                 \
-            for (long l = 0; l < nj; l++)                                                      \
-                if (PREPARE_ONE(raw + (jb + l) * hw, zl + l, LANES, sl + l, sl + LANES + l,    \
-                                sl + 2 * LANES + l, 3 * LANES, k1, 2.0, NULL, NULL, H, W,      \
-                                prepare_work))                                                 \
-                    return 1 + jb + l; /* a constant image */                                  \
+            for (long l = 0; l < nj; l++) {                                                    \
+                const int bad = PREPARE_ONE(raw + (jb + l) * hw, zl + l, LANES, sl + l,        \
+                                            sl + LANES + l, sl + 2 * LANES + l, 3 * LANES, k1, \
+                                            2.0, NULL, NULL, H, W, prepare_work);              \
+                if (bad) return bad == 1 ? 1 + jb + l : -(1 + jb + l);                         \
+            }                                                                                  \
         } else { /* interleave prepared images pixel by pixel, a vector at a time */           \
             const T *z[LANES], *m[LANES];                                                      \
             for (long l = 0; l < LANES; l++) {                                                 \
@@ -458,7 +471,7 @@ static PyObject *prepare_images(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (long i = 0; i < n && !bad; i++) {
         const double *x = (const double *)b[0].buf + i * hw;
-        int constant;
+        int constant; /* or not finite */
         if (is64) {
             double *z = (double *)b[1].buf + i * hw, *st = (double *)b[2].buf + i * vhw3;
             double *c1 = (double *)b[3].buf + i, *c2 = (double *)b[4].buf + i;
@@ -470,7 +483,7 @@ static PyObject *prepare_images(PyObject *self, PyObject *args)
             constant = prepare_one_f32(x, z, 1, st, st + 1, st + 2, 3, 1.0, 1.0, train ? c1 : NULL,
                                        c2, H, W, work);
         }
-        if (constant) bad = i + 1;
+        if (constant) bad = constant == 1 ? i + 1 : -(i + 1);
     }
     Py_END_ALLOW_THREADS
     free(work);
@@ -505,11 +518,12 @@ static PyMethodDef methods[] = {
      "workspace)"},
     {"ssim_rows_raw", ssim_rows_raw, METH_VARARGS,
      "ssim_rows_raw(za, sa, c1, c2, images, out, i0, i1, j0, j1, nb, H, W, is64, "
-     "workspace) -> 0, or 1 + the first constant generated image; images: raw float64 (m, H, W)"},
+     "workspace) -> 0, or as prepare_images; images: raw float64 (m, H, W)"},
     {"workspace_bytes", workspace_bytes, METH_VARARGS,
      "workspace_bytes(H, W) -> the bytes ssim_rows needs as its workspace"},
     {"prepare_images", prepare_images, METH_VARARGS,
-     "prepare_images(x, z, stats, c1, c2, n, H, W, train, is64) -> 1 + first constant image, or 0"},
+     "prepare_images(x, z, stats, c1, c2, n, H, W, train, is64) -> 0, or 1 + the first bad image "
+     "(negated when it has NaN or Inf values)"},
     {"set_instruction_set", set_instruction_set, METH_VARARGS,
      "set_instruction_set(name) -> False if this CPU lacks it: the pair kernel's 'avx512', 'avx2' or 'baseline'"},
     {"instruction_set", get_instruction_set, METH_NOARGS, "instruction_set() -> the pair kernel in use"},

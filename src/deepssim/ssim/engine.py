@@ -84,6 +84,8 @@ class PreparedImages:
 
 
 def _as_stack(images) -> np.ndarray:
+    """Images as a float64 (N, H, W) stack, checked. The finiteness check is left to the C
+    kernel's preparation where it exists (it sums every image anyway, so it costs nothing)."""
     stack = np.asarray(images, dtype=np.float64) if not isinstance(images, np.ndarray) else images
     if stack.ndim == 2:
         stack = stack[None]
@@ -91,9 +93,22 @@ def _as_stack(images) -> np.ndarray:
         raise DeepSSIMError(f"expected 2D images or an (N, H, W) array, got shape {stack.shape}")
     if stack.shape[1] < WINDOW or stack.shape[2] < WINDOW:
         raise DeepSSIMError(f"images are {stack.shape[1]}x{stack.shape[2]}; SSIM needs at least 7x7")
-    if not np.all(np.isfinite(stack)):
+    if _ssim_kernel is None and not np.all(np.isfinite(stack)):
         raise DeepSSIMError("images contain NaN or Inf values")
     return stack.astype(np.float64, copy=False)
+
+
+def _unpreparable(code: int, role: str, first: int = 0) -> DeepSSIMError:
+    """The error for a C kernel's code: 1 + the index of an image it could not prepare (from
+    ``first``), negated when the image has NaN or Inf values, positive when it is constant."""
+    which = "training" if role == "train" else role
+    index = first + abs(code) - 1
+    if code < 0:
+        return DeepSSIMError(f"{which} image {index} contains NaN or Inf values")
+    return DeepSSIMError(
+        f"{which} image {index} is constant: a constant image has no standard deviation and "
+        "cannot be z-scored"
+    )
 
 
 def _box_mean(stack: np.ndarray) -> np.ndarray:
@@ -130,21 +145,24 @@ def _empty_prepared(n: int, height: int, width: int, dtype, role: str) -> Prepar
 
 
 def _prepare_checked(
-    stack: np.ndarray, role: str, dtype, chunk: int = 32, into: PreparedImages | None = None
+    stack: np.ndarray,
+    role: str,
+    dtype,
+    chunk: int = 32,
+    into: PreparedImages | None = None,
+    first: int = 0,
 ) -> PreparedImages:
     """:func:`prepare` on a stack that ``_as_stack`` has already checked; ``into``: generated
-    images' arrays of at least ``len(stack)`` images to fill (the first rows) and return."""
+    images' arrays of at least ``len(stack)`` images to fill (the first rows) and return;
+    ``first``: the index of the stack's first image, for error messages."""
     n, height, width = stack.shape
-    if into is not None:
-        prepared = into[:n]
-    else:
-        prepared = _empty_prepared(n, height, width, dtype, role)
+    prepared = into[:n] if into is not None else _empty_prepared(n, height, width, dtype, role)
     if _ssim_kernel is not None:
         stack = np.ascontiguousarray(stack)
         unused = np.empty(n, dtype)
 
         def run(start: int, stop: int) -> int:
-            return _ssim_kernel.prepare_images(
+            code = _ssim_kernel.prepare_images(
                 stack[start:stop],
                 prepared.z[start:stop],
                 prepared.stats[start:stop],
@@ -156,9 +174,11 @@ def _prepare_checked(
                 role == "train",
                 np.dtype(dtype) == np.float64,
             )
+            return code if code == 0 else code + (start if code > 0 else -start)
 
-        if any(_in_threads(n, run)):
-            raise DeepSSIMError("a constant image has no standard deviation and cannot be z-scored")
+        codes = [code for code in _in_threads(n, run) if code]
+        if codes:
+            raise _unpreparable(codes[0], role, first)
         return prepared
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
@@ -249,12 +269,14 @@ def _ssim_c(
     generated: PreparedImages | np.ndarray,
     threads: int | None,
     workspace: np.ndarray | None,
+    first: int = 0,
 ) -> np.ndarray:
     """Threads take blocks of generated images (each thread interleaves its own blocks once), or
     blocks of training images when there are too few generated images to go round.
 
     generated: prepared images, or raw float64 images (m, H, W) that the kernel prepares one
-    SIMD block at a time straight into its workspace (no prepared copy passes through memory).
+    SIMD block at a time straight into its workspace (no prepared copy passes through memory);
+    ``first``: the index of their first image, for error messages.
     """
     raw = isinstance(generated, np.ndarray)
     if raw:
@@ -284,15 +306,13 @@ def _ssim_c(
         return kernel(*args, *blocks[k], m, height, width, dtype == np.float64, workspace[k])
 
     if len(blocks) == 1:
-        constant = [run(0)]
+        codes = [run(0)]
     else:
         with ThreadPoolExecutor(len(blocks)) as pool:
-            constant = list(pool.map(run, range(len(blocks))))
-    if any(constant):
-        raise DeepSSIMError(
-            f"generated image {max(constant) - 1} is constant: it has no standard deviation and "
-            "cannot be z-scored"
-        )
+            codes = list(pool.map(run, range(len(blocks))))
+    codes = [code for code in codes if code]
+    if codes:
+        raise _unpreparable(codes[0], "generated", first)
     return out
 
 
@@ -449,16 +469,16 @@ def ssim_blocks(
         for r0 in range(0, len(train), block_size):
             prepared_train = train_cache.get(r0)
             if prepared_train is None:
-                prepared_train = _prepare_checked(train.read(r0, r0 + block_size), "train", dtype)
+                prepared_train = _prepare_checked(train.read(r0, r0 + block_size), "train", dtype, first=r0)
                 if keep_train:
                     train_cache[r0] = prepared_train
             if in_kernel:
-                block = _ssim_c(prepared_train, generated_block, None, workspace)
+                block = _ssim_c(prepared_train, generated_block, None, workspace, first=s0)
             else:
                 block = np.empty((len(prepared_train), len(generated_block)), dtype)
                 for g0 in range(0, len(generated_block), chunk):
                     part = _prepare_checked(
-                        generated_block[g0 : g0 + chunk], "generated", dtype, into=buffer
+                        generated_block[g0 : g0 + chunk], "generated", dtype, into=buffer, first=s0 + g0
                     )
                     block[:, g0 : g0 + chunk] = ssim_prepared(prepared_train, part, backend, device)
             if bar is not None:
