@@ -21,7 +21,7 @@
 /* The pair kernel's workspace, in 64-byte vectors (the widest): the interleaved generated
  * block (z, mu, mu^2, var) and TI column-sum rows with a leading zero. */
 #define WORK_VECTORS(H, W) ((H) * (W) + 3 * ((H) - 6) * ((W) - 6) + TI * ((W) + 1))
-#define WORK_BYTES(H, W) (64 * WORK_VECTORS(H, W) + 8 * PREPARE_WORK(H, W) + 64) /* + 64: alignment */
+#define WORK_BYTES(H, W) (64 * WORK_VECTORS(H, W) + 8 * BLOCK_WORK(W) + 64) /* + 64: alignment */
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define MULTIVERSION __attribute__((target_clones("arch=sapphirerapids", "avx512f", "arch=haswell", "default")))
@@ -118,6 +118,82 @@ MULTIVERSION static int NAME(const double *xi, T *z, long zs, T *mu, T *mu2, T *
 DEFINE_PREPARE_ONE(float, prepare_one_f32)
 DEFINE_PREPARE_ONE(double, prepare_one_f64)
 
+/* Prepares n <= lanes <= 16 raw images (n, H, W) in double straight into the lanes of a pair
+ * kernel's block: z * zscale at bz[p * lanes + l]; mu * muscale, mu^2 and var at
+ * bstat[(3 q + k) * lanes + l], k = 0, 1, 2. The statistics of prepare_one (generated side: no
+ * C1, C2), made row by row across the images so that each block row is complete while it is in
+ * cache (image by image, every image's pass went through the whole block, larger than L2).
+ * work: BLOCK_WORK(W) doubles. Returns 0, or 1 + the first image that cannot be prepared,
+ * negated when it has NaN or Inf values. */
+#define BLOCK_WORK(W) (2 * 16 * (W) + (W) + 3 * ((W) - 6))
+#define DEFINE_PREPARE_BLOCK(T, NAME)                                                          \
+MULTIVERSION static long NAME(const double *raw, long n, long lanes, T *bz, T *bstat,          \
+                              double zscale, double muscale, long H, long W, double *work)     \
+{                                                                                              \
+    const long wo = W - 6, hw = H * W;                                                         \
+    double mean[16], inv[16];                                                                  \
+    double *zr = work, *mr = zr + W, *m2r = mr + wo, *vr = m2r + wo, *cols = vr + wo;         \
+    for (long l = 0; l < n; l++) {                                                             \
+        const double *x = raw + l * hw;                                                        \
+        double sum = 0, ss = 0;                                                                \
+        for (long p = 0; p < hw; p++) sum += x[p];                                             \
+        if (not_finite(sum)) return -(1 + l);                                                  \
+        const double m = sum / (double)hw;                                                     \
+        for (long p = 0; p < hw; p++) ss += (x[p] - m) * (x[p] - m);                           \
+        const double sd = sqrt(ss / (double)hw);                                               \
+        if (!(sd > 0)) return 1 + l;                                                           \
+        mean[l] = m;                                                                           \
+        inv[l] = 1.0 / sd;                                                                     \
+    }                                                                                          \
+    for (long y = 0; y < H; y++) {                                                             \
+        for (long l = 0; l < n; l++) {                                                         \
+            const double *x = raw + l * hw, m = mean[l], iv = inv[l];                          \
+            double *col = cols + 2 * l * W, *col2 = col + W;                                   \
+            for (long c = 0; c < W; c++) zr[c] = (x[y * W + c] - m) * iv;                      \
+            T *zo = bz + y * W * lanes + l;                                                    \
+            for (long c = 0; c < W; c++) zo[c * lanes] = (T)(zscale * zr[c]);                  \
+            if (y == 0) {                                                                      \
+                for (long c = 0; c < W; c++) {                                                 \
+                    col[c] = zr[c];                                                            \
+                    col2[c] = zr[c] * zr[c];                                                   \
+                }                                                                              \
+            } else if (y < 7) {                                                                \
+                for (long c = 0; c < W; c++) {                                                 \
+                    col[c] += zr[c];                                                           \
+                    col2[c] += zr[c] * zr[c];                                                  \
+                }                                                                              \
+            } else { /* slide the 7-row column sums down (double: no drift) */                 \
+                const double *leaving = x + (y - 7) * W;                                       \
+                for (long c = 0; c < W; c++) {                                                 \
+                    const double d = (leaving[c] - m) * iv;                                    \
+                    col[c] += zr[c] - d;                                                       \
+                    col2[c] += zr[c] * zr[c] - d * d;                                          \
+                }                                                                              \
+            }                                                                                  \
+            if (y < 6) continue;                                                               \
+            for (long c = 0; c < wo; c++) { /* 7 columns summed afresh: vectorises */          \
+                const double *a = col + c, *b = col2 + c;                                      \
+                const double s = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6];               \
+                const double s2 = b[0] + b[1] + b[2] + b[3] + b[4] + b[5] + b[6];              \
+                const double mu = s * (1.0 / 49.0);                                            \
+                mr[c] = muscale * mu;                                                          \
+                m2r[c] = mu * mu;                                                              \
+                vr[c] = (49.0 / 48.0) * (s2 * (1.0 / 49.0) - mu * mu);                         \
+            }                                                                                  \
+            T *so = bstat + 3 * (y - 6) * wo * lanes + l;                                      \
+            for (long c = 0; c < wo; c++) {                                                    \
+                so[3 * c * lanes] = (T)mr[c];                                                  \
+                so[(3 * c + 1) * lanes] = (T)m2r[c];                                           \
+                so[(3 * c + 2) * lanes] = (T)vr[c];                                            \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    return 0;                                                                                  \
+}
+
+DEFINE_PREPARE_BLOCK(float, prepare_block_f32)
+DEFINE_PREPARE_BLOCK(double, prepare_block_f64)
+
 /* The horizontal pass over one block row of the kernel below (its local variables): SLIDE
  * rows first slide each column's vertical sum down one row. Two expansions, so the test is not
  * made per pixel. */
@@ -167,7 +243,7 @@ DEFINE_PREPARE_ONE(double, prepare_one_f64)
  * Constants are folded so the pixel loop does little arithmetic: the interleaved z is scaled by
  * k1 = 2 (49/48) / 49 and mu by 2, and each column sum carries (C2 + (49/48) C1) / 7, so with
  * lum = 2 mu_a mu_b + C1 the window sum s gives 2 cov + C2 = s - (49/48) lum. */
-#define DEFINE_KERNEL(T, NAME, LANES, P, TARGET, PREPARE_ONE)                                  \
+#define DEFINE_KERNEL(T, NAME, LANES, P, TARGET, PREPARE_BLOCK)                                \
 TARGET static long NAME(const T *za, const T *zb, const T *sa, const T *sb, const T *c1,      \
                         const T *c2, const double *raw, T *out, long i0, long i1,              \
                         long j0, long j1, long nb, long H, long W, void *work)                 \
@@ -181,14 +257,10 @@ TARGET static long NAME(const T *za, const T *zb, const T *sa, const T *sb, cons
     for (long u = 0; u < TI; u++) cols[u * (W + 1)] = (V){0}; /* col[-1] of each image */      \
     for (long jb = j0; jb < j1; jb += LANES) {                                                 \
         const long nj = (j1 - jb < LANES) ? j1 - jb : LANES;                                   \
-        if (raw != NULL) { /* prepare each generated image straight into its lane */           \
-            T *zl = (T *)bz, *sl = (T *)bstat;                                                 \
-            for (long l = 0; l < nj; l++) {                                                    \
-                const int bad = PREPARE_ONE(raw + (jb + l) * hw, zl + l, LANES, sl + l,        \
-                                            sl + LANES + l, sl + 2 * LANES + l, 3 * LANES, k1, \
-                                            2.0, NULL, NULL, H, W, prepare_work);              \
-                if (bad) return bad == 1 ? 1 + jb + l : -(1 + jb + l);                         \
-            }                                                                                  \
+        if (raw != NULL) { /* prepare the generated images straight into their lanes */        \
+            const long bad = PREPARE_BLOCK(raw + jb * hw, nj, LANES, (T *)bz, (T *)bstat, k1,  \
+                                           2.0, H, W, prepare_work);                           \
+            if (bad) return bad > 0 ? bad + jb : bad - jb;                                     \
         } else { /* interleave prepared images pixel by pixel, a vector at a time */           \
             const T *z[LANES], *m[LANES];                                                      \
             for (long l = 0; l < LANES; l++) {                                                 \
@@ -280,20 +352,20 @@ typedef long (*rows_f64_fn)(const double *, const double *, const double *, cons
 /* 1 / d for the SSIM map's denominator; the float32 AVX kernels use the approximate
  * reciprocal and one Newton step (relative error ~1e-7, as accurate as float32 division) */
 #define RECIP(d) (1 / (d))
-DEFINE_KERNEL(float, ssim_rows_f32_base, 4, 1, , prepare_one_f32)
-DEFINE_KERNEL(double, ssim_rows_f64_base, 2, 1, , prepare_one_f64)
+DEFINE_KERNEL(float, ssim_rows_f32_base, 4, 1, , prepare_block_f32)
+DEFINE_KERNEL(double, ssim_rows_f64_base, 2, 1, , prepare_block_f64)
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
 #define AVX2 __attribute__((target("avx2,fma")))
-DEFINE_KERNEL(double, ssim_rows_f64_avx512, 8, 2, AVX512, prepare_one_f64)
-DEFINE_KERNEL(double, ssim_rows_f64_avx2, 4, 1, AVX2, prepare_one_f64)
+DEFINE_KERNEL(double, ssim_rows_f64_avx512, 8, 2, AVX512, prepare_block_f64)
+DEFINE_KERNEL(double, ssim_rows_f64_avx2, 4, 1, AVX2, prepare_block_f64)
 #undef RECIP
 #define RECIP(d) ({ const V r_ = (V)_mm512_rcp14_ps((__m512)(d)); r_ * (2.0f - (d) * r_); })
-DEFINE_KERNEL(float, ssim_rows_f32_avx512, 16, 2, AVX512, prepare_one_f32)
+DEFINE_KERNEL(float, ssim_rows_f32_avx512, 16, 2, AVX512, prepare_block_f32)
 #undef RECIP
 #define RECIP(d) ({ const V r_ = (V)_mm256_rcp_ps((__m256)(d)); r_ * (2.0f - (d) * r_); })
-DEFINE_KERNEL(float, ssim_rows_f32_avx2, 8, 2, AVX2, prepare_one_f32)
+DEFINE_KERNEL(float, ssim_rows_f32_avx2, 8, 2, AVX2, prepare_block_f32)
 #endif
 
 static rows_f32_fn ssim_rows_f32 = ssim_rows_f32_base;
