@@ -29,17 +29,6 @@
 #define MULTIVERSION
 #endif
 
-/* Per-image statistics of one raw image xi (H, W) in double: z = (x - mean) / std (population
- * std), mu = 7x7 local mean of z, var = sample variance in the window (x 49/48), and for a
- * training image (c1 != NULL) mu^2 + C1 and var + C2 with C1 = (K1 R)^2, C2 = (K2 R)^2, R the
- * range of z, stored in *c1, *c2; for a generated image mu^2 and var. Written with strides so
- * a pair kernel's interleaved block can take them directly: z * zscale at z[p * zs], and
- * mu * muscale, mu^2 and var at mu[q * ss], mu2[q * ss], var[q * ss]. Sums are in double: 7-row
- * column sums slide down the image, and each window adds its 7 columns afresh. work: H * W +
- * 2 * W + 3 * (W - 6) doubles. Returns 1 for a constant image, 2 for one with NaN or Inf values
- * (its sum is not finite), else 0. */
-#define PREPARE_WORK(H, W) ((H) * (W) + 2 * (W) + 3 * ((W) - 6))
-
 /* NaN or Inf, by the exponent bits: -ffast-math lets the compiler assume isfinite() is true. */
 static int not_finite(double v)
 {
@@ -48,95 +37,34 @@ static int not_finite(double v)
     return (bits & 0x7ff0000000000000ULL) == 0x7ff0000000000000ULL;
 }
 
-#define DEFINE_PREPARE_ONE(T, NAME)                                                            \
-MULTIVERSION static int NAME(const double *xi, T *z, long zs, T *mu, T *mu2, T *var, long ss,  \
-                             double zscale, double muscale, T *c1, T *c2, long H, long W,      \
-                             double *work)                                                     \
-{                                                                                              \
-    const long ho = H - 6, wo = W - 6, hw = H * W;                                             \
-    double *zd = work, *col = zd + hw, *col2 = col + W, *mr = col2 + W, *m2r = mr + wo,       \
-           *vr = m2r + wo;                                                                     \
-    double mean = 0, ss2 = 0;                                                                  \
-    for (long p = 0; p < hw; p++) mean += xi[p];                                               \
-    if (not_finite(mean)) return 2;                                                            \
-    mean /= (double)hw;                                                                        \
-    for (long p = 0; p < hw; p++) ss2 += (xi[p] - mean) * (xi[p] - mean);                      \
-    const double sd = sqrt(ss2 / (double)hw);                                                  \
-    if (!(sd > 0)) return 1;                                                                   \
-    double lo = 1e300, hi = -1e300;                                                            \
-    for (long p = 0; p < hw; p++) {                                                            \
-        const double v = (xi[p] - mean) / sd;                                                  \
-        zd[p] = v;                                                                             \
-        if (v < lo) lo = v;                                                                    \
-        if (v > hi) hi = v;                                                                    \
-    }                                                                                          \
-    for (long p = 0; p < hw; p++) z[p * zs] = (T)(zscale * zd[p]);                             \
-    double C1 = 0, C2 = 0;                                                                     \
-    if (c1 != NULL) {                                                                          \
-        C1 = (0.01 * (hi - lo)) * (0.01 * (hi - lo));                                          \
-        C2 = (0.03 * (hi - lo)) * (0.03 * (hi - lo));                                          \
-        *c1 = (T)C1;                                                                           \
-        *c2 = (T)C2;                                                                           \
-    }                                                                                          \
-    for (long x = 0; x < W; x++) {                                                             \
-        double s = 0, s2 = 0;                                                                  \
-        for (long k = 0; k < 7; k++) {                                                         \
-            const double v = zd[k * W + x];                                                    \
-            s += v;                                                                            \
-            s2 += v * v;                                                                       \
-        }                                                                                      \
-        col[x] = s;                                                                            \
-        col2[x] = s2;                                                                          \
-    }                                                                                          \
-    for (long y = 0; y < ho; y++) {                                                            \
-        if (y > 0) { /* slide the 7-row column sums down one row (double: no drift) */        \
-            const double *add = zd + (y + 6) * W, *drop = zd + (y - 1) * W;                    \
-            for (long x = 0; x < W; x++) {                                                     \
-                col[x] += add[x] - drop[x];                                                    \
-                col2[x] += add[x] * add[x] - drop[x] * drop[x];                                \
-            }                                                                                  \
-        }                                                                                      \
-        for (long x = 0; x < wo; x++) { /* 7 columns summed afresh: vectorises */              \
-            const double *c = col + x, *q = col2 + x;                                          \
-            const double s = c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6];                  \
-            const double s2 = q[0] + q[1] + q[2] + q[3] + q[4] + q[5] + q[6];                  \
-            const double m = s * (1.0 / 49.0);                                                 \
-            mr[x] = muscale * m;                                                               \
-            m2r[x] = m * m + C1;                                                               \
-            vr[x] = (49.0 / 48.0) * (s2 * (1.0 / 49.0) - m * m) + C2;                          \
-        }                                                                                      \
-        const long o = y * wo;                                                                 \
-        for (long x = 0; x < wo; x++) {                                                        \
-            mu[(o + x) * ss] = (T)mr[x];                                                       \
-            mu2[(o + x) * ss] = (T)m2r[x];                                                     \
-            var[(o + x) * ss] = (T)vr[x];                                                      \
-        }                                                                                      \
-    }                                                                                          \
-    return 0;                                                                                  \
-}
-
-DEFINE_PREPARE_ONE(float, prepare_one_f32)
-DEFINE_PREPARE_ONE(double, prepare_one_f64)
-
-/* Prepares n <= lanes <= 16 raw images (n, H, W) in double straight into the lanes of a pair
- * kernel's block: z * zscale at bz[p * lanes + l]; mu * muscale, mu^2 and var at
- * bstat[(3 q + k) * lanes + l], k = 0, 1, 2. The statistics of prepare_one (generated side: no
- * C1, C2), made row by row across the images so that each block row is complete while it is in
- * cache (image by image, every image's pass went through the whole block, larger than L2).
- * work: BLOCK_WORK(W) doubles. Returns 0, or 1 + the first image that cannot be prepared,
- * negated when it has NaN or Inf values. */
+/* Per-image statistics of n <= lanes <= 16 raw images (n, H, W) in double, written into the
+ * lanes of a block: z = (x - mean) / std (population std) times zscale at z[p * lanes + l]; and
+ * per valid pixel q, mu = the 7x7 local mean of z times muscale, mu^2 and var = the sample
+ * variance in the window (x 49/48) at st[(3 q + k) * lanes + l], k = 0, 1, 2. With lanes = 1
+ * that is one image with its statistics packed; the pair kernel passes its SIMD block. For
+ * training images (c1 != NULL) mu^2 + C1 and var + C2 are stored, with C1 = (K1 R)^2,
+ * C2 = (K2 R)^2, R the range of z, and C1, C2 in c1[l], c2[l].
+ * Sums are in double: 7-row column sums slide down the image (the leaving row's z recomputed
+ * exactly as it entered), and each window adds its 7 columns afresh. Rows go across the images,
+ * so each block row is complete while it is in cache. work: BLOCK_WORK(W) doubles. Returns 0,
+ * or 1 + the first image that cannot be prepared: constant, or negated when it has NaN or Inf
+ * values (its sum is not finite). */
 #define BLOCK_WORK(W) (2 * 16 * (W) + (W) + 3 * ((W) - 6))
 #define DEFINE_PREPARE_BLOCK(T, NAME)                                                          \
-MULTIVERSION static long NAME(const double *raw, long n, long lanes, T *bz, T *bstat,          \
-                              double zscale, double muscale, long H, long W, double *work)     \
+MULTIVERSION static long NAME(const double *raw, long n, long lanes, T *z, T *st, double zscale, \
+                              double muscale, T *c1, T *c2, long H, long W, double *work)      \
 {                                                                                              \
     const long wo = W - 6, hw = H * W;                                                         \
-    double mean[16], inv[16];                                                                  \
+    double mean[16], inv[16], C1[16] = {0}, C2[16] = {0};                                      \
     double *zr = work, *mr = zr + W, *m2r = mr + wo, *vr = m2r + wo, *cols = vr + wo;         \
     for (long l = 0; l < n; l++) {                                                             \
         const double *x = raw + l * hw;                                                        \
-        double sum = 0, ss = 0;                                                                \
-        for (long p = 0; p < hw; p++) sum += x[p];                                             \
+        double sum = 0, ss = 0, lo = x[0], hi = x[0];                                          \
+        for (long p = 0; p < hw; p++) {                                                        \
+            sum += x[p];                                                                       \
+            lo = x[p] < lo ? x[p] : lo;                                                        \
+            hi = x[p] > hi ? x[p] : hi;                                                        \
+        }                                                                                      \
         if (not_finite(sum)) return -(1 + l);                                                  \
         const double m = sum / (double)hw;                                                     \
         for (long p = 0; p < hw; p++) ss += (x[p] - m) * (x[p] - m);                           \
@@ -144,13 +72,20 @@ MULTIVERSION static long NAME(const double *raw, long n, long lanes, T *bz, T *b
         if (!(sd > 0)) return 1 + l;                                                           \
         mean[l] = m;                                                                           \
         inv[l] = 1.0 / sd;                                                                     \
+        if (c1 != NULL) { /* z's range: (max - min) / std */                                   \
+            const double range = (hi - lo) * inv[l];                                           \
+            C1[l] = (0.01 * range) * (0.01 * range);                                           \
+            C2[l] = (0.03 * range) * (0.03 * range);                                           \
+            c1[l] = (T)C1[l];                                                                  \
+            c2[l] = (T)C2[l];                                                                  \
+        }                                                                                      \
     }                                                                                          \
     for (long y = 0; y < H; y++) {                                                             \
         for (long l = 0; l < n; l++) {                                                         \
             const double *x = raw + l * hw, m = mean[l], iv = inv[l];                          \
             double *col = cols + 2 * l * W, *col2 = col + W;                                   \
             for (long c = 0; c < W; c++) zr[c] = (x[y * W + c] - m) * iv;                      \
-            T *zo = bz + y * W * lanes + l;                                                    \
+            T *zo = z + y * W * lanes + l;                                                     \
             for (long c = 0; c < W; c++) zo[c * lanes] = (T)(zscale * zr[c]);                  \
             if (y == 0) {                                                                      \
                 for (long c = 0; c < W; c++) {                                                 \
@@ -162,7 +97,7 @@ MULTIVERSION static long NAME(const double *raw, long n, long lanes, T *bz, T *b
                     col[c] += zr[c];                                                           \
                     col2[c] += zr[c] * zr[c];                                                  \
                 }                                                                              \
-            } else { /* slide the 7-row column sums down (double: no drift) */                 \
+            } else { /* slide the column sums down one row */                                  \
                 const double *leaving = x + (y - 7) * W;                                       \
                 for (long c = 0; c < W; c++) {                                                 \
                     const double d = (leaving[c] - m) * iv;                                    \
@@ -177,10 +112,10 @@ MULTIVERSION static long NAME(const double *raw, long n, long lanes, T *bz, T *b
                 const double s2 = b[0] + b[1] + b[2] + b[3] + b[4] + b[5] + b[6];              \
                 const double mu = s * (1.0 / 49.0);                                            \
                 mr[c] = muscale * mu;                                                          \
-                m2r[c] = mu * mu;                                                              \
-                vr[c] = (49.0 / 48.0) * (s2 * (1.0 / 49.0) - mu * mu);                         \
+                m2r[c] = mu * mu + C1[l];                                                      \
+                vr[c] = (49.0 / 48.0) * (s2 * (1.0 / 49.0) - mu * mu) + C2[l];                 \
             }                                                                                  \
-            T *so = bstat + 3 * (y - 6) * wo * lanes + l;                                      \
+            T *so = st + 3 * (y - 6) * wo * lanes + l;                                         \
             for (long c = 0; c < wo; c++) {                                                    \
                 so[3 * c * lanes] = (T)mr[c];                                                  \
                 so[(3 * c + 1) * lanes] = (T)m2r[c];                                           \
@@ -229,7 +164,7 @@ DEFINE_PREPARE_BLOCK(double, prepare_block_f64)
  * constants per training image; raw: when not NULL, generated images (m, H, W) in double,
  * prepared here instead of zb, sb. Computes out[i, j] (row stride nb) for i in [i0, i1),
  * j in [j0, j1); returns 0, or for the first generated image that cannot be prepared 1 + its
- * index, negated when it has NaN or Inf values (see prepare_one).
+ * index, negated when it has NaN or Inf values (see prepare_block).
  *
  * Generated images go LANES at a time into the lanes of a SIMD vector: their statistics are
  * interleaved once per block (pixel-major, image-minor), so a training image's value is one
@@ -259,7 +194,7 @@ TARGET static long NAME(const T *za, const T *zb, const T *sa, const T *sb, cons
         const long nj = (j1 - jb < LANES) ? j1 - jb : LANES;                                   \
         if (raw != NULL) { /* prepare the generated images straight into their lanes */        \
             const long bad = PREPARE_BLOCK(raw + jb * hw, nj, LANES, (T *)bz, (T *)bstat, k1,  \
-                                           2.0, H, W, prepare_work);                           \
+                                           2.0, NULL, NULL, H, W, prepare_work);               \
             if (bad) return bad > 0 ? bad + jb : bad - jb;                                     \
         } else { /* interleave prepared images pixel by pixel, a vector at a time */           \
             const T *z[LANES], *m[LANES];                                                      \
@@ -534,28 +469,26 @@ static PyObject *prepare_images(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*w*w*w*w*lllpp", &b[0], &b[1], &b[2], &b[3], &b[4], &n, &H, &W,
                           &train, &is64))
         return NULL;
-    double *work = (double *)malloc(sizeof(double) * PREPARE_WORK(H, W));
+    double *work = (double *)malloc(sizeof(double) * BLOCK_WORK(W));
     if (work == NULL) {
         for (int k = 0; k < 5; k++) PyBuffer_Release(&b[k]);
         return PyErr_NoMemory();
     }
     const long hw = H * W, vhw3 = 3 * (H - 6) * (W - 6);
     Py_BEGIN_ALLOW_THREADS
-    for (long i = 0; i < n && !bad; i++) {
+    for (long i = 0; i < n && !bad; i++) { /* one image at a time, its statistics packed */
         const double *x = (const double *)b[0].buf + i * hw;
-        int constant; /* or not finite */
+        long code;
         if (is64) {
-            double *z = (double *)b[1].buf + i * hw, *st = (double *)b[2].buf + i * vhw3;
-            double *c1 = (double *)b[3].buf + i, *c2 = (double *)b[4].buf + i;
-            constant = prepare_one_f64(x, z, 1, st, st + 1, st + 2, 3, 1.0, 1.0, train ? c1 : NULL,
-                                       c2, H, W, work);
+            double *c1 = train ? (double *)b[3].buf + i : NULL, *c2 = (double *)b[4].buf + i;
+            code = prepare_block_f64(x, 1, 1, (double *)b[1].buf + i * hw,
+                                     (double *)b[2].buf + i * vhw3, 1.0, 1.0, c1, c2, H, W, work);
         } else {
-            float *z = (float *)b[1].buf + i * hw, *st = (float *)b[2].buf + i * vhw3;
-            float *c1 = (float *)b[3].buf + i, *c2 = (float *)b[4].buf + i;
-            constant = prepare_one_f32(x, z, 1, st, st + 1, st + 2, 3, 1.0, 1.0, train ? c1 : NULL,
-                                       c2, H, W, work);
+            float *c1 = train ? (float *)b[3].buf + i : NULL, *c2 = (float *)b[4].buf + i;
+            code = prepare_block_f32(x, 1, 1, (float *)b[1].buf + i * hw,
+                                     (float *)b[2].buf + i * vhw3, 1.0, 1.0, c1, c2, H, W, work);
         }
-        if (constant) bad = constant == 1 ? i + 1 : -(i + 1);
+        if (code) bad = code > 0 ? i + 1 : -(i + 1);
     }
     Py_END_ALLOW_THREADS
     free(work);

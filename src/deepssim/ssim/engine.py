@@ -10,7 +10,8 @@ Per pixel of the valid map, with local means mu, variances var (x N/(N-1)) and c
 cov: SSIM = (2 mu_a mu_b + C1)(2 cov + C2) / ((mu_a^2 + mu_b^2 + C1)(var_a + var_b + C2)),
 C1 = (0.01 R)^2, C2 = (0.03 R)^2. Everything except cov depends on one image only, so it is
 computed once per image; only the box sum of a*b is computed per pair. On the CPU a fused C
-kernel does that (``_ssim_kernel.c``); elsewhere, or without a compiler, PyTorch does.
+kernel does that (``_kernel.c``, which also prepares the images); elsewhere, or without a
+compiler, PyTorch does.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ K2 = 0.03
 COV_NORM = WINDOW * WINDOW / (WINDOW * WINDOW - 1)
 BACKENDS = ("auto", "c", "torch")
 _KERNEL_LANES = 16  # generated images per SIMD vector in the C kernel; thread chunks are multiples of it
-# Generated images are prepared this many at a time into one reused buffer (~30 MB at 136x112):
-# fresh memory costs a page fault per page on first touch, which on some machines took longer
-# than the SSIM itself.
+# For the PyTorch backend, generated images are prepared this many at a time into one reused
+# buffer (~30 MB at 136x112): fresh memory costs a page fault per page on first touch, which on
+# some machines took longer than the SSIM itself. The C kernel needs no buffer.
 _GENERATED_CHUNK = 128
 
 
