@@ -3,10 +3,10 @@
  * For each pair the product image, its 7x7 box sum and the SSIM map are computed in one pass
  * and only the mean leaves the kernel, so nothing of size N x M x H x W is ever stored.
  * Per-image local statistics (z-scores, 7x7 local means and variances, C1 and C2) are computed
- * once per image by prepare_images; deepssim/ssim/engine.py documents the formula. The pair
- * kernel puts generated images in SIMD lanes (see DEFINE_KERNEL). The vertical 7-row sums are
- * updated incrementally (add the new row, drop the old one) and recomputed exactly every
- * REFRESH rows to bound floating-point drift.
+ * once per image by prepare_block, for prepare_images or straight into the pair kernel's SIMD
+ * block; deepssim/ssim/engine.py documents the formula. The pair kernel puts generated images
+ * in SIMD lanes (see DEFINE_KERNEL). The vertical 7-row sums are updated incrementally (add the
+ * new row, drop the old one) and recomputed exactly every REFRESH rows to bound drift.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -19,7 +19,8 @@
 #define XREFRESH 16 /* columns between exact recomputations of the horizontal sums */
 #define REFRESH 16  /* rows between exact recomputations of the vertical sums */
 /* The pair kernel's workspace, in 64-byte vectors (the widest): the interleaved generated
- * block (z, mu, mu^2, var) and TI column-sum rows with a leading zero. */
+ * block (z, mu, mu^2, var) and TI column-sum rows with a leading zero; then prepare_block's
+ * doubles. */
 #define WORK_VECTORS(H, W) ((H) * (W) + 3 * ((H) - 6) * ((W) - 6) + TI * ((W) + 1))
 #define WORK_BYTES(H, W) (64 * WORK_VECTORS(H, W) + 8 * BLOCK_WORK(W) + 64) /* + 64: alignment */
 
