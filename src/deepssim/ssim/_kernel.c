@@ -38,26 +38,26 @@ static int not_finite(double v)
     return (bits & 0x7ff0000000000000ULL) == 0x7ff0000000000000ULL;
 }
 
-/* Per-image statistics of n <= lanes <= 16 raw images (n, H, W) in double, written into the
- * lanes of a block: z = (x - mean) / std (population std) times zscale at z[p * lanes + l]; and
+/* Per-image statistics of n <= L <= 16 raw images (n, H, W) in double, written into the L
+ * lanes of a block: z = (x - mean) / std (population std) times zscale at z[p * L + l]; and
  * per valid pixel q, mu = the 7x7 local mean of z times muscale, mu^2 and var = the sample
- * variance in the window (x 49/48) at st[(3 q + k) * lanes + l], k = 0, 1, 2. With lanes = 1
+ * variance in the window (x 49/48) at st[(3 q + k) * L + l], k = 0, 1, 2. With L = 1
  * that is one image with its statistics packed; the pair kernel passes its SIMD block. For
  * training images (c1 != NULL) mu^2 + C1 and var + C2 are stored, with C1 = (K1 R)^2,
  * C2 = (K2 R)^2, R the range of z, and C1, C2 in c1[l], c2[l].
- * Sums are in double: 7-row column sums slide down the image (the leaving row's z recomputed
- * exactly as it entered), and each window adds its 7 columns afresh. Rows go across the images,
- * so each block row is complete while it is in cache. work: BLOCK_WORK(W) doubles. Returns 0,
- * or 1 + the first image that cannot be prepared: constant, or negated when it has NaN or Inf
- * values (its sum is not finite). */
-#define BLOCK_WORK(W) (2 * 16 * (W) + (W) + 3 * ((W) - 6))
-#define DEFINE_PREPARE_BLOCK(T, NAME)                                                          \
-MULTIVERSION static long NAME(const double *raw, long n, long lanes, T *z, T *st, double zscale, \
+ * Each row's z goes into a lanes-minor buffer first, so the column sums (7 rows, sliding down),
+ * the window sums (7 columns afresh) and the stores run over all lanes at once, in double.
+ * work: BLOCK_WORK(W) doubles. Returns 0, or 1 + the first image that cannot be prepared:
+ * constant, or negated when it has NaN or Inf values (its sum is not finite). */
+#define BLOCK_WORK(W) (7 * 16 * (W))
+#define DEFINE_PREPARE_BLOCK(T, NAME, L)                                                       \
+MULTIVERSION static long NAME(const double *raw, long n, T *z, T *st, double zscale,           \
                               double muscale, T *c1, T *c2, long H, long W, double *work)      \
 {                                                                                              \
-    const long wo = W - 6, hw = H * W;                                                         \
+    const long wo = W - 6, hw = H * W, WL = W * L;                                             \
     double mean[16], inv[16], C1[16] = {0}, C2[16] = {0};                                      \
-    double *zr = work, *mr = zr + W, *m2r = mr + wo, *vr = m2r + wo, *cols = vr + wo;         \
+    double *zr = work, *dr = zr + WL, *col = dr + WL, *col2 = col + WL, *mr = col2 + WL,       \
+           *m2r = mr + WL, *vr = m2r + WL;                                                     \
     for (long l = 0; l < n; l++) {                                                             \
         const double *x = raw + l * hw;                                                        \
         double sum = 0, ss = 0, lo = x[0], hi = x[0];                                          \
@@ -81,54 +81,62 @@ MULTIVERSION static long NAME(const double *raw, long n, long lanes, T *z, T *st
             c2[l] = (T)C2[l];                                                                  \
         }                                                                                      \
     }                                                                                          \
+    for (long i = 0; i < 2 * WL; i++) zr[i] = 0; /* lanes past n stay 0 */                     \
     for (long y = 0; y < H; y++) {                                                             \
-        for (long l = 0; l < n; l++) {                                                         \
-            const double *x = raw + l * hw, m = mean[l], iv = inv[l];                          \
-            double *col = cols + 2 * l * W, *col2 = col + W;                                   \
-            for (long c = 0; c < W; c++) zr[c] = (x[y * W + c] - m) * iv;                      \
-            T *zo = z + y * W * lanes + l;                                                     \
-            for (long c = 0; c < W; c++) zo[c * lanes] = (T)(zscale * zr[c]);                  \
-            if (y == 0) {                                                                      \
-                for (long c = 0; c < W; c++) {                                                 \
-                    col[c] = zr[c];                                                            \
-                    col2[c] = zr[c] * zr[c];                                                   \
-                }                                                                              \
-            } else if (y < 7) {                                                                \
-                for (long c = 0; c < W; c++) {                                                 \
-                    col[c] += zr[c];                                                           \
-                    col2[c] += zr[c] * zr[c];                                                  \
-                }                                                                              \
-            } else { /* slide the column sums down one row */                                  \
-                const double *leaving = x + (y - 7) * W;                                       \
-                for (long c = 0; c < W; c++) {                                                 \
-                    const double d = (leaving[c] - m) * iv;                                    \
-                    col[c] += zr[c] - d;                                                       \
-                    col2[c] += zr[c] * zr[c] - d * d;                                          \
-                }                                                                              \
+        for (long l = 0; l < n; l++) { /* row y's z, and the leaving row y - 7's, lanes-minor */ \
+            const double *x = raw + l * hw + y * W, m = mean[l], iv = inv[l];                  \
+            for (long c = 0; c < W; c++) zr[c * L + l] = (x[c] - m) * iv;                      \
+            if (y >= 7)                                                                        \
+                for (long c = 0; c < W; c++) dr[c * L + l] = (x[c - 7 * W] - m) * iv;          \
+        }                                                                                      \
+        T *zo = z + y * WL;                                                                    \
+        for (long i = 0; i < WL; i++) zo[i] = (T)(zscale * zr[i]);                             \
+        if (y == 0) {                                                                          \
+            for (long i = 0; i < WL; i++) {                                                    \
+                col[i] = zr[i];                                                                \
+                col2[i] = zr[i] * zr[i];                                                       \
             }                                                                                  \
-            if (y < 6) continue;                                                               \
-            for (long c = 0; c < wo; c++) { /* 7 columns summed afresh: vectorises */          \
-                const double *a = col + c, *b = col2 + c;                                      \
-                const double s = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6];               \
-                const double s2 = b[0] + b[1] + b[2] + b[3] + b[4] + b[5] + b[6];              \
-                const double mu = s * (1.0 / 49.0);                                            \
-                mr[c] = muscale * mu;                                                          \
-                m2r[c] = mu * mu + C1[l];                                                      \
-                vr[c] = (49.0 / 48.0) * (s2 * (1.0 / 49.0) - mu * mu) + C2[l];                 \
+        } else if (y < 7) {                                                                    \
+            for (long i = 0; i < WL; i++) {                                                    \
+                col[i] += zr[i];                                                               \
+                col2[i] += zr[i] * zr[i];                                                      \
             }                                                                                  \
-            T *so = st + 3 * (y - 6) * wo * lanes + l;                                         \
-            for (long c = 0; c < wo; c++) {                                                    \
-                so[3 * c * lanes] = (T)mr[c];                                                  \
-                so[(3 * c + 1) * lanes] = (T)m2r[c];                                           \
-                so[(3 * c + 2) * lanes] = (T)vr[c];                                            \
+        } else { /* slide the column sums down one row (double: no drift) */                   \
+            for (long i = 0; i < WL; i++) {                                                    \
+                col[i] += zr[i] - dr[i];                                                       \
+                col2[i] += zr[i] * zr[i] - dr[i] * dr[i];                                      \
             }                                                                                  \
         }                                                                                      \
+        if (y < 6) continue;                                                                   \
+        for (long i = 0; i < wo * L; i++) { /* the 7 columns summed afresh, all lanes at once */ \
+            const double *a = col + i, *b = col2 + i;                                          \
+            const double s = a[0] + a[L] + a[2 * L] + a[3 * L] + a[4 * L] + a[5 * L] + a[6 * L]; \
+            const double s2 = b[0] + b[L] + b[2 * L] + b[3 * L] + b[4 * L] + b[5 * L] + b[6 * L]; \
+            const double mu = s * (1.0 / 49.0);                                                \
+            mr[i] = muscale * mu;                                                              \
+            m2r[i] = mu * mu;                                                                  \
+            vr[i] = (49.0 / 48.0) * (s2 * (1.0 / 49.0) - mu * mu);                             \
+        }                                                                                      \
+        T *so = st + 3 * (y - 6) * wo * L;                                                     \
+        for (long c = 0; c < wo; c++)                                                          \
+            for (long l = 0; l < L; l++) {                                                     \
+                so[3 * c * L + l] = (T)mr[c * L + l];                                          \
+                so[(3 * c + 1) * L + l] = (T)(m2r[c * L + l] + C1[l]);                         \
+                so[(3 * c + 2) * L + l] = (T)(vr[c * L + l] + C2[l]);                          \
+            }                                                                                  \
     }                                                                                          \
     return 0;                                                                                  \
 }
 
-DEFINE_PREPARE_BLOCK(float, prepare_block_f32)
-DEFINE_PREPARE_BLOCK(double, prepare_block_f64)
+/* one per lane count, so the loops over lanes have a fixed length */
+DEFINE_PREPARE_BLOCK(float, prepare_block_f32_16, 16)
+DEFINE_PREPARE_BLOCK(float, prepare_block_f32_8, 8)
+DEFINE_PREPARE_BLOCK(float, prepare_block_f32_4, 4)
+DEFINE_PREPARE_BLOCK(float, prepare_block_f32_1, 1)
+DEFINE_PREPARE_BLOCK(double, prepare_block_f64_8, 8)
+DEFINE_PREPARE_BLOCK(double, prepare_block_f64_4, 4)
+DEFINE_PREPARE_BLOCK(double, prepare_block_f64_2, 2)
+DEFINE_PREPARE_BLOCK(double, prepare_block_f64_1, 1)
 
 /* The horizontal pass over one block row of the kernel below (its local variables): SLIDE
  * rows first slide each column's vertical sum down one row. Two expansions, so the test is not
@@ -194,8 +202,8 @@ TARGET static long NAME(const T *za, const T *zb, const T *sa, const T *sb, cons
     for (long jb = j0; jb < j1; jb += LANES) {                                                 \
         const long nj = (j1 - jb < LANES) ? j1 - jb : LANES;                                   \
         if (raw != NULL) { /* prepare the generated images straight into their lanes */        \
-            const long bad = PREPARE_BLOCK(raw + jb * hw, nj, LANES, (T *)bz, (T *)bstat, k1,  \
-                                           2.0, NULL, NULL, H, W, prepare_work);               \
+            const long bad = PREPARE_BLOCK(raw + jb * hw, nj, (T *)bz, (T *)bstat, k1, 2.0,    \
+                                           NULL, NULL, H, W, prepare_work);                    \
             if (bad) return bad > 0 ? bad + jb : bad - jb;                                     \
         } else { /* interleave prepared images pixel by pixel, a vector at a time */           \
             const T *z[LANES], *m[LANES];                                                      \
@@ -288,20 +296,20 @@ typedef long (*rows_f64_fn)(const double *, const double *, const double *, cons
 /* 1 / d for the SSIM map's denominator; the float32 AVX kernels use the approximate
  * reciprocal and one Newton step (relative error ~1e-7, as accurate as float32 division) */
 #define RECIP(d) (1 / (d))
-DEFINE_KERNEL(float, ssim_rows_f32_base, 4, 1, , prepare_block_f32)
-DEFINE_KERNEL(double, ssim_rows_f64_base, 2, 1, , prepare_block_f64)
+DEFINE_KERNEL(float, ssim_rows_f32_base, 4, 1, , prepare_block_f32_4)
+DEFINE_KERNEL(double, ssim_rows_f64_base, 2, 1, , prepare_block_f64_2)
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #include <immintrin.h>
 #define AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
 #define AVX2 __attribute__((target("avx2,fma")))
-DEFINE_KERNEL(double, ssim_rows_f64_avx512, 8, 2, AVX512, prepare_block_f64)
-DEFINE_KERNEL(double, ssim_rows_f64_avx2, 4, 1, AVX2, prepare_block_f64)
+DEFINE_KERNEL(double, ssim_rows_f64_avx512, 8, 2, AVX512, prepare_block_f64_8)
+DEFINE_KERNEL(double, ssim_rows_f64_avx2, 4, 1, AVX2, prepare_block_f64_4)
 #undef RECIP
 #define RECIP(d) ({ const V r_ = (V)_mm512_rcp14_ps((__m512)(d)); r_ * (2.0f - (d) * r_); })
-DEFINE_KERNEL(float, ssim_rows_f32_avx512, 16, 2, AVX512, prepare_block_f32)
+DEFINE_KERNEL(float, ssim_rows_f32_avx512, 16, 2, AVX512, prepare_block_f32_16)
 #undef RECIP
 #define RECIP(d) ({ const V r_ = (V)_mm256_rcp_ps((__m256)(d)); r_ * (2.0f - (d) * r_); })
-DEFINE_KERNEL(float, ssim_rows_f32_avx2, 8, 2, AVX2, prepare_block_f32)
+DEFINE_KERNEL(float, ssim_rows_f32_avx2, 8, 2, AVX2, prepare_block_f32_8)
 #endif
 
 static rows_f32_fn ssim_rows_f32 = ssim_rows_f32_base;
@@ -482,12 +490,12 @@ static PyObject *prepare_images(PyObject *self, PyObject *args)
         long code;
         if (is64) {
             double *c1 = train ? (double *)b[3].buf + i : NULL, *c2 = (double *)b[4].buf + i;
-            code = prepare_block_f64(x, 1, 1, (double *)b[1].buf + i * hw,
-                                     (double *)b[2].buf + i * vhw3, 1.0, 1.0, c1, c2, H, W, work);
+            code = prepare_block_f64_1(x, 1, (double *)b[1].buf + i * hw,
+                                       (double *)b[2].buf + i * vhw3, 1.0, 1.0, c1, c2, H, W, work);
         } else {
             float *c1 = train ? (float *)b[3].buf + i : NULL, *c2 = (float *)b[4].buf + i;
-            code = prepare_block_f32(x, 1, 1, (float *)b[1].buf + i * hw,
-                                     (float *)b[2].buf + i * vhw3, 1.0, 1.0, c1, c2, H, W, work);
+            code = prepare_block_f32_1(x, 1, (float *)b[1].buf + i * hw,
+                                       (float *)b[2].buf + i * vhw3, 1.0, 1.0, c1, c2, H, W, work);
         }
         if (code) bad = code > 0 ? i + 1 : -(i + 1);
     }
