@@ -176,7 +176,8 @@ DEFINE_PREPARE_BLOCK(double, prepare_block_f64_1, 1)
  * index, negated when it has NaN or Inf values (see prepare_block).
  *
  * Generated images go LANES at a time into the lanes of a SIMD vector: their statistics are
- * interleaved once per block (pixel-major, image-minor), so a training image's value is one
+ * laid out once per block (pixel-major, image-minor: interleaved from prepared arrays, or
+ * prepared straight into place from raw images), so a training image's value is one
  * broadcast shared by LANES pairs and the 7-wide horizontal window slides as a running sum
  * (add the entering column, drop the leaving one; restarted every XREFRESH columns) instead of
  * six adds per pixel. A column's vertical sum slides down one row just before it enters the
