@@ -229,10 +229,10 @@ TARGET static long NAME(const T *za, const T *zb, const T *sa, const T *sb, cons
                 bstat[3 * p + 1] = t2;                                                         \
                 bstat[3 * p + 2] = t3;                                                         \
             }                                                                                  \
+            if (nj < LANES) /* zero the padding lanes (prepare_block leaves them 0) */         \
+                for (long p = 0; p < hw + 3 * vhw; p++)                                        \
+                    for (long l = nj; l < LANES; l++) bz[p][l] = 0;                            \
         }                                                                                      \
-        if (nj < LANES) /* zero the padding lanes: their denominators stay positive */        \
-            for (long p = 0; p < hw + 3 * vhw; p++)                                            \
-                for (long l = nj; l < LANES; l++) bz[p][l] = 0;                                \
         for (long it = i0; it < i1; it += TI) {                                                \
             const long ni = (i1 - it < TI) ? i1 - it : TI;                                     \
             double acc[TI][LANES];                                                             \
