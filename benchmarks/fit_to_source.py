@@ -28,9 +28,9 @@ from sklearn.metrics import f1_score
 
 from deepssim.embedding.model import DeepSSIM
 from deepssim.evaluation.generalisation import Source, duplicate_recall, misaligned, plant_pairs, regression
+from deepssim.execution.search import top_k_other_groups
 from deepssim.hardware import cpu_description
 from deepssim.scanning.decide import DIFFERENT, DUPLICATE, Thresholds, classify, conformal_threshold
-from deepssim.scanning.search import top_k_other_groups
 from deepssim.ssim.registered import register_pairs
 from deepssim.training.fit import FitSettings, describe, fit
 

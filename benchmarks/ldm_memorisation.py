@@ -131,7 +131,7 @@ def main() -> None:
     )
     print(f"{count} training images of 64x64 in {train}; {budget} per level")
 
-    from deepssim.metrics.dar import DarSettings, train_dar
+    from deepssim.training.dar import DarSettings, train_dar
 
     dar = work / "dar" / "dar.safetensors"
     if not dar.is_file():
@@ -157,12 +157,10 @@ def main() -> None:
         results[level] = {
             "scores": {
                 name: {
-                    "by_class": r.summary["generated_by_class"],
-                    "patients_leaked": r.summary["groups"]["with_a_duplicate"]["count"],
-                    "patients": r.summary["groups"]["groups"],
-                    "training_images_with_a_duplicate": r.summary["training_images_with_a_duplicate"][
-                        "count"
-                    ],
+                    "by_class": r.summary.generated_by_class,
+                    "patients_leaked": r.summary.groups["with_a_duplicate"]["count"],
+                    "patients": r.summary.groups["groups"],
+                    "training_images_with_a_duplicate": r.summary.training_images_with_a_duplicate["count"],
                 }
                 for name, r in found.items()
             },
@@ -171,7 +169,7 @@ def main() -> None:
                 "generated": survived["generated_images"],
                 "ssim_duplicates_among_released": 0
                 if check is None
-                else check.summary["generated_by_class"]["Duplicate"]["count"],
+                else check.summary.generated_by_class["Duplicate"]["count"],
             },
         }
         if level != "none":  # every image is seen once per epoch there: no dose to compare

@@ -77,7 +77,7 @@ def worker_peak_megabytes() -> list[float]:
 
 def run_scan(args) -> dict:
     from deepssim import scan
-    from deepssim.scanning.ray_engine import RayEngine
+    from deepssim.execution.ray_engine import RayEngine
 
     engine = "local"
     if args.engine == "ray":
@@ -97,20 +97,20 @@ def run_scan(args) -> dict:
     )
     saved = time.perf_counter()
     result.save(Path(args.scratch) / f"out-{args.engine}-{args.workers}", gallery_size=24)
-    stages = dict(result.summary["seconds_by_stage"])
+    stages = dict(result.summary.seconds_by_stage)
     stages["report"] = time.perf_counter() - saved
     return {
         "stages": stages,
         "total": time.perf_counter() - started,
         "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_peak_mb": max(worker_peak_megabytes(), default=0.0),
-        "duplicates": result.summary["generated_by_class"],
+        "duplicates": result.summary.generated_by_class,
     }
 
 
 def run_search(args) -> dict:
-    from deepssim.scanning.engines import LocalEngine
-    from deepssim.scanning.ray_engine import RayEngine
+    from deepssim.execution.engines import LocalEngine
+    from deepssim.execution.ray_engine import RayEngine
 
     rng = np.random.default_rng(0)
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from deepssim import ImageSet, load_images
 from deepssim.hardware import cpu_description
-from deepssim.scanning.search import top_k_ssim
+from deepssim.ssim.matrix import top_k_ssim
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (136, 112)

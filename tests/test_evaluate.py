@@ -14,13 +14,15 @@ from deepssim import DeepSSIMError, load_images
 from deepssim.cli import main
 from deepssim.evaluation.builder import BenchmarkSettings, build_benchmark
 from deepssim.evaluation.protocol import EvaluateSettings, classification_numbers, evaluate, misaligned_views
+from deepssim.labels import Label
 from deepssim.metrics import load_metric
-from deepssim.metrics.dar import DarMetric, DarSettings, nt_xent, train_dar
+from deepssim.metrics.dar import DarMetric, nt_xent
 from deepssim.metrics.pixel import FSIMMetric
 from deepssim.metrics.semdedup import SemDeDupMetric
 from deepssim.metrics.sscd import SSCDMetric
 from deepssim.scanning.decide import Thresholds, classify
 from deepssim.scanning.scan import scan
+from deepssim.training.dar import DarSettings, train_dar
 from tests.conftest import EXAMPLE
 from tests.test_ssim import reference_matrix
 
@@ -154,14 +156,15 @@ def test_classification_numbers_match_scikit_learn(rng):
     numbers = classification_numbers(scores, labels, thresholds)
     predicted = classify(scores, thresholds)
     assert numbers["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
-    assert numbers["auroc"] == pytest.approx(roc_auc_score(labels == 1, scores))
+    assert numbers["auroc"] == pytest.approx(roc_auc_score(labels == Label.DUPLICATE, scores))
 
-    negatives, positives = (labels != 1).sum(), (labels == 1).sum()
+    duplicate = labels == Label.DUPLICATE
+    negatives, positives = (~duplicate).sum(), duplicate.sum()
     best = 0.0
     for cut in np.unique(scores):  # every operating point with at most 5% false positives
         flagged = scores >= cut
-        if (flagged & (labels != 1)).sum() / negatives <= 0.05:
-            best = max(best, (flagged & (labels == 1)).sum() / positives)
+        if (flagged & ~duplicate).sum() / negatives <= 0.05:
+            best = max(best, (flagged & duplicate).sum() / positives)
     assert numbers["tpr_at_5fpr"] == pytest.approx(best)
 
 

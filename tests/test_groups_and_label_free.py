@@ -77,7 +77,7 @@ def test_scan_counts_patients_and_sets_the_threshold_from_other_patients(tmp_pat
     memorised = result.best_per_training_image > result.thresholds.high
     for subject, row in rows.items():
         assert int(row["images_with_a_duplicate"]) == int(memorised[subjects == subject].sum())
-    patients = result.summary["groups"]["with_a_duplicate"]["count"]
+    patients = result.summary.groups["with_a_duplicate"]["count"]
     assert patients == sum(int(r["images_with_a_duplicate"]) > 0 for r in rows.values())
     assert "id='patient-table'" in files["report"].read_text()
     with pytest.raises(DeepSSIMError, match="needs --group-by"):

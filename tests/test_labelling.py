@@ -19,9 +19,10 @@ from statsmodels.stats import inter_rater
 
 from deepssim import scan
 from deepssim.labelling import LabelStore, choose_pairs, fleiss_kappa, summarise
-from deepssim.labelling.agreement import LABEL_CODES, agreement
+from deepssim.labelling.agreement import agreement
 from deepssim.labelling.queue import QueuedPair
 from deepssim.labelling.server import LabellingSession, make_server
+from deepssim.labels import Label
 from tests.conftest import EXAMPLE
 
 HOSTILE_KEY = "<img src=x onerror=document.title='pwned'>"
@@ -178,7 +179,7 @@ def test_two_raters_label_in_chromium_resume_and_agree(tmp_path, scan_folder):
 
     report = summarise(labels, bootstrap=200)
     both = [i for i in range(6) if expected_ann[i] != "skip"]
-    codes = np.array([[LABEL_CODES[expected_ann[i]], LABEL_CODES[expected_bob[i]]] for i in both])
+    codes = np.array([[Label.parse(expected_ann[i]), Label.parse(expected_bob[i])] for i in both])
     table, _ = inter_rater.aggregate_raters(codes, n_cat=3)
     assert report.pairs_labelled_by_all == 5 and report.skips == 1
     assert report.kappa == pytest.approx(inter_rater.fleiss_kappa(table, method="fleiss"), abs=1e-12)
@@ -188,9 +189,13 @@ def test_two_raters_label_in_chromium_resume_and_agree(tmp_path, scan_folder):
     # pairs 1, 2 and 4 tie (one vote each way); pair 3 has bob's vote only (ann skipped it)
     assert report.ties == 3
     rows = agreement(LabelStore.open(labels))[1]
-    assert [(r["label"], r["votes"], r["raters"]) for r in rows] == [(1, 2, 2), (0, 1, 1), (1, 2, 2)]
+    assert [(r["label"], r["votes"], r["raters"]) for r in rows] == [
+        ("Duplicate", 2, 2),
+        ("Different", 1, 1),
+        ("Duplicate", 2, 2),
+    ]
     assert (labels / "labelled.csv").read_text().splitlines()[0] == (
-        "train_key,generated_key,label,label_name,votes,raters"
+        "train_key,generated_key,label,votes,raters"
     )
 
     calibrated = subprocess.run(

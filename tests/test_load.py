@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepssim import DeepSSIMError, ImageSet, LoadOptions, fit_to_size, load_images
+from deepssim import DeepSSIMError, ImageSet, LoadOptions, load_images
+from deepssim.io.normalise import fit_to_size
 from tests.conftest import SOURCES, smooth_image, write_dicom
 
 

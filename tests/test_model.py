@@ -162,7 +162,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         DeepSSIM.load(foreign)
     lonely = tmp_path / "lonely.safetensors"
     lonely.write_bytes(path.read_bytes())
-    with pytest.raises(DeepSSIMError, match="needs both"):
+    with pytest.raises(DeepSSIMError, match="needs .safetensors and .json"):
         DeepSSIM.load(lonely)
     pickle = tmp_path / "weights.pt"
     torch.save({"weights": torch.zeros(3)}, pickle)

@@ -15,9 +15,9 @@ import ray
 
 from deepssim import scan
 from deepssim.cli import main
+from deepssim.execution.ray_engine import RayEngine
 from deepssim.io.load import ImageSet
 from deepssim.metrics.deepssim_metric import DeepSSIMMetric
-from deepssim.scanning.ray_engine import RayEngine
 from deepssim.ssim.matrix import compute_ssim_matrix
 from tests.conftest import EXAMPLE
 

@@ -166,6 +166,7 @@ def test_bad_input_raises():
 
 def test_registered_is_a_pairs_metric_for_calibrate_and_evaluate(near_copy):
     from deepssim.metrics import load_metric
+    from deepssim.scanning.retrieve import retrieve
 
     original, _, moved = near_copy
     metric = load_metric("registered")
@@ -173,4 +174,4 @@ def test_registered_is_a_pairs_metric_for_calibrate_and_evaluate(near_copy):
     score = metric.pair_scores(original[None], moved[None])[0]
     assert score == pytest.approx(registered_ssim(original, moved), abs=1e-12)
     with pytest.raises(DeepSSIMError, match="matched pairs only"):
-        metric.top_k(original[None], moved[None], 1)
+        retrieve(metric, original[None], moved[None], 1)

@@ -111,7 +111,7 @@ def test_monitor_flags_a_copying_generator_and_not_a_novel_one(tmp_path):
     generated = tmp_path / "generated"
     generated.mkdir()
     np.save(generated / "samples.npy", images)
-    shares = scan(EXAMPLE / "train", generated, cache=False).summary["generated_by_class"]
+    shares = scan(EXAMPLE / "train", generated, cache=False).summary.generated_by_class
     assert monitor.check(11, images).duplicate_share == shares["Duplicate"]["share"]
 
 

@@ -15,9 +15,10 @@ from sklearn.metrics import f1_score
 
 from deepssim import DeepSSIMError, load_images
 from deepssim.cli import main
+from deepssim.execution.search import top_k_embeddings
+from deepssim.labels import Label
 from deepssim.scanning.decide import Thresholds, calibrate, classify, wilson_interval
 from deepssim.scanning.scan import scan
-from deepssim.scanning.search import top_k_embeddings
 from tests.conftest import EXAMPLE, smooth_image
 from tests.test_model import fast_model
 from tests.test_ssim import reference_matrix
@@ -54,7 +55,9 @@ def test_search_methods_agree_with_brute_force(rng):
 
 def test_classes_follow_the_paper_rule():
     thresholds = Thresholds(0.6, 0.85)
-    assert classify([0.2, 0.6, 0.6001, 0.85, 0.8501], thresholds).tolist() == [0, 0, 2, 2, 1]
+    different, similar, duplicate = Label.DIFFERENT, Label.SIMILAR, Label.DUPLICATE
+    expected = [different, different, similar, similar, duplicate]
+    assert classify([0.2, 0.6, 0.6001, 0.85, 0.8501], thresholds).tolist() == expected
     with pytest.raises(DeepSSIMError, match="must not exceed"):
         Thresholds(0.9, 0.5)
 
@@ -104,7 +107,7 @@ def test_ssim_scan_matches_scikit_image(tmp_path):
     copies = [i for i, key in enumerate(result.generated_keys) if planted[key]["kind"] == "duplicate"]
     assert len(copies) == 6
     for i in copies:
-        assert result.classes[i] == 1
+        assert result.classes[i] == Label.DUPLICATE
         source = planted[result.generated_keys[i]]["source_train_key"]
         assert result.train_keys[result.neighbours[i, 0]] == source
 
@@ -143,7 +146,7 @@ def test_reference_threshold_is_the_95th_percentile(model):
     # Dar et al.: each training image's best score against the held-out images, 95th percentile
     expected = np.percentile(model.matrix(load_images(TRAIN)[1], load_images(SYNTHETIC)[1]).max(axis=1), 95)
     assert result.thresholds.high == pytest.approx(expected, abs=1e-5)
-    assert result.summary["reference"]["p95_threshold"] == pytest.approx(expected, abs=1e-5)
+    assert result.summary.reference["p95_threshold"] == pytest.approx(expected, abs=1e-5)
     with pytest.raises(DeepSSIMError, match="needs reference images"):
         scan(TRAIN, SYNTHETIC, model=model, cache=False, use_reference_threshold=True)
 
@@ -267,7 +270,7 @@ def test_two_stage_decision_calls_every_planted_copy_by_registered_ssim(tmp_path
     from deepssim.ssim.registered import apply_transform
 
     result = scan(TRAIN, SYNTHETIC, model=model, k=5, cache=False)
-    assert result.decision == "two-stage" and "registered SSIM decides" in result.summary["decision"]
+    assert result.decision == "two-stage" and "registered SSIM decides" in result.summary.decision
     evidence = result.evidence
     assert np.isfinite(evidence.ssim_registered).all()
     assert (np.diff(evidence.ssim_registered, axis=1) <= 1e-12).all()  # rows ordered by registered SSIM
@@ -277,10 +280,10 @@ def test_two_stage_decision_calls_every_planted_copy_by_registered_ssim(tmp_path
     _, fake = load_images(SYNTHETIC)
     for i, key in enumerate(result.generated_keys):
         if planted[key]["kind"].startswith("duplicate"):
-            assert result.classes[i] == 1, key
+            assert result.classes[i] == Label.DUPLICATE, key
             assert result.train_keys[result.neighbours[i, 0]] == planted[key]["source_train_key"]
         if planted[key]["kind"] == "different":
-            assert result.classes[i] != 1, key  # no other subject is called a copy
+            assert result.classes[i] != Label.DUPLICATE, key  # no other subject is called a copy
         aligned = apply_transform(fake[i], **evidence.transform(i, 0))
         a = (train[result.neighbours[i, 0]] - train[result.neighbours[i, 0]].mean()) / train[
             result.neighbours[i, 0]
@@ -296,15 +299,16 @@ def test_two_stage_decision_calls_every_planted_copy_by_registered_ssim(tmp_path
 
 
 def test_scan_settings_are_validated_once_and_recorded():
-    from deepssim.scanning.search import SEARCH_BACKENDS
+    from deepssim.execution.search import SEARCH_BACKENDS
     from deepssim.scanning.settings import ScanSettings
+    from deepssim.settings import allowed_values
 
-    assert ScanSettings.choices("search") == tuple(SEARCH_BACKENDS)  # the Literal follows the registry
+    assert allowed_values(ScanSettings, "search") == tuple(SEARCH_BACKENDS)  # the choices follow the registry
     with pytest.raises(DeepSSIMError, match="decision must be one of two-stage, score"):
         ScanSettings(decision="vote")
     with pytest.raises(DeepSSIMError, match="k and the batch size"):
         ScanSettings(k=0)
     with pytest.raises(DeepSSIMError, match="needs --group-by"):
         ScanSettings(duplicate_fpr=0.1)
-    with pytest.raises(DeepSSIMError, match="must be one of"):
+    with pytest.raises(DeepSSIMError, match="choose one of"):
         scan(TRAIN, SYNTHETIC, metric="ssim", search="annoy")

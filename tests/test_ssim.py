@@ -36,11 +36,37 @@ def real_mri_slices(count: int, shape=(60, 52)) -> np.ndarray:
 
 
 def test_scikit_image_not_a_tautology():
-    """Guard: the reference really is scikit-image and differs from a naive global formula."""
+    """Guard: the reference really is scikit-image's windowed SSIM, not a global formula that any
+    implementation could match by accident; and the engine agrees with the windowed one."""
     rng = np.random.default_rng(0)
     a, b = smooth_image(rng), smooth_image(rng)
-    assert deepssim.ssim(a, b) == pytest.approx(reference_matrix(a[None], b[None])[0, 0], abs=1e-12)
+    za, zb = (a - a.mean()) / a.std(), (b - b.mean()) / b.std()
+    c1, c2 = (0.01 * np.ptp(za)) ** 2, (0.03 * np.ptp(za)) ** 2
+    covariance = np.mean(za * zb)  # both means are 0 and both variances 1 after z-scoring
+    global_ssim = (c1 * (2 * covariance + c2)) / (c1 * (2 + c2))
+    reference = reference_matrix(a[None], b[None])[0, 0]
+    assert abs(reference - global_ssim) > 0.05
+    assert deepssim.ssim(a, b) == pytest.approx(reference, abs=1e-12)
     assert deepssim.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_the_fast_math_kernel_leaves_subnormal_floats_alone():
+    """The kernel is built with -ffast-math, which may link code that flushes subnormals to zero
+    for the whole process when the library loads; importing it must not change NumPy's results."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import numpy as np\n"
+        "import deepssim.ssim._kernel\n"
+        "tiny = np.array([1e-40], dtype=np.float32)\n"
+        "print(float((tiny * np.float32(1.0))[0]), float((np.array([5e-324]) * 1.0)[0]))\n"
+    )
+    if _ssim_kernel is None:
+        pytest.skip("the C kernel is not built here")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    single, double = (float(v) for v in out.split())
+    assert single == pytest.approx(1e-40, rel=1e-3) and double > 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["numpy-prepare"])
@@ -100,7 +126,7 @@ def test_blocks_stream_the_same_matrix():
     train, generated = rng.normal(size=(13, 16, 15)), rng.normal(size=(10, 16, 15))
     full = deepssim.ssim_matrix(train, generated, dtype=np.float64)
     assembled = np.full_like(full, np.nan)
-    for r0, s0, block in deepssim.ssim_blocks(train, generated, np.float64, block_size=4, cache_bytes=0):
+    for r0, s0, block in engine.ssim_blocks(train, generated, np.float64, block_size=4, cache_bytes=0):
         assembled[r0 : r0 + block.shape[0], s0 : s0 + block.shape[1]] = block
     np.testing.assert_allclose(assembled, full, atol=1e-12)
     np.testing.assert_allclose(full, reference_matrix(train, generated), atol=1e-10)

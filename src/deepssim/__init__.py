@@ -1,32 +1,55 @@
-"""DeepSSIM: find memorised copies of training images among generated medical images."""
+"""DeepSSIM: find memorised copies of training images among generated medical images.
 
-from deepssim.embedding.model import DeepSSIM
+The public API, loaded lazily (importing ``deepssim`` loads neither torch nor any metric until a
+name is used):
+
+    from deepssim import scan, ScanSettings
+    result = scan("train/", "generated/", settings=ScanSettings(k=10, group_by="volume"))
+    result.save("scan-output")
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from deepssim._version import __version__
 from deepssim.errors import DeepSSIMError
-from deepssim.io.load import ImageSet, LoadOptions, load_images
-from deepssim.io.normalise import fit_to_size, zscore
-from deepssim.scanning.decide import Thresholds
-from deepssim.scanning.scan import ScanResult, scan
-from deepssim.ssim.engine import prepare, ssim, ssim_blocks, ssim_matrix, ssim_pairs
-from deepssim.ssim.matrix import SimilarityMatrix, compute_ssim_matrix
 
-__version__ = "0.1.0"
+# public name -> the module that defines it
+_EXPORTS = {
+    "scan": "deepssim.scanning.scan",
+    "ScanResult": "deepssim.scanning.scan",
+    "ScanSettings": "deepssim.scanning.settings",
+    "ScanSummary": "deepssim.scanning.summary",
+    "Thresholds": "deepssim.scanning.decide",
+    "Label": "deepssim.labels",
+    "PAPER_THRESHOLDS": "deepssim.labels",
+    "DeepSSIM": "deepssim.embedding.model",
+    "register_pairs": "deepssim.ssim.registered",
+    "registered_ssim": "deepssim.ssim.registered",
+    "Registration": "deepssim.ssim.registered",
+    "RegistrationSettings": "deepssim.ssim.registered",
+    "ssim": "deepssim.ssim.engine",
+    "ssim_matrix": "deepssim.ssim.engine",
+    "ssim_pairs": "deepssim.ssim.engine",
+    "SimilarityMatrix": "deepssim.ssim.matrix",
+    "compute_ssim_matrix": "deepssim.ssim.matrix",
+    "ImageSet": "deepssim.io.load",
+    "LoadOptions": "deepssim.io.load",
+    "load_images": "deepssim.io.load",
+    "Registry": "deepssim.registry",
+}
 
-__all__ = [
-    "DeepSSIM",
-    "DeepSSIMError",
-    "ImageSet",
-    "LoadOptions",
-    "ScanResult",
-    "SimilarityMatrix",
-    "Thresholds",
-    "compute_ssim_matrix",
-    "fit_to_size",
-    "load_images",
-    "prepare",
-    "scan",
-    "ssim",
-    "ssim_blocks",
-    "ssim_matrix",
-    "ssim_pairs",
-    "zscore",
-]
+__all__ = ["DeepSSIMError", "__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'deepssim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
+from deepssim.execution.search import top_k_embeddings
 from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.labels import PAPER_THRESHOLDS, Label
 from deepssim.metrics.deepssim_metric import DeepSSIMMetric
-from deepssim.scanning.decide import DUPLICATE, SIMILAR, Thresholds, classify
+from deepssim.scanning.decide import Thresholds, decide
 from deepssim.scanning.groups import group_of_each_image
-from deepssim.scanning.search import top_k_embeddings
 from deepssim.ssim.registered import register_pairs
 
 Sampler = Callable[[int], np.ndarray]  # n -> (n, H, W) images of the training images' size
@@ -69,7 +70,7 @@ class MemorisationMonitor:
         samples: int = 16,
         k: int = 5,
         model="default",
-        thresholds: tuple[float, float] = (0.6, 0.85),
+        thresholds: tuple[float, float] = PAPER_THRESHOLDS,
         group_by: str | None = None,
         groups: list[str] | None = None,
         stop_share: float | None = None,
@@ -118,16 +119,17 @@ class MemorisationMonitor:
         neighbours = top_k_embeddings(queries, self.vectors, self.k)[1]  # no reverse search needed
         train = self.images[neighbours.ravel()].astype(np.float64)
         registered = register_pairs(train, np.repeat(images, neighbours.shape[1], axis=0)).ssim_registered
-        best = registered.reshape(neighbours.shape).max(axis=1)
-        nearest = neighbours[np.arange(len(best)), registered.reshape(neighbours.shape).argmax(axis=1)]
-        classes = classify(best, self.thresholds)
-        duplicate = classes == DUPLICATE
+        registered = registered.reshape(neighbours.shape)
+        order, classes = decide(registered, self.thresholds)
+        rows = np.arange(len(images))
+        best, nearest = registered[rows, order[:, 0]], neighbours[rows, order[:, 0]]
+        duplicate = classes == Label.DUPLICATE
         share = float(np.mean(duplicate))
         record = MonitorRecord(
             step=int(step),
             samples=len(images),
             duplicate_share=share,
-            similar_share=float(np.mean(classes == SIMILAR)),
+            similar_share=float(np.mean(classes == Label.SIMILAR)),
             best_p50=float(np.percentile(best, 50)),
             best_p90=float(np.percentile(best, 90)),
             best_max=float(best.max()),

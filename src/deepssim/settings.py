@@ -1,5 +1,6 @@
 """What every settings dataclass shares: ``Literal`` fields checked once, when it is made, and
-their allowed values offered to the command line."""
+field metadata (:func:`option`) from which the command line generates its options, so each
+setting's name, type, default, choices and help are written once."""
 
 from __future__ import annotations
 
@@ -29,3 +30,29 @@ def literal_choices(hint) -> tuple:
 def choices(cls, name: str) -> tuple:
     """The allowed values of one Literal field of a settings class, for the CLI's ``choices``."""
     return literal_choices(typing.get_type_hints(cls)[name])
+
+
+def option(
+    help: str,
+    *,
+    flag: str | None = None,
+    short: str | None = None,
+    choices=None,
+) -> dict:
+    """Field metadata that makes a settings field a command-line option (the CLI generates it).
+
+    flag: the long option (default ``--field-name``); short: e.g. ``-k``; choices: the allowed
+    values, or a callable returning them (a registry), for fields that are not ``Literal``.
+
+        k: int = field(default=5, metadata=option("matches kept", flag="--top-k", short="-k"))
+    """
+    return {"help": help, "flag": flag, "short": short, "choices": choices}
+
+
+def allowed_values(cls, name: str) -> tuple:
+    """The values a field allows: its ``Literal`` choices or its option's ``choices``."""
+    literal = choices(cls, name)
+    if literal:
+        return literal
+    given = next(field for field in fields(cls) if field.name == name).metadata.get("choices")
+    return tuple(given() if callable(given) else given or ())

@@ -10,9 +10,7 @@ paper's authors publish their model -- loads through the same :meth:`DeepSSIM.lo
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -22,11 +20,15 @@ import torch
 from deepssim.embedding.networks import build_network
 from deepssim.errors import DeepSSIMError
 from deepssim.hardware import resolve_precision
-from deepssim.io.files import atomic_path, write_text_atomic
+from deepssim.io.checkpoints import load_checkpoint, save_checkpoint
+from deepssim.io.files import atomic_path
+from deepssim.io.load import image_batches
+from deepssim.labels import PAPER_THRESHOLDS
+from deepssim.progress import progress_bar
 
 CHECKPOINT_FORMAT = "deepssim-checkpoint"
 FORMAT_VERSION = 1
-DEFAULT_THRESHOLDS = {"low": 0.6, "high": 0.85}
+DEFAULT_THRESHOLDS = dict(zip(("low", "high"), PAPER_THRESHOLDS, strict=True))
 
 
 def make_config(architecture: str, input_channels: int, embedding_dim: int, training=None) -> dict:
@@ -111,29 +113,10 @@ class DeepSSIM:
 
     @classmethod
     def _load_checkpoint(cls, weights_path: Path, device: str, name: str) -> DeepSSIM:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        config_path = weights_path.with_suffix(".json")
-        if not weights_path.is_file() or not config_path.is_file():
-            raise DeepSSIMError(
-                f"{weights_path.with_suffix('')}: a checkpoint needs both .safetensors and .json files"
-            )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise DeepSSIMError(f"{config_path}: not a readable JSON configuration ({error})") from None
-        if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
-            raise DeepSSIMError(f"{config_path}: not a DeepSSIM checkpoint configuration")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise DeepSSIMError(f"{config_path}: written by a newer deepssim; upgrade deepssim to load it")
+        state, config, weights_path = load_checkpoint(
+            weights_path, CHECKPOINT_FORMAT, "a DeepSSIM checkpoint (`deepssim train`, `fit`)", FORMAT_VERSION
+        )
         network = build_network(config["architecture"])
-        try:
-            state = load_file(weights_path)
-        except (SafetensorError, OSError, ValueError) as error:
-            raise DeepSSIMError(
-                f"{weights_path}: cannot read the weights ({error}); the file may be truncated or corrupt"
-            ) from None
         try:
             network.load_state_dict(state, strict=True)
         except RuntimeError as error:
@@ -166,19 +149,12 @@ class DeepSSIM:
 
     def save(self, path: str | Path, training: dict | None = None) -> Path:
         """Write ``NAME.safetensors`` and ``NAME.json`` (atomically); returns the weights path."""
-        from safetensors.torch import save_file
-
         if isinstance(self.network, torch.jit.ScriptModule):
             raise DeepSSIMError("a TorchScript model cannot be saved as a checkpoint; keep the file as it is")
-        path = Path(path).with_suffix(".safetensors")
         config = dict(self.config)
         if training is not None:
             config["training"] = training
-        state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
-        with atomic_path(path, suffix=".safetensors") as temporary:
-            save_file(state, str(temporary), metadata={"format": CHECKPOINT_FORMAT})
-        write_text_atomic(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
-        return path
+        return save_checkpoint(self.network.state_dict(), config, path)
 
     def export_torchscript(self, path: str | Path) -> Path:
         """Write a TorchScript embedder taking (B, 3, H, W) z-scored, channel-repeated images."""
@@ -204,13 +180,11 @@ class DeepSSIM:
         """
         precision = resolve_precision(precision, str(self.device))
         outputs = []
-        bar = _progress_bar(_count(images), progress)
-        for batch in _batches(images, batch_size):
+        bar = progress_bar(_count(images), "embedding", "img", progress)
+        for batch in image_batches(images, batch_size):
             outputs.append(self._forward(batch, precision))
-            if bar is not None:
-                bar.update(len(batch))
-        if bar is not None:
-            bar.close()
+            bar.update(len(batch))
+        bar.close()
         if not outputs:
             return np.zeros((0, int(self.config.get("embedding_dim", 0))), dtype=np.float32)
         embeddings = np.concatenate(outputs)
@@ -273,29 +247,6 @@ def _count(images) -> int:
     return len(images)
 
 
-def _batches(images, batch_size: int) -> Iterator[np.ndarray]:
-    """Batches of same-shaped 2D images, in order (a new batch starts where the shape changes)."""
-    if hasattr(images, "read"):  # an ImageSet, read lazily
-        for start in range(0, len(images), batch_size):
-            yield images.read(start, start + batch_size)
-        return
-    if isinstance(images, np.ndarray):
-        images = images[None] if images.ndim == 2 else images
-        if images.ndim != 3:
-            raise DeepSSIMError(f"expected 2D images or an (N, H, W) array, got shape {images.shape}")
-    batch: list[np.ndarray] = []
-    for image in images:
-        image = np.asarray(image)
-        if image.ndim != 2:
-            raise DeepSSIMError(f"expected 2D images, got an array of shape {image.shape}")
-        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
-            yield np.stack(batch)
-            batch = []
-        batch.append(image)
-    if batch:
-        yield np.stack(batch)
-
-
 def _check_device(device: str) -> None:
     try:
         kind = torch.device(device).type
@@ -303,11 +254,3 @@ def _check_device(device: str) -> None:
         raise DeepSSIMError(f"unknown device {device!r}; use cpu or cuda") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise DeepSSIMError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="embedding", unit="img")

@@ -16,8 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from deepssim.errors import DeepSSIMError
+from deepssim.registry import Registry
 
 EMBEDDING_DIM = 256
+
+# The architecture registry: name -> network class (built with no arguments). A new architecture is
+# one nn.Module subclass with @ARCHITECTURES.register("name") (it needs ``input_channels``).
+ARCHITECTURES: Registry[type[nn.Module]] = Registry("architecture")
 
 
 class GeM(nn.Module):
@@ -32,6 +37,7 @@ class GeM(nn.Module):
         return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
 
 
+@ARCHITECTURES.register("convnext_base")
 class ConvNeXtBaseEmbedder(nn.Module):
     """The paper's v1 model: ConvNeXt-Base features, average pool, BN-MLP head to 256-d."""
 
@@ -61,6 +67,7 @@ class ConvNeXtBaseEmbedder(nn.Module):
         _load_features(self.features, state)
 
 
+@ARCHITECTURES.register("convnext_tiny_gem")
 class ConvNeXtTinyGeMEmbedder(nn.Module):
     """The authors' later variant: ConvNeXt-Tiny, GeM (p=3) on each of the four stages."""
 
@@ -118,6 +125,7 @@ def _down(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+@ARCHITECTURES.register("deepssim_fast")
 class FastEmbedder(nn.Module):
     """``deepssim_fast``: a small residual CNN for CPUs, one gray input channel.
 
@@ -170,6 +178,7 @@ class FastEmbedder(nn.Module):
         )
 
 
+@ARCHITECTURES.register("deepssim_wide")
 class WideFastEmbedder(FastEmbedder):
     """``deepssim_wide``: ``deepssim_fast`` at 1.5x the channels (about 2.2x the compute)."""
 
@@ -177,20 +186,13 @@ class WideFastEmbedder(FastEmbedder):
     widths = (48, 96, 192, 384)
 
 
+@ARCHITECTURES.register("deepssim_spatial")
 class SpatialFastEmbedder(FastEmbedder):
     """``deepssim_spatial``: ``deepssim_fast`` plus the last stage averaged on a 2 x 2 grid, so
     the embedding keeps where structures are, not only which textures occur."""
 
     grid = 2
 
-
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "deepssim_fast": FastEmbedder,
-    "deepssim_wide": WideFastEmbedder,
-    "deepssim_spatial": SpatialFastEmbedder,
-    "convnext_base": ConvNeXtBaseEmbedder,
-    "convnext_tiny_gem": ConvNeXtTinyGeMEmbedder,
-}
 
 # torchvision's ImageNet checkpoints of the backbones, as torch.hub caches them.
 IMAGENET_FILES = {
@@ -200,10 +202,6 @@ IMAGENET_FILES = {
 
 
 def build_network(architecture: str) -> nn.Module:
-    if architecture not in ARCHITECTURES:
-        raise DeepSSIMError(
-            f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}"
-        )
     return ARCHITECTURES[architecture]()
 
 

@@ -26,7 +26,7 @@ import csv
 import io
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,8 @@ from deepssim.errors import DeepSSIMError
 from deepssim.io.files import atomic_path, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.io.normalise import zscore
-from deepssim.scanning.decide import DIFFERENT, DUPLICATE, SIMILAR
+from deepssim.labels import Label
+from deepssim.settings import option
 from deepssim.ssim.engine import ssim_matrix
 from deepssim.training.pairs import deform, degrade
 
@@ -44,15 +45,15 @@ NEIGHBOUR_OFFSETS = (2, 3, 4, 5, 6)
 
 @dataclass
 class BenchmarkSettings:
-    duplicates: int = 60
-    similar: int = 60
-    different: int = 60
-    train_share: float = 0.6
-    slice_share: float = 0.7
-    max_training_images: int = 400
+    duplicates: int = field(default=60, metadata=option("planted Duplicates"))
+    similar: int = field(default=60, metadata=option("planted Similar images"))
+    different: int = field(default=60, metadata=option("planted Different images"))
+    train_share: float = field(default=0.6, metadata=option("share of subjects in training"))
+    slice_share: float = field(default=0.7, metadata=option("share of a training subject's slices kept"))
+    max_training_images: int = field(default=400, metadata=option("at most this many training images"))
     deformation_pixels: float = 3.0
-    copy_strength: float = 0.3  # degradation of planted copies, as a share of the training range
-    seed: int = 0
+    copy_strength: float = field(default=0.3, metadata=option("degradation of planted copies (0-1)"))
+    seed: int = field(default=0, metadata=option("seed of every random draw"))
 
 
 def build_benchmark(
@@ -103,7 +104,7 @@ def build_benchmark(
         plant(
             degrade(pool[source], int(rng.integers(2**62)), settings.copy_strength),
             source,
-            DUPLICATE,
+            Label.DUPLICATE,
             "degraded_copy",
         )
     for n in range(settings.similar):
@@ -129,7 +130,7 @@ def build_benchmark(
             other = int(rng.choice([i for i in train_rows if i != source] or [source]))
             alpha = rng.uniform(0.5, 0.7)
             image = alpha * pool[source] + (1 - alpha) * pool[other]
-        plant(image, source, SIMILAR, kind)
+        plant(image, source, Label.SIMILAR, kind)
     if other_rows:
         chosen = rng.choice(other_rows, settings.different, replace=len(other_rows) < settings.different)
         train_array = pool[train_rows]
@@ -139,13 +140,13 @@ def build_benchmark(
             else:
                 scores = ssim_matrix(train_array, pool[[source]])[:, 0]
                 partner, kind = train_rows[int(np.argmax(scores))], "other_subject_nearest"
-            plant(pool[source], partner, DIFFERENT, kind)
+            plant(pool[source], partner, Label.DIFFERENT, kind)
     splits = np.where(rng.random(len(planted)) < 0.5, "calib", "test")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["train_key", "generated_key", "label", "split", "kind"])
     for (train_key, key, label, kind), split in zip(planted, splits, strict=True):
-        writer.writerow([train_key, key, label, split, kind])
+        writer.writerow([train_key, key, Label(label).title, split, kind])
     write_text_atomic(out_dir / "pairs.csv", buffer.getvalue())
     labels = [p[2] for p in planted]
     summary = {
@@ -155,9 +156,7 @@ def build_benchmark(
         "other_subjects": sorted(Path(g).name for g in set(unique) - training_groups),
         "generated_images": len(planted),
         "pairs_by_label": {
-            "Different": labels.count(DIFFERENT),
-            "Duplicate": labels.count(DUPLICATE),
-            "Similar": labels.count(SIMILAR),
+            label.title: labels.count(label) for label in (Label.DIFFERENT, Label.DUPLICATE, Label.SIMILAR)
         },
     }
     write_text_atomic(out_dir / "benchmark.json", json.dumps(summary, indent=2) + "\n")

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from deepssim.io.normalise import zscore
-from deepssim.scanning.decide import DIFFERENT, DUPLICATE, SIMILAR, calibrate, classify
+from deepssim.labels import Label
+from deepssim.scanning.decide import calibrate, classify
 from deepssim.seeds import derived_seed
 from deepssim.ssim.engine import ssim_matrix, ssim_pairs
 from deepssim.training.pairs import deform, degrade
@@ -90,7 +91,10 @@ def plant_pairs(source: Source, others: list[Source], per_class: int, seed: int)
     for _ in range(per_class):
         row = int(rng.integers(n))
         add(
-            pool[row], degrade(pool[row], int(rng.integers(2**62)), COPY_STRENGTH), DUPLICATE, "degraded_copy"
+            pool[row],
+            degrade(pool[row], int(rng.integers(2**62)), COPY_STRENGTH),
+            Label.DUPLICATE,
+            "degraded_copy",
         )
     for k in range(per_class):
         row = int(rng.integers(n))
@@ -105,24 +109,24 @@ def plant_pairs(source: Source, others: list[Source], per_class: int, seed: int)
             if source.slice_index[row] < 0 or not options:
                 kind = "deformed"
             else:
-                add(pool[row], pool[int(rng.choice(options))], SIMILAR, kind)
+                add(pool[row], pool[int(rng.choice(options))], Label.SIMILAR, kind)
                 continue
         if kind == "deformed":
             moved = deform(pool[row], int(rng.integers(2**62)), DEFORMATION_PIXELS)
-            add(pool[row], degrade(moved, int(rng.integers(2**62)), COPY_STRENGTH), SIMILAR, kind)
+            add(pool[row], degrade(moved, int(rng.integers(2**62)), COPY_STRENGTH), Label.SIMILAR, kind)
         else:
             other = _other_subject_images(source, row, pool, strangers_images)
             partner = other[int(rng.integers(len(other)))]
             alpha = rng.uniform(0.5, 0.7)
-            add(pool[row], alpha * pool[row] + (1 - alpha) * partner, SIMILAR, kind)
+            add(pool[row], alpha * pool[row] + (1 - alpha) * partner, Label.SIMILAR, kind)
     for k in range(per_class):
         row = int(rng.integers(n))
         other = _other_subject_images(source, row, pool, strangers_images)
         if k % 2 == 0:
-            add(pool[row], other[int(rng.integers(len(other)))], DIFFERENT, "other_subject_random")
+            add(pool[row], other[int(rng.integers(len(other)))], Label.DIFFERENT, "other_subject_random")
         else:
             scores = ssim_matrix(pool[[row]], other)[0]
-            add(pool[row], other[int(np.argmax(scores))], DIFFERENT, "other_subject_nearest")
+            add(pool[row], other[int(np.argmax(scores))], Label.DIFFERENT, "other_subject_nearest")
     pairs = HeldOutPairs(source.name, np.stack(first), np.stack(second), np.array(labels), kinds)
     pairs.ssim = ssim_pairs(pairs.first, pairs.second)
     return pairs

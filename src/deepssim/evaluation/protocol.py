@@ -17,7 +17,7 @@ import csv
 import io
 import json
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -27,21 +27,17 @@ import torch
 from deepssim.errors import DeepSSIMError
 from deepssim.io.files import atomic_path, write_rows_atomic, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.labels import Label
 from deepssim.metrics import SimilarityMetric, load_metric
 from deepssim.scanning.decide import (
-    CLASS_NAMES,
-    DIFFERENT,
-    DUPLICATE,
-    SIMILAR,
     Thresholds,
     calibrate,
     classify,
 )
-from deepssim.settings import check_literal_fields, choices
+from deepssim.settings import check_literal_fields, choices, option
 from deepssim.training.pairs import read_pair_csv
 
 SETTINGS = ("aligned", "misaligned")
-CLASS_ORDER = (DIFFERENT, DUPLICATE, SIMILAR)
 FPR_AT = 0.05
 
 
@@ -84,12 +80,10 @@ def read_labelled_pairs(
         first.append(index["train_key"][row["train_key"]])
         second.append(index["generated_key"][row["generated_key"]])
         if need_labels:
-            if row["label"] not in ("0", "1", "2"):
-                raise DeepSSIMError(
-                    f"{pairs_csv}:{line}: label must be 0 (Different), 1 (Duplicate) or 2 (Similar), "
-                    f"not {row['label']!r}"
-                )
-            labels.append(int(row["label"]))
+            try:
+                labels.append(int(Label.parse(row["label"])))
+            except DeepSSIMError as error:
+                raise DeepSSIMError(f"{pairs_csv}:{line}: {error}") from None
     splits = np.array([row.get("split") or "" for row in rows])
     return LabelledPairs(train_set.take(first), generated_set.take(second), np.array(labels), splits, rows)
 
@@ -147,20 +141,20 @@ def classification_numbers(
     classes = sorted(set(labels.tolist())) if classes is None else list(classes)
     predicted = classify(scores, thresholds)
     precision, recall, _, _ = precision_recall_fscore_support(
-        labels, predicted, labels=list(CLASS_ORDER), zero_division=0
+        labels, predicted, labels=list(Label), zero_division=0
     )
     numbers = {
         "macro_f1": f1_score(labels, predicted, labels=classes, average="macro", zero_division=0),
         "weighted_f1": f1_score(labels, predicted, labels=classes, average="weighted", zero_division=0),
     }
-    for i, label in enumerate(CLASS_ORDER):
-        numbers[f"precision_{CLASS_NAMES[label]}"] = precision[i]
-        numbers[f"recall_{CLASS_NAMES[label]}"] = recall[i]
+    for i, label in enumerate(Label):
+        numbers[f"precision_{label.title}"] = precision[i]
+        numbers[f"recall_{label.title}"] = recall[i]
     distinct = len(np.unique(labels))
     numbers["silhouette"] = (
         silhouette_score(scores.reshape(-1, 1), labels) if 2 <= distinct < len(labels) else np.nan
     )
-    duplicate = labels == DUPLICATE
+    duplicate = labels == Label.DUPLICATE
     if 0 < duplicate.sum() < len(labels):
         fpr, tpr, _ = roc_curve(duplicate, scores)
         numbers["tpr_at_5fpr"] = float(tpr[fpr <= FPR_AT].max())
@@ -208,13 +202,26 @@ class EvaluateSettings:
     test pairs for the 95% intervals. seed: the misaligned views and the bootstrap.
     """
 
-    metrics: tuple[str, ...] = ("deepssim", "ssim")
-    setting: Literal["aligned", "misaligned", "both"] = "both"
-    calib_split: str | None = None
-    test_split: str | None = None
-    bootstrap: int = 1000
-    seed: int = 0
-    device: str = "cpu"
+    metrics: tuple[str, ...] = field(
+        default=("deepssim", "ssim"),
+        metadata=option(
+            "comma-separated: deepssim[=MODEL], ssim, registered, fsim, sscd=FILE, dar=FILE, "
+            "semdedup=ARCH:FILE"
+        ),
+    )
+    setting: Literal["aligned", "misaligned", "both"] = field(
+        default="both", metadata=option("aligned pairs, misaligned views of them, or both")
+    )
+    calib_split: str | None = field(
+        default=None, metadata=option("split whose pairs calibrate thresholds (e.g. calib)")
+    )
+    test_split: str | None = field(
+        default=None,
+        metadata=option("split whose pairs are scored (default: all pairs not in --calib-split)"),
+    )
+    bootstrap: int = field(default=1000, metadata=option("bootstrap resamples for the CIs"))
+    seed: int = field(default=0, metadata=option("seed of the misaligned views and the bootstrap"))
+    device: str = field(default="cpu", metadata=option("cpu or cuda"))
 
     def __post_init__(self) -> None:
         check_literal_fields(self)
@@ -327,7 +334,9 @@ def _write_outputs(out_dir: Path, rows: list[dict], scores: dict, pairs: Labelle
     writer.writerow(["train_key", "generated_key", "label", "split", *scores])
     for i, row in enumerate(pairs.rows):
         values = [f"{scores[name][i]:.6f}" for name in scores]
-        writer.writerow([row["train_key"], row["generated_key"], pairs.labels[i], pairs.splits[i], *values])
+        writer.writerow(
+            [row["train_key"], row["generated_key"], Label(pairs.labels[i]).title, pairs.splits[i], *values]
+        )
     write_text_atomic(out_dir / "scores.csv", buffer.getvalue())
 
 
@@ -347,18 +356,18 @@ def metrics_markdown(rows: list[dict]) -> str:
 def _histogram(path: Path, scores, labels, sources, title) -> None:
     from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
-    colours = {DIFFERENT: "#4a9a5b", DUPLICATE: "#c0392b", SIMILAR: "#e1a526"}
+    colours = {Label.DIFFERENT: "#4a9a5b", Label.SIMILAR: "#e1a526", Label.DUPLICATE: "#c0392b"}
     bins = np.linspace(min(scores.min(), 0.0), max(scores.max(), 1.0), 41)
     figure = Figure(figsize=(7, 3.4))
     axes = figure.subplots()
-    for label in CLASS_ORDER:
+    for label in Label:
         if (labels == label).any():
             axes.hist(
                 scores[labels == label],
                 bins=bins,
                 alpha=0.6,
                 color=colours[label],
-                label=f"{CLASS_NAMES[label]} ({int((labels == label).sum())})",
+                label=f"{label.title} ({int((labels == label).sum())})",
             )
     styles = {"paper": "--", "calibrated": ":"}
     for thresholds in sources:

@@ -33,6 +33,7 @@ from deepssim.errors import DeepSSIMError
 from deepssim.extras import require
 from deepssim.io.files import atomic_path, write_rows_atomic, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.progress import progress_iter
 from deepssim.seeds import derived_seed
 
 if TYPE_CHECKING:
@@ -260,14 +261,6 @@ def _load_state(path: Path) -> dict | None:
         ) from None
 
 
-def _progress(items, enabled: bool, description: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=description, unit="batch", leave=False)
-
-
 def train_vae(
     images,
     run,
@@ -335,7 +328,7 @@ def train_vae(
         losses = []
         batches = _batches(order, config.vae_batch_size)
         for step, rows in enumerate(
-            _progress(batches, progress, f"VAE epoch {epoch + 1}/{config.vae_epochs}")
+            progress_iter(batches, f"VAE epoch {epoch + 1}/{config.vae_epochs}", "batch", progress)
         ):
             torch.manual_seed(derived_seed(seed, 1, epoch, step))
             batch = data[rows]
@@ -460,7 +453,9 @@ def train_diffusion(
         losses = []
         batches = _batches(order, config.diffusion_batch_size)
         for step, rows in enumerate(
-            _progress(batches, progress, f"diffusion epoch {epoch + 1}/{config.diffusion_epochs}")
+            progress_iter(
+                batches, f"diffusion epoch {epoch + 1}/{config.diffusion_epochs}", "batch", progress
+            )
         ):
             generator = torch.Generator().manual_seed(derived_seed(seed, 2, epoch, step))
             batch = latents[rows]
@@ -565,7 +560,7 @@ def generate(
     manifest = []
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = _batches(np.arange(len(sources)), batch_size)
-    for number, rows in enumerate(_progress(batches, progress, "generating")):
+    for number, rows in enumerate(progress_iter(batches, "generating", "batch", progress)):
         generator = torch.Generator().manual_seed(derived_seed(seed, 3, number))
         context = None if conditions is None else conditions[sources[rows]]
         images = sample(vae, unet, info, len(rows), generator, context, steps)

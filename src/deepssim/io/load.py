@@ -18,24 +18,15 @@ import numpy as np
 
 from deepssim.errors import DeepSSIMError
 from deepssim.io.normalise import LUMA_WEIGHTS, check_finite_and_varying, fit_to_size, to_gray
+from deepssim.progress import progress_iter
+from deepssim.registry import Registry
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 # The reader registry: file suffix -> function(path, options) returning a 2D image or an
-# (N, H, W) stack of float64. A new format is one function with @reader(".suffix").
-READERS: dict[str, Callable[[Path, LoadOptions], np.ndarray]] = {}
-
-
-def reader(*suffixes: str):
-    """Register a reader for files with these (lower-case) suffixes."""
-
-    def add(function):
-        for suffix in suffixes:
-            READERS[suffix] = function
-        return function
-
-    return add
+# (N, H, W) stack of float64. A new format is one function with @READERS.register(".suffix").
+READERS: Registry[Callable[[Path, LoadOptions], np.ndarray]] = Registry("image format")
 
 
 # A volume slice is "near-empty" when fewer than `min_foreground` of its pixels are brighter
@@ -103,7 +94,7 @@ class ImageSet:
         shapes: Counter = Counter()
         example_of_shape: dict[tuple[int, int], str] = {}
         skipped: list[tuple[str, str]] = []
-        for root, path in _progress(files, progress, description):
+        for root, path in progress_iter(files, description, "file", progress):
             try:
                 found = _index_file(root, path, options)
             except DeepSSIMError as error:
@@ -306,7 +297,7 @@ def _decode(path: Path, options: LoadOptions) -> np.ndarray:
         ) from None
 
 
-@reader(*RASTER_SUFFIXES)
+@READERS.register(*RASTER_SUFFIXES)
 def _read_raster(path: Path, options: LoadOptions) -> np.ndarray:
     from PIL import Image
 
@@ -321,7 +312,7 @@ def _read_raster(path: Path, options: LoadOptions) -> np.ndarray:
         return to_gray(np.asarray(image))
 
 
-@reader(".npy")
+@READERS.register(".npy")
 def _read_npy(path: Path, options: LoadOptions) -> np.ndarray:
     data = np.load(path, allow_pickle=False)
     if data.ndim not in (2, 3):
@@ -329,7 +320,7 @@ def _read_npy(path: Path, options: LoadOptions) -> np.ndarray:
     return data.astype(np.float64)
 
 
-@reader(*NIFTI_SUFFIXES)
+@READERS.register(*NIFTI_SUFFIXES)
 def _read_nifti(path: Path, options: LoadOptions) -> np.ndarray:
     import nibabel as nib
 
@@ -345,7 +336,7 @@ def _read_nifti(path: Path, options: LoadOptions) -> np.ndarray:
     return np.moveaxis(volume, options.axis, 0)
 
 
-@reader(*DICOM_SUFFIXES)
+@READERS.register(*DICOM_SUFFIXES)
 def _read_dicom(path: Path, options: LoadOptions) -> np.ndarray:
     import pydicom
 
@@ -383,9 +374,24 @@ def _single_shape(shapes: Counter, example_of_shape: dict) -> tuple[int, int]:
     )
 
 
-def _progress(items, enabled: bool, description: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=description, unit="file")
+def image_batches(images, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of same-shaped 2D images, in order (a new batch starts where the shape changes)."""
+    if hasattr(images, "read"):  # an ImageSet, read lazily
+        for start in range(0, len(images), batch_size):
+            yield images.read(start, start + batch_size)
+        return
+    if isinstance(images, np.ndarray):
+        images = images[None] if images.ndim == 2 else images
+        if images.ndim != 3:
+            raise DeepSSIMError(f"expected 2D images or an (N, H, W) array, got shape {images.shape}")
+    batch: list[np.ndarray] = []
+    for image in images:
+        image = np.asarray(image)
+        if image.ndim != 2:
+            raise DeepSSIMError(f"expected 2D images, got an array of shape {image.shape}")
+        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
+            yield np.stack(batch)
+            batch = []
+        batch.append(image)
+    if batch:
+        yield np.stack(batch)

@@ -17,8 +17,6 @@ from deepssim.errors import DeepSSIMError
 from deepssim.io.files import write_rows_atomic, write_text_atomic
 from deepssim.labelling.store import LABELS, SKIP, LabelStore
 
-LABEL_CODES = {"Different": 0, "Duplicate": 1, "Similar": 2}  # as calibrate and evaluate read them
-
 
 def fleiss_kappa(table: np.ndarray) -> float:
     """Fleiss' kappa of a (subjects, categories) table of counts, each row summing to the raters."""
@@ -109,8 +107,7 @@ def agreement(
             {
                 "train_key": pair.train_key,
                 "generated_key": pair.generated_key,
-                "label": LABEL_CODES[name],
-                "label_name": name,
+                "label": name,
                 "votes": int(votes[position, best[0]]),
                 "raters": int(labelled[position]),
             }

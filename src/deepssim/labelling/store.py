@@ -17,8 +17,9 @@ from pathlib import Path
 
 from deepssim.errors import DeepSSIMError
 from deepssim.labelling.queue import QueuedPair
+from deepssim.labels import Label
 
-LABELS = ("Different", "Similar", "Duplicate")
+LABELS = Label.titles()  # what a rater may click, in the order of the buttons
 SKIP = "skip"
 DATABASE = "labels.sqlite"
 

@@ -1,7 +1,8 @@
 """The metric interface and its registry: every similarity behind one API, for ``scan``,
 ``calibrate`` and ``evaluate``.
 
-A metric scores a (training, generated) pair; higher is more similar. Two kinds:
+A metric scores a (training, generated) pair; higher is more similar. It does not search: the
+scan's retrieval stage (:mod:`deepssim.scanning.retrieve`) does. Two kinds:
 
 - pixel metrics (``ssim``, ``fsim``) score matched pairs of same-sized images;
 - embedding metrics (``deepssim``, ``sscd``, ``dar``, ``semdedup``) embed each image once into
@@ -25,22 +26,14 @@ import torch
 from torch.nn import functional as F
 
 from deepssim.errors import DeepSSIMError
+from deepssim.io.load import image_batches
+from deepssim.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-METRICS: dict[str, type[SimilarityMetric]] = {}
-
-
-def register(name: str):
-    """Class decorator: make a metric available as ``NAME[=ARGUMENT]``."""
-
-    def add(cls):
-        cls.name = name
-        METRICS[name] = cls
-        return cls
-
-    return add
+METRICS: Registry[type[SimilarityMetric]] = Registry("metric")
+register = METRICS.register  # class decorator: make a metric available as ``NAME[=ARGUMENT]``
 
 
 class SimilarityMetric:
@@ -50,6 +43,7 @@ class SimilarityMetric:
     name = "metric"
     thresholds: tuple[float, float] | None = None
     is_embedding = False
+    exhaustive_search = False  # a pixel metric the scan can search over every pair (SSIM's kernel)
     description = ""
 
     def pair_scores(self, train: np.ndarray, generated: np.ndarray) -> np.ndarray:
@@ -70,37 +64,6 @@ class SimilarityMetric:
         """The metric from the text after ``NAME=`` (empty when none was given)."""
         return cls()
 
-    def top_k(
-        self,
-        train,
-        generated,
-        k: int,
-        *,
-        search: str = "exact",
-        embed=None,
-        engine=None,
-        progress: bool = False,
-    ):
-        """The scan's search: (scores, indices) of the ``k`` best training images of every
-        generated image, each (M, k) best first, and every training image's best score over all
-        generated images, (N,). The full N x M matrix is never held.
-
-        Embedding metrics search inner products (``search``: exact, faiss, faiss-hnsw) on the
-        ``engine`` (:mod:`deepssim.scanning.engines`; default local); ``embed(images, role)`` may
-        supply cached embeddings. Pixel metrics override this or score matched pairs only.
-        """
-        from deepssim.scanning.engines import get_engine
-
-        if not self.is_embedding:
-            raise DeepSSIMError(
-                f"{self.name} scores matched pairs only (use it in calibrate or evaluate); scan with "
-                "deepssim, ssim or an embedding baseline"
-            )
-        engine = get_engine(engine or "local")
-        embed = embed or engine.embedder(self, progress=progress)
-        train_vectors, generated_vectors = embed(train, "training"), embed(generated, "generated")
-        return engine.top_k(generated_vectors, train_vectors, k, search)
-
 
 class TorchEmbeddingMetric(SimilarityMetric):
     """An embedding metric computed by a torch module from a prepared (B, C, H, W) batch."""
@@ -119,10 +82,8 @@ class TorchEmbeddingMetric(SimilarityMetric):
 
     @torch.inference_mode()
     def embed(self, images, batch_size=64, precision="float32", progress=False):
-        from deepssim.embedding.model import _batches
-
         outputs = []
-        for batch in _batches(images, batch_size):
+        for batch in image_batches(images, batch_size):
             tensor = torch.from_numpy(np.asarray(batch, dtype=np.float32)).unsqueeze(1)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
                 out = self.forward(self.prepare(tensor).to(self.device))
@@ -148,8 +109,6 @@ class TorchEmbeddingMetric(SimilarityMetric):
 def load_metric(spec: str, device: str = "cpu", default_model=None) -> SimilarityMetric:
     """A metric from ``NAME`` or ``NAME=ARGUMENT`` (see the module docstring)."""
     name, _, argument = spec.partition("=")
-    if name not in METRICS:
-        raise DeepSSIMError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
     return METRICS[name].from_argument(argument, device, default_model)
 
 

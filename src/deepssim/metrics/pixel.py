@@ -7,22 +7,19 @@ import numpy as np
 from deepssim.errors import DeepSSIMError
 from deepssim.extras import require
 from deepssim.io.normalise import unit_range
+from deepssim.labels import PAPER_THRESHOLDS
 from deepssim.metrics.base import SimilarityMetric, register
 from deepssim.ssim.engine import ssim_pairs
 
 
 @register("ssim")
 class SSIMMetric(SimilarityMetric):
-    thresholds = (0.6, 0.85)
+    thresholds = PAPER_THRESHOLDS
     description = "SSIM (scikit-image defaults, z-scored images, data range of the training image)"
+    exhaustive_search = True
 
     def pair_scores(self, train, generated):
         return ssim_pairs(train, generated)
-
-    def top_k(self, train, generated, k, *, search="exact", embed=None, engine=None, progress=False):
-        from deepssim.scanning.search import top_k_ssim_on
-
-        return top_k_ssim_on(engine, train, generated, k, progress=progress)
 
 
 @register("fsim")
@@ -56,7 +53,7 @@ class RegisteredSSIMMetric(SimilarityMetric):
     scale and contrast gamma that best bring the generated image into register. Pairs only; in a
     scan it is the second stage of the default decision."""
 
-    thresholds = (0.6, 0.85)
+    thresholds = PAPER_THRESHOLDS
     description = "registered SSIM (SSIM after rigid and contrast registration)"
 
     def pair_scores(self, train, generated):

@@ -9,6 +9,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from deepssim._version import __version__
 from deepssim.io.cache import image_fingerprints
 from deepssim.io.load import ImageSet
 
@@ -29,7 +30,6 @@ def input_record(images: ImageSet) -> dict:
 
 def audit_trail(inputs: dict[str, ImageSet], given: dict[str, object], model: dict, settings: dict) -> dict:
     """Tool version, date, command line, inputs, model and settings of one scan."""
-    from deepssim import __version__
 
     return {
         "tool": f"deepssim {__version__}",

@@ -1,8 +1,8 @@
 """From scores to decisions: the three classes, shares with confidence intervals, the
 reference-distribution threshold and threshold calibration on labelled pairs.
 
-Classes (as in the paper): score <= low is Different (0), score > high is Duplicate (1),
-in between is Similar (2).
+Classes (as in the paper, :class:`deepssim.labels.Label`): score <= low is Different, score > high
+is Duplicate, in between is Similar.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import numpy as np
 
 from deepssim.errors import DeepSSIMError
 from deepssim.io.files import write_text_atomic
+from deepssim.labels import Label
 
-DIFFERENT, DUPLICATE, SIMILAR = 0, 1, 2
-CLASS_NAMES = {DIFFERENT: "Different", DUPLICATE: "Duplicate", SIMILAR: "Similar"}
 REFERENCE_PERCENTILE = 95.0
 
 
@@ -49,11 +48,24 @@ class Thresholds:
 
 
 def classify(scores, thresholds: Thresholds) -> np.ndarray:
-    """Class of each score: 0 Different, 1 Duplicate, 2 Similar."""
+    """The :class:`Label` code of each score (an integer array of the scores' shape)."""
     scores = np.asarray(scores)
     return np.where(
-        scores > thresholds.high, DUPLICATE, np.where(scores <= thresholds.low, DIFFERENT, SIMILAR)
-    )
+        scores > thresholds.high,
+        Label.DUPLICATE,
+        np.where(scores <= thresholds.low, Label.DIFFERENT, Label.SIMILAR),
+    ).astype(np.int64)
+
+
+def decide(decision_scores: np.ndarray, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """The decide stage, shared by the scan, the monitor and the release filter: each generated
+    image's class comes from its best pair. ``decision_scores`` (M, k) -> (order, classes):
+    ``order`` sorts each row's pairs by decision score, best first (missing scores last), and
+    ``classes`` (M,) are the :class:`Label` codes of each row's best score."""
+    scores = np.nan_to_num(np.asarray(decision_scores, dtype=np.float64), nan=-np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    best = np.take_along_axis(scores, order[:, :1], axis=1)[:, 0]
+    return order, classify(best, thresholds)
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -113,10 +125,10 @@ def calibrate(scores, labels, max_candidates: int = 100) -> tuple[Thresholds, fl
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     if scores.shape != labels.shape or scores.size == 0:
         raise DeepSSIMError("calibration needs one score per label and at least one pair")
-    unknown = set(np.unique(labels)) - {DIFFERENT, DUPLICATE, SIMILAR}
+    unknown = set(np.unique(labels).tolist()) - set(Label)
     if unknown:
         raise DeepSSIMError(
-            f"labels must be 0 (Different), 1 (Duplicate) or 2 (Similar); found {sorted(unknown)}"
+            f"labels must be Label codes ({', '.join(Label.titles())}); found {sorted(unknown)}"
         )
     distinct = np.unique(scores)
     cuts = np.concatenate([[distinct[0] - 1e-6], (distinct[:-1] + distinct[1:]) / 2, [distinct[-1] + 1e-6]])

@@ -16,8 +16,6 @@ from deepssim.errors import DeepSSIMError
 from deepssim.io.load import DICOM_SUFFIXES, ImageSet
 from deepssim.scanning.decide import share
 
-GROUPINGS = ("volume", "folder")
-
 
 def group_of_each_image(images: ImageSet, group_by: str) -> list[str]:
     """The group (patient) of every image, in order."""

@@ -20,22 +20,20 @@ from pathlib import Path
 
 from deepssim.errors import DeepSSIMError
 from deepssim.io.files import write_rows_atomic, write_text_atomic
-from deepssim.scanning.decide import CLASS_NAMES
-
-DROPPABLE = ("Duplicate", "Similar")
+from deepssim.labels import Label
 
 
 def write_release(result, folder: str | Path, *, drop: tuple[str, ...] = ("Duplicate",)) -> dict:
     """Copy the generated images of ``result`` (a ScanResult) whose class is not in ``drop`` into
     ``folder``; return the release's summary (also written as ``release.json``)."""
     folder = Path(folder)
-    unknown = set(drop) - set(DROPPABLE)
+    unknown = set(drop) - {Label.DUPLICATE.title, Label.SIMILAR.title}
     if unknown or "Duplicate" not in drop:
         raise DeepSSIMError(f"a release drops Duplicate and optionally Similar, not {sorted(unknown)}")
     if folder.exists():
         raise DeepSSIMError(f"{folder} already exists; a release goes into a new folder (choose another)")
     refs = result.generated.refs
-    names = [CLASS_NAMES[int(c)] for c in result.classes]
+    names = [Label(int(c)).title for c in result.classes]
     dropped_files = {ref.path: ref.key for ref, name in zip(refs, names, strict=True) if name in drop}
     rows, copies = [], {}
     for i, (ref, name) in enumerate(zip(refs, names, strict=True)):
@@ -65,12 +63,12 @@ def write_release(result, folder: str | Path, *, drop: tuple[str, ...] = ("Dupli
             "high": result.thresholds.high,
             "source": result.thresholds.source,
         },
-        "decision": result.summary.get("audit", {}).get("settings", {}).get("decision"),
-        "model": result.summary.get("audit", {}).get("model", {}),
+        "decision": (result.summary.audit or {}).get("settings", {}).get("decision"),
+        "model": (result.summary.audit or {}).get("model", {}),
         "generated_images": len(rows),
         "released_images": sum(r["released"] == "yes" for r in rows),
         "released_files": len(copies),
-        "scan_date_utc": result.summary.get("audit", {}).get("date_utc"),
+        "scan_date_utc": (result.summary.audit or {}).get("date_utc"),
     }
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))

@@ -15,7 +15,9 @@ import numpy as np
 
 from deepssim.io.display import colour, png_bytes, to_uint8
 from deepssim.io.files import write_text_atomic
-from deepssim.scanning.decide import CLASS_NAMES
+from deepssim.labels import Label
+from deepssim.scanning.evidence import GalleryPair
+from deepssim.scanning.summary import ScanSummary
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -32,12 +34,14 @@ td, th { padding: 4px 10px; border-bottom: 1px solid #eee; text-align: left; }
 """
 
 
-def write_report(result, path, gallery_size: int = 24, anonymise: bool = False) -> None:
+def write_report(result, path, gallery: list[GalleryPair], anonymise: bool = False) -> None:
     """Write the report of a :class:`deepssim.scanning.scan.ScanResult` atomically."""
-    write_text_atomic(path, render_report(result, gallery_size, anonymise))
+    write_text_atomic(path, render_report(result, gallery, anonymise))
 
 
-def render_report(result, gallery_size: int = 24, anonymise: bool = False) -> str:
+def render_report(result, gallery: list[GalleryPair], anonymise: bool = False) -> str:
+    """The page, from the scan's result and its gallery evidence (:mod:`deepssim.scanning.evidence`);
+    nothing is computed here but pictures of what was."""
     summary = result.summary
     thresholds = result.thresholds
     if anonymise:
@@ -61,10 +65,10 @@ def render_report(result, gallery_size: int = 24, anonymise: bool = False) -> st
         "<h1>DeepSSIM memorisation report</h1>",
         "<p>"
         + escape(
-            f"{summary['generated_images']} generated images scanned against {summary['training_images']} "
-            f"training images with {result.metric} ({result.model}); decision: {summary['decision']}; "
+            f"{summary.generated_images} generated images scanned against {summary.training_images} "
+            f"training images with {result.metric} ({result.model}); decision: {summary.decision}; "
             f"thresholds low {thresholds.low:.4g}, high {thresholds.high:.4g} ({thresholds.source}); "
-            f"top-{summary['k']} matches kept."
+            f"top-{summary.k} matches kept."
         )
         + "</p>",
         "<h2 id='summary'>Summary</h2>",
@@ -74,41 +78,41 @@ def render_report(result, gallery_size: int = 24, anonymise: bool = False) -> st
         f"<img id='histogram-image' alt='histogram of best scores' src='{_histogram_png(result)}'>",
         "<h2 id='gallery'>Most similar pairs</h2>",
         gallery_text,
-        _gallery(result, gallery_size, anonymise),
+        _gallery(result, gallery, anonymise),
         "<h2 id='audit'>Audit trail</h2>",
-        _audit(summary.get("audit")),
+        _audit(summary.audit),
         "</body></html>",
     ]
     return "\n".join(parts)
 
 
-def _summary_table(summary: dict) -> str:
+def _summary_table(summary: ScanSummary) -> str:
     rows = [
         "<table id='summary-table'><tr><th>Class</th><th class='num'>Generated images</th>"
         "<th class='num'>Share</th><th class='num'>95% CI</th></tr>"
     ]
-    for name, entry in summary["generated_by_class"].items():
+    for name, entry in summary.generated_by_class.items():
         low, high = entry["ci95"]
         rows.append(
             f"<tr><td><span class='badge {name}'>{name}</span></td><td class='num'>{entry['count']}</td>"
             f"<td class='num'>{entry['share']:.1%}</td><td class='num'>{low:.1%} - {high:.1%}</td></tr>"
         )
-    memorised = summary["training_images_with_a_duplicate"]
+    memorised = summary.training_images_with_a_duplicate
     low, high = memorised["ci95"]
     rows.append(
         f"<tr><td>Training images with at least one Duplicate</td><td class='num'>{memorised['count']}"
-        f" of {summary['training_images']}</td><td class='num'>{memorised['share']:.1%}</td>"
+        f" of {summary.training_images}</td><td class='num'>{memorised['share']:.1%}</td>"
         f"<td class='num'>{low:.1%} - {high:.1%}</td></tr></table>"
     )
-    percentiles = summary["best_score_percentiles"]
+    percentiles = summary.best_score_percentiles
     rows.append(
         "<p>Best score percentiles: "
         + escape(", ".join(f"{name} {value:.3f}" for name, value in percentiles.items()))
         + "</p>"
     )
-    if "reference" in summary:
-        reference = summary["reference"]
-        threshold = next(v for k, v in reference.items() if k.endswith("_threshold"))
+    if summary.reference is not None:
+        reference = summary.reference
+        threshold = summary.reference_threshold()
         rows.append(
             f"<p>Reference: each of the {reference['training_images']} training images' best score against "
             f"held-out real images of other patients; 95th percentile = {threshold:.4f} "
@@ -162,38 +166,37 @@ def _histogram_png(result) -> str:
     return encoded
 
 
-def _gallery(result, gallery_size: int, anonymise: bool) -> str:
-    decided = np.nan_to_num(result.decision_scores[:, 0], nan=-np.inf)
-    order = np.argsort(-decided, kind="stable")[:gallery_size]
-    if len(order) == 0:
+def _gallery(result, gallery: list[GalleryPair], anonymise: bool) -> str:
+    if not gallery:
         return "<p>No generated images.</p>"
-    generated = result.generated.take(order)
-    training = result.train.take(result.neighbours[order, 0])
     items = []
-    for rank, (i, fake, train) in enumerate(zip(order, generated, training, strict=True), 1):
-        name = CLASS_NAMES[int(result.classes[i])]
+    for rank, pair in enumerate(gallery, 1):
+        i = pair.generated_index
+        name = Label(int(result.classes[i])).title
         generated_key = escape(result.generated_keys[i])
-        train_key = escape(result.train_keys[result.neighbours[i, 0]])
-        aligned = _aligned(result, i, fake)
-        moved = fake if aligned is None else aligned
-        maps = _maps(result, train, moved)
+        train_key = escape(result.train_keys[pair.train_index])
         if anonymise:
-            images = [_img(f"{label} map", colour(values, colormap)) for label, values, colormap in maps]
+            images = [_img(f"{label} map", colour(values, colormap)) for label, values, colormap in pair.maps]
         else:
             images = [
-                _img(f"generated {generated_key}", to_uint8(fake)),
-                _img(f"training {train_key}", to_uint8(train)),
+                _img(f"generated {generated_key}", to_uint8(pair.generated)),
+                _img(f"training {train_key}", to_uint8(pair.train)),
             ]
-            overlays = dict((label, values) for label, values, _ in maps)
+            overlays = {label: values for label, values, _ in pair.maps}
             if "similarity lost" in overlays:
                 images.append(
-                    _img("aligned generated, similarity lost", _overlay(moved, overlays["similarity lost"]))
+                    _img(
+                        "aligned generated, similarity lost",
+                        _overlay(pair.aligned, overlays["similarity lost"]),
+                    )
                 )
             else:
-                images.append(_img("aligned generated", to_uint8(moved)))
+                images.append(_img("aligned generated", to_uint8(pair.aligned)))
             if "local SSIM" in overlays:
                 # 1 - local SSIM on an absolute scale: a copy shows (almost) no red
-                images.append(_img("training, local SSIM", _overlay(train, 1 - overlays["local SSIM"], 1.0)))
+                images.append(
+                    _img("training, local SSIM", _overlay(pair.train, 1 - overlays["local SSIM"], 1.0))
+                )
         score = f"{result.metric} {result.scores[i, 0]:.4f}"
         evidence = result.evidence
         if evidence is not None and evidence.has(i, 0):
@@ -213,20 +216,6 @@ def _img(alt: str, pixels: np.ndarray) -> str:
     return f"<img alt='{escape(alt)}' src='{_png(pixels)}'>"
 
 
-def _maps(result, train: np.ndarray, moved: np.ndarray) -> list[tuple[str, np.ndarray, str]]:
-    """(label, map, colormap) of a pair: the difference, where similarity is lost, local SSIM."""
-    if train.shape != moved.shape:
-        return []
-    za, zb = (train - train.mean()) / train.std(), (moved - moved.mean()) / moved.std()
-    maps = [("difference", np.abs(za - zb), "magma")]
-    model = result.embedder
-    if model is not None:
-        explanation = model.explain(train, moved, steps=16)
-        maps.append(("similarity lost", np.clip(explanation.lost_similarity, 0, None), "magma"))
-        maps.append(("local SSIM", explanation.ssim_map, "viridis"))
-    return maps
-
-
 def _overlay(image: np.ndarray, heat: np.ndarray, full_scale: float | None = None) -> np.ndarray:
     """The gray image with ``heat`` blended in red: scaled to ``full_scale``, or to its own 99th
     percentile when None (an attribution map has no natural unit)."""
@@ -241,7 +230,7 @@ def _patients(result) -> str:
     """The patient table: training groups, most-copied first (only with --group-by)."""
     if result.groups is None:
         return ""
-    entry = result.summary["groups"]["with_a_duplicate"]
+    entry = result.summary.groups["with_a_duplicate"]
     low, high = entry["ci95"]
     rows = "".join(
         f"<tr><td>{escape(row['group'])}</td><td class='num'>{row['training_images']}</td>"
@@ -250,7 +239,7 @@ def _patients(result) -> str:
     )
     return (
         f"<h2 id='patients'>Patients</h2><p>{entry['count']} of {len(result.groups)} training groups "
-        f"({escape(result.summary['groups']['by'])}) have at least one image with a Duplicate: "
+        f"({escape(result.summary.groups['by'])}) have at least one image with a Duplicate: "
         f"{entry['share']:.1%} (95% CI {low:.1%} - {high:.1%}).</p>"
         "<table id='patient-table'><tr><th>Group</th><th class='num'>Training images</th>"
         f"<th class='num'>Images with a Duplicate</th></tr>{rows}</table>"
@@ -284,13 +273,3 @@ def _audit(audit: dict | None) -> str:
     )
     cells = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table id='audit-table'>{cells}</table>"
-
-
-def _aligned(result, i: int, image: np.ndarray) -> np.ndarray | None:
-    """The generated image moved by the transform its registration found, or None without one."""
-    from deepssim.ssim.registered import apply_transform
-
-    evidence = result.evidence
-    if evidence is None or not evidence.has(i, 0):
-        return None
-    return apply_transform(image, **evidence.transform(i, 0))

@@ -1,41 +1,82 @@
-"""The scan's settings: one frozen, validated dataclass that the API, the CLI's defaults and the
+"""The scan's settings: one frozen, validated dataclass that the API, the CLI's options and the
 summary's audit trail all read."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from deepssim.errors import DeepSSIMError
-from deepssim.settings import check_literal_fields, choices
+from deepssim.execution import ENGINES, SEARCH_BACKENDS
+from deepssim.hardware import PRECISIONS
+from deepssim.settings import check_literal_fields, choices, option
 
 Decision = Literal["two-stage", "score"]
-Search = Literal["exact", "faiss", "faiss-hnsw"]
-Precision = Literal["auto", "float32", "bfloat16", "float16"]
+Precision = Literal[PRECISIONS]
 
 
 @dataclass(frozen=True)
 class ScanSettings:
     """How to scan (everything but the data, the model and the thresholds). See :func:`scan`."""
 
-    decision: Decision = "two-stage"
-    k: int = 5
-    use_reference_threshold: bool = False
-    verify: bool = False
-    group_by: str | None = None
-    duplicate_fpr: float | None = None
-    search: Search = "exact"
-    batch_size: int = 64
-    precision: Precision = "auto"
-    device: str = "cpu"
-    engine: str = "local"  # a name in deepssim.scanning.engines.ENGINES
+    decision: Decision = field(
+        default="two-stage",
+        metadata=option(
+            "two-stage: the metric retrieves the top-k, registered SSIM (after the best flip, rotation, "
+            "shift and scale) decides; score: the metric's score decides (faster)"
+        ),
+    )
+    k: int = field(
+        default=5, metadata=option("training matches kept per generated image", flag="--top-k", short="-k")
+    )
+    use_reference_threshold: bool = field(
+        default=False,
+        metadata=option(
+            "use the 95th percentile of the reference images' best scores as the high threshold",
+            flag="--reference-threshold",
+        ),
+    )
+    verify: bool = field(
+        default=False,
+        metadata=option(
+            "with --decision score: also compute registered and plain SSIM of every top-k pair "
+            "(always done for Duplicates, and for every pair in the two-stage decision)"
+        ),
+    )
+    group_by: str | None = field(
+        default=None,
+        metadata=option(
+            "group training images into patients: volume, folder, or a regex whose first group is the "
+            "patient ID in each key (e.g. 'sub-(\\d+)'); adds groups.csv and a patient table"
+        ),
+    )
+    duplicate_fpr: float | None = field(
+        default=None,
+        metadata=option(
+            "set the Duplicate threshold without labels: at most this share of different-patient "
+            "matches (training images of other groups) are called Duplicate (needs --group-by)"
+        ),
+    )
+    search: str = field(
+        default="exact", metadata=option("nearest-neighbour search", choices=SEARCH_BACKENDS.names)
+    )
+    batch_size: int = field(default=64, metadata=option("images per embedding batch"))
+    precision: Precision = field(
+        default="auto", metadata=option("auto: bfloat16 only where the hardware computes it natively")
+    )
+    device: str = field(default="cpu", metadata=option("cpu or cuda"))
+    engine: str = field(
+        default="local",
+        metadata=option(
+            "where the work runs: local (this process) or ray (a Ray cluster; pip install 'deepssim[ray]')",
+            choices=ENGINES.names,
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_literal_fields(self)
-        from deepssim.scanning.engines import ENGINES
-
-        if self.engine not in ENGINES:
-            raise DeepSSIMError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        ENGINES[self.engine]  # an unknown name is an error that lists the engines
+        SEARCH_BACKENDS[self.search]
         if self.k < 1 or self.batch_size < 1:
             raise DeepSSIMError("k and the batch size must be at least 1")
         if self.duplicate_fpr is not None and not 0 < self.duplicate_fpr < 1:
@@ -45,5 +86,5 @@ class ScanSettings:
 
     @classmethod
     def choices(cls, name: str) -> tuple[str, ...]:
-        """The allowed values of a Literal field, for the CLI."""
+        """The allowed values of a Literal field."""
         return choices(cls, name)

@@ -26,6 +26,7 @@ import torch
 
 from deepssim.errors import DeepSSIMError
 from deepssim.io.normalise import zscore
+from deepssim.progress import progress_bar
 
 try:
     from deepssim.ssim import _kernel as _ssim_kernel
@@ -464,7 +465,7 @@ def ssim_blocks(
     height, width = generated.shape
     buffer = None if in_kernel else _empty_prepared(chunk, height, width, dtype, "generated")
     workspace = kernel_workspace(height, width)
-    bar = _pair_progress(len(train) * len(generated), progress)
+    bar = progress_bar(len(train) * len(generated), "SSIM pairs", "pair", progress)
     for s0 in range(0, len(generated), block_size):
         generated_block = generated.read(s0, s0 + block_size)
         for r0 in range(0, len(train), block_size):
@@ -482,11 +483,9 @@ def ssim_blocks(
                         generated_block[g0 : g0 + chunk], "generated", dtype, into=buffer, first=s0 + g0
                     )
                     block[:, g0 : g0 + chunk] = ssim_prepared(prepared_train, part, backend, device)
-            if bar is not None:
-                bar.update(block.size)
+            bar.update(block.size)
             yield r0, s0, block
-    if bar is not None:
-        bar.close()
+    bar.close()
 
 
 class _ArraySource:
@@ -528,14 +527,6 @@ def _as_source(images):
     if hasattr(images, "read") and hasattr(images, "shape"):
         return _CheckedSource(images)
     return _ArraySource(images)
-
-
-def _pair_progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="SSIM pairs", unit="pair", unit_scale=True)
 
 
 __all__ = ["PreparedImages", "prepare", "ssim", "ssim_blocks", "ssim_matrix", "ssim_pairs", "ssim_prepared"]

@@ -1,4 +1,5 @@
-"""The SSIM-matrix job: every (train, generated) pair of two image sets, saved with its keys."""
+"""Exact SSIM of every (train, generated) pair of two image sets: the full matrix saved with its
+keys, or each generated image's top-k training images streamed block by block."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
+from deepssim.execution.engines import get_engine, merge_top_k
 from deepssim.io.files import atomic_path, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
-from deepssim.ssim.engine import ssim_matrix
+from deepssim.ssim.engine import ssim_blocks, ssim_matrix
 
 FORMAT_VERSION = 1
 
@@ -87,7 +89,7 @@ def compute_ssim_matrix(
 
     ``matrix_file``: a ``.npy`` path to hold the matrix on disk (memory-mapped) instead of in
     memory, for matrices larger than RAM. ``engine``: "local" (default) or a scan engine such as
-    :class:`deepssim.scanning.ray_engine.RayEngine`, which computes blocks of pairs as tasks.
+    :class:`deepssim.execution.ray_engine.RayEngine`, which computes blocks of pairs as tasks.
     """
     if dtype not in ("float32", "float64"):
         raise DeepSSIMError(f"dtype must be float32 or float64, not {dtype!r}")
@@ -98,8 +100,6 @@ def compute_ssim_matrix(
         values = np.empty(shape, dtype=dtype)
     else:
         values = np.lib.format.open_memmap(matrix_file, mode="w+", dtype=dtype, shape=shape)
-    from deepssim.scanning.engines import get_engine
-
     engine = get_engine(engine or "local")
     train_ranges = engine.split(len(train_set))
     if len(train_ranges) == 1:  # one block: stream it here, reusing prepared images
@@ -140,3 +140,48 @@ def compute_ssim_matrix(
 def _ssim_block(train: ImageSet, generated: ImageSet, dtype: str) -> np.ndarray:
     """One task of a distributed matrix: every pair of two blocks of images."""
     return ssim_matrix(train, generated, np.dtype(dtype))
+
+
+def top_k_ssim(train, generated, k: int, block_size: int = 1024, progress: bool = False):
+    """(scores, indices, best_per_training_image): the k training images of highest exact SSIM
+    per generated image, each (M, k), merged block by block, and each training image's best
+    score over all generated images, (N,). Training images are the "train" side of SSIM."""
+    k = min(k, len(train))
+    scores = np.full((len(generated), k), -np.inf, dtype=np.float32)
+    indices = np.zeros((len(generated), k), dtype=np.int64)
+    best_per_train = np.full(len(train), -np.inf, dtype=np.float32)
+    for r0, s0, block in ssim_blocks(train, generated, np.float32, block_size=block_size, progress=progress):
+        rows = slice(r0, r0 + block.shape[0])
+        best_per_train[rows] = np.maximum(best_per_train[rows], block.max(axis=1))
+        columns = slice(s0, s0 + block.shape[1])
+        candidate_scores = np.concatenate([scores[columns], block.T], axis=1)
+        candidate_indices = np.concatenate(
+            [indices[columns], np.broadcast_to(np.arange(r0, r0 + block.shape[0]), block.T.shape)], axis=1
+        )
+        order = np.argsort(-candidate_scores, axis=1, kind="stable")[:, :k]
+        scores[columns] = np.take_along_axis(candidate_scores, order, axis=1)
+        indices[columns] = np.take_along_axis(candidate_indices, order, axis=1)
+    return scores, indices, best_per_train
+
+
+def top_k_ssim_on(engine, train, generated, k: int, progress: bool = False):
+    """:func:`top_k_ssim` with the training images split into the engine's blocks (one task
+    each, merged here); in this process when the engine makes one block."""
+    engine = get_engine(engine or "local")
+    ranges = engine.split(len(train))
+    if len(ranges) == 1:
+        return top_k_ssim(train, generated, k, progress=progress)
+    part = (
+        (lambda a, b: train.subset(range(a, b))) if isinstance(train, ImageSet) else (lambda a, b: train[a:b])
+    )
+    results = engine.map(
+        top_k_ssim,
+        [(part(a, b), generated, k) for a, b in ranges],
+        sizes=[(b - a) * len(generated) for a, b in ranges],
+        description="SSIM top-k",
+        progress=progress,
+    )
+    scores, indices = merge_top_k(
+        [(a, s, i) for (a, _), (s, i, _) in zip(ranges, results, strict=True)], min(k, len(train))
+    )
+    return scores, indices, np.concatenate([best for _, _, best in results])

@@ -32,64 +32,77 @@ import math
 
 import torch
 
-from deepssim.errors import DeepSSIMError
 from deepssim.extras import require
 from deepssim.io.normalise import unit_range, zscore_batch
+from deepssim.registry import Registry
 
-AUGMENTATION_SETS = ("v1", "v2", "robust", "rigid", "misaligned", "none")
 BIAS_FIELD_DEGREE = 3
 
+# The augmentation-set registry: name -> function(kornia.augmentation, height, width) returning the
+# list of kornia steps. A new set is one function with @AUGMENTATION_SETS.register("name").
+AUGMENTATION_SETS: Registry = Registry("augmentation set")
+_degrees = math.degrees
 
-def _kornia_pipeline(name: str, height: int, width: int):
-    K = require("kornia.augmentation")
 
-    degrees = math.degrees
-    if name == "v1":
-        steps = [
-            K.RandomVerticalFlip(p=0.33),  # flips along axis 0 (rows) ...
-            K.RandomHorizontalFlip(p=0.33),  # ... and along axis 1 (columns)
-            K.RandomRotation(degrees(0.17), p=0.33),
-            K.RandomGamma(gamma=(0.5, 1.5), p=0.33),
-        ]
-    elif name == "v2":
-        steps = [
-            K.RandomVerticalFlip(p=0.25),
-            K.RandomHorizontalFlip(p=0.25),
-            K.RandomAffine(degrees(0.09), translate=(4 / width, 4 / height), p=0.75),
-            K.RandomAffine(0.0, scale=(0.9, 1.05), p=0.75),
-            RandomBiasField(BIAS_FIELD_DEGREE, 0.1, p=0.5),
-            K.RandomGamma(gamma=(0.5, 1.5), p=0.25),
-            K.RandomGaussianBlur(kernel_size=3, sigma=(0.25, 0.5), p=0.25),
-        ]
-    elif name == "robust":
-        steps = [
-            K.RandomVerticalFlip(p=0.5),
-            K.RandomHorizontalFlip(p=0.5),
-            K.RandomAffine(degrees(0.1745), translate=(4 / width, 4 / height), p=0.8),
-            K.RandomAffine(0.0, scale=(0.9, 1.05), p=0.5),
-            RandomBiasField(BIAS_FIELD_DEGREE, 0.1, p=0.5),
-            K.RandomGamma(gamma=(0.5, 1.5), p=0.5),
-            K.RandomGaussianBlur(kernel_size=3, sigma=(0.25, 0.5), p=0.25),
-        ]
-    elif name == "rigid":
-        steps = [
-            K.RandomVerticalFlip(p=0.5),
-            K.RandomHorizontalFlip(p=0.5),
-            K.RandomAffine(degrees(0.1745), translate=(4 / width, 4 / height), p=0.8),
-            K.RandomGamma(gamma=(0.5, 1.5), p=0.5),
-        ]
-    elif name == "misaligned":
-        steps = [
-            K.RandomVerticalFlip(p=0.8),
-            K.RandomHorizontalFlip(p=0.8),
-            K.RandomRotation(degrees(0.1745), p=0.8),
-            K.RandomGamma(gamma=(0.5, 1.5), p=0.8),
-        ]
-    else:
-        raise DeepSSIMError(
-            f"unknown augmentation set {name!r}; choose one of {', '.join(AUGMENTATION_SETS)}"
-        )
-    return steps
+@AUGMENTATION_SETS.register("v1")
+def _v1(K, height: int, width: int) -> list:
+    return [
+        K.RandomVerticalFlip(p=0.33),  # flips along axis 0 (rows) ...
+        K.RandomHorizontalFlip(p=0.33),  # ... and along axis 1 (columns)
+        K.RandomRotation(_degrees(0.17), p=0.33),
+        K.RandomGamma(gamma=(0.5, 1.5), p=0.33),
+    ]
+
+
+@AUGMENTATION_SETS.register("v2")
+def _v2(K, height: int, width: int) -> list:
+    return [
+        K.RandomVerticalFlip(p=0.25),
+        K.RandomHorizontalFlip(p=0.25),
+        K.RandomAffine(_degrees(0.09), translate=(4 / width, 4 / height), p=0.75),
+        K.RandomAffine(0.0, scale=(0.9, 1.05), p=0.75),
+        RandomBiasField(BIAS_FIELD_DEGREE, 0.1, p=0.5),
+        K.RandomGamma(gamma=(0.5, 1.5), p=0.25),
+        K.RandomGaussianBlur(kernel_size=3, sigma=(0.25, 0.5), p=0.25),
+    ]
+
+
+@AUGMENTATION_SETS.register("robust")
+def _robust(K, height: int, width: int) -> list:
+    return [
+        K.RandomVerticalFlip(p=0.5),
+        K.RandomHorizontalFlip(p=0.5),
+        K.RandomAffine(_degrees(0.1745), translate=(4 / width, 4 / height), p=0.8),
+        K.RandomAffine(0.0, scale=(0.9, 1.05), p=0.5),
+        RandomBiasField(BIAS_FIELD_DEGREE, 0.1, p=0.5),
+        K.RandomGamma(gamma=(0.5, 1.5), p=0.5),
+        K.RandomGaussianBlur(kernel_size=3, sigma=(0.25, 0.5), p=0.25),
+    ]
+
+
+@AUGMENTATION_SETS.register("rigid")
+def _rigid(K, height: int, width: int) -> list:
+    return [
+        K.RandomVerticalFlip(p=0.5),
+        K.RandomHorizontalFlip(p=0.5),
+        K.RandomAffine(_degrees(0.1745), translate=(4 / width, 4 / height), p=0.8),
+        K.RandomGamma(gamma=(0.5, 1.5), p=0.5),
+    ]
+
+
+@AUGMENTATION_SETS.register("misaligned")
+def _misaligned(K, height: int, width: int) -> list:
+    return [
+        K.RandomVerticalFlip(p=0.8),
+        K.RandomHorizontalFlip(p=0.8),
+        K.RandomRotation(_degrees(0.1745), p=0.8),
+        K.RandomGamma(gamma=(0.5, 1.5), p=0.8),
+    ]
+
+
+@AUGMENTATION_SETS.register("none")
+def _none(K, height: int, width: int) -> list:
+    return []
 
 
 class RandomBiasField(torch.nn.Module):
@@ -124,9 +137,10 @@ def augment_batch(images: torch.Tensor, name: str, seed: int | None = None) -> t
     ``seed`` fixes every random draw (kornia samples from torch's global generator, so the
     global state is seeded here and restored afterwards); None uses the current state.
     """
-    if name == "none":
+    make_steps = AUGMENTATION_SETS[name]
+    if name == "none":  # no kornia needed
         return zscore_batch(images)
-    steps = _kornia_pipeline(name, images.shape[-2], images.shape[-1])
+    steps = make_steps(require("kornia.augmentation"), images.shape[-2], images.shape[-1])
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:

@@ -27,7 +27,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +35,11 @@ import torch
 
 from deepssim.embedding.model import DeepSSIM
 from deepssim.errors import DeepSSIMError
-from deepssim.hardware import resolve_precision
+from deepssim.hardware import PRECISIONS, resolve_precision
 from deepssim.io.cache import image_fingerprints
 from deepssim.io.files import write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.settings import option
 from deepssim.training.augment import augment_batch
 from deepssim.training.train import TrainSettings, train
 
@@ -50,16 +51,23 @@ PAIR_SECONDS_PER_PAIR = 0.004  # sampling and SSIM targets, measured on 2 cores 
 class FitSettings:
     """A fit's recipe. minutes: the budget on this machine; epochs: fixed instead (deterministic)."""
 
-    start: str = "default"
-    minutes: float = 10.0
-    epochs: int | None = None
-    n_pairs: int = 4000
+    start: str = field(
+        default="default", metadata=option("start model: default or a checkpoint", flag="--from")
+    )
+    minutes: float = field(default=10.0, metadata=option("time budget"))
+    epochs: int | None = field(
+        default=None, metadata=option("fixed number of epochs instead of the time budget")
+    )
+    n_pairs: int = field(default=4000, metadata=option("self-supervised pairs to sample"))
     batch_size: int = 64
     learning_rate: float = 3e-4
     augmentation: str = "rigid"
-    precision: str = "auto"
-    seed: int = 0
-    device: str = "cpu"
+    precision: str = field(
+        default="auto",
+        metadata=option("auto: bfloat16 only where the hardware computes it natively", choices=PRECISIONS),
+    )
+    seed: int = field(default=0, metadata=option("seed of every random draw"))
+    device: str = field(default="cpu", metadata=option("cpu or cuda"))
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:

@@ -19,7 +19,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +27,15 @@ import torch
 from torch.nn import functional as F
 
 from deepssim.embedding.model import DeepSSIM, make_config
-from deepssim.embedding.networks import EMBEDDING_DIM, build_network, load_imagenet_weights
+from deepssim.embedding.networks import ARCHITECTURES, EMBEDDING_DIM, build_network, load_imagenet_weights
 from deepssim.errors import DeepSSIMError
-from deepssim.hardware import resolve_precision
+from deepssim.hardware import PRECISIONS, resolve_precision
 from deepssim.io.files import atomic_path, write_rows_atomic
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.io.normalise import zscore
+from deepssim.progress import progress_bar
 from deepssim.seeds import derived_seed
+from deepssim.settings import option
 from deepssim.training.augment import AUGMENTATION_SETS, augment_batch
 from deepssim.training.pairs import PairTable, fingerprint, pairs_from_csv, sample_pairs, second_images
 
@@ -65,29 +67,41 @@ class TrainSettings:
     on the same validation pairs (best_epoch 0: training did not improve on it).
     """
 
-    architecture: str = "deepssim_fast"
-    epochs: int = 20
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-3
-    grad_clip: float = 1.0
-    layer_decay: float = 1.0
-    precision: str = "auto"
-    augmentation: str = "rigid"
-    n_pairs: int = 20000
-    val_fraction: float = 0.2
-    seed: int = 0
-    synthetic_subjects: int = 0
-    slices_per_subject: int = 24
+    architecture: str = field(
+        default="deepssim_fast", metadata=option("network", choices=ARCHITECTURES.names)
+    )
+    epochs: int = field(default=20, metadata=option("training epochs"))
+    batch_size: int = field(default=64, metadata=option("pairs per batch"))
+    learning_rate: float = field(default=1e-3, metadata=option("AdamW learning rate", flag="--lr"))
+    weight_decay: float = field(default=1e-3, metadata=option("AdamW weight decay"))
+    grad_clip: float = field(default=1.0, metadata=option("gradient norm clipping"))
+    layer_decay: float = field(default=1.0, metadata=option("layer-wise lr decay (1 = off)"))
+    precision: str = field(
+        default="auto",
+        metadata=option("auto: bfloat16 only where the hardware computes it natively", choices=PRECISIONS),
+    )
+    augmentation: str = field(
+        default="rigid", metadata=option("augmentation set of the two views", choices=AUGMENTATION_SETS.names)
+    )
+    n_pairs: int = field(default=20000, metadata=option("self-supervised pairs to sample"))
+    val_fraction: float = field(default=0.2, metadata=option("share of images held out for validation"))
+    seed: int = field(default=0, metadata=option("seed of every random draw"))
+    synthetic_subjects: int = field(
+        default=0, metadata=option("add N domain-randomised pseudo-subjects made from the MNI152 tissue maps")
+    )
+    slices_per_subject: int = field(default=24, metadata=option("slices taken from each pseudo-subject"))
     initial_weights: str | None = None
-    pretrained: str | None = None
-    pretrained_file: str | None = None
-    device: str = "cpu"
+    pretrained: str | None = field(
+        default=None, metadata=option("start from ImageNet backbone weights", choices=("imagenet",))
+    )
+    pretrained_file: str | None = field(
+        default=None, metadata=option("the ImageNet weights file (default: torch.hub cache)")
+    )
+    device: str = field(default="cpu", metadata=option("cpu or cuda"))
 
     def check(self) -> None:
         resolve_precision(self.precision, self.device)
-        if self.augmentation not in AUGMENTATION_SETS:
-            raise DeepSSIMError(f"augmentation must be one of {', '.join(AUGMENTATION_SETS)}")
+        AUGMENTATION_SETS[self.augmentation]  # an unknown name is an error that lists the sets
         if self.pretrained not in (None, "imagenet"):
             raise DeepSSIMError("pretrained must be 'imagenet' or absent")
         if self.synthetic_subjects < 0 or self.slices_per_subject < 1:
@@ -353,11 +367,7 @@ def _train_epoch(network, optimizer, scheduler, pool, pairs, settings, epoch, pr
     batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     scaler = torch.amp.GradScaler(enabled=settings.precision == "float16")
     losses = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{settings.epochs}", unit="batch")
+    bar = progress_bar(len(batches), f"epoch {epoch + 1}/{settings.epochs}", "batch", progress)
     for step, rows in enumerate(batches):
         seed = derived_seed(settings.seed, epoch, step)
         batch = pairs.select(rows)
@@ -373,11 +383,9 @@ def _train_epoch(network, optimizer, scheduler, pool, pairs, settings, epoch, pr
         scaler.update()
         scheduler.step()
         losses.append(loss.item())
-        if bar is not None:
-            bar.set_postfix(mse=f"{np.mean(losses[-20:]):.4f}")
-            bar.update()
-    if bar is not None:
-        bar.close()
+        bar.set_postfix(mse=f"{np.mean(losses[-20:]):.4f}")
+        bar.update()
+    bar.close()
     return float(np.mean(losses))
 
 

@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
+from deepssim.execution.engines import ENGINES, LocalEngine, ScanEngine, block_progress, merge_top_k
 from deepssim.extras import require
 from deepssim.io.load import ImageSet
-from deepssim.scanning.engines import LocalEngine, ScanEngine, _bar, merge_top_k, register_engine
 
 SEARCH_SHARD_ROWS = 262_144  # training embeddings per search task, at most
 
 
-@register_engine("ray")
+@ENGINES.register("ray")
 class RayEngine(ScanEngine):
     """address: a running cluster ("auto", "ray://host:10001", ...) or None for a local Ray
     instance on this machine (started unless one is running). workers: actors that embed, and
@@ -60,6 +60,33 @@ class RayEngine(ScanEngine):
         self.gpus_per_worker = gpus_per_worker
         self.shard_dir = Path(shard_dir) if shard_dir is not None else None
         self.shard_size = shard_size
+
+    @classmethod
+    def add_options(cls, group) -> None:
+        group.add_argument(
+            "--ray-address",
+            help="ray: a running cluster (e.g. auto, ray://HEAD:10001); default: start one here",
+        )
+        group.add_argument("--workers", type=int, default=2, help="ray: actors / tasks in flight (default 2)")
+        group.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per worker")
+        group.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per worker")
+        group.add_argument(
+            "--shard-size",
+            type=int,
+            default=1024,
+            help="ray: images per Parquet embedding shard (default 1024)",
+        )
+
+    @classmethod
+    def from_options(cls, options: dict, shard_dir: Path | None = None) -> RayEngine:
+        return cls(
+            address=options["ray_address"],
+            workers=options["workers"],
+            cpus_per_worker=options["cpus_per_worker"],
+            gpus_per_worker=options["gpus_per_worker"],
+            shard_dir=shard_dir,
+            shard_size=options["shard_size"],
+        )
 
     def describe(self) -> dict:
         return {
@@ -131,7 +158,7 @@ class RayEngine(ScanEngine):
                 return shared[id(argument)]
             return argument
 
-        bar = _bar(sizes, blocks, description, progress)
+        bar = block_progress(sizes, blocks, description, progress)
         results: list = [None] * len(blocks)
         pending: dict = {}
         queue = list(enumerate(blocks))
@@ -143,10 +170,8 @@ class RayEngine(ScanEngine):
             for reference in done:
                 n = pending.pop(reference)
                 results[n] = ray.get(reference)
-                if bar is not None:
-                    bar.update(sizes[n] if sizes is not None else 1)
-        if bar is not None:
-            bar.close()
+                bar.update(sizes[n] if sizes is not None else 1)
+        bar.close()
         return results
 
 

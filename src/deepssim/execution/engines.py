@@ -1,9 +1,14 @@
-"""Where a scan's heavy stages run: embedding, top-k search and blocks of exact SSIM work.
+"""Where the heavy work runs: embedding, top-k search and blocks of exact SSIM work.
 
 One registry (``ENGINES``): ``local`` runs everything in this process (the default);
-``ray`` (:mod:`deepssim.scanning.ray_engine`) runs the same stages on a Ray cluster. The scan's
-decisions, summary and report run on the driver either way, so both engines write the same
-outputs. A new engine is one subclass of :class:`ScanEngine` with ``@register_engine("name")``.
+``ray`` (:mod:`deepssim.execution.ray_engine`, registered lazily) runs the same work on a Ray
+cluster. The scan's decisions, summary and report run on the driver either way, so both engines
+write the same outputs. A new engine is one subclass of :class:`ScanEngine` with
+``@ENGINES.register("name")``; its command-line options are its own (``add_options`` /
+``from_options``).
+
+This layer knows nothing of metrics or scans: an embedder is any object with
+``embed(images, batch_size, precision)`` and ``fingerprint``; a block task is any function.
 """
 
 from __future__ import annotations
@@ -13,30 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
-from deepssim.errors import DeepSSIMError
+from deepssim.execution.search import top_k_embeddings
 from deepssim.io.cache import EmbeddingCache, default_cache_path, image_fingerprints
 from deepssim.io.load import ImageSet
+from deepssim.progress import progress_bar
+from deepssim.registry import Registry
 
-ENGINES: dict[str, type[ScanEngine]] = {}
+ENGINES: Registry[type[ScanEngine]] = Registry("engine")
 
 Embed = Callable[[ImageSet, str], np.ndarray]  # also has .prepare({role: ImageSet}): embed them all now
-
-
-def register_engine(name: str):
-    def add(cls):
-        cls.name = name
-        ENGINES[name] = cls
-        return cls
-
-    return add
 
 
 def get_engine(engine: str | ScanEngine = "local", **options) -> ScanEngine:
     """An engine object from its registry name and options (an engine object is returned as is)."""
     if isinstance(engine, ScanEngine):
         return engine
-    if engine not in ENGINES:
-        raise DeepSSIMError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     return ENGINES[engine](**options)
 
 
@@ -44,6 +40,15 @@ class ScanEngine:
     """The interface: embed image sets, search top-k both ways, run blocks of work."""
 
     name = ""
+
+    @classmethod
+    def add_options(cls, group) -> None:
+        """Add this engine's command-line options to an argparse group (none by default)."""
+
+    @classmethod
+    def from_options(cls, options: dict, shard_dir: Path | None = None) -> ScanEngine:
+        """The engine from the parsed options (a dict of every engine's options)."""
+        return cls()
 
     def embedder(
         self, metric, *, cache=None, batch_size: int = 64, precision="float32", progress=False
@@ -69,7 +74,7 @@ class ScanEngine:
         return {"engine": self.name}
 
 
-@register_engine("local")
+@ENGINES.register("local")
 class LocalEngine(ScanEngine):
     """This process: embeddings cached in SQLite by content, exact or FAISS search."""
 
@@ -81,22 +86,21 @@ class LocalEngine(ScanEngine):
         return _CachedEmbedder(metric, store, batch_size, precision, progress)
 
     def top_k(self, queries, database, k, method="exact"):
-        from deepssim.scanning.search import top_k_embeddings
-
         scores, indices = top_k_embeddings(queries, database, k, method)
         best_per_database = top_k_embeddings(database, queries, 1, method)[0][:, 0]
         return scores, indices, best_per_database
 
     def map(self, function, blocks, *, sizes=None, description="", progress=False):
-        bar = _bar(sizes, blocks, description, progress)
+        bar = block_progress(sizes, blocks, description, progress)
         out = []
         for n, block in enumerate(blocks):
             out.append(function(*block))
-            if bar is not None:
-                bar.update(sizes[n] if sizes is not None else 1)
-        if bar is not None:
-            bar.close()
+            bar.update(sizes[n] if sizes is not None else 1)
+        bar.close()
         return out
+
+
+ENGINES.register_lazy("ray", "deepssim.execution.ray_engine:RayEngine")  # Ray loads only when used
 
 
 class _CachedEmbedder:
@@ -121,9 +125,7 @@ class _CachedEmbedder:
                 if fingerprint in found:
                     out[i] = found[fingerprint]
         chunk = self.batch_size * 8
-        bar = _bar(
-            [len(missing)], missing, f"embedding {role} images", self.progress and bool(missing), "img"
-        )
+        bar = progress_bar(len(missing), f"embedding {role} images", "img", self.progress and bool(missing))
         for start in range(0, len(missing), chunk):
             rows = missing[start : start + chunk]
             vectors = self.metric.embed(images.take(rows), self.batch_size, self.precision)
@@ -132,10 +134,8 @@ class _CachedEmbedder:
             out[rows] = vectors
             if store is not None:
                 store.put([fingerprints[i] for i in rows], vectors)
-            if bar is not None:
-                bar.update(len(rows))
-        if bar is not None:
-            bar.close()
+            bar.update(len(rows))
+        bar.close()
         self.done[id(images)] = out
         return out
 
@@ -149,6 +149,12 @@ class _CachedEmbedder:
             self.store.close()
 
 
+def block_progress(sizes, blocks, description: str, progress: bool, unit: str = "pair"):
+    """A progress bar over blocks of work, weighted by ``sizes`` when given."""
+    total = int(sum(sizes)) if sizes is not None else len(blocks)
+    return progress_bar(total, description, unit, progress)
+
+
 def merge_top_k(parts: list[tuple[int, np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard top-k lists: ``parts`` holds (row offset of the shard, scores, indices
     within the shard), each (M, k_shard); returns the overall (scores, indices), each (M, k)."""
@@ -156,14 +162,3 @@ def merge_top_k(parts: list[tuple[int, np.ndarray, np.ndarray]], k: int) -> tupl
     indices = np.concatenate([p[2] + p[0] for p in parts], axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(indices, order, axis=1)
-
-
-def _bar(sizes, blocks, description, progress, unit="pair"):
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=int(sum(sizes)) if sizes is not None else len(blocks), desc=description, unit=unit)
-
-
-from deepssim.scanning import ray_engine  # noqa: E402, F401 - registers "ray" (Ray itself loads on use)

@@ -1,0 +1,271 @@
+"""``deepssim scan``, ``calibrate`` and ``ssim-matrix``: thin layers over the scanning API."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from deepssim.cli.options import (
+    add_engine_options,
+    add_loading_options,
+    add_model_options,
+    add_progress_option,
+    add_settings_options,
+    add_threshold_options,
+    engine_from_args,
+    loading_options,
+    settings_from_args,
+    thresholds_from_args,
+)
+from deepssim.errors import DeepSSIMError
+from deepssim.labels import PAPER_THRESHOLDS
+from deepssim.scanning.settings import ScanSettings
+
+METRIC_HELP = (
+    "deepssim (default), ssim, registered (pairs only), fsim (pairs only), or an embedding baseline: "
+    "sscd=FILE, dar=FILE, semdedup=ARCH:FILE"
+)
+# Above this many bytes the SSIM matrix is kept in a memory-mapped file instead of RAM.
+IN_MEMORY_MATRIX_BYTES = 2**30
+
+
+def add_commands(commands) -> None:
+    _add_scan(commands)
+    _add_calibrate(commands)
+    _add_ssim_matrix(commands)
+
+
+def _add_scan(commands) -> None:
+    scan = commands.add_parser(
+        "scan",
+        help="find memorised copies of training images among generated images",
+        description="For every generated image: its nearest training images, scores and class "
+        "(Different / Similar / Duplicate); writes results.csv, pairs.csv, summary.json and report.html.",
+    )
+    scan.add_argument("--train", required=True, nargs="+", help="training images: folders or files")
+    scan.add_argument("--generated", required=True, nargs="+", help="generated images: folders or files")
+    scan.add_argument("--out", default="deepssim-scan", help="output folder (default deepssim-scan)")
+    scan.add_argument("--metric", default="deepssim", help=METRIC_HELP)
+    add_settings_options(scan, ScanSettings)
+    add_threshold_options(scan)
+    scan.add_argument(
+        "--reference", nargs="+", help="held-out real images: the similarity of different patients"
+    )
+    scan.add_argument("--cache", help="embedding cache file (default ~/.cache/deepssim/embeddings.sqlite)")
+    scan.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    scan.add_argument("--gallery", type=int, default=24, help="pairs shown in report.html (default 24)")
+    scan.add_argument(
+        "--anonymise",
+        action="store_true",
+        help="a report to share outside the hospital: no images, only keys, scores and maps of differences",
+    )
+    add_progress_option(scan)
+    scan.add_argument(
+        "--fit-model",
+        action="store_true",
+        help="first fit the model to the training images (deepssim fit, cached), then scan with it",
+    )
+    scan.add_argument(
+        "--fit-minutes", type=float, default=10.0, help="time budget of --fit-model (default 10)"
+    )
+    scan.add_argument(
+        "--release-dir",
+        help="also copy the generated images that pass (no Duplicate) into this new folder, with "
+        "release.csv and release.json: a set ready to share",
+    )
+    scan.add_argument(
+        "--release-drop",
+        choices=("similar",),
+        help="with --release-dir: also drop the images called Similar",
+    )
+    add_model_options(scan, device=False)
+    add_loading_options(scan)
+    add_engine_options(scan, with_choice=False)
+    scan.set_defaults(handler=_run_scan)
+
+
+def _run_scan(args: argparse.Namespace) -> None:
+    from deepssim.scanning.scan import scan
+
+    if args.release_drop and not args.release_dir:
+        raise DeepSSIMError("--release-drop needs --release-dir")
+    if args.release_dir and Path(args.release_dir).exists():
+        raise DeepSSIMError(
+            f"--release-dir {args.release_dir} already exists; a release goes into a new folder"
+        )
+    settings = settings_from_args(ScanSettings, args)
+    model, fitted = args.model, None
+    if args.fit_model:
+        from deepssim.training.fit import FitSettings, cached_fit, describe
+
+        fitted = cached_fit(
+            args.train,
+            generated=args.generated,
+            settings=FitSettings(start=args.model, minutes=args.fit_minutes, device=settings.device),
+            options=loading_options(args),
+            progress=not args.no_progress,
+        )
+        print(describe(fitted))
+        model = str(fitted.model_path)
+    result = scan(
+        args.train,
+        args.generated,
+        settings=settings,
+        model=model,
+        metric=args.metric,
+        thresholds=thresholds_from_args(args),
+        reference=args.reference,
+        options=loading_options(args),
+        cache=False if args.no_cache else (args.cache or True),
+        engine=engine_from_args(args, Path(args.out) / "embeddings-parquet"),
+        progress=not args.no_progress,
+    )
+    if fitted is not None:
+        result.summary.fit = fitted.report
+    files = result.save(args.out, gallery_size=args.gallery, anonymise=args.anonymise)
+    print(result.summary.text())
+    if args.release_dir:
+        from deepssim.scanning.release import write_release
+
+        drop = ("Duplicate", "Similar") if args.release_drop == "similar" else ("Duplicate",)
+        release = write_release(result, args.release_dir, drop=drop)
+        print(
+            f"release: {release['released_images']} of {release['generated_images']} generated images "
+            f"({release['released_files']} files) -> {args.release_dir} (dropped: {', '.join(drop)}; "
+            "release.csv says why)"
+        )
+    print(f"report: {files['report']}")
+    tables = [files[name] for name in ("results", "pairs", "groups", "summary") if name in files]
+    print(f"tables: {', '.join(str(path) for path in tables)}")
+
+
+def _add_calibrate(commands) -> None:
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="fit low/high thresholds to labelled pairs",
+        description="Find the low/high thresholds that maximise macro-F1 on labelled pairs "
+        "(CSV: train_key, generated_key, label: Different, Similar or Duplicate).",
+    )
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", help="labelled pairs CSV")
+    source.add_argument(
+        "--labels", help="a deepssim label folder: its majority labels, images from its scan's inputs"
+    )
+    calibrate.add_argument("--train", nargs="+", help="training images (with --labels: the scan's)")
+    calibrate.add_argument("--generated", nargs="+", help="generated images (with --labels: the scan's)")
+    calibrate.add_argument("--metric", default="deepssim", help=METRIC_HELP)
+    calibrate.add_argument("--out", default="thresholds.json", help="thresholds file to write")
+    add_progress_option(calibrate)
+    add_model_options(calibrate)
+    add_loading_options(calibrate)
+    calibrate.set_defaults(handler=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> None:
+    from deepssim.evaluation.protocol import calibrate_thresholds
+
+    pairs, train, generated, options = args.pairs, args.train, args.generated, loading_options(args)
+    if args.labels:
+        from deepssim.labelling import LabelStore, ScanPairs, summarise
+
+        report = summarise(args.labels)
+        scan = ScanPairs.read(LabelStore.open(args.labels).meta()["scan"])
+        pairs = Path(args.labels) / "labelled.csv"
+        train = train or scan.inputs["training"]
+        generated = generated or scan.inputs["generated"]
+        options = scan.options
+        print(f"{report.majority_pairs} majority labels from {len(report.raters)} rater(s) -> {pairs}")
+    elif not (train and generated):
+        raise DeepSSIMError("--pairs needs --train and --generated (the images the keys name)")
+    thresholds, f1, count = calibrate_thresholds(
+        pairs,
+        train,
+        generated,
+        metric=args.metric,
+        model=args.model,
+        options=options,
+        device=args.device,
+        progress=not args.no_progress,
+        out=args.out,
+    )
+    print(
+        f"thresholds for {args.metric}: low {thresholds.low:.4f}, high {thresholds.high:.4f} "
+        f"(macro-F1 {f1:.3f} on {count} labelled pairs) -> {args.out}"
+    )
+    print(f"use them with: deepssim scan ... --metric {args.metric} --thresholds {args.out}")
+
+
+def _add_ssim_matrix(commands) -> None:
+    matrix = commands.add_parser(
+        "ssim-matrix",
+        help="SSIM of every (train, generated) pair, saved as .npz",
+        description="Compute the exact SSIM (the paper's label) of every (train, generated) pair.",
+    )
+    matrix.add_argument("--train", required=True, nargs="+", help="folder(s) or files of training images")
+    matrix.add_argument(
+        "--generated", required=True, nargs="+", help="folder(s) or files of generated images"
+    )
+    matrix.add_argument("--out", required=True, help="output .npz (matrix, keys, settings)")
+    matrix.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="also write OUT.topK.csv with the K most similar training images per generated image",
+    )
+    matrix.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    matrix.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    matrix.add_argument("--block-size", type=int, default=2048, help="images per block (memory)")
+    add_progress_option(matrix)
+    add_loading_options(matrix)
+    add_engine_options(matrix)
+    matrix.set_defaults(handler=_run_ssim_matrix)
+
+
+def _run_ssim_matrix(args: argparse.Namespace) -> None:
+    from deepssim.io.load import ImageSet
+    from deepssim.ssim.matrix import compute_ssim_matrix
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise DeepSSIMError(f"--out {out}: the output must end in .npz")
+    if args.top_k < 0:
+        raise DeepSSIMError("--top-k must be 0 or more")
+    options = loading_options(args)
+    progress = not args.no_progress
+    train = ImageSet.from_paths(args.train, options, progress, "indexing training images")
+    generated = ImageSet.from_paths(args.generated, options, progress, "indexing generated images")
+    matrix_bytes = len(train) * len(generated) * np.dtype(args.dtype).itemsize
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".deepssim-") as scratch:
+        matrix_file = Path(scratch) / "ssim.npy" if matrix_bytes > IN_MEMORY_MATRIX_BYTES else None
+        result = compute_ssim_matrix(
+            train,
+            generated,
+            dtype=args.dtype,
+            device=args.device,
+            block_size=args.block_size,
+            progress=progress,
+            matrix_file=matrix_file,
+            engine=engine_from_args(args),
+        )
+        result.save(out)
+        if args.top_k:
+            top_k_path = out.with_suffix(f".top{args.top_k}.csv")
+            result.save_top_k(top_k_path, args.top_k)
+        values = np.asarray(result.values)
+        print(
+            f"SSIM matrix: {len(train)} training x {len(generated)} generated images "
+            f"of {train.shape[0]}x{train.shape[1]} -> {out}"
+        )
+        print(f"  SSIM min {values.min():.4f}  median {np.median(values):.4f}  max {values.max():.4f}")
+        best = values.max(axis=0)
+        high = PAPER_THRESHOLDS[1]
+        print(
+            f"  generated images whose best train match has SSIM > {high}: "
+            f"{int((best > high).sum())} of {len(best)}"
+        )
+        if args.top_k:
+            print(f"  top-{args.top_k} matches -> {top_k_path}")

@@ -1,0 +1,374 @@
+"""The search behind registered SSIM (:mod:`deepssim.ssim.registered`): a coarse grid over flips,
+rotations, scales and whole-pixel shifts, inverse-compositional Gauss-Newton refinement, warping,
+and the exact scoring rules (``docs/registration.md`` explains each step and its measured bias)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deepssim.io.normalise import zscore
+from deepssim.ssim.engine import prepare, ssim_prepared_pairs
+
+if TYPE_CHECKING:
+    from deepssim.ssim.registered import RegistrationSettings
+
+FLIPS = ("none", "rows", "cols", "both")
+# (row, col) signs of each flip, in centred coordinates.
+_FLIP_SIGNS = ((1.0, 1.0), (-1.0, 1.0), (1.0, -1.0), (-1.0, -1.0))
+
+COARSE_SIZE = 24  # longer side of the coarse level, in pixels
+COARSE_ROTATION_STEP = 5.0  # degrees
+COARSE_SCALES = 3  # scales tried at the coarse level (spread over the range)
+_REFINED_FLIPS = 2  # flips whose best coarse candidate is refined
+MIDDLE_SIZE = 64  # longer side of the level where Gauss-Newton starts
+_ITERATIONS = (3, 3)  # Gauss-Newton steps at MIDDLE_SIZE, then at full resolution
+# Gauss-Newton samples every other row and column of its level (the gradients still come from the
+# whole level): a quarter of the cost, no measurable loss of accuracy.
+_SAMPLE_STRIDE = 2
+# A transform needing interpolation must beat the best exact candidate by more than bicubic
+# smoothing alone can add to a noisy copy (<= 0.035 measured, see the module docstring).
+INTERPOLATION_MARGIN = 0.04
+# A transform that moves no pixel by more than _TRIVIAL_PX beyond its flip + whole-pixel shift is
+# scored as that exact flip + shift; one that moves some pixel by more than _FAR_PX is not compared
+# with it (the rounded one is then misaligned by pixels, and no smoothing gain can explain the difference).
+_TRIVIAL_PX = 0.25
+_FAR_PX = 2.0
+
+
+def _register_chunk(train, generated, original, settings, result, part: slice) -> None:
+    """Search and score one chunk: ``generated`` is the contrast-registered image, ``original`` the
+    untouched one (its SSIM is the plain SSIM; each training image is prepared once for all)."""
+    device = torch.device(settings.device)
+    t = torch.from_numpy(zscore(train)).float().to(device)
+    g = torch.from_numpy(zscore(generated)).float().to(device)
+    flip, rotation, scale, shift = _search(t, g, settings)
+    n, shape = len(train), train.shape[1:]
+
+    # Exact candidates besides the identity: the flip with the shift rounded to whole pixels, unless the
+    # transform moves pixels so far beyond that (_FAR_PX) that it cannot compete; and the interpolated
+    # transform, unless it moves no pixel by more than _TRIVIAL_PX beyond the rounded one.
+    limit = np.floor(_max_shift(settings, shape))
+    whole = np.clip(shift.round(), -limit, limit).astype(int)
+    moves = _displacement(rotation, scale, shift, shape)
+    need_exact = ((flip != 0) | (whole != 0).any(axis=1)) & (moves < _FAR_PX)
+    need_warp = moves >= _TRIVIAL_PX
+    changed = result.gamma[part] != 1.0  # contrast-registered images that differ from the original
+    candidates = [
+        original,
+        generated[changed],
+        _exact_transform(generated[need_exact], flip[need_exact], whole[need_exact]),
+    ]
+    if need_warp.any():
+        linear, offset = _sampling_map(
+            flip[need_warp], rotation[need_warp], scale[need_warp], shift[need_warp]
+        )
+        gw = g[need_warp]
+        gw = gw - gw.amin(dim=(1, 2), keepdim=True)
+        rows, cols = _level(shape, shape, device)
+        warped = _warp(
+            gw, linear[:, None].to(device), offset[:, None].to(device), rows, cols, shape, "bicubic"
+        )
+        # z-scored intensities less their minimum: SSIM z-scores again, so this scores as the warp of
+        # the raw intensities by apply_transform does
+        candidates.append(warped[:, 0].double().cpu().numpy())
+    owner = np.concatenate(
+        [np.arange(n), np.flatnonzero(changed), np.flatnonzero(need_exact), np.flatnonzero(need_warp)]
+    )
+    scores = _exact_ssim(train, np.concatenate(candidates), owner)
+
+    plain = scores[:n]
+    identity = plain.copy()  # the contrast-registered image, not moved
+    identity[changed] = scores[n : n + changed.sum()]
+    first = n + changed.sum()
+    exact = identity.copy()
+    exact[need_exact] = scores[first : first + need_exact.sum()]
+    interpolated = np.full(n, -np.inf)
+    interpolated[need_warp] = scores[first + need_exact.sum() :]
+    use_exact = exact > identity
+    best = np.maximum(exact, identity)
+    use_warp = interpolated > best + INTERPOLATION_MARGIN
+
+    result.ssim_plain[part] = plain
+    result.ssim_registered[part] = np.where(use_warp, interpolated, best)
+    result.flip[part] = np.where(use_exact | use_warp, np.array(FLIPS, dtype=object)[flip], "none")
+    result.rotation_deg[part] = np.where(use_warp, rotation, 0.0)
+    result.scale[part] = np.where(use_warp, scale, 1.0)
+    result.shift_px[part] = np.where(use_warp[:, None], shift, np.where(use_exact[:, None], whole, 0))
+
+
+def _exact_ssim(train: np.ndarray, candidates: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """SSIM of (train[owner[j]], candidates[j]) for every j, with the SSIM engine (exact, float64):
+    each training image is prepared once for all its candidates, then the matched-pairs kernel."""
+    prepared = prepare(train, "train", np.float64)
+    return ssim_prepared_pairs(prepared[owner], prepare(candidates, "generated", np.float64))
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms
+
+
+def _displacement(rotation_deg, scale, shift, shape) -> np.ndarray:
+    """Upper bound (pixels) on how far a transform moves any pixel beyond its flip and whole-pixel shift."""
+    radius = math.hypot(*shape) / 2
+    fraction = np.abs(shift - np.round(shift)).max(axis=-1)
+    return radius * (np.abs(np.radians(rotation_deg)) + np.abs(np.asarray(scale) - 1)) + fraction
+
+
+def _exact_transform(images: np.ndarray, flip: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Flip and shift each image by whole pixels, filling with its minimum: pixels are copied, not mixed."""
+    out = np.empty_like(images)
+    height, width = images.shape[1:]
+    for i, (image, k, (dr, dc)) in enumerate(zip(images, flip, shift, strict=True)):
+        sr, sc = _FLIP_SIGNS[k]
+        image = image[:: int(sr), :: int(sc)]
+        out[i] = image.min()
+        out[i, max(dr, 0) : height + min(dr, 0), max(dc, 0) : width + min(dc, 0)] = image[
+            max(-dr, 0) : height + min(-dr, 0), max(-dc, 0) : width + min(-dc, 0)
+        ]
+    return out
+
+
+def _flip(images: torch.Tensor, k: int) -> torch.Tensor:
+    dims = [d for d, sign in zip((-2, -1), _FLIP_SIGNS[k], strict=True) if sign < 0]
+    return images.flip(dims) if dims else images
+
+
+def _sampling_map(flip, rotation_deg, scale, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine map (L, m) from an output pixel x to its source L x + m in the generated image.
+
+    Coordinates are centred and in full-resolution pixels, (row, col). The transform maps content at
+    y (generated) to A D y + t with D the flip and A = scale * R(rotation); so L = D A^-1, m = -L t.
+    """
+    angle = np.radians(np.asarray(rotation_deg, dtype=np.float64))
+    cos, sin = np.cos(angle), np.sin(angle)
+    inv_rot = np.stack([np.stack([cos, sin], -1), np.stack([-sin, cos], -1)], -2)  # R^-1 = R^T
+    signs = np.asarray(_FLIP_SIGNS)[np.asarray(flip)]
+    linear = signs[:, :, None] * inv_rot / np.asarray(scale, dtype=np.float64)[:, None, None]
+    offset = -np.einsum("nij,nj->ni", linear, np.asarray(shift, dtype=np.float64))
+    return torch.from_numpy(linear).float(), torch.from_numpy(offset).float()
+
+
+def _params_from_map(flip, linear: torch.Tensor, offset: torch.Tensor):
+    """Inverse of _sampling_map: (rotation_deg, scale, shift) of maps whose flip is known."""
+    signs = torch.tensor(_FLIP_SIGNS, dtype=torch.float64, device=linear.device)[torch.as_tensor(flip)]
+    inv_a = signs[:, :, None] * linear.double()  # D L = A^-1
+    a = torch.linalg.inv(inv_a)
+    rotation = torch.rad2deg(torch.atan2(a[:, 1, 0] - a[:, 0, 1], a[:, 0, 0] + a[:, 1, 1]))
+    scale = torch.sqrt(torch.linalg.det(a).abs())
+    shift = -torch.einsum("nij,nj->ni", a @ torch.diag_embed(signs), offset.double())
+    return rotation.cpu().numpy(), scale.cpu().numpy(), shift.cpu().numpy()
+
+
+def _centres(size: int, full: int, device) -> torch.Tensor:
+    """Pixel centres of a level with ``size`` pixels across the full frame, in centred full-res pixels."""
+    return (torch.arange(size, device=device, dtype=torch.float32) + 0.5) * (full / size) - full / 2
+
+
+def _level(shape, full_shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column centres of a level of ``shape`` pixels covering the full frame."""
+    return _centres(shape[0], full_shape[0], device), _centres(shape[1], full_shape[1], device)
+
+
+def _warp(images, linear, offset, rows, cols, full_shape, mode="bilinear") -> torch.Tensor:
+    """Sample images (N, h, w) at L x + m for K maps each (linear (N, K, 2, 2), offset (N, K, 2)).
+
+    x runs over the output grid ``rows`` x ``cols`` (centred full-res coordinates); the images cover
+    the full frame whatever their resolution, so one map serves every level. Returns (N, K, rows,
+    cols); outside the frame the value is 0, so callers pass images minus their background.
+    """
+    n, k = linear.shape[:2]
+    height, width = full_shape
+    # grid_sample's normalised coordinates (source * 2 / size, as (col, row)) are affine in the output
+    # row and column: a row part plus a column part, broadcast into the grid in one pass
+    norm = linear.new_tensor([2 / width, 2 / height])
+    lin = linear.flip(-2) * norm[:, None]  # rows of L reordered to (col, row)
+    off = offset.flip(-1) * norm
+    row_part = rows[:, None, None] * lin[..., None, None, :, 0] + off[..., None, None, :]  # (N, K, h, 1, 2)
+    grid = row_part + cols[:, None] * lin[..., None, None, :, 1]  # (N, K, h, w, 2)
+    grid = grid.reshape(n, k * len(rows), len(cols), 2)
+    out = F.grid_sample(images[:, None], grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out.reshape(n, k, len(rows), len(cols))
+
+
+# --------------------------------------------------------------------------------------------------
+# Search
+
+
+def _max_shift(settings: RegistrationSettings, shape) -> np.ndarray:
+    return settings.max_shift_fraction * np.asarray(shape, dtype=np.float64)
+
+
+def _level_shape(shape, factor: float) -> tuple[int, int]:
+    return max(1, round(shape[0] / factor)), max(1, round(shape[1] / factor))
+
+
+def _search(t: torch.Tensor, g: torch.Tensor, settings: RegistrationSettings):
+    """Best (flip index, rotation_deg, scale, shift_px) per pair: coarse grid, then Gauss-Newton."""
+    full = tuple(t.shape[1:])
+    # Both minus the generated image's background, which is what the warps fill in: the fill is 0.
+    fill = g.amin(dim=(1, 2), keepdim=True)
+    t, g = t - fill, g - fill
+    coarse = _level_shape(full, max(1, round(max(full) / COARSE_SIZE)))
+    flip, rotation, scale, shift = _coarse_search(t, g, coarse, settings)
+    linear, offset = _sampling_map(
+        flip.reshape(-1), rotation.reshape(-1), scale.reshape(-1), shift.reshape(-1, 2)
+    )
+    n, k = flip.shape
+    linear, offset = linear.reshape(n, k, 2, 2).to(t.device), offset.reshape(n, k, 2).to(t.device)
+
+    # Refine each flip's candidate at ~64 px, keep the better, and refine that at full resolution.
+    middle = _level_shape(full, max(full) / MIDDLE_SIZE) if max(full) >= 1.75 * MIDDLE_SIZE else full
+    stride = _SAMPLE_STRIDE if min(middle) >= 32 else 1
+    linear, offset, cost = _gauss_newton(
+        _pool(t, middle), _pool(g, middle), linear, offset, full, _ITERATIONS[0], stride
+    )
+    best = cost.argmin(dim=1)
+    pick = torch.arange(n, device=t.device)
+    linear, offset = linear[pick, best][:, None], offset[pick, best][:, None]
+    flip = flip[np.arange(n), best.cpu().numpy()]
+    if middle != full:
+        linear, offset, _ = _gauss_newton(t, g, linear, offset, full, _ITERATIONS[1], _SAMPLE_STRIDE)
+    rotation, scale, shift = _params_from_map(flip, linear[:, 0], offset[:, 0])
+    return flip, *_clamp(rotation, scale, shift, settings, full)
+
+
+def _clamp(rotation, scale, shift, settings, full):
+    low, high = settings.scale_range
+    limit = _max_shift(settings, full)
+    return (
+        np.clip(rotation, -settings.max_rotation_deg, settings.max_rotation_deg),
+        np.clip(scale, low, high),
+        np.clip(shift, -limit, limit),
+    )
+
+
+def _pool(images: torch.Tensor, shape) -> torch.Tensor:
+    return (
+        images
+        if tuple(images.shape[1:]) == tuple(shape)
+        else F.adaptive_avg_pool2d(images[:, None], shape)[:, 0]
+    )
+
+
+def _grid(limit: float, step: float) -> np.ndarray:
+    """Symmetric grid over [-limit, limit] with spacing at most ``step``, always containing 0."""
+    half = math.ceil(limit / step - 1e-9)
+    return np.linspace(-limit, limit, 2 * half + 1) if half else np.zeros(1)
+
+
+def _coarse_search(t, g, shape, settings):
+    """Best coarse candidate of the ``_REFINED_FLIPS`` best flips: arrays (N, K) (and (N, K, 2))."""
+    full = tuple(t.shape[1:])
+    n, (h, w) = len(t), shape
+    rotations = _grid(settings.max_rotation_deg, COARSE_ROTATION_STEP)
+    low, high = settings.scale_range
+    # the centres of COARSE_SCALES equal cells of the range (1.0 among them for a symmetric range)
+    cell = (high - low) / COARSE_SCALES
+    scales = (
+        low + cell * (np.arange(COARSE_SCALES) + 0.5) if COARSE_SCALES > 1 and cell > 0.01 else np.ones(1)
+    )
+    rot, sc = (a.reshape(-1) for a in np.meshgrid(rotations, scales, indexing="ij"))
+    linear, offset = _sampling_map(np.zeros(len(rot), dtype=int), rot, sc, np.zeros((len(rot), 2)))
+    linear = linear.to(t.device).expand(n, -1, -1, -1)
+    offset = offset.to(t.device).expand(n, -1, -1)
+    candidates = _warp(_pool(g, shape), linear, offset, *_level(shape, full, t.device), full)
+    a = _pool(t, shape)
+    a = a - a.mean(dim=(1, 2), keepdim=True)
+    a = a / a.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None]
+    flips = range(4) if settings.flips else range(1)
+    pr, pc = (math.ceil(settings.max_shift_fraction * s - 1e-9) for s in shape)
+    padded = F.pad(torch.stack([_flip(a, k) for k in flips]), (pc, pc, pr, pr))  # (flips, N, ...)
+    # dot[f, n, m, i, j] = sum of the training image times candidate m, flipped by f and shifted by
+    # (i - pr, j - pc) = the same sum with the flipped training image and the unflipped candidate
+    dot = F.conv2d(padded, candidates.reshape(n * len(rot), 1, h, w), groups=n)
+    dot = dot.reshape(len(flips), n, len(rot), 2 * pr + 1, 2 * pc + 1)
+    # Pearson correlation over the frame: the shifted candidate's sum and sum of squares (its fill is 0)
+    score = (dot / _shifted_spread(candidates, pr, pc)[None]).permute(1, 0, 3, 4, 2)  # (N, flips, i, j, M)
+    shifts = [(sr, sc_) for sr in range(-pr, pr + 1) for sc_ in range(-pc, pc + 1)]
+    best_score, best_index = score.flatten(2).max(dim=2)  # (N, flips)
+    k = min(_REFINED_FLIPS, len(flips))
+    top = best_score.topk(k, dim=1).indices  # (N, K)
+    index = best_index.gather(1, top).cpu().numpy()
+    flip = top.cpu().numpy()
+    shift_index, warp_index = np.divmod(index, len(rot))
+    signs = np.asarray(_FLIP_SIGNS)[flip]  # (N, K, 2)
+    step = np.array([full[0] / h, full[1] / w])
+    shift = signs * np.asarray(shifts)[shift_index] * step  # t = D s
+    rotation = rot[warp_index] * signs[..., 0] * signs[..., 1]  # theta = det(D) phi
+    return flip, rotation, sc[warp_index], shift
+
+
+def _shifted_spread(images: torch.Tensor, pr: int, pc: int) -> torch.Tensor:
+    """sqrt(n var) over the frame of each image shifted by (i - pr, j - pc) with zero fill: (..., i, j)."""
+    h, w = images.shape[-2:]
+    total = F.pad(images.cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    total_sq = F.pad((images * images).cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    rows = torch.arange(-pr, pr + 1, device=images.device)
+    cols = torch.arange(-pc, pc + 1, device=images.device)
+    r0, r1 = (-rows).clamp_min(0), h - rows.clamp_min(0)  # rows of the image that stay in the frame
+    c0, c1 = (-cols).clamp_min(0), w - cols.clamp_min(0)
+
+    def box(table):  # sums over rows [r0, r1) x cols [c0, c1) from a summed-area table
+        strip = table.index_select(-2, r1) - table.index_select(-2, r0)
+        return strip.index_select(-1, c1) - strip.index_select(-1, c0)
+
+    first, second = box(total), box(total_sq)
+    return (second - first * first / (h * w)).clamp_min(1e-6).sqrt()
+
+
+def _gauss_newton(template, images, linear, offset, full, iterations, stride=1):
+    """Inverse-compositional Gauss-Newton on a similarity transform, for K starting maps per pair.
+
+    Minimises the mean squared difference between the template (training image) and the warped image
+    at one level, on every ``stride``-th row and column; the template's Jacobian and Hessian are
+    computed once (Baker & Matthews, 2004). Returns the best maps seen (a step that overshoots is not
+    kept) and their costs, (N, K).
+    """
+    shape = template.shape[1:]
+    rows, cols = (x[::stride] for x in _level(shape, full, template.device))
+    spacing = (full[0] / shape[0], full[1] / shape[1])  # level pixels in full-res pixels
+    grad_r, grad_c = (d[:, ::stride, ::stride] for d in torch.gradient(template, spacing=spacing, dim=(1, 2)))
+    template = template[:, ::stride, ::stride]
+    xr, xc = (x.reshape(-1) for x in torch.meshgrid(rows, cols, indexing="ij"))
+    gr, gc = grad_r.flatten(1), grad_c.flatten(1)
+    # d warp / d (a, b, tr, tc) for warp(x) = [[1 + a, -b], [b, 1 + a]] x + (tr, tc)
+    steepest = torch.stack((gr * xr + gc * xc, gc * xr - gr * xc, gr, gc), 1)  # (N, 4, P)
+    hessian = torch.einsum("nip,njp->nij", steepest, steepest).double()
+    hessian = (
+        hessian
+        + 1e-6 * torch.diag_embed(hessian.diagonal(dim1=1, dim2=2))
+        + 1e-9 * torch.eye(4, device=hessian.device)
+    )
+    inverse = torch.linalg.inv(hessian).float()
+    target = template.flatten(1)[:, None]
+    best_linear, best_offset = linear, offset
+    best_cost = torch.full(linear.shape[:2], torch.inf, device=linear.device)
+    for iteration in range(iterations + 1):
+        error = _warp(images, linear, offset, rows, cols, full).flatten(2) - target
+        cost = error.square().mean(dim=2)
+        better = cost < best_cost
+        best_cost = torch.where(better, cost, best_cost)
+        best_linear = torch.where(better[..., None, None], linear, best_linear)
+        best_offset = torch.where(better[..., None], offset, best_offset)
+        if iteration == iterations:
+            break
+        step = torch.einsum("nij,nkj->nki", inverse, torch.einsum("nip,nkp->nki", steepest, error))
+        a, b, tr, tc = step.unbind(-1)
+        # compose with the inverse of the step: L <- L W^-1, m <- m - L W^-1 t
+        det = (1 + a) ** 2 + b**2
+        w_inv = (
+            torch.stack((torch.stack((1 + a, b), -1), torch.stack((-b, 1 + a), -1)), -2)
+            / det[..., None, None]
+        )
+        linear = linear @ w_inv
+        offset = offset - torch.einsum("nkij,nkj->nki", linear, torch.stack((tr, tc), -1))
+    return best_linear, best_offset, best_cost
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
