@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
+from deepssim.io.files import unescape_cell
 from deepssim.io.load import ImageSet, LoadOptions
 
 SCORE_BINS = 10
@@ -60,7 +61,7 @@ class ScanPairs:
             ) from None
         column = "ssim_registered" if settings.get("decision") == "two-stage" else "score"
         with open(pairs_path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            rows = [{k: unescape_cell(v) for k, v in row.items()} for row in csv.DictReader(handle)]
         pairs = [
             QueuedPair(
                 row["train_key"], row["generated_key"], _number(row.get(column)), row.get("transform", "")

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
-from deepssim.io.files import atomic_path
+from deepssim.io.files import atomic_path, unescape_cell
 from deepssim.io.normalise import zscore
 from deepssim.ssim.engine import ssim_pairs
 
@@ -380,7 +380,7 @@ def read_pair_csv(path: str | Path) -> list[dict]:
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            rows = [{k: unescape_cell(v) for k, v in row.items()} for row in csv.DictReader(handle)]
     except OSError as error:
         raise DeepSSIMError(f"{path}: cannot read the pairs file ({error.strerror})") from None
     if not rows:
