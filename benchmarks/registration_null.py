@@ -6,8 +6,8 @@ Data: the bundled real sources (data/sources, the five sources of benchmarks/gen
 each brought to 128 px). Per source, the leave-one-source-out protocol's pairs are planted
 (deepssim.evaluation.generalisation.plant_pairs, 30 per class, seed 0: degraded copies; neighbouring
 slices, deformations and blends; other subjects at random and the most SSIM-similar one), plus up to 20
-hard negatives (distinct images of the source): an image of the source and the other-subject image of highest plain SSIM over the
-four flips. Every pair is then resized to 32, 64 and 256 px (area-averaged down, bilinear up), so
+hard negatives (distinct images of the source), each paired with the other-subject image of highest
+plain SSIM over the four flips. Every pair is then resized to 32, 64 and 256 px (area-averaged down, bilinear up), so
 one content is measured at four resolutions. Misaligned views (the protocol's) at 64 and 128 px.
 
 Registered SSIM is measured with the search restricted by RegistrationSettings, cumulatively:
@@ -156,7 +156,10 @@ def multiscale(first, second, found: dict) -> np.ndarray:
         ]
     )
     return np.stack(
-        [ssim_pairs(resized(first, first.shape[-1] // f), resized(moved, first.shape[-1] // f)) for f in (1, 2, 4)],
+        [
+            ssim_pairs(resized(first, first.shape[-1] // f), resized(moved, first.shape[-1] // f))
+            for f in (1, 2, 4)
+        ],
         axis=1,
     )
 
@@ -285,9 +288,13 @@ def main() -> None:
     mis_first, mis_second = misaligned_views_of(data, args.seed)
     for size in MISALIGNED_SIZES:
         tick = time.perf_counter()
-        views[("misaligned", size)] = register_families(
-            resized(mis_first, size), resized(mis_second, size), out / f"misaligned_{size}.npz"
-        )
+        first, second = resized(mis_first, size), resized(mis_second, size)
+        families = register_families(first, second, out / f"misaligned_{size}.npz")
+        ms_cache = out / f"multiscale_misaligned_{size}.npy"
+        if not ms_cache.exists():
+            np.save(ms_cache, multiscale(first, second, families))
+        families["ms"] = np.load(ms_cache)
+        views[("misaligned", size)] = families
         print(f"misaligned {size} px: {time.perf_counter() - tick:.0f} s")
     oracle = {}
     for size in SIZES:
@@ -313,16 +320,235 @@ def misaligned_views_of(data: dict, seed: int):
 # Report
 
 
+def rule_a(f: dict, scale_margin: float, gamma_margin: float) -> np.ndarray:
+    """(a): scale counts only when it beats the rigid search (flip, rotation, shift) by more than
+    scale_margin; gamma only when it beats that geometry by more than gamma_margin."""
+    geometry = np.where(f["scale"] > f["shift"] + scale_margin, f["scale"], f["shift"])
+    return np.where(f["gamma"] > geometry + gamma_margin, f["gamma"], geometry)
+
+
+SCORES = {
+    "plain SSIM": lambda f, size: f["none"],
+    "registered, default search": lambda f, size: f["gamma"],
+    "(a) gamma margin 0.05": lambda f, size: rule_a(f, 0.0, 0.05),
+    "(a) scale 0.02 + gamma 0.05": lambda f, size: rule_a(f, 0.02, 0.05),
+    "(a) scale 0.02 + gamma 0.10": lambda f, size: rule_a(f, 0.02, 0.10),
+    "(b) no gamma at <= 64 px": lambda f, size: f["scale"] if size <= 64 else f["gamma"],
+    "(b) rigid only at <= 64 px": lambda f, size: f["shift"] if size <= 64 else f["gamma"],
+    "multi-scale mean (1, 1/2, 1/4)": lambda f, size: f["ms"].mean(axis=1) if "ms" in f else None,
+    "multi-scale min (1, 1/2, 1/4)": lambda f, size: f["ms"].min(axis=1) if "ms" in f else None,
+}
+POLICIES = ("default 0.6 / 0.85", "(c) null floor", "(c) resolution floor", "size table")
+
+
+def size_table_high(size: int) -> float:
+    """The recommended high threshold by image size (the resolution floors fitted at 64 px, 0.880-0.895,
+    rounded): 0.85 from 128 px up, +0.04 per halving below."""
+    return HIGH + 0.04 * max(0.0, np.log2(REFERENCE_SIZE / size))
+
+
+REFERENCE_SIZE = 128
+
+
+def thresholds_per_pair(policy, scores, ref_scores, labels, kinds, source, names, size) -> np.ndarray:
+    """High threshold of every pair (low stays 0.6). The floors are fitted on the other sources:
+    null floor = 0.01 above their highest different-subject score at this size; resolution floor =
+    the lowest high threshold >= 0.85 (0.005 steps) at which their different-subject pairs give no
+    Duplicate and their Similar pairs no more Duplicates than at REFERENCE_SIZE with 0.85."""
+    high = np.full(len(scores), HIGH)
+    if policy == POLICIES[0]:
+        return high
+    if policy == POLICIES[3]:
+        return np.full(len(scores), size_table_high(size))
+    null, similar = labels == DIFFERENT, (labels == SIMILAR) & (kinds != "other_subject_hard")
+    for name in names:
+        held, rest = source == name, source != name
+        if policy == POLICIES[1]:
+            high[held] = max(HIGH, scores[rest & null].max() + 0.01)
+        else:
+            allowed = np.sum(ref_scores[rest & similar] > HIGH)
+            for value in np.arange(HIGH, 1.0, 0.005):
+                if scores[rest & null].max() <= value and np.sum(scores[rest & similar] > value) <= allowed:
+                    break
+            high[held] = value
+    return high
+
+
+def pooled_f1(scores, labels, high) -> float:
+    predicted = np.where(scores > high, DUPLICATE, np.where(scores <= LOW, DIFFERENT, SIMILAR))
+    f1 = []
+    for c in (DIFFERENT, DUPLICATE, SIMILAR):
+        tp = np.sum((predicted == c) & (labels == c))
+        f1.append(2 * tp / max(np.sum(predicted == c) + np.sum(labels == c), 1))
+    return float(np.mean(f1))
+
+
+def oracle_within(oracle: dict, score, size: int) -> float | None:
+    if score is None:
+        return None
+    values = score(oracle[size], size)
+    return None if values is None else float(np.mean(np.abs(values - oracle[size]["exact"]) <= 0.03))
+
+
 def report(data, views, oracle, out: Path) -> None:
-    labels = data["labels"]
+    labels, kinds, source, names = data["labels"], data["kinds"], data["source"], data["sources"]
+    protocol = kinds != "other_subject_hard"
     null = labels == DIFFERENT
-    for (setting, size), families in views.items():
+    summary = {"cpu": cpu_description(), "pairs": int(len(labels)), "null_pairs": int(null.sum())}
+
+    lines = ["### The null: registered SSIM of different-subject pairs, by size and search", ""]
+    lines += ["| view | size | search (cumulative) | median | 95th pct | max | called Duplicate (> 0.85) |"]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
+    null_table = {}
+    for (setting, size), f in views.items():
         for family in FAMILIES:
-            s = families[family][null]
-            print(setting, size, family, f"median {np.median(s):.3f} q95 {np.quantile(s, 0.95):.3f} max {s.max():.3f} dup {(s > HIGH).sum()}")
-    for size, o in oracle.items():
-        d = o["gamma"] - o["exact"]
-        print("oracle", size, f"within {np.mean(np.abs(d) <= 0.03):.2f} mean {d.mean():+.3f} median {np.median(d):+.3f}")
+            s = f[family][null]
+            row = [float(np.median(s)), float(np.quantile(s, 0.95)), float(s.max()), int((s > HIGH).sum())]
+            null_table[f"{setting}/{size}/{family}"] = row
+            lines.append(
+                f"| {setting} | {size} | {family} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.3f} | "
+                f"{row[3]} / {null.sum()} |"
+            )
+    summary["null"] = null_table
+
+    lines += ["", "### The null per source (default search, aligned): max / pairs > 0.85", ""]
+    lines += ["| source | " + " | ".join(f"{s} px" for s in SIZES) + " |", "|---" * (len(SIZES) + 1) + "|"]
+    for name in names:
+        cells = []
+        for size in SIZES:
+            s = views[("aligned", size)]["gamma"][null & (source == name)]
+            cells.append(f"{s.max():.3f} / {(s > HIGH).sum()} of {len(s)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    lines += [
+        "",
+        "### Oracle check: noisy misaligned copies, registered SSIM - SSIM after the exact inverse",
+        "",
+    ]
+    lines += ["| size | search | mean | median | within 0.03 |", "| --- | --- | --- | --- | --- |"]
+    for size in SIZES:
+        for family in ("shift", "scale", "gamma"):
+            d = oracle[size][family] - oracle[size]["exact"]
+            lines.append(
+                f"| {size} | {family} | {d.mean():+.3f} | {np.median(d):+.3f} | "
+                f"{np.mean(np.abs(d) <= 0.03):.0%} |"
+            )
+
+    lines += [
+        "",
+        "### Decision rules (macro-F1 over the 450 protocol pairs; null: all different-subject pairs)",
+        "",
+    ]
+    lines += [
+        "| score | thresholds | view | size | null called Duplicate | Similar called Duplicate | "
+        "Duplicates found | macro-F1 (thresholds as given) | macro-F1, LOSO-calibrated | "
+        "oracle within 0.03 |",
+        "|---" * 10 + "|",
+    ]
+    rows = []
+    for score_name, score in SCORES.items():
+        for policy in POLICIES:
+            for setting, size in views:
+                if True:
+                    f = views[(setting, size)]
+                    values = score(f, size)
+                    if values is None:
+                        continue
+                    reference = score(views[(setting, REFERENCE_SIZE)], REFERENCE_SIZE)
+                    high = thresholds_per_pair(policy, values, reference, labels, kinds, source, names, size)
+                    sim = protocol & (labels == SIMILAR)
+                    dup = protocol & (labels == DUPLICATE)
+                    row = {
+                        "score": score_name,
+                        "thresholds": policy,
+                        "view": setting,
+                        "size": size,
+                        "null_duplicate": int(np.sum(null & (values > high))),
+                        "similar_duplicate": int(np.sum(sim & (values > high))),
+                        "duplicates_found": int(np.sum(dup & (values > high))),
+                        "macro_f1": pooled_f1(values[protocol], labels[protocol], high[protocol]),
+                        "macro_f1_loso": loso_f1(values[protocol], labels[protocol], source[protocol], names),
+                        "high_range": [float(high.min()), float(high.max())],
+                        "oracle_within_003": oracle_within(oracle, score, size)
+                        if setting == "aligned"
+                        else None,
+                    }
+                    rows.append(row)
+                    oracle_cell = (
+                        "" if row["oracle_within_003"] is None else f"{row['oracle_within_003']:.0%}"
+                    )
+                    high_cell = (
+                        f"{row['high_range'][0]:.3f}"
+                        if row["high_range"][0] == row["high_range"][1]
+                        else f"{row['high_range'][0]:.3f}-{row['high_range'][1]:.3f}"
+                    )
+                    lines.append(
+                        f"| {score_name} | {policy} (high {high_cell}) | {setting} | {size} | "
+                        f"{row['null_duplicate']} / {null.sum()} | "
+                        f"{row['similar_duplicate']} / {sim.sum()} | "
+                        f"{row['duplicates_found']} / {dup.sum()} | {row['macro_f1']:.3f} | "
+                        f"{row['macro_f1_loso']:.3f} | {oracle_cell} |"
+                    )
+    summary["rules"] = rows
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print("\n".join(lines))
+    plot(views, oracle, null, source, names, rows, ROOT / "docs" / "registration_null.png")
+
+
+def plot(views, oracle, null, source, names, rows, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(15, 4.2))
+    axes = figure.subplots(1, 3)
+    for family in FAMILIES:
+        q95 = [np.quantile(views[("aligned", s)][family][null], 0.95) for s in SIZES]
+        top = [views[("aligned", s)][family][null].max() for s in SIZES]
+        line = axes[0].plot(SIZES, top, marker="o", label=f"{family}: max")[0]
+        axes[0].plot(SIZES, q95, marker=".", linestyle=":", color=line.get_color())
+    axes[0].axhline(HIGH, color="black", linewidth=0.8)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xticks(SIZES, [str(s) for s in SIZES])
+    axes[0].set_title("different-subject pairs: max (solid), 95th pct (dotted)", fontsize=9)
+    axes[0].set_xlabel("image size (px)")
+    axes[0].set_ylabel("registered SSIM, search up to ...")
+    axes[0].legend(fontsize=7)
+    for name in names:
+        top = [views[("aligned", s)]["gamma"][null & (source == name)].max() for s in SIZES]
+        axes[1].plot(SIZES, top, marker="o", label=name)
+    axes[1].axhline(HIGH, color="black", linewidth=0.8)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xticks(SIZES, [str(s) for s in SIZES])
+    axes[1].set_title("max over different-subject pairs per source (default search)", fontsize=9)
+    axes[1].set_xlabel("image size (px)")
+    axes[1].legend(fontsize=7)
+    chosen = [
+        ("registered, default search", "default 0.6 / 0.85"),
+        ("registered, default search", "size table"),
+        ("(a) gamma margin 0.05", "default 0.6 / 0.85"),
+        ("multi-scale min (1, 1/2, 1/4)", "size table"),
+    ]
+    width = 0.2
+    for i, (score, policy) in enumerate(chosen):
+        values = []
+        for size in MISALIGNED_SIZES:
+            row = next(
+                r
+                for r in rows
+                if r["score"] == score
+                and r["thresholds"] == policy
+                and r["view"] == "aligned"
+                and r["size"] == size
+            )
+            values.append(row["similar_duplicate"])
+        x = np.arange(len(MISALIGNED_SIZES)) + (i - 1.5) * width
+        axes[2].bar(x, values, width, label=f"{score}, {policy}")
+    axes[2].set_xticks(np.arange(len(MISALIGNED_SIZES)), [f"{s} px" for s in MISALIGNED_SIZES])
+    axes[2].set_ylim(0, 80)
+    axes[2].set_title("Similar pairs called Duplicate (aligned, of 150)", fontsize=9)
+    axes[2].legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
