@@ -8,7 +8,8 @@ each brought to 128 px). Per source, the leave-one-source-out protocol's pairs a
 slices, deformations and blends; other subjects at random and the most SSIM-similar one), plus up to 20
 hard negatives (distinct images of the source), each paired with the other-subject image of highest
 plain SSIM over the four flips. Every pair is then resized to 32, 64 and 256 px (area-averaged
-down, bilinear up), so one content is measured at four resolutions. Misaligned views (the protocol's) at 64 and 128 px.
+down, bilinear up), so one content is measured at four resolutions. Misaligned views (the
+protocol's) at 64 and 128 px.
 
 Registered SSIM is measured with the search restricted by RegistrationSettings, cumulatively:
 none (plain SSIM) / +flip / +rotation / +shift / +scale (geometry, no contrast) / +gamma (the
