@@ -22,6 +22,7 @@ from deepssim.cli.options import (
 )
 from deepssim.errors import DeepSSIMError
 from deepssim.labels import PAPER_THRESHOLDS
+from deepssim.scanning.decide import REGISTERED_SSIM
 from deepssim.scanning.settings import ScanSettings
 
 METRIC_HELP = (
@@ -156,7 +157,15 @@ def _add_calibrate(commands) -> None:
     )
     calibrate.add_argument("--train", nargs="+", help="training images (with --labels: the scan's)")
     calibrate.add_argument("--generated", nargs="+", help="generated images (with --labels: the scan's)")
-    calibrate.add_argument("--metric", default="deepssim", help=METRIC_HELP)
+    calibrate.add_argument(
+        "--metric",
+        default="registered",
+        help="the score to calibrate: registered (default; registered SSIM, what the default two-stage "
+        "scan decides with), or a metric for scan --decision score: " + METRIC_HELP,
+    )
+    calibrate.add_argument(
+        "--bootstrap", type=int, default=200, help="resamples for the thresholds' 95%% intervals (0: none)"
+    )
     calibrate.add_argument("--out", default="thresholds.json", help="thresholds file to write")
     add_progress_option(calibrate)
     add_model_options(calibrate)
@@ -180,7 +189,7 @@ def _run_calibrate(args: argparse.Namespace) -> None:
         print(f"{report.majority_pairs} majority labels from {len(report.raters)} rater(s) -> {pairs}")
     elif not (train and generated):
         raise DeepSSIMError("--pairs needs --train and --generated (the images the keys name)")
-    thresholds, f1, count = calibrate_thresholds(
+    calibration = calibrate_thresholds(
         pairs,
         train,
         generated,
@@ -190,12 +199,33 @@ def _run_calibrate(args: argparse.Namespace) -> None:
         device=args.device,
         progress=not args.no_progress,
         out=args.out,
+        bootstrap=args.bootstrap,
     )
+    thresholds = calibration.thresholds
     print(
-        f"thresholds for {args.metric}: low {thresholds.low:.4f}, high {thresholds.high:.4f} "
-        f"(macro-F1 {f1:.3f} on {count} labelled pairs) -> {args.out}"
+        f"thresholds for {thresholds.score}: low {thresholds.low:.4f}, high {thresholds.high:.4f} "
+        f"(macro-F1 {calibration.macro_f1:.3f} on {calibration.pairs} labelled pairs: "
+        + ", ".join(f"{name} {count}" for name, count in calibration.pairs_by_class.items())
+        + f") -> {args.out}"
     )
-    print(f"use them with: deepssim scan ... --metric {args.metric} --thresholds {args.out}")
+    if calibration.intervals:
+        low, high = calibration.intervals["low_ci95"], calibration.intervals["high_ci95"]
+        print(
+            f"  95% bootstrap intervals: low {low[0]:.4f} - {low[1]:.4f}, high {high[0]:.4f} - {high[1]:.4f}"
+        )
+    command = [
+        "deepssim scan --train",
+        *map(str, _as_list(train)),
+        "--generated",
+        *map(str, _as_list(generated)),
+    ]
+    if thresholds.score != REGISTERED_SSIM:
+        command += ["--decision score --metric", args.metric]
+    print(f"use them with: {' '.join(command)} --thresholds {args.out}")
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _add_ssim_matrix(commands) -> None:

@@ -17,7 +17,7 @@ import csv
 import io
 import json
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,8 +30,10 @@ from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.labels import Label
 from deepssim.metrics import SimilarityMetric, load_metric
 from deepssim.scanning.decide import (
+    REGISTERED_SSIM,
     Thresholds,
     calibrate,
+    calibration_intervals,
     classify,
 )
 from deepssim.settings import check_literal_fields, choices, option
@@ -96,29 +98,77 @@ def misaligned_views(images: np.ndarray, seed: int) -> np.ndarray:
     return augment_batch(batch, "misaligned", seed)[:, 0].double().numpy()
 
 
+# Below this many labelled pairs in a class, its thresholds are little more than a guess.
+MIN_PAIRS_PER_CLASS = 20
+
+
+@dataclass
+class Calibration:
+    """Thresholds fitted on labelled pairs, with what they rest on."""
+
+    thresholds: Thresholds
+    macro_f1: float
+    pairs_by_class: dict[str, int]
+    intervals: dict  # 95% bootstrap intervals of low and high
+
+    @property
+    def pairs(self) -> int:
+        return sum(self.pairs_by_class.values())
+
+
 def calibrate_thresholds(
     pairs_csv,
     train,
     generated,
-    metric="deepssim",
+    metric="registered",
     model="default",
     options=None,
     device="cpu",
     progress=False,
     out=None,
-):
-    """Thresholds maximising macro-F1 on labelled pairs (aligned); saved to ``out`` when given.
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> Calibration:
+    """Thresholds maximising macro-F1 on labelled pairs (aligned), for the score ``metric`` gives:
+    ``registered`` (registered SSIM, what the default two-stage scan decides with), or any metric
+    (for ``scan --decision score --metric ...``). The thresholds record that score, the image size
+    and the model's fingerprint, so a scan refuses them for another score; saved to ``out``.
 
-    Returns (thresholds, macro-F1, number of pairs).
+    Warns when a class has fewer than :data:`MIN_PAIRS_PER_CLASS` labelled pairs.
     """
     metric = metric if isinstance(metric, SimilarityMetric) else load_metric(metric, device, model)
     pairs = read_labelled_pairs(pairs_csv, train, generated, options, progress)
+    counts = {label.title: int((pairs.labels == label).sum()) for label in Label}
+    thin = [f"{name} {count}" for name, count in counts.items() if count < MIN_PAIRS_PER_CLASS]
+    if thin:
+        warnings.warn(
+            f"few labelled pairs per class ({', '.join(thin)}; at least {MIN_PAIRS_PER_CLASS} each is "
+            "advised): these thresholds are uncertain; see their bootstrap intervals",
+            stacklevel=2,
+        )
     scores = metric.pair_scores(pairs.train, pairs.generated)
-    thresholds, f1 = calibrate(scores, pairs.labels)
+    found, f1 = calibrate(scores, pairs.labels)
+    score = REGISTERED_SSIM if metric.name == "registered" else metric.name
+    shapes = {tuple(pairs.train.shape[1:])} if isinstance(pairs.train, np.ndarray) else set()
+    thresholds = replace(
+        found,
+        score=score,
+        image_shape=next(iter(shapes)) if len(shapes) == 1 and score in (REGISTERED_SSIM, "ssim") else None,
+        model=metric.fingerprint.split(":")[-1] if metric.is_embedding else None,
+    )
+    intervals = calibration_intervals(scores, pairs.labels, bootstrap, seed) if bootstrap else {}
     if out is not None:
         source = getattr(metric, "source", metric.description)
-        thresholds.save(out, metric=metric.name, model=str(source), macro_f1=f1, pairs=len(pairs.labels))
-    return thresholds, f1, len(pairs.labels)
+        thresholds.save(
+            out,
+            metric=metric.name,
+            model_name=str(source),
+            macro_f1=f1,
+            pairs=len(pairs.labels),
+            pairs_by_class=counts,
+            **intervals,
+        )
+    return Calibration(thresholds, f1, counts, intervals)
 
 
 def classification_numbers(

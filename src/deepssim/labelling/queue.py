@@ -59,9 +59,11 @@ class ScanPairs:
             raise DeepSSIMError(
                 f"{summary_path}: not a scan summary (no audit trail); rerun the scan"
             ) from None
-        column = "ssim_registered" if settings.get("decision") == "two-stage" else "score"
         with open(pairs_path, newline="", encoding="utf-8") as handle:
             rows = [{k: unescape_cell(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        column = "decision_score"  # files of older versions: the score the decision used
+        if rows and column not in rows[0]:
+            column = "ssim_registered" if settings.get("decision") == "two-stage" else "score"
         pairs = [
             QueuedPair(
                 row["train_key"], row["generated_key"], _number(row.get(column)), row.get("transform", "")

@@ -204,6 +204,9 @@ def _gallery(result, gallery: list[GalleryPair], anonymise: bool) -> str:
                 f", registered SSIM {evidence.ssim_registered[i, 0]:.4f} ({evidence.transform_text(i, 0)}), "
                 f"plain SSIM {evidence.ssim_plain[i, 0]:.4f}"
             )
+        if result.best_other_scores is not None and np.isfinite(result.best_other_scores[i]):
+            other = "patient" if result.groups is not None else "training image"
+            score += f"; best other {other}: {result.best_other_scores[i]:.4f}"
         items.append(
             f"<figure class='pair'>{''.join(images)}<figcaption>#{rank} "
             f"<span class='badge {name}'>{name}</span> {escape(score)}<br>generated: {generated_key}"

@@ -26,9 +26,12 @@ from deepssim.metrics import SimilarityMetric, load_metric
 from deepssim.scanning.audit import audit_trail
 from deepssim.scanning.decide import (
     REFERENCE_PERCENTILE,
+    REGISTERED_SSIM,
     Thresholds,
+    check_threshold_values,
     conformal_threshold,
     decide,
+    default_thresholds,
     reference_threshold,
 )
 from deepssim.scanning.groups import group_of_each_image, group_summary
@@ -53,6 +56,9 @@ class ScanResult:
     best_per_training_image: (N,) each training image's best score over all generated images.
     reference_scores: each training image's best score against the held-out real images
     (Dar et al.'s reference distribution), when given.
+    best_other_scores: (M,) each generated image's best decision score against a training image of
+    another patient (another group with ``group_by``, else another training image) among its top
+    k; NaN where the top k hold none. The gap to the best pair is the decision's margin.
     """
 
     metric: str
@@ -70,6 +76,7 @@ class ScanResult:
     groups: list[dict] | None = None
     reference_scores: np.ndarray | None = None
     best_per_training_image: np.ndarray | None = None
+    best_other_scores: np.ndarray | None = None
     files: dict = field(default_factory=dict)
 
     @property
@@ -163,6 +170,8 @@ def scan(
     settings = replace(settings or ScanSettings(), **shortcuts)
     if settings.use_reference_threshold and reference is None:
         raise DeepSSIMError("the reference threshold needs reference images (--reference DIR)")
+    if thresholds is not None and not isinstance(thresholds, Thresholds):
+        check_threshold_values(*thresholds)  # before any work
     started = time.perf_counter()
     stages: dict[str, float] = {}  # seconds per stage, for summary.json and the benchmarks
     lap = _stopwatch(stages)
@@ -170,9 +179,7 @@ def scan(
     if not isinstance(metric, SimilarityMetric):
         metric = load_metric(metric, settings.device, default_model=model)
     two_stage = settings.decision == "two-stage"
-    thresholds = resolve_thresholds(
-        thresholds, load_metric("ssim") if two_stage else metric, settings.use_reference_threshold
-    )
+    score = REGISTERED_SSIM if two_stage else metric.name  # the score the classes come from
 
     train_set = ImageSet.coerce(train, options, progress, "indexing training images")
     generated_set = ImageSet.coerce(generated, options, progress, "indexing generated images")
@@ -181,6 +188,10 @@ def scan(
     )
     if two_stage or settings.verify:
         _check_one_size(train_set, generated_set, "--decision score" if two_stage else "no --verify")
+    model_fingerprint = metric.fingerprint.split(":")[-1] if metric.is_embedding and not two_stage else None
+    thresholds = resolve_thresholds(
+        thresholds, score, train_set.shape, metric, model_fingerprint, settings.use_reference_threshold
+    )
     lap("index")
 
     engine = engine or get_engine(settings.engine)
@@ -228,6 +239,7 @@ def scan(
     neighbours = np.take_along_axis(neighbours, order, axis=1)
     evidence = evidence.reordered(order)
     decided = evidence.ssim_registered if two_stage else scores
+    best_other = best_other_scores(decided, neighbours, groups)
     if two_stage:  # each training image's best registered SSIM over the generated images' top k
         best_per_train = np.full(len(train_set), -np.inf, dtype=np.float64)
         np.maximum.at(best_per_train, neighbours.ravel(), evidence.ssim_registered.ravel())
@@ -303,16 +315,32 @@ def scan(
         groups=group_rows,
         reference_scores=reference_scores,
         best_per_training_image=best_per_train,
+        best_other_scores=best_other,
     )
 
 
+def best_other_scores(decided: np.ndarray, neighbours: np.ndarray, groups: list[str] | None) -> np.ndarray:
+    """Per row, the best decision score among the pairs whose training image is not of the best
+    pair's group (or, without groups, is not the best pair's image); NaN where there is none."""
+    owner = np.unique(np.asarray(groups), return_inverse=True)[1] if groups is not None else None
+    labels = owner[neighbours] if owner is not None else neighbours
+    other = labels != labels[:, :1]
+    values = np.where(other, np.nan_to_num(decided, nan=-np.inf), -np.inf).max(axis=1, initial=-np.inf)
+    return np.where(np.isfinite(values), values, np.nan)
+
+
 def _label_free_thresholds(thresholds, settings: ScanSettings, null_scores, groups, reference_scores):
-    """The thresholds stage: a reference or conformal high threshold replaces the given one."""
+    """The thresholds stage. ``--duplicate-fpr``: the different-patient null sets the
+    Different/Similar boundary and is a floor under the Duplicate threshold, never lowering it
+    below what a copy means (a neighbouring slice of the same patient passes the null easily).
+    ``--reference-threshold``: Dar et al.'s rule replaces the Duplicate threshold."""
     if settings.duplicate_fpr is not None and not settings.use_reference_threshold:
-        high = conformal_threshold(null_scores, settings.duplicate_fpr)
-        low = min(thresholds.low, high) if thresholds is not None else high
+        null = conformal_threshold(null_scores, settings.duplicate_fpr)
+        high = max(thresholds.high, null)
+        low = min(max(thresholds.low, null), high)
         source = f"fpr {settings.duplicate_fpr:g} from {len(set(groups))} training groups"
-        thresholds = Thresholds(low, high, source)
+        source += f", over {thresholds.source}"
+        thresholds = replace(thresholds, low=low, high=high, source=source)
     if settings.use_reference_threshold:
         high = reference_threshold(reference_scores)
         low = high if thresholds is None else min(thresholds.low, high)
@@ -320,24 +348,29 @@ def _label_free_thresholds(thresholds, settings: ScanSettings, null_scores, grou
     return thresholds
 
 
-def resolve_thresholds(given, metric: SimilarityMetric, use_reference_threshold: bool) -> Thresholds | None:
-    """Thresholds from what the user gave, the rest from the metric's published ones."""
+def resolve_thresholds(
+    given, score: str, image_shape, metric: SimilarityMetric, model_fingerprint, use_reference_threshold: bool
+) -> Thresholds | None:
+    """The thresholds of ``score``: a calibrated file (checked against the score, model and image
+    size it was made for), or (low, high) where either may be None and takes the score's default."""
     if isinstance(given, Thresholds):
+        given.check_for(score, image_shape, model_fingerprint)
         return given
     low, high = given if given is not None else (None, None)
-    defaults = metric.thresholds
+    defaults = default_thresholds(score, image_shape, metric.thresholds)
     if defaults is None and (low is None or (high is None and not use_reference_threshold)):
         raise DeepSSIMError(
             f"{metric.name} has no published thresholds: pass --low and --high, "
             "or --thresholds from `deepssim calibrate`"
         )
+    if low is None and high is None:
+        return defaults
     if defaults is not None:
-        low = defaults[0] if low is None else low
-        high = defaults[1] if high is None else high
+        low = defaults.low if low is None else low
+        high = defaults.high if high is None else high
     if high is None:  # only the reference rule will set it
         return None
-    source = "paper" if given is None or given == (None, None) else "set"
-    return Thresholds(low, high, source)
+    return Thresholds(low, high, "set", score=score)
 
 
 def _stopwatch(stages: dict[str, float]):
