@@ -1,4 +1,5 @@
-"""Shared fixtures: small images on disk in every supported format, made by the tests."""
+"""Shared fixtures: small images on disk in every supported format, made by the tests (plain helpers
+are in tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -8,49 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "data" / "example"
-SOURCES = REPO / "data" / "sources"
-
-
-def smooth_image(rng: np.random.Generator, shape=(32, 28)) -> np.ndarray:
-    """A random image with spatial structure (cumulative sums), not white noise."""
-    return rng.normal(size=shape).cumsum(0).cumsum(1)
-
-
-def write_dicom(
-    path: Path,
-    pixels: np.ndarray,
-    slope: float = 1.0,
-    intercept: float = 0.0,
-    photometric: str = "MONOCHROME2",
-) -> None:
-    """Write a minimal valid DICOM file (uint16 pixels, optional multi-frame)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.RescaleSlope = slope
-    ds.RescaleIntercept = intercept
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+from tests.helpers import smooth_image, write_dicom
 
 
 @pytest.fixture

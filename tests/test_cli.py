@@ -11,7 +11,7 @@ import pytest
 
 from deepssim import SimilarityMatrix, load_images
 from deepssim.cli import main
-from tests.conftest import EXAMPLE, smooth_image
+from tests.helpers import EXAMPLE, smooth_image
 from tests.test_ssim import reference_matrix
 
 ON_EXAMPLE = ("ssim-matrix", "--train", str(EXAMPLE / "train"), "--generated", str(EXAMPLE / "generated"))

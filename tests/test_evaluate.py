@@ -23,7 +23,7 @@ from deepssim.metrics.sscd import SSCDMetric
 from deepssim.scanning.decide import Thresholds, classify
 from deepssim.scanning.scan import scan
 from deepssim.training.dar import DarSettings, train_dar
-from tests.conftest import EXAMPLE
+from tests.helpers import EXAMPLE
 from tests.test_ssim import reference_matrix
 
 
@@ -173,7 +173,7 @@ def test_benchmark_build_and_evaluate_end_to_end(tmp_path):
     volumes.mkdir()
     import nibabel as nib
 
-    from tests.conftest import SOURCES
+    from tests.helpers import SOURCES
 
     data = np.asarray(nib.load(SOURCES / "KmeansTest_T1UCharRaw.nii.gz").get_fdata())[32:96, 32:96]
     for name, part in (

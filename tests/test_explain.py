@@ -5,7 +5,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 from deepssim import DeepSSIM, DeepSSIMError
-from tests.conftest import EXAMPLE
+from tests.helpers import EXAMPLE
 from tests.test_ssim import reference_matrix
 
 

@@ -15,7 +15,7 @@ from deepssim.execution.search import _top_k_torch
 from deepssim.io.load import READERS
 from deepssim.metrics import METRICS, SimilarityMetric
 from deepssim.training.augment import AUGMENTATION_SETS, augment_batch
-from tests.conftest import smooth_image
+from tests.helpers import smooth_image
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from deepssim.training.fit import FitSettings, cached_fit, describe, fit
-from tests.conftest import EXAMPLE
+from tests.helpers import EXAMPLE
 
 TINY = {"epochs": 1, "n_pairs": 48, "batch_size": 16, "precision": "float32"}
 

@@ -13,7 +13,7 @@ from deepssim.evaluation.generalisation import (
     regression,
 )
 from deepssim.scanning.decide import calibrate, classify
-from tests.conftest import SOURCES
+from tests.helpers import SOURCES
 from tests.test_ssim import reference_matrix
 
 

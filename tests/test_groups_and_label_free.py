@@ -9,7 +9,7 @@ import pytest
 from deepssim import DeepSSIMError, ImageSet, scan
 from deepssim.scanning.decide import conformal_threshold
 from deepssim.scanning.groups import group_of_each_image
-from tests.conftest import EXAMPLE, smooth_image
+from tests.helpers import EXAMPLE, smooth_image
 from tests.test_model import fast_model
 
 SUBJECT = r"^(ants|dwi|itk|kmeans|mni)"

@@ -15,7 +15,7 @@ import pytest
 
 from deepssim.labelling import LabelStore
 from deepssim.labelling.server import MAX_BODY, LabellingSession, make_server
-from tests.conftest import EXAMPLE
+from tests.helpers import EXAMPLE
 
 PAIRS = 4
 HEADERS = {"X-DeepSSIM": "1", "Content-Type": "application/json"}

@@ -23,7 +23,7 @@ from deepssim.labelling.agreement import agreement
 from deepssim.labelling.queue import QueuedPair
 from deepssim.labelling.server import LabellingSession, make_server
 from deepssim.labels import Label
-from tests.conftest import EXAMPLE
+from tests.helpers import EXAMPLE
 
 HOSTILE_KEY = "<img src=x onerror=document.title='pwned'>"
 

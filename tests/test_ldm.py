@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from deepssim import DeepSSIMError, load_images
 from deepssim.cli import main
 from deepssim.experiments.ldm import RunInfo, generate, repetition_counts, train_diffusion, train_vae
-from tests.conftest import EXAMPLE
+from tests.helpers import EXAMPLE
 
 TINY = dict(image_size=(16, 16), vae_epochs=1, diffusion_epochs=1, vae_batch_size=8, diffusion_batch_size=8)
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from deepssim import DeepSSIMError, ImageSet, LoadOptions, load_images
 from deepssim.io.normalise import fit_to_size
-from tests.conftest import SOURCES, smooth_image, write_dicom
+from tests.helpers import SOURCES, smooth_image, write_dicom
 
 
 def test_every_format_is_read_with_stable_keys(mixed_folder):

@@ -17,7 +17,7 @@ from deepssim.embedding.networks import (
     load_imagenet_weights,
 )
 from deepssim.training.augment import augment_batch
-from tests.conftest import smooth_image
+from tests.helpers import smooth_image
 
 
 def fast_model(seed: int = 0) -> DeepSSIM:
@@ -202,7 +202,7 @@ def test_bundled_default_model_loads_and_finds_the_planted_copies():
     import csv
 
     from deepssim import load_images
-    from tests.conftest import EXAMPLE
+    from tests.helpers import EXAMPLE
 
     model = DeepSSIM.load("default")
     weights = model.config["training"]

@@ -3,7 +3,6 @@ that resume after a worker is killed, and distributed exact SSIM."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from deepssim.execution.ray_engine import RayEngine
 from deepssim.io.load import ImageSet
 from deepssim.metrics.deepssim_metric import DeepSSIMMetric
 from deepssim.ssim.matrix import compute_ssim_matrix
-from tests.conftest import EXAMPLE
+from tests.helpers import EXAMPLE, read_csv
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +28,8 @@ def local_ray():
     ray.shutdown()
 
 
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def _assert_same_tables(local: Path, distributed: Path, name: str) -> None:
-    a, b = _rows(local / name), _rows(distributed / name)
+    a, b = read_csv(local / name), read_csv(distributed / name)
     assert len(a) == len(b) and list(a[0]) == list(b[0])
     for x, y in zip(a, b, strict=True):
         for column, value in x.items():

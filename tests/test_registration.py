@@ -6,13 +6,10 @@ scikit-image's structural_similarity (on z-scored images) scores them.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
-from skimage.metrics import structural_similarity
 
 from deepssim.errors import DeepSSIMError
 from deepssim.ssim.registered import (
@@ -21,15 +18,9 @@ from deepssim.ssim.registered import (
     register_pairs,
     registered_ssim,
 )
+from tests.helpers import SOURCES, reference_ssim
 
-VOLUME = Path(__file__).resolve().parents[1] / "data" / "sources" / "KmeansTest_T1UCharRaw.nii.gz"
-
-
-def reference_ssim(train: np.ndarray, generated: np.ndarray) -> float:
-    """The label's definition: both images z-scored, data range from the train one."""
-    za = (train - train.mean()) / train.std()
-    zb = (generated - generated.mean()) / generated.std()
-    return structural_similarity(za, zb, data_range=za.max() - za.min())
+VOLUME = SOURCES / "KmeansTest_T1UCharRaw.nii.gz"
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from deepssim.io.load import load_images
 from deepssim.monitor import MemorisationMonitor
 from deepssim.scanning import release as release_module
 from deepssim.scanning.release import write_release
-from tests.conftest import EXAMPLE, smooth_image
-
-
-def _planted() -> dict[str, str]:
-    with open(EXAMPLE / "planted.csv", newline="") as handle:
-        return {row["generated_key"]: row["kind"] for row in csv.DictReader(handle)}
+from tests.helpers import EXAMPLE, planted, smooth_image
 
 
 def test_release_copies_only_what_passes(tmp_path, capsys):
@@ -33,8 +28,8 @@ def test_release_copies_only_what_passes(tmp_path, capsys):
         rows = {row["generated_key"]: row for row in csv.DictReader(handle)}
     with open(out / "results.csv", newline="") as handle:
         classes = {row["generated_key"]: row["class"] for row in csv.DictReader(handle)}
-    assert set(rows) == set(classes) == set(_planted())
-    for key, kind in _planted().items():
+    assert set(rows) == set(classes) == set({key: row["kind"] for key, row in planted().items()})
+    for key, kind in {key: row["kind"] for key, row in planted().items()}.items():
         copy = released / f"{key}.png"
         if kind.startswith("duplicate"):  # every planted copy is held back ...
             assert not copy.exists() and rows[key]["released"] == "no"

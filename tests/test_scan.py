@@ -19,16 +19,11 @@ from deepssim.execution.search import top_k_embeddings
 from deepssim.labels import Label
 from deepssim.scanning.decide import Thresholds, calibrate, classify, wilson_interval
 from deepssim.scanning.scan import scan
-from tests.conftest import EXAMPLE, smooth_image
+from tests.helpers import EXAMPLE, read_csv, smooth_image
 from tests.test_model import fast_model
 from tests.test_ssim import reference_matrix
 
 TRAIN, SYNTHETIC = EXAMPLE / "train", EXAMPLE / "generated"
-
-
-def read_csv(path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")

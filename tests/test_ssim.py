@@ -6,12 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
-from skimage.metrics import structural_similarity
 
 import deepssim
 from deepssim.ssim import engine
 from deepssim.ssim.engine import _ssim_kernel
-from tests.conftest import SOURCES, smooth_image
+from tests.helpers import SOURCES, reference_ssim, smooth_image
 
 BACKENDS = ["torch"] + (["c"] if _ssim_kernel is not None else [])
 TOLERANCE = {np.float64: 1e-5, np.float32: 1e-4}
@@ -19,13 +18,7 @@ TOLERANCE = {np.float64: 1e-5, np.float32: 1e-4}
 
 def reference_matrix(train: np.ndarray, generated: np.ndarray) -> np.ndarray:
     """scikit-image with defaults under the paper's rule, in float64."""
-    out = np.empty((len(train), len(generated)))
-    for i, a in enumerate(train):
-        za = (a - a.mean()) / a.std()
-        for j, b in enumerate(generated):
-            zb = (b - b.mean()) / b.std()
-            out[i, j] = structural_similarity(za, zb, data_range=za.max() - za.min())
-    return out
+    return np.array([[reference_ssim(a, b) for b in generated] for a in train])
 
 
 def real_mri_slices(count: int, shape=(60, 52)) -> np.ndarray:

@@ -3,7 +3,6 @@ file names it, a scan refuses a file made for another score, and defaults follow
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
@@ -16,11 +15,9 @@ from deepssim.io.load import LoadOptions
 from deepssim.labelling import LabelStore
 from deepssim.labelling.server import LabellingSession
 from deepssim.scanning.decide import REGISTERED_SSIM, Thresholds, calibrate, classify, default_thresholds
-from tests.conftest import EXAMPLE
+from tests.helpers import EXAMPLE, SUBJECT_GROUPS, planted, read_csv
 
-with open(EXAMPLE / "planted.csv", newline="") as handle:
-    PLANTED = {row["generated_key"]: row for row in csv.DictReader(handle)}
-SUBJECT_GROUPS = r"^(ants_r[0-9]+|kmeans|mni|itk_[a-z0-9]+|dwi)"
+PLANTED = planted()
 
 
 def _truth(train_key: str, generated_key: str) -> str:
@@ -137,3 +134,19 @@ def test_demo_at_64_pixels_calls_copies_and_only_copies_duplicates():
     assert memorised == len(sources)
     duplicates = [(g, t) for g, t, _ in result.duplicates()]
     assert all(t == PLANTED[g]["source_train_key"] for g, t in duplicates)
+
+
+def test_reidentification_flags_every_copy_of_its_patient_as_its_own_column(tmp_path):
+    result = scan(
+        EXAMPLE / "train", EXAMPLE / "generated", group_by=SUBJECT_GROUPS, reidentify=True, cache=False
+    )
+    copies = [
+        i for i, key in enumerate(result.generated_keys) if PLANTED[key]["kind"].startswith("duplicate")
+    ]
+    assert result.reidentifies[copies].all()
+    assert result.summary.reidentification["generated_images"]["count"] == int(result.reidentifies.sum())
+    rows = read_csv(result.save(tmp_path / "out", report=False)["results"])
+    assert [row["reidentifies"] == "yes" for row in rows] == result.reidentifies.tolist()
+    assert {row["class"] for row in rows} <= set(Label.titles())  # not a class of its own
+    with pytest.raises(DeepSSIMError, match="--reidentify needs --group-by"):
+        scan(EXAMPLE / "train", EXAMPLE / "generated", reidentify=True)

@@ -14,7 +14,7 @@ from deepssim.cli import main
 from deepssim.io.normalise import zscore
 from deepssim.training.pairs import SSIM_BINS, degrade, pairs_from_csv, sample_pairs, second_images
 from deepssim.training.train import TrainSettings, train
-from tests.conftest import EXAMPLE, SOURCES
+from tests.helpers import EXAMPLE, SOURCES
 from tests.test_ssim import reference_matrix
 
 TINY = dict(epochs=2, n_pairs=48, batch_size=16, val_fraction=0.25)

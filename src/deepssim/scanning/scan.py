@@ -33,6 +33,7 @@ from deepssim.scanning.decide import (
     decide,
     default_thresholds,
     reference_threshold,
+    share,
 )
 from deepssim.scanning.groups import group_of_each_image, group_summary
 from deepssim.scanning.registration import register_top_k
@@ -59,6 +60,8 @@ class ScanResult:
     best_other_scores: (M,) each generated image's best decision score against a training image of
     another patient (another group with ``group_by``, else another training image) among its top
     k; NaN where the top k hold none. The gap to the best pair is the decision's margin.
+    reidentifies: (M,) with ``reidentify``: the generated image is closer to its best match's
+    patient than any other patient's training image gets to that patient.
     """
 
     metric: str
@@ -77,6 +80,7 @@ class ScanResult:
     reference_scores: np.ndarray | None = None
     best_per_training_image: np.ndarray | None = None
     best_other_scores: np.ndarray | None = None
+    reidentifies: np.ndarray | None = None
     files: dict = field(default_factory=dict)
 
     @property
@@ -216,7 +220,7 @@ def scan(
             reference_scores = retrieve(metric, train_set, reference_set, 1, **search)[2]
         groups = group_of_each_image(train_set, settings.group_by) if settings.group_by else None
         null_scores = None
-        if settings.duplicate_fpr is not None:
+        if settings.duplicate_fpr is not None or settings.reidentify:
             null_scores = _different_patient_scores(
                 metric, train_set, groups, settings.k, two_stage, embed, engine, progress
             )
@@ -240,6 +244,9 @@ def scan(
     evidence = evidence.reordered(order)
     decided = evidence.ssim_registered if two_stage else scores
     best_other = best_other_scores(decided, neighbours, groups)
+    reidentifies = (
+        reidentified(decided[:, 0], neighbours[:, 0], groups, null_scores) if settings.reidentify else None
+    )
     if two_stage:  # each training image's best registered SSIM over the generated images' top k
         best_per_train = np.full(len(train_set), -np.inf, dtype=np.float64)
         np.maximum.at(best_per_train, neighbours.ravel(), evidence.ssim_registered.ravel())
@@ -268,6 +275,14 @@ def scan(
             "by": settings.group_by,
             "groups": len(group_rows),
             "with_a_duplicate": with_duplicate,
+        }
+    if reidentifies is not None:
+        codes = np.asarray(groups)[neighbours[reidentifies, 0]]
+        summary.reidentification = {
+            "description": "generated images whose best decision score exceeds every score another "
+            "patient's training image reaches against that patient",
+            "generated_images": share(int(reidentifies.sum()), len(reidentifies)),
+            "patients": int(len(set(codes.tolist()))),
         }
     if null_scores is not None:
         summary.different_patient_scores = {
@@ -316,6 +331,7 @@ def scan(
         reference_scores=reference_scores,
         best_per_training_image=best_per_train,
         best_other_scores=best_other,
+        reidentifies=reidentifies,
     )
 
 
@@ -327,6 +343,16 @@ def best_other_scores(decided: np.ndarray, neighbours: np.ndarray, groups: list[
     other = labels != labels[:, :1]
     values = np.where(other, np.nan_to_num(decided, nan=-np.inf), -np.inf).max(axis=1, initial=-np.inf)
     return np.where(np.isfinite(values), values, np.nan)
+
+
+def reidentified(best_scores, best_neighbours, groups: list[str], null_scores) -> np.ndarray:
+    """Per generated image: does its best decision score beat every different-patient score of its
+    best match's patient? ``null_scores`` (N,): each training image's best score against the
+    training images of other groups."""
+    codes = np.unique(np.asarray(groups), return_inverse=True)[1]
+    ceiling = np.full(codes.max() + 1, -np.inf)
+    np.maximum.at(ceiling, codes, np.nan_to_num(np.asarray(null_scores, dtype=np.float64), nan=-np.inf))
+    return np.asarray(best_scores) > ceiling[codes[best_neighbours]]
 
 
 def _label_free_thresholds(thresholds, settings: ScanSettings, null_scores, groups, reference_scores):
@@ -389,7 +415,8 @@ def _different_patient_scores(metric, train_set, groups, k, two_stage, embed, en
     """Each training image's best decision score against the training images of other groups."""
     if not metric.is_embedding:
         raise DeepSSIMError(
-            "--duplicate-fpr retrieves with an embedding metric; use --metric deepssim (the default)"
+            "--duplicate-fpr and --reidentify retrieve with an embedding metric; use --metric deepssim "
+            "(the default)"
         )
     scores, nearest = top_k_other_groups(embed(train_set, "training"), groups, k)
     if not two_stage:

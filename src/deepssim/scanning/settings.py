@@ -57,6 +57,14 @@ class ScanSettings:
             "matches (training images of other groups) are called Duplicate (needs --group-by)"
         ),
     )
+    reidentify: bool = field(
+        default=False,
+        metadata=option(
+            "with --group-by: flag generated images closer to their best match's patient than any "
+            "other patient's image gets to that patient (patient re-identification; its own column "
+            "and count, not a class)"
+        ),
+    )
     search: str = field(
         default="exact", metadata=option("nearest-neighbour search", choices=SEARCH_BACKENDS.names)
     )
@@ -83,6 +91,8 @@ class ScanSettings:
             raise DeepSSIMError(f"the false-positive rate must be in (0, 1), not {self.duplicate_fpr}")
         if self.duplicate_fpr is not None and self.group_by is None:
             raise DeepSSIMError("--duplicate-fpr needs --group-by: different patients are different groups")
+        if self.reidentify and self.group_by is None:
+            raise DeepSSIMError("--reidentify needs --group-by: it compares patients")
 
     @classmethod
     def choices(cls, name: str) -> tuple[str, ...]:

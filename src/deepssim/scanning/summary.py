@@ -37,6 +37,7 @@ class ScanSummary:
     precision: str
     reference: dict | None = None
     groups: dict | None = None
+    reidentification: dict | None = None
     different_patient_scores: dict | None = None
     audit: dict | None = None
     seconds: float | None = None
@@ -85,6 +86,12 @@ class ScanSummary:
             lines.append(
                 f"  patients ({self.groups['by']}) with at least one Duplicate: {entry['count']} of "
                 f"{self.groups['groups']} ({entry['share']:.1%}, 95% CI {low:.1%} - {high:.1%})"
+            )
+        if self.reidentification is not None:
+            entry = self.reidentification["generated_images"]
+            lines.append(
+                f"  generated images closer to one patient than other patients get: {entry['count']} "
+                f"({entry['share']:.1%}), {self.reidentification['patients']} patient(s)"
             )
         if self.reference is not None:
             lines.append(f"  reference 95th percentile of best scores: {self.reference_threshold():.4f}")

@@ -7,7 +7,9 @@ per top-k pair). Columns are named after what they hold (the README's table of o
 - ``ssim_registered``, ``transform``, ``ssim``: registered SSIM, the transform it found, plain SSIM;
 - ``best_other_score``: the best decision score of the generated image against a training image of
   another patient (``--group-by``) or another training image, among its top k: the margin a
-  reviewer compares the best pair with.
+  reviewer compares the best pair with;
+- ``reidentifies`` (with ``reidentify``): the image is closer to its best match's patient than any
+  other patient's training image gets to that patient.
 
 Every text cell is written spreadsheet-safe (:func:`deepssim.io.files.escape_cell`). The label
 queue still reads ``pairs.csv`` of older versions (a ``score`` column instead of
@@ -31,6 +33,8 @@ def results_csv(result) -> str:
     the other top-k pairs."""
     k = result.scores.shape[1]
     header = ["generated_key", "class", "decision_score", "best_other_score"]
+    if result.reidentifies is not None:
+        header.append("reidentifies")
     header += [
         "top1_train_key",
         "top1_retrieval_score",
@@ -45,6 +49,8 @@ def results_csv(result) -> str:
     for i, key in enumerate(result.generated_keys):
         row = [key, Label(int(result.classes[i])).title, _number(decided[i, 0])]
         row.append(_number(result.best_other_scores[i]) if result.best_other_scores is not None else "")
+        if result.reidentifies is not None:
+            row.append("yes" if result.reidentifies[i] else "no")
         row += [result.train_keys[result.neighbours[i, 0]], _number(result.scores[i, 0])]
         row += _evidence_cells(result.evidence, i, 0)
         for rank in range(1, k):
