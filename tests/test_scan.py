@@ -64,8 +64,11 @@ def test_partial_thresholds_take_the_metric_defaults():
     from deepssim.scanning.scan import resolve_thresholds
 
     with pytest.raises(DeepSSIMError, match="no published thresholds"):
-        resolve_thresholds((0.5, None), FSIMMetric(), use_reference_threshold=False)
-    assert resolve_thresholds((0.5, None), FSIMMetric(), use_reference_threshold=True) is None
+        resolve_thresholds((0.5, None), "fsim", (8, 8), FSIMMetric(), None, use_reference_threshold=False)
+    assert (
+        resolve_thresholds((0.5, None), "fsim", (8, 8), FSIMMetric(), None, use_reference_threshold=True)
+        is None
+    )
 
 
 def test_wilson_interval_matches_published_values():
@@ -75,11 +78,13 @@ def test_wilson_interval_matches_published_values():
 
 
 def test_calibration_maximises_macro_f1_like_scikit_learn(rng):
-    labels = np.repeat([0, 2, 1], 30)
-    scores = np.concatenate([rng.uniform(0, 0.5, 30), rng.uniform(0.45, 0.8, 30), rng.uniform(0.75, 1, 30)])
+    labels = np.repeat([Label.DIFFERENT, Label.SIMILAR, Label.DUPLICATE], 30)
+    scores = np.concatenate(
+        [rng.uniform(0, 0.5, 30), rng.uniform(0.45, 0.8, 30), rng.uniform(0.75, 0.99, 30)]
+    )
     thresholds, f1 = calibrate(scores, labels)
     assert f1 == pytest.approx(f1_score(labels, classify(scores, thresholds), average="macro"))
-    grid = np.linspace(0, 1, 41)
+    grid = np.linspace(0, 0.99, 100)  # thresholds of 1 or more are refused: no score exceeds 1
     brute = max(
         f1_score(labels, classify(scores, Thresholds(lo, hi)), average="macro")
         for lo in grid
@@ -199,7 +204,7 @@ def test_scan_and_calibrate_commands(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Duplicate" in printed and f"report: {out / 'report.html'}" in printed
     planted = read_csv(EXAMPLE / "planted.csv")
-    labels = {"duplicate": 1, "duplicate_misaligned": 1, "similar": 2, "different": 0}
+    labels = {"duplicate": 1, "duplicate_misaligned": 1, "similar": 2, "different": 0}  # the file codes
     labelled = tmp_path / "labelled.csv"
     with open(labelled, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -220,7 +225,8 @@ def test_scan_and_calibrate_commands(tmp_path, capsys):
     assert main([*calibrate_args, "--metric", "ssim", "--out", str(thresholds), "--no-progress"]) == 0
     saved = json.loads(thresholds.read_text())
     assert saved["metric"] == "ssim" and saved["low"] <= saved["high"]
-    assert main([*args, "--thresholds", str(thresholds), "--no-progress"]) == 0
+    # SSIM's thresholds are for SSIM's score: the scan lets SSIM decide, as calibrate suggests
+    assert main([*args, "--decision", "score", "--thresholds", str(thresholds), "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["thresholds"]["high"] == pytest.approx(saved["high"])
     empty = tmp_path / "empty"
