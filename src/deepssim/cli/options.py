@@ -122,6 +122,14 @@ def add_model_options(parser: argparse.ArgumentParser, device: bool = True) -> N
         parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
 
+def npz_output(text: str) -> Path:
+    """An output path that must end in .npz (the commands that write arrays)."""
+    out = Path(text)
+    if out.suffix != ".npz":
+        raise DeepSSIMError(f"--out {out}: the output must end in .npz")
+    return out
+
+
 def add_progress_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

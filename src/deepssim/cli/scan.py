@@ -17,6 +17,7 @@ from deepssim.cli.options import (
     add_threshold_options,
     engine_from_args,
     loading_options,
+    npz_output,
     settings_from_args,
     thresholds_from_args,
 )
@@ -258,9 +259,7 @@ def _run_ssim_matrix(args: argparse.Namespace) -> None:
     from deepssim.io.load import ImageSet
     from deepssim.ssim.matrix import compute_ssim_matrix
 
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise DeepSSIMError(f"--out {out}: the output must end in .npz")
+    out = npz_output(args.out)
     if args.top_k < 0:
         raise DeepSSIMError("--top-k must be 0 or more")
     options = loading_options(args)

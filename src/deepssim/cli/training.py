@@ -13,9 +13,9 @@ from deepssim.cli.options import (
     add_progress_option,
     add_settings_options,
     loading_options,
+    npz_output,
     settings_from_args,
 )
-from deepssim.errors import DeepSSIMError
 from deepssim.hardware import PRECISIONS
 from deepssim.training.dar import DarSettings
 from deepssim.training.fit import FitSettings
@@ -145,9 +145,7 @@ def _run_embed(args: argparse.Namespace) -> None:
     from deepssim.io.files import atomic_path
     from deepssim.io.load import ImageSet
 
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise DeepSSIMError(f"--out {out}: the output must end in .npz")
+    out = npz_output(args.out)
     model = DeepSSIM.load(args.model, args.device)
     images = ImageSet.from_paths(args.images, loading_options(args), not args.no_progress)
     embeddings = model.embed(images, args.batch_size, args.precision, progress=not args.no_progress)
