@@ -15,6 +15,12 @@ setup(
             ["src/deepssim/ssim/_kernel.c"],
             extra_compile_args=flags,
             optional=True,  # without a C compiler the PyTorch backend is used instead
-        )
+        ),
+        Extension(
+            "deepssim.ssim._volume_kernel",
+            ["src/deepssim/ssim/_volume_kernel.c"],
+            extra_compile_args=flags,
+            optional=True,  # without a C compiler NumPy computes 3D SSIM instead
+        ),
     ]
 )

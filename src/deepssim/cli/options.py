@@ -12,6 +12,7 @@ from pathlib import Path
 from deepssim.errors import DeepSSIMError
 from deepssim.io.load import LoadOptions
 from deepssim.io.normalise import FIT_MODES, parse_size
+from deepssim.io.orientation import PLANES, parse_spacing
 from deepssim.settings import allowed_values
 
 
@@ -84,7 +85,19 @@ def add_loading_options(parser: argparse.ArgumentParser) -> None:
         help="how --size is applied: centre pad/crop (default) or bilinear resize",
     )
     group.add_argument(
-        "--axis", type=int, default=2, choices=(0, 1, 2), help="NIfTI axis to slice along (default 2)"
+        "--plane",
+        choices=tuple(PLANES),
+        default="axial",
+        help="anatomical plane to slice NIfTI volumes in, after reading them as RAS (default axial)",
+    )
+    group.add_argument(
+        "--axis",
+        type=int,
+        choices=(0, 1, 2),
+        help="legacy: slice NIfTI volumes along this voxel axis as stored, not reoriented (use --plane)",
+    )
+    group.add_argument(
+        "--spacing", type=parse_spacing, help="resample NIfTI volumes to this voxel size: MM or XxYxZ"
     )
     group.add_argument("--slices", type=_slice_range, help="keep volume slices START:STOP")
     group.add_argument(
@@ -103,6 +116,8 @@ def add_loading_options(parser: argparse.ArgumentParser) -> None:
 def loading_options(args: argparse.Namespace) -> LoadOptions:
     return LoadOptions(
         axis=args.axis,
+        plane=args.plane,
+        spacing=args.spacing,
         slice_range=args.slices,
         min_foreground=args.min_foreground,
         size=parse_size(args.size) if args.size else None,

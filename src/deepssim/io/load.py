@@ -18,6 +18,7 @@ import numpy as np
 
 from deepssim.errors import DeepSSIMError
 from deepssim.io.normalise import LUMA_WEIGHTS, check_finite_and_varying, fit_to_size, to_gray
+from deepssim.io.orientation import note_mixed_geometry, plane_axis, resample, to_canonical
 from deepssim.progress import progress_iter
 from deepssim.registry import Registry
 
@@ -38,7 +39,12 @@ FOREGROUND_LEVEL = 0.1
 class LoadOptions:
     """How files become 2D images. Defaults suit axial slices of brain MRI.
 
-    axis: the NIfTI axis to slice along (0, 1 or 2).
+    plane: the anatomical plane NIfTI volumes are sliced in (axial, coronal or sagittal), after
+    reading each volume into nibabel's closest canonical orientation (RAS+; see
+    :mod:`deepssim.io.orientation`).
+    axis: legacy: slice along this voxel axis as stored (0, 1 or 2), without reorientation; None
+    (default) slices by ``plane``.
+    spacing: resample every NIfTI volume to this voxel size in mm (x, y, z canonical), trilinear.
     slice_range: (start, stop) of slice indices to keep from each volume, Python-style.
     min_foreground: skip volume slices with less foreground than this fraction (0 keeps all).
     size: (H, W) every image is brought to; None requires all images to share one shape.
@@ -46,7 +52,9 @@ class LoadOptions:
     skip_bad: warn about and skip unreadable/constant/non-finite images instead of failing.
     """
 
-    axis: int = 2
+    axis: int | None = None
+    plane: str = "axial"
+    spacing: tuple[float, float, float] | None = None
     slice_range: tuple[int | None, int | None] | None = None
     min_foreground: float = 0.05
     size: tuple[int, int] | None = None
@@ -90,6 +98,8 @@ class ImageSet:
         """Index a folder (recursively), a file, or a list of files and folders."""
         options = options or LoadOptions()
         files = list(_discover(inputs))
+        if options.axis is None:  # one line when the volumes mix orientations or voxel sizes
+            note_mixed_geometry([p for _, p in files if _suffix(p) in NIFTI_SUFFIXES], options.spacing)
         refs: list[ImageRef] = []
         shapes: Counter = Counter()
         example_of_shape: dict[tuple[int, int], str] = {}
@@ -324,16 +334,22 @@ def _read_npy(path: Path, options: LoadOptions) -> np.ndarray:
 def _read_nifti(path: Path, options: LoadOptions) -> np.ndarray:
     import nibabel as nib
 
-    volume = np.asarray(nib.load(path).get_fdata(dtype=np.float64))
+    image = nib.load(path)
+    volume = np.asarray(image.get_fdata(dtype=np.float64))
     while volume.ndim > 3 and volume.shape[-1] == 1:
         volume = volume[..., 0]
     if volume.ndim == 2:
         return volume
     if volume.ndim != 3:
         raise DeepSSIMError(f"{path}: expected a 3D volume, got shape {volume.shape}; split 4D series first")
-    if options.axis not in (0, 1, 2):
-        raise DeepSSIMError(f"--axis must be 0, 1 or 2; got {options.axis}")
-    return np.moveaxis(volume, options.axis, 0)
+    if options.axis is not None:  # legacy: a voxel axis as stored
+        if options.axis not in (0, 1, 2):
+            raise DeepSSIMError(f"--axis must be 0, 1 or 2; got {options.axis}")
+        return np.moveaxis(volume, options.axis, 0)
+    volume, zooms, _ = to_canonical(volume, image.affine, image.header.get_zooms()[:3])
+    if options.spacing is not None:
+        volume, _ = resample(volume, zooms, options.spacing)
+    return np.moveaxis(volume, plane_axis(options.plane), 0)
 
 
 @READERS.register(*DICOM_SUFFIXES)

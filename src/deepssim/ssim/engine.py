@@ -351,12 +351,17 @@ def _ssim_torch(
 
 
 def ssim(a, b, dtype=np.float64) -> float:
-    """SSIM of one (train ``a``, generated ``b``) pair of 2D images of raw intensities.
+    """SSIM of one (train ``a``, generated ``b``) pair of 2D images (or 3D volumes) of raw intensities.
 
     Equals ``skimage.metrics.structural_similarity(za, zb, data_range=za.max() - za.min())``
     for the z-scored images ``za``, ``zb``. Not symmetric: the data range comes from ``a``.
+    Two 3D volumes get the 3D definition (7x7x7 window; :mod:`deepssim.ssim.volume`).
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim == 3 and b.ndim == 3:  # volumes
+        from deepssim.ssim.volume import ssim3d
+
+        return ssim3d(a, b)
     if a.ndim != 2 or b.ndim != 2:
         raise DeepSSIMError(f"ssim takes two 2D images; got shapes {a.shape} and {b.shape}")
     return float(ssim_prepared(prepare(a, "train", dtype), prepare(b, "generated", dtype))[0, 0])
