@@ -11,10 +11,13 @@ extrapolated from a measured block of the same images.
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +55,12 @@ def main() -> None:
     parser.add_argument("--generated", type=int, default=65850)
     parser.add_argument("--workdir", default="build/bench-scan")
     parser.add_argument("--precision", default="float32")
-    parser.add_argument("--ssim-block", type=int, default=2048, help="generated images in the SSIM block")
+    parser.add_argument(
+        "--ssim-block", type=int, default=2048, help="generated images in the SSIM block (0: skip)"
+    )
+    parser.add_argument(
+        "--registration", nargs="+", default=["cascade", "full"], help="scan once per registration mode"
+    )
     args = parser.parse_args()
     work = Path(args.workdir)
     started = time.perf_counter()
@@ -62,6 +70,13 @@ def main() -> None:
     print(f"CPU: {cpu_description()}")
     print(f"images ready in {elapsed:.0f} s ({args.train} training, {args.generated} generated)")
 
+    for registration in args.registration:
+        run_scan(args, work, registration)
+    if args.ssim_block:
+        exact_ssim(args, work)
+
+
+def run_scan(args, work: Path, registration: str) -> None:
     command = [
         str(Path(sys.executable).parent / "deepssim"),
         "scan",
@@ -75,16 +90,37 @@ def main() -> None:
         "--precision",
         args.precision,
         "--no-progress",
+        "--registration",
+        registration,
     ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the largest child so far
     if done.returncode != 0:
         sys.exit(done.stderr)
     print(" ".join(command))
     print(done.stdout.strip())
-    print(f"DeepSSIM scan ({args.precision}): {seconds:.0f} s wall, peak memory {peak:.2f} GiB")
+    summary = json.loads((work / "out" / "summary.json").read_text())
+    print(f"seconds by stage: {summary.get('seconds_by_stage')}")
+    classes = {}
+    with open(work / "out" / "results.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            classes[row["generated_key"]] = row["class"]
+    (work / f"classes-{registration}.json").write_text(json.dumps(classes))
+    print(f"classes: {dict(Counter(classes.values()))}")
+    other = work / f"classes-{'full' if registration == 'cascade' else 'cascade'}.json"
+    if other.exists():
+        before = json.loads(other.read_text())
+        same = sum(before.get(key) == value for key, value in classes.items())
+        print(f"same class as the other registration mode: {same}/{len(classes)}")
+    print(
+        f"DeepSSIM scan ({args.precision}, --registration {registration}): {seconds:.0f} s wall, "
+        f"peak memory of the largest child so far {peak:.2f} GiB"
+    )
+
+
+def exact_ssim(args, work: Path) -> None:
 
     train = ImageSet.from_paths(work / "train")
     generated = ImageSet.from_paths(work / "generated")

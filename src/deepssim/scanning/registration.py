@@ -1,13 +1,20 @@
 """The scan's registration stage: registered SSIM of the retrieved (training, generated) pairs,
-one block of generated images per task of an execution engine."""
+one block of generated images per task of an execution engine.
+
+``mode="full"`` registers every pair (the audit path); ``mode="cascade"`` (the scan's default)
+only the pairs that can change a generated image's class or its best pair
+(:func:`deepssim.ssim.registered.register_cascade` states the rules), and needs the thresholds."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from deepssim.errors import DeepSSIMError
 from deepssim.execution.engines import ScanEngine, get_engine
 from deepssim.io.load import ImageSet
-from deepssim.ssim.registered import Registration, register_pairs
+from deepssim.ssim.registered import Registration, register_cascade, register_indexed
+
+MODES = ("cascade", "full")
 
 
 def register_top_k(
@@ -18,33 +25,56 @@ def register_top_k(
     progress=False,
     block=256,
     engine: str | ScanEngine = "local",
+    mode: str = "full",
+    thresholds=None,
 ) -> Registration:
     """Registered SSIM of the (training image, generated image) pairs ``neighbours`` names, for
     the pairs ``selected`` (an (M, k) mask; default all), one block of generated images per task
-    of the ``engine``."""
+    of the ``engine``. ``mode``: "full" or "cascade"; the cascade needs ``thresholds`` (low, high)
+    (a :class:`Thresholds` or a pair), the ones that will decide."""
+    if mode not in MODES:
+        raise DeepSSIMError(f"registration must be one of {', '.join(MODES)}, not {mode!r}")
+    cascade = None
+    if mode == "cascade":
+        if thresholds is None:
+            raise DeepSSIMError("the registration cascade needs the decision thresholds (low, high)")
+        low, high = (thresholds.low, thresholds.high) if hasattr(thresholds, "low") else thresholds
+        cascade = (float(low), float(high))
     engine = get_engine(engine)
     selected = np.ones(neighbours.shape, dtype=bool) if selected is None else np.asarray(selected)
     starts = [start for start in range(0, len(neighbours), block) if selected[start : start + block].any()]
     found = engine.map(
         _register_block,
-        [(train_set, generated_set, neighbours[s : s + block], selected[s : s + block], s) for s in starts],
+        [
+            (train_set, generated_set, neighbours[s : s + block], selected[s : s + block], s, cascade)
+            for s in starts
+        ],
         sizes=[int(selected[s : s + block].sum()) for s in starts],
         description="registering top-k pairs",
         progress=progress,
     )
     evidence = Registration.empty(neighbours.shape)
     for rows, rank, result in found:
-        for name in ("ssim_registered", "ssim_plain", "flip", "rotation_deg", "shift_px", "scale", "gamma"):
+        for name in (*_FIELDS, "searched"):
             getattr(evidence, name)[rows, rank] = getattr(result, name)
     return evidence
 
 
-def _register_block(train_set: ImageSet, generated_set: ImageSet, neighbours, selected, start: int):
-    """One task: register the selected pairs of generated images ``start:start + len(neighbours)``."""
+_FIELDS = ("ssim_registered", "ssim_plain", "flip", "rotation_deg", "shift_px", "scale", "gamma")
+
+
+def _register_block(
+    train_set: ImageSet, generated_set: ImageSet, neighbours, selected, start: int, cascade=None
+):
+    """One task: register the selected pairs of generated images ``start:start + len(neighbours)``;
+    ``cascade``: (low, high) for the cascade, None for every pair. Each training image is read once
+    and the pairs index the images (no per-pair copies)."""
     chosen, rank = np.nonzero(selected)
     generated = generated_set.read(start, start + len(neighbours))
-    train_rows = neighbours[chosen, rank]
-    needed = np.unique(train_rows)
-    train_images = dict(zip(needed.tolist(), train_set.take(needed), strict=True))
-    result = register_pairs(np.stack([train_images[i] for i in train_rows]), generated[chosen])
+    needed, train_rows = np.unique(neighbours[chosen, rank], return_inverse=True)
+    train_images = train_set.take(needed)
+    if cascade is None:
+        result = register_indexed(train_images, generated, train_rows, chosen)
+    else:
+        result = register_cascade(train_images, generated, train_rows, chosen, cascade)
     return start + chosen, rank, result

@@ -231,7 +231,16 @@ def scan(
     thresholds = _label_free_thresholds(thresholds, settings, null_scores, groups, reference_scores)
 
     if two_stage or settings.verify:
-        evidence = register_top_k(train_set, generated_set, neighbours, progress=progress, engine=engine)
+        mode = settings.registration if two_stage else "full"
+        evidence = register_top_k(
+            train_set,
+            generated_set,
+            neighbours,
+            progress=progress,
+            engine=engine,
+            mode=mode,
+            thresholds=thresholds,
+        )
     else:  # the evidence of every Duplicate, always
         duplicates = scores > thresholds.high
         evidence = register_top_k(train_set, generated_set, neighbours, duplicates, progress, engine=engine)

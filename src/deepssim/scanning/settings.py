@@ -36,6 +36,14 @@ class ScanSettings:
             flag="--reference-threshold",
         ),
     )
+    registration: Literal["cascade", "full"] = field(
+        default="cascade",
+        metadata=option(
+            "two-stage registration: cascade registers only the pairs that can change a generated "
+            "image's class or best pair (every Similar and Duplicate keeps its exact registered SSIM); "
+            "full registers every top-k pair (for audits)"
+        ),
+    )
     verify: bool = field(
         default=False,
         metadata=option(

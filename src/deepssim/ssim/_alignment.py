@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from deepssim.io.normalise import zscore
-from deepssim.ssim.engine import prepare, ssim_prepared_pairs
+from deepssim.ssim.engine import prepare, ssim_prepared_pairs_indexed
 
 if TYPE_CHECKING:
     from deepssim.ssim.registered import RegistrationSettings
@@ -40,14 +40,22 @@ _TRIVIAL_PX = 0.25
 _FAR_PX = 2.0
 
 
-def _register_chunk(train, generated, original, settings, result, part: slice) -> None:
-    """Search and score one chunk: ``generated`` is the contrast-registered image, ``original`` the
-    untouched one (its SSIM is the plain SSIM; each training image is prepared once for all)."""
+def _register_chunk(train, contrast, original, pairs, changed, settings, result, part, screened=None) -> None:
+    """Search and score one chunk of pairs, each image handled once however many pairs it is in.
+
+    train (Nt, H, W): training images; contrast (Nc, H, W): contrast-registered generated images;
+    original (No, H, W): untouched generated images (their SSIM is the plain SSIM); ``pairs``
+    (3, n): each pair's row in train, contrast and original; ``changed`` (Nc,): the contrast
+    image differs from its original. Writes the pairs' results into ``result[part]``. ``screened``:
+    the pairs' (plain, identity, coarse candidates) from :func:`_screen_chunk`, not recomputed.
+    """
+    pt, pc, po = pairs
     device = torch.device(settings.device)
     t = torch.from_numpy(zscore(train)).float().to(device)
-    g = torch.from_numpy(zscore(generated)).float().to(device)
-    flip, rotation, scale, shift = _search(t, g, settings)
-    n, shape = len(train), train.shape[1:]
+    g = torch.from_numpy(zscore(contrast)).float().to(device)
+    coarse_found = None if screened is None else screened[2]
+    flip, rotation, scale, shift = _search(t, g, pt, pc, settings, coarse_found)[:4]
+    n, shape = len(pt), train.shape[1:]
 
     # Exact candidates besides the identity: the flip with the shift rounded to whole pixels, unless the
     # transform moves pixels so far beyond that (_FAR_PX) that it cannot compete; and the interpolated
@@ -57,17 +65,29 @@ def _register_chunk(train, generated, original, settings, result, part: slice) -
     moves = _displacement(rotation, scale, shift, shape)
     need_exact = ((flip != 0) | (whole != 0).any(axis=1)) & (moves < _FAR_PX)
     need_warp = moves >= _TRIVIAL_PX
-    changed = result.gamma[part] != 1.0  # contrast-registered images that differ from the original
-    candidates = [
-        original,
-        generated[changed],
-        _exact_transform(generated[need_exact], flip[need_exact], whole[need_exact]),
-    ]
+    prepared_train = prepare(train, "train", np.float64)  # each training image once for all its pairs
+
+    def score(candidates: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
+        rows = np.arange(len(candidates))
+        return ssim_prepared_pairs_indexed(
+            prepared_train, prepare(candidates, "generated", np.float64), train_rows, rows
+        )
+
+    if screened is None:
+        plain, identity = _unmoved_scores(prepared_train, contrast, original, pairs, changed)
+    else:
+        plain, identity = screened[0], screened[1]
+    exact = identity.copy()
+    if need_exact.any():
+        exact[need_exact] = score(
+            _exact_transform(contrast[pc[need_exact]], flip[need_exact], whole[need_exact]), pt[need_exact]
+        )
+    interpolated = np.full(n, -np.inf)
     if need_warp.any():
         linear, offset = _sampling_map(
             flip[need_warp], rotation[need_warp], scale[need_warp], shift[need_warp]
         )
-        gw = g[need_warp]
+        gw = g[torch.from_numpy(pc[need_warp]).to(device)]
         gw = gw - gw.amin(dim=(1, 2), keepdim=True)
         rows, cols = _level(shape, shape, device)
         warped = _warp(
@@ -75,20 +95,7 @@ def _register_chunk(train, generated, original, settings, result, part: slice) -
         )
         # z-scored intensities less their minimum: SSIM z-scores again, so this scores as the warp of
         # the raw intensities by apply_transform does
-        candidates.append(warped[:, 0].double().cpu().numpy())
-    owner = np.concatenate(
-        [np.arange(n), np.flatnonzero(changed), np.flatnonzero(need_exact), np.flatnonzero(need_warp)]
-    )
-    scores = _exact_ssim(train, np.concatenate(candidates), owner)
-
-    plain = scores[:n]
-    identity = plain.copy()  # the contrast-registered image, not moved
-    identity[changed] = scores[n : n + changed.sum()]
-    first = n + changed.sum()
-    exact = identity.copy()
-    exact[need_exact] = scores[first : first + need_exact.sum()]
-    interpolated = np.full(n, -np.inf)
-    interpolated[need_warp] = scores[first + need_exact.sum() :]
+        interpolated[need_warp] = score(warped[:, 0].double().cpu().numpy(), pt[need_warp])
     use_exact = exact > identity
     best = np.maximum(exact, identity)
     use_warp = interpolated > best + INTERPOLATION_MARGIN
@@ -101,11 +108,38 @@ def _register_chunk(train, generated, original, settings, result, part: slice) -
     result.shift_px[part] = np.where(use_warp[:, None], shift, np.where(use_exact[:, None], whole, 0))
 
 
-def _exact_ssim(train: np.ndarray, candidates: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """SSIM of (train[owner[j]], candidates[j]) for every j, with the SSIM engine (exact, float64):
-    each training image is prepared once for all its candidates, then the matched-pairs kernel."""
-    prepared = prepare(train, "train", np.float64)
-    return ssim_prepared_pairs(prepared[owner], prepare(candidates, "generated", np.float64))
+def _unmoved_scores(prepared_train, contrast, original, pairs, changed) -> tuple[np.ndarray, np.ndarray]:
+    """Exact SSIM of each pair's untouched generated image (plain SSIM) and of its contrast-registered
+    one, not moved; every image prepared once for all its pairs."""
+    pt, pc, po = pairs
+    plain = ssim_prepared_pairs_indexed(prepared_train, prepare(original, "generated", np.float64), pt, po)
+    identity = plain.copy()
+    moved = changed[pc]  # pairs whose contrast image differs from the original
+    if moved.any():
+        which = np.flatnonzero(changed)
+        row_of = np.full(len(changed), -1)
+        row_of[which] = np.arange(len(which))
+        identity[moved] = ssim_prepared_pairs_indexed(
+            prepared_train, prepare(contrast[which], "generated", np.float64), pt[moved], row_of[pc[moved]]
+        )
+    return plain, identity
+
+
+def _screen_chunk(train, contrast, original, pairs, changed, settings) -> tuple[np.ndarray, ...]:
+    """The cheap part of registration, for a cascade: per pair the exact SSIM unmoved (plain, and
+    after the contrast gamma) and the coarse level's best correlation over every flip, rotation,
+    scale and whole-pixel shift of the grid (arguments as :func:`_register_chunk`)."""
+    pt, pc, _ = pairs
+    device = torch.device(settings.device)
+    t = torch.from_numpy(zscore(train)).float().to(device)
+    g = torch.from_numpy(zscore(contrast)).float().to(device)
+    g = g - g.amin(dim=(1, 2), keepdim=True)
+    full = tuple(t.shape[1:])
+    coarse = _level_shape(full, max(1, round(max(full) / COARSE_SIZE)))
+    owners = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(device) for x in (pt, pc))
+    found = _coarse_search(t, g, *owners, coarse, settings)
+    plain, identity = _unmoved_scores(prepare(train, "train", np.float64), contrast, original, pairs, changed)
+    return plain, identity, found[4][:, 0], found[5], found[:4]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,34 +241,56 @@ def _level_shape(shape, factor: float) -> tuple[int, int]:
     return max(1, round(shape[0] / factor)), max(1, round(shape[1] / factor))
 
 
-def _search(t: torch.Tensor, g: torch.Tensor, settings: RegistrationSettings):
-    """Best (flip index, rotation_deg, scale, shift_px) per pair: coarse grid, then Gauss-Newton."""
+def _search(t: torch.Tensor, g: torch.Tensor, pt: np.ndarray, pc: np.ndarray, settings, coarse_found=None):
+    """Best (flip index, rotation_deg, scale, shift_px) per pair (t[pt[p]], g[pc[p]]): coarse grid,
+    then Gauss-Newton; and the coarse level's best correlation of the chosen flip (for screening).
+    t, g: z-scored training and generated images, each once however many pairs it is in;
+    ``coarse_found``: the coarse candidates (flip, rotation, scale, shift) already found."""
     full = tuple(t.shape[1:])
+    n = len(pt)
+    pt_t, pc_t = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(t.device) for x in (pt, pc))
     # Both minus the generated image's background, which is what the warps fill in: the fill is 0.
-    fill = g.amin(dim=(1, 2), keepdim=True)
-    t, g = t - fill, g - fill
+    fill = g.amin(dim=(1, 2))
+    g = g - fill[:, None, None]
     coarse = _level_shape(full, max(1, round(max(full) / COARSE_SIZE)))
-    flip, rotation, scale, shift = _coarse_search(t, g, coarse, settings)
+    if coarse_found is None:
+        flip, rotation, scale, shift, correlation, _ = _coarse_search(t, g, pt_t, pc_t, coarse, settings)
+    else:  # the screen's coarse candidates
+        flip, rotation, scale, shift = coarse_found
+        correlation = np.full(flip.shape, np.nan)
     linear, offset = _sampling_map(
         flip.reshape(-1), rotation.reshape(-1), scale.reshape(-1), shift.reshape(-1, 2)
     )
-    n, k = flip.shape
+    k = flip.shape[1]
     linear, offset = linear.reshape(n, k, 2, 2).to(t.device), offset.reshape(n, k, 2).to(t.device)
+    pair_fill = fill[pc_t]
 
     # Refine each flip's candidate at ~64 px, keep the better, and refine that at full resolution.
     middle = _level_shape(full, max(full) / MIDDLE_SIZE) if max(full) >= 1.75 * MIDDLE_SIZE else full
     stride = _SAMPLE_STRIDE if min(middle) >= 32 else 1
     linear, offset, cost = _gauss_newton(
-        _pool(t, middle), _pool(g, middle), linear, offset, full, _ITERATIONS[0], stride
+        _pool(t, middle),
+        pt_t,
+        pair_fill,
+        _pool(g, middle)[pc_t],
+        linear,
+        offset,
+        full,
+        _ITERATIONS[0],
+        stride,
     )
     best = cost.argmin(dim=1)
     pick = torch.arange(n, device=t.device)
     linear, offset = linear[pick, best][:, None], offset[pick, best][:, None]
-    flip = flip[np.arange(n), best.cpu().numpy()]
+    chosen = best.cpu().numpy()
+    flip = flip[np.arange(n), chosen]
+    correlation = correlation[np.arange(n), chosen]
     if middle != full:
-        linear, offset, _ = _gauss_newton(t, g, linear, offset, full, _ITERATIONS[1], _SAMPLE_STRIDE)
+        linear, offset, _ = _gauss_newton(
+            t, pt_t, pair_fill, g[pc_t], linear, offset, full, _ITERATIONS[1], _SAMPLE_STRIDE
+        )
     rotation, scale, shift = _params_from_map(flip, linear[:, 0], offset[:, 0])
-    return flip, *_clamp(rotation, scale, shift, settings, full)
+    return flip, *_clamp(rotation, scale, shift, settings, full), correlation
 
 
 def _clamp(rotation, scale, shift, settings, full):
@@ -261,10 +317,11 @@ def _grid(limit: float, step: float) -> np.ndarray:
     return np.linspace(-limit, limit, 2 * half + 1) if half else np.zeros(1)
 
 
-def _coarse_search(t, g, shape, settings):
-    """Best coarse candidate of the ``_REFINED_FLIPS`` best flips: arrays (N, K) (and (N, K, 2))."""
+def _coarse_search(t, g, pt, pc, shape, settings):
+    """Best coarse candidate of the ``_REFINED_FLIPS`` best flips of each pair (t[pt], g[pc]):
+    arrays (N, K) (and (N, K, 2)), and their Pearson correlations at the coarse level (N, K)."""
     full = tuple(t.shape[1:])
-    n, (h, w) = len(t), shape
+    n, (h, w) = len(pt), shape
     rotations = _grid(settings.max_rotation_deg, COARSE_ROTATION_STEP)
     low, high = settings.scale_range
     # the centres of COARSE_SCALES equal cells of the range (1.0 among them for a symmetric range)
@@ -274,25 +331,27 @@ def _coarse_search(t, g, shape, settings):
     )
     rot, sc = (a.reshape(-1) for a in np.meshgrid(rotations, scales, indexing="ij"))
     linear, offset = _sampling_map(np.zeros(len(rot), dtype=int), rot, sc, np.zeros((len(rot), 2)))
-    linear = linear.to(t.device).expand(n, -1, -1, -1)
-    offset = offset.to(t.device).expand(n, -1, -1)
-    candidates = _warp(_pool(g, shape), linear, offset, *_level(shape, full, t.device), full)
+    linear = linear.to(t.device).expand(len(g), -1, -1, -1)
+    offset = offset.to(t.device).expand(len(g), -1, -1)
+    # every generated image is warped once, for all its pairs
+    warped = _warp(_pool(g, shape), linear, offset, *_level(shape, full, t.device), full)
     a = _pool(t, shape)
     a = a - a.mean(dim=(1, 2), keepdim=True)
     a = a / a.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None]
     flips = range(4) if settings.flips else range(1)
-    pr, pc = (math.ceil(settings.max_shift_fraction * s - 1e-9) for s in shape)
-    padded = F.pad(torch.stack([_flip(a, k) for k in flips]), (pc, pc, pr, pr))  # (flips, N, ...)
+    pr, pc_ = (math.ceil(settings.max_shift_fraction * s - 1e-9) for s in shape)
+    padded = F.pad(torch.stack([_flip(a, k) for k in flips]), (pc_, pc_, pr, pr))  # (flips, Nt, ...)
+    spread = _shifted_spread(warped, pr, pc_)  # (Ng, M, i, j)
     # dot[f, n, m, i, j] = sum of the training image times candidate m, flipped by f and shifted by
     # (i - pr, j - pc) = the same sum with the flipped training image and the unflipped candidate
-    dot = F.conv2d(padded, candidates.reshape(n * len(rot), 1, h, w), groups=n)
-    dot = dot.reshape(len(flips), n, len(rot), 2 * pr + 1, 2 * pc + 1)
+    dot = F.conv2d(padded[:, pt], warped[pc].reshape(n * len(rot), 1, h, w), groups=n)
+    dot = dot.reshape(len(flips), n, len(rot), 2 * pr + 1, 2 * pc_ + 1)
     # Pearson correlation over the frame: the shifted candidate's sum and sum of squares (its fill is 0)
-    score = (dot / _shifted_spread(candidates, pr, pc)[None]).permute(1, 0, 3, 4, 2)  # (N, flips, i, j, M)
-    shifts = [(sr, sc_) for sr in range(-pr, pr + 1) for sc_ in range(-pc, pc + 1)]
+    score = (dot / spread[pc][None]).permute(1, 0, 3, 4, 2)  # (N, flips, i, j, M)
+    shifts = [(sr, sc_) for sr in range(-pr, pr + 1) for sc_ in range(-pc_, pc_ + 1)]
     best_score, best_index = score.flatten(2).max(dim=2)  # (N, flips)
     k = min(_REFINED_FLIPS, len(flips))
-    top = best_score.topk(k, dim=1).indices  # (N, K)
+    top_score, top = best_score.topk(k, dim=1)  # (N, K)
     index = best_index.gather(1, top).cpu().numpy()
     flip = top.cpu().numpy()
     shift_index, warp_index = np.divmod(index, len(rot))
@@ -300,7 +359,10 @@ def _coarse_search(t, g, shape, settings):
     step = np.array([full[0] / h, full[1] / w])
     shift = signs * np.asarray(shifts)[shift_index] * step  # t = D s
     rotation = rot[warp_index] * signs[..., 0] * signs[..., 1]  # theta = det(D) phi
-    return flip, rotation, sc[warp_index], shift
+    # the identity's correlation: no flip, no shift, the grid's warp nearest to no rotation or scaling
+    unmoved = int(np.argmin(np.abs(rot) / COARSE_ROTATION_STEP + np.abs(np.log(sc)) * 10))
+    identity = score[:, 0, pr, pc_, unmoved].cpu().numpy().astype(np.float64)
+    return flip, rotation, sc[warp_index], shift, top_score.cpu().numpy().astype(np.float64), identity
 
 
 def _shifted_spread(images: torch.Tensor, pr: int, pc: int) -> torch.Tensor:
@@ -321,13 +383,14 @@ def _shifted_spread(images: torch.Tensor, pr: int, pc: int) -> torch.Tensor:
     return (second - first * first / (h * w)).clamp_min(1e-6).sqrt()
 
 
-def _gauss_newton(template, images, linear, offset, full, iterations, stride=1):
+def _gauss_newton(template, owner, fill, images, linear, offset, full, iterations, stride=1):
     """Inverse-compositional Gauss-Newton on a similarity transform, for K starting maps per pair.
 
-    Minimises the mean squared difference between the template (training image) and the warped image
-    at one level, on every ``stride``-th row and column; the template's Jacobian and Hessian are
-    computed once (Baker & Matthews, 2004). Returns the best maps seen (a step that overshoots is not
-    kept) and their costs, (N, K).
+    Pair p's template is ``template[owner[p]] - fill[p]`` (a training image less its generated
+    image's background) and its image ``images[p]``. Minimises the mean squared difference between
+    the template and the warped image at one level, on every ``stride``-th row and column; each
+    template's Jacobian and Hessian are computed once, for all its pairs (Baker & Matthews, 2004).
+    Returns the best maps seen (a step that overshoots is not kept) and their costs, (N, K).
     """
     shape = template.shape[1:]
     rows, cols = (x[::stride] for x in _level(shape, full, template.device))
@@ -337,15 +400,16 @@ def _gauss_newton(template, images, linear, offset, full, iterations, stride=1):
     xr, xc = (x.reshape(-1) for x in torch.meshgrid(rows, cols, indexing="ij"))
     gr, gc = grad_r.flatten(1), grad_c.flatten(1)
     # d warp / d (a, b, tr, tc) for warp(x) = [[1 + a, -b], [b, 1 + a]] x + (tr, tc)
-    steepest = torch.stack((gr * xr + gc * xc, gc * xr - gr * xc, gr, gc), 1)  # (N, 4, P)
+    steepest = torch.stack((gr * xr + gc * xc, gc * xr - gr * xc, gr, gc), 1)  # (Nt, 4, P)
     hessian = torch.einsum("nip,njp->nij", steepest, steepest).double()
     hessian = (
         hessian
         + 1e-6 * torch.diag_embed(hessian.diagonal(dim1=1, dim2=2))
         + 1e-9 * torch.eye(4, device=hessian.device)
     )
-    inverse = torch.linalg.inv(hessian).float()
-    target = template.flatten(1)[:, None]
+    inverse = torch.linalg.inv(hessian).float()[owner]
+    steepest = steepest[owner]
+    target = (template.flatten(1)[owner] - fill[:, None])[:, None]
     best_linear, best_offset = linear, offset
     best_cost = torch.full(linear.shape[:2], torch.inf, device=linear.device)
     for iteration in range(iterations + 1):

@@ -426,16 +426,20 @@ static PyObject *workspace_bytes(PyObject *self, PyObject *args)
 
 
 /* Matched pairs: out[i] = mean SSIM of (a_i, b_i), the same formula as the matrix kernel. */
+/* ia, ib: NULL for matched pairs (a_i, b_i), else the images' indices of each pair (int64), so
+ * callers pair each prepared image with many others without gathering copies. */
 #define DEFINE_PAIRS(T, NAME)                                                                  \
 MULTIVERSION static int NAME(const T *za, const T *zb, const T *sa, const T *sb, const T *c1,  \
-                             const T *c2, T *out, long n, long H, long W)                      \
+                             const T *c2, const long long *ia, const long long *ib, T *out,    \
+                             long n, long H, long W)                                           \
 {                                                                                              \
     const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;                              \
     const T k1 = (T)(2.0 * (49.0 / 48.0) / 49.0), k2 = (T)(2.0 * (49.0 / 48.0));              \
     T *col = (T *)malloc(sizeof(T) * W);                                                       \
     if (col == NULL) return -1;                                                                \
-    for (long i = 0; i < n; i++) {                                                             \
-        const T *a = za + i * hw, *b = zb + i * hw;                                            \
+    for (long p = 0; p < n; p++) {                                                             \
+        const long i = ia ? (long)ia[p] : p, j = ib ? (long)ib[p] : p;                         \
+        const T *a = za + i * hw, *b = zb + j * hw;                                            \
         const T C1 = c1[i], C2 = c2[i];                                                        \
         double acc = 0.0;                                                                      \
         for (long y = 0; y < ho; y++) {                                                        \
@@ -450,7 +454,7 @@ MULTIVERSION static int NAME(const T *za, const T *zb, const T *sa, const T *sb,
                 for (long x = 0; x < W; x++)                                                   \
                     col[x] += ar[6 * W + x] * br[6 * W + x] - ar[x - W] * br[x - W];           \
             }                                                                                  \
-            const T *ta = sa + 3 * (i * vhw + y * wo), *tb = sb + 3 * (i * vhw + y * wo);      \
+            const T *ta = sa + 3 * (i * vhw + y * wo), *tb = sb + 3 * (j * vhw + y * wo);      \
             T row = 0;                                                                         \
             for (long x = 0; x < wo; x++) {                                                    \
                 const T s = col[x] + col[x + 1] + col[x + 2] + col[x + 3]                      \
@@ -462,7 +466,7 @@ MULTIVERSION static int NAME(const T *za, const T *zb, const T *sa, const T *sb,
             }                                                                                  \
             acc += row;                                                                        \
         }                                                                                      \
-        out[i] = (T)(acc / (double)vhw);                                                       \
+        out[p] = (T)(acc / (double)vhw);                                                       \
     }                                                                                          \
     free(col);                                                                                 \
     return 0;                                                                                  \
@@ -516,13 +520,36 @@ static PyObject *ssim_pairs(PyObject *self, PyObject *args)
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     if (is64)
-        status = ssim_pairs_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf,
-                                b[6].buf, n, H, W);
+        status = ssim_pairs_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, NULL,
+                                NULL, b[6].buf, n, H, W);
     else
-        status = ssim_pairs_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf,
-                                b[6].buf, n, H, W);
+        status = ssim_pairs_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, NULL,
+                                NULL, b[6].buf, n, H, W);
     Py_END_ALLOW_THREADS
     for (int k = 0; k < 7; k++) PyBuffer_Release(&b[k]);
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* ssim_pairs_indexed(za, zb, sa, sb, c1, c2, ia, ib, out, n, H, W, is64): out[p] = SSIM of
+ * (a_ia[p], b_ib[p]); ia, ib int64. The caller checks the indices. */
+static PyObject *ssim_pairs_indexed(PyObject *self, PyObject *args)
+{
+    Py_buffer b[9]; /* za, zb, sa, sb, c1, c2, ia, ib, out */
+    long n, H, W;
+    int is64, status;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*w*lllp", &b[0], &b[1], &b[2], &b[3], &b[4],
+                          &b[5], &b[6], &b[7], &b[8], &n, &H, &W, &is64))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (is64)
+        status = ssim_pairs_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf,
+                                b[6].buf, b[7].buf, b[8].buf, n, H, W);
+    else
+        status = ssim_pairs_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf,
+                                b[6].buf, b[7].buf, b[8].buf, n, H, W);
+    Py_END_ALLOW_THREADS
+    for (int k = 0; k < 9; k++) PyBuffer_Release(&b[k]);
     if (status != 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -544,6 +571,8 @@ static PyMethodDef methods[] = {
     {"instruction_set", get_instruction_set, METH_NOARGS, "instruction_set() -> the pair kernel in use"},
     {"ssim_pairs", ssim_pairs, METH_VARARGS,
      "ssim_pairs(za, zb, sa, sb, c1, c2, out, n, H, W, is64)"},
+    {"ssim_pairs_indexed", ssim_pairs_indexed, METH_VARARGS,
+     "ssim_pairs_indexed(za, zb, sa, sb, c1, c2, ia, ib, out, n, H, W, is64): pairs (a_ia[p], b_ib[p])"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel",

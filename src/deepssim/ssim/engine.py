@@ -417,6 +417,40 @@ def ssim_prepared_pairs(train: PreparedImages, generated: PreparedImages) -> np.
     return ssim_map.mean(axis=(1, 2))
 
 
+def ssim_prepared_pairs_indexed(
+    train: PreparedImages, generated: PreparedImages, train_index, generated_index
+) -> np.ndarray:
+    """SSIM of the pairs (train[train_index[p]], generated[generated_index[p]]): a (P,) array,
+    without gathering copies of the prepared images (each may serve many pairs)."""
+    _check_same_shape(train.z.shape[1:], generated.z.shape[1:])
+    ia = np.ascontiguousarray(train_index, dtype=np.int64)
+    ib = np.ascontiguousarray(generated_index, dtype=np.int64)
+    if ia.shape != ib.shape or ia.ndim != 1:
+        raise DeepSSIMError("train_index and generated_index must be 1D arrays of one length")
+    if len(ia) and (ia.min() < 0 or ia.max() >= len(train) or ib.min() < 0 or ib.max() >= len(generated)):
+        raise DeepSSIMError("pair index out of range")
+    if _ssim_kernel is None or train.z.dtype != generated.z.dtype:
+        return ssim_prepared_pairs(train[ia], generated[ib])
+    height, width = train.z.shape[1:]
+    out = np.empty(len(ia), dtype=train.z.dtype)
+    arrays = [np.ascontiguousarray(a) for a in _kernel_arrays(train, generated)]
+
+    def run(start: int, stop: int) -> None:
+        _ssim_kernel.ssim_pairs_indexed(
+            *arrays,
+            ia[start:stop],
+            ib[start:stop],
+            out[start:stop],
+            stop - start,
+            height,
+            width,
+            train.z.dtype == np.float64,
+        )
+
+    _in_threads(len(ia), run)
+    return out.astype(np.float64)
+
+
 def ssim_matrix(
     train,
     generated,

@@ -1,0 +1,120 @@
+"""The registration cascade decides like full registration, with exact evidence for every Similar
+and Duplicate: copies (flipped, rotated, noisy), look-alikes (neighbouring slices) and different
+subjects, at 64x64 so the test runs in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from deepssim.errors import DeepSSIMError
+from deepssim.io.normalise import fit_to_size
+from deepssim.scanning.registration import register_top_k
+from deepssim.ssim import ssim_matrix
+from deepssim.ssim.engine import ssim_pairs
+from deepssim.ssim.registered import (
+    apply_transform,
+    register_cascade,
+    register_indexed,
+    register_pairs,
+)
+
+SOURCES = Path(__file__).resolve().parents[1] / "data" / "sources"
+
+LOW, HIGH = 0.6, 0.85
+SHAPE = (64, 64)
+
+
+def classes(best: np.ndarray, low=LOW, high=HIGH) -> np.ndarray:
+    return np.where(best > high, 2, np.where(best <= low, 0, 1))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """Training slices of one volume; generated: misaligned noisy copies, neighbouring slices and
+    slices of another volume; each generated image's top 5 training images by plain SSIM."""
+    import nibabel as nib
+
+    volume = np.asarray(nib.load(SOURCES / "KmeansTest_T1UCharRaw.nii.gz").dataobj, dtype=np.float64)
+    other = np.asarray(nib.load(SOURCES / "S0_10slices.nii.gz").dataobj, dtype=np.float64)[..., 0]
+    rng = np.random.default_rng(7)
+    train_rows = np.arange(10, 54, 2)
+    train = np.stack([fit_to_size(ndimage.zoom(volume[:, :, k], 0.5, order=1), SHAPE) for k in train_rows])
+    generated = []
+    for i in range(12):  # copies: flipped, rotated, shifted, noisy
+        image = train[rng.integers(len(train))] + rng.normal(0, 3, SHAPE)
+        if i % 2:
+            image = image[:, ::-1]
+        image = ndimage.rotate(image, rng.uniform(-10, 10), reshape=False, order=3, mode="nearest")
+        generated.append(np.roll(image, tuple(rng.integers(-3, 4, 2)), axis=(0, 1)))
+    for k in train_rows[:8] + 1:  # look-alikes: the slices between training slices
+        generated.append(fit_to_size(ndimage.zoom(volume[:, :, k], 0.5, order=1), SHAPE))
+    for k in range(other.shape[2]):  # different subjects
+        generated.append(fit_to_size(ndimage.zoom(other[:, :, k], 0.5, order=1), SHAPE))
+    generated = np.stack(generated)
+    neighbours = np.argsort(-ssim_matrix(train, generated).T, axis=1, kind="stable")[:, :5]
+    return train, generated, neighbours
+
+
+def test_cascade_classes_match_full_registration_with_exact_evidence(problem):
+    train, generated, neighbours = problem
+    ti, gi = neighbours.ravel(), np.repeat(np.arange(len(generated)), neighbours.shape[1])
+    full = register_indexed(train, generated, ti, gi)
+    cascade = register_cascade(train, generated, ti, gi, (LOW, HIGH))
+    best_full = full.ssim_registered.reshape(neighbours.shape).max(axis=1)
+    best_cascade = cascade.ssim_registered.reshape(neighbours.shape).max(axis=1)
+    decided = classes(best_cascade)
+    np.testing.assert_array_equal(decided, classes(best_full))
+    assert set(decided.tolist()) == {0, 1, 2}  # the problem has every class
+    # every Similar and Duplicate carries its exact registered SSIM and transform, as full gives it
+    rank = cascade.ssim_registered.reshape(neighbours.shape).argmax(axis=1)
+    for i in np.flatnonzero(decided > 0):
+        p = i * neighbours.shape[1] + rank[i]
+        assert cascade.searched[p]
+        assert best_cascade[i] == pytest.approx(best_full[i], abs=1e-9)
+        moved = apply_transform(generated[i], **cascade.transform(p))
+        assert ssim_pairs(train[ti[p]][None], moved[None])[0] == pytest.approx(
+            cascade.ssim_registered[p], abs=2e-6
+        )
+    # unsearched pairs keep an exact lower bound: the SSIM of the unmoved image they report
+    assert (cascade.ssim_registered <= full.ssim_registered + 1e-9).all()
+
+
+def test_indexed_registration_equals_pairwise(problem):
+    train, generated, neighbours = problem
+    ti, gi = neighbours[:6].ravel(), np.repeat(np.arange(6), neighbours.shape[1])
+    indexed = register_indexed(train, generated, ti, gi)
+    pairwise = register_pairs(train[ti], generated[gi])
+    np.testing.assert_allclose(indexed.ssim_registered, pairwise.ssim_registered, atol=1e-9)
+    assert indexed.searched.all()
+
+
+def test_scan_stage_modes_and_thresholds(problem, tmp_path):
+    from deepssim.io.load import ImageSet
+
+    train, generated, neighbours = problem
+    np.save(tmp_path / "train.npy", train)
+    np.save(tmp_path / "generated.npy", generated)
+    train_set, generated_set = (
+        ImageSet.from_paths(tmp_path / "train.npy"),
+        ImageSet.from_paths(tmp_path / "generated.npy"),
+    )
+    full = register_top_k(train_set, generated_set, neighbours, mode="full")
+    cascade = register_top_k(train_set, generated_set, neighbours, mode="cascade", thresholds=(LOW, HIGH))
+    assert full.searched.all()
+    np.testing.assert_array_equal(
+        classes(np.nanmax(cascade.ssim_registered, axis=1)), classes(np.nanmax(full.ssim_registered, axis=1))
+    )
+    # thresholds come from the caller: a higher Duplicate threshold is honoured as given
+    strict = register_top_k(train_set, generated_set, neighbours, mode="cascade", thresholds=(0.7, 0.95))
+    np.testing.assert_array_equal(
+        classes(np.nanmax(strict.ssim_registered, axis=1), 0.7, 0.95),
+        classes(np.nanmax(full.ssim_registered, axis=1), 0.7, 0.95),
+    )
+    with pytest.raises(DeepSSIMError):
+        register_top_k(train_set, generated_set, neighbours, mode="cascade")
+    with pytest.raises(DeepSSIMError):
+        register_top_k(train_set, generated_set, neighbours, mode="fast")
