@@ -306,7 +306,7 @@ def test_scan_settings_are_validated_once_and_recorded():
     assert allowed_values(ScanSettings, "search") == tuple(SEARCH_BACKENDS)  # the choices follow the registry
     with pytest.raises(DeepSSIMError, match="decision must be one of two-stage, score"):
         ScanSettings(decision="vote")
-    with pytest.raises(DeepSSIMError, match="k and the batch size"):
+    with pytest.raises(DeepSSIMError, match="--top-k must be at least 1"):
         ScanSettings(k=0)
     with pytest.raises(DeepSSIMError, match="needs --group-by"):
         ScanSettings(duplicate_fpr=0.1)

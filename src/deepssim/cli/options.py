@@ -10,6 +10,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from deepssim.errors import DeepSSIMError
+from deepssim.io.files import check_writable
 from deepssim.io.load import LoadOptions
 from deepssim.io.normalise import FIT_MODES, parse_size
 from deepssim.settings import allowed_values
@@ -101,6 +102,10 @@ def add_loading_options(parser: argparse.ArgumentParser) -> None:
 
 
 def loading_options(args: argparse.Namespace) -> LoadOptions:
+    if not 0 <= args.min_foreground <= 1:
+        raise DeepSSIMError(
+            f"--min-foreground is a fraction of the pixels, in [0, 1], not {args.min_foreground}"
+        )
     return LoadOptions(
         axis=args.axis,
         slice_range=args.slices,
@@ -141,6 +146,11 @@ def thresholds_from_args(args: argparse.Namespace):
         if args.low is not None or args.high is not None:
             raise DeepSSIMError("give either --thresholds FILE or --low/--high, not both")
         return Thresholds.load(args.thresholds)
+    for option, value in (("--low", args.low), ("--high", args.high)):
+        if value is not None and not -1 <= value < 1:  # scores are SSIMs or cosines, in [-1, 1]
+            raise DeepSSIMError(f"{option} must be in [-1, 1), not {value}")
+    if args.low is not None and args.high is not None:
+        Thresholds(args.low, args.high, "set")  # checks them together (low <= high), before any work
     return (args.low, args.high)
 
 
@@ -165,3 +175,14 @@ def engine_from_args(args: argparse.Namespace, shard_dir: Path | None = None):
     from deepssim.execution import ENGINES
 
     return ENGINES[args.engine].from_options(vars(args), shard_dir)
+
+
+def check_output_folder_or_file(out: str, folder: bool = True, option: str = "--out") -> None:
+    """Before any work: ``out`` is not the wrong kind of thing (a file where a folder goes, or the
+    reverse) and can be created (see :func:`deepssim.io.files.check_writable`)."""
+    path = Path(out)
+    if folder and path.exists() and not path.is_dir():
+        raise DeepSSIMError(f"{option} {out} is a file; it names the output folder")
+    if not folder and path.is_dir():
+        raise DeepSSIMError(f"{option} {out} is a folder; it names the output file")
+    check_writable(path, option)
