@@ -28,10 +28,10 @@ def group_of_each_image(images: ImageSet, group_by: str) -> list[str]:
     for ref in images.refs:
         found = pattern.search(ref.key)
         if found is None:
-            raise DeepSSIMError(f"--group-by {group_by!r} does not match the key {ref.key!r} ({ref.path})")
+            raise DeepSSIMError(f"--group-by '{group_by}' does not match the key {ref.key!r} ({ref.path})")
         if found.group(1) is None:
             raise DeepSSIMError(
-                f"--group-by {group_by!r} matches the key {ref.key!r} ({ref.path}) without its group: "
+                f"--group-by '{group_by}' matches the key {ref.key!r} ({ref.path}) without its group: "
                 "the patient ID must come from the group for every key"
             )
         out.append(found.group(1))
@@ -45,12 +45,12 @@ def group_pattern(group_by: str) -> re.Pattern:
         pattern = re.compile(group_by)
     except re.error as error:
         raise DeepSSIMError(
-            f"--group-by {group_by!r} is neither volume, folder nor a valid regex ({error})"
+            f"--group-by '{group_by}' is neither volume, folder nor a valid regex ({error})"
         ) from None
     if pattern.groups != 1:
         found = "no capturing group" if pattern.groups == 0 else f"{pattern.groups} capturing groups"
         raise DeepSSIMError(
-            f"--group-by {group_by!r} has {found}; it needs exactly one, around the patient ID, e.g. "
+            f"--group-by '{group_by}' has {found}; it needs exactly one, around the patient ID, e.g. "
             "'sub-(\\d+)' or '^(ants_r\\d+|[a-z]+)' (use (?:...) for any other group)"
         )
     return pattern
