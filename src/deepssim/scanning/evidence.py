@@ -100,7 +100,8 @@ def _maps(result, train: np.ndarray, moved: np.ndarray) -> list[tuple[str, np.nd
     maps = [("difference", np.abs(za - zb), "magma")]
     model = result.embedder
     if model is not None and min(train.shape) >= 7:  # local SSIM needs its 7x7 window
-        explanation = model.explain(train, moved, steps=ATTRIBUTION_STEPS)
+        precision = "bfloat16" if result.summary.precision == "bfloat16" else "float32"  # as the scan ran
+        explanation = model.explain(train, moved, steps=ATTRIBUTION_STEPS, precision=precision)
         maps.append(("similarity lost", np.clip(explanation.lost_similarity, 0, None), "magma"))
         maps.append(("local SSIM", explanation.ssim_map, "viridis"))
     return maps
