@@ -71,6 +71,7 @@ def main() -> None:
         str(work / "generated"),
         "--out",
         str(work / "out"),
+        "--overwrite",
         "--no-cache",
         "--precision",
         args.precision,
