@@ -99,6 +99,10 @@ CASES = {
     ),
     "scan out unwritable": (lambda r: scan_args(r, "--out", "/proc/x"), "cannot write --out /proc/x"),
     "scan out exists": (lambda r: scan_args(r, "--out", str(r / "scan")), "pass --overwrite"),
+    "scan overwrite of a folder no scan wrote": (
+        lambda r: scan_args(r, "--out", str(r / "volume"), "--overwrite"),
+        "holds no scan output",
+    ),
     "scan out inside an input": (
         lambda r: scan_args(r, "--out", str(r / "train" / "out"), "--overwrite"),
         "inside the input",

@@ -84,7 +84,7 @@ def test_anonymised_report_shows_nothing_of_anyone(result, tmp_path, capsys):
     shown = set(re.findall(r"h:[0-9a-f]{16}", text))
     assert shown and shown <= {hashed(key) for key in [*train_keys, *generated_keys, *groups]}
     best = result.train_keys[result.neighbours[np.argmax(result.decision_scores[:, 0]), 0]]
-    assert hashed(best) in text and text.count(hashed(best)) >= 1
+    assert hashed(best) in text
 
     # without hashing the keys stay, the paths still go
     html = result.save(tmp_path / "keys", anonymise=True)["report"].read_text()
@@ -127,6 +127,9 @@ def test_scan_folder_is_complete_or_absent(result, tmp_path, monkeypatch, capsys
     out = tmp_path / "out"
     out.mkdir()
     (out / "groups.csv").write_text("stale")
+    with pytest.raises(DeepSSIMError, match="holds no scan output"):  # not a scan's folder: kept
+        result.save(out, overwrite=True)
+    (out / "results.csv").write_text("stale")
     with pytest.raises(DeepSSIMError, match="--overwrite"):
         result.save(out)
     assert (out / "groups.csv").read_text() == "stale"

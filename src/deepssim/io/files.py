@@ -96,25 +96,26 @@ def write_rows_atomic(path: str | Path, rows: list[dict], fieldnames: list[str] 
     write_text_atomic(path, buffer.getvalue())
 
 
+# files that mark a folder as a scan's output: only such a folder is replaced with overwrite
+SCAN_OUTPUT_MARKERS = ("summary.json", "results.csv")
+
+
 def check_output_folder(
     path: str | Path, *, overwrite: bool = False, inputs=(), option: str = "--out", others=()
 ) -> None:
     """Raise :class:`DeepSSIMError` unless a folder can be written (whole) at ``path``, before any work.
 
-    It must not be a file, nor an existing non-empty folder unless ``overwrite`` (it is then replaced
-    whole); it must not lie inside an input (``inputs``: files or folders) nor hold one, nor nest
-    with ``others`` ((option, path) pairs of other outputs); and a temporary folder must be creatable
-    beside it (tried, then removed; no parent folder is created).
+    It must not be a file; it must not lie inside an input (``inputs``: files or folders) nor hold
+    one, nor nest with ``others`` ((option, path) pairs of other outputs); an existing non-empty
+    folder is refused unless ``overwrite``, and even then unless it holds a scan's output (a
+    ``summary.json`` or ``results.csv``: ``--out ~ --overwrite`` must not replace a home folder);
+    and a temporary folder must be creatable beside it (tried, then removed; no parent folder is
+    created).
     """
     path = Path(path)
     where = f"{option} {path}"
     if path.exists() and not path.is_dir():
         raise DeepSSIMError(f"{where} is a file, not a folder; choose another {option}")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise DeepSSIMError(
-            f"{where} already exists and is not empty; pass --overwrite to replace it whole "
-            "(overwrite=True in the API), or choose another folder"
-        )
     resolved = path.resolve()
     for given in inputs:
         given_path = Path(given).resolve()
@@ -132,6 +133,17 @@ def check_output_folder(
             or other_path.is_relative_to(resolved)
         ):
             raise DeepSSIMError(f"{where} and {other_option} {other} must not be inside one another")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise DeepSSIMError(
+                f"{where} already exists and is not empty; pass --overwrite to replace it whole "
+                "(overwrite=True in the API), or choose another folder"
+            )
+        if not any((path / name).is_file() for name in SCAN_OUTPUT_MARKERS):
+            raise DeepSSIMError(
+                f"{where} is not empty and holds no scan output (no {' or '.join(SCAN_OUTPUT_MARKERS)}); "
+                "--overwrite replaces only a folder a scan wrote: choose another folder"
+            )
     check_writable(path, option)
 
 
