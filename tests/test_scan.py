@@ -225,7 +225,7 @@ def test_scan_and_calibrate_commands(tmp_path, capsys):
     assert main([*calibrate_args, "--metric", "ssim", "--out", str(thresholds), "--no-progress"]) == 0
     saved = json.loads(thresholds.read_text())
     assert saved["metric"] == "ssim" and saved["low"] <= saved["high"]
-    assert main([*args, "--thresholds", str(thresholds), "--no-progress"]) == 0
+    assert main([*args, "--thresholds", str(thresholds), "--no-progress", "--overwrite"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["thresholds"]["high"] == pytest.approx(saved["high"])
     empty = tmp_path / "empty"
