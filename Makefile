@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml setup.py src/deepssim/ssim/_kernel.c src/deepssim/ssim/
 
 demo: $(STAMP)
 	$(BIN)/deepssim scan --train data/example/train --generated data/example/generated \
-		--out demo-output --group-by '^(ants_r[0-9]+|kmeans|mni|itk_[a-z0-9]+|dwi)' \
-		--cache demo-output/embeddings.sqlite
+		--out demo-output --overwrite --group-by '^(ants_r[0-9]+|kmeans|mni|itk_[a-z0-9]+|dwi)' \
+		--cache .cache/demo-embeddings.sqlite
 
 test: lint
 	$(BIN)/python -m pytest -q
@@ -33,4 +33,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/embed_throughput.py
 
 clean:
-	rm -rf $(VENV) build demo-output src/*.egg-info src/deepssim/*.so src/deepssim/*/*.so
+	rm -rf $(VENV) build demo-output .cache src/*.egg-info src/deepssim/*.so src/deepssim/*/*.so

@@ -101,7 +101,7 @@ def scans(train: Path, generated: Path, work: Path, level: str, dar: Path) -> di
     out = {}
     for name, settings in runs.items():
         result = scan(train, generated, cache=False, options=options, group_by=GROUPS, **settings)
-        result.save(work / f"scan_{level}_{name}", gallery_size=12)
+        result.save(work / f"scan_{level}_{name}", gallery_size=12, overwrite=True)
         out[name] = result
     return out
 

@@ -96,7 +96,7 @@ def run_scan(args) -> dict:
         engine=engine,
     )
     saved = time.perf_counter()
-    result.save(Path(args.scratch) / f"out-{args.engine}-{args.workers}", gallery_size=24)
+    result.save(Path(args.scratch) / f"out-{args.engine}-{args.workers}", gallery_size=24, overwrite=True)
     stages = dict(result.summary.seconds_by_stage)
     stages["report"] = time.perf_counter() - saved
     return {

@@ -86,6 +86,7 @@ def run_scan(args, work: Path, registration: str) -> None:
         str(work / "generated"),
         "--out",
         str(work / "out"),
+        "--overwrite",
         "--no-cache",
         "--precision",
         args.precision,

@@ -54,7 +54,7 @@ def test_ray_scan_writes_what_the_local_scan_writes(tmp_path, local_ray):
         assert a[key] == b[key]
     assert b["audit"]["settings"]["engine"]["engine"] == "ray"
     assert (tmp_path / "ray" / "report.html").stat().st_size > 0
-    shards = tmp_path / "ray" / "embeddings-parquet"
+    shards = tmp_path / "ray.embeddings-parquet"  # beside --out, which is written whole at the end
     assert len(list(shards.rglob("*.parquet"))) == 5  # 16 + 18 images, 8 per shard
 
 

@@ -44,7 +44,7 @@ def test_release_copies_only_what_passes(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
     strict = tmp_path / "strict"
-    assert main(command[:-1] + [str(strict), "--release-drop", "similar"]) == 0
+    assert main(command[:-1] + [str(strict), "--release-drop", "similar", "--overwrite"]) == 0
     kept = {p.stem for p in strict.glob("*.png")}
     assert kept == {key for key, name in classes.items() if name == "Different"}
 

@@ -226,7 +226,10 @@ def test_scan_and_calibrate_commands(tmp_path, capsys):
     saved = json.loads(thresholds.read_text())
     assert saved["metric"] == "ssim" and saved["low"] <= saved["high"]
     # SSIM's thresholds are for SSIM's score: the scan lets SSIM decide, as calibrate suggests
-    assert main([*args, "--decision", "score", "--thresholds", str(thresholds), "--no-progress"]) == 0
+    assert (
+        main([*args, "--decision", "score", "--thresholds", str(thresholds), "--no-progress", "--overwrite"])
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["thresholds"]["high"] == pytest.approx(saved["high"])
     empty = tmp_path / "empty"
@@ -307,7 +310,7 @@ def test_scan_settings_are_validated_once_and_recorded():
     assert allowed_values(ScanSettings, "search") == tuple(SEARCH_BACKENDS)  # the choices follow the registry
     with pytest.raises(DeepSSIMError, match="decision must be one of two-stage, score"):
         ScanSettings(decision="vote")
-    with pytest.raises(DeepSSIMError, match="k and the batch size"):
+    with pytest.raises(DeepSSIMError, match="--top-k must be at least 1"):
         ScanSettings(k=0)
     with pytest.raises(DeepSSIMError, match="needs --group-by"):
         ScanSettings(duplicate_fpr=0.1)

@@ -56,3 +56,22 @@ def allowed_values(cls, name: str) -> tuple:
         return literal
     given = next(field for field in fields(cls) if field.name == name).metadata.get("choices")
     return tuple(given() if callable(given) else given or ())
+
+
+def whole_number(minimum: int, maximum: int | None = None, what: str = ""):
+    """An argparse ``type`` for a whole number in [minimum, maximum]: a value outside is a one-line
+    error naming the option, before any work (``--block-size -5`` is not a size)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}{what}, not {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse

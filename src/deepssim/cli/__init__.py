@@ -18,8 +18,15 @@ from deepssim.errors import DeepSSIMError
 COMMAND_GROUPS = (scan, label, evaluation, training, ldm)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every option error as one line, ``deepssim: error: ...``, exit status 2 (as a DeepSSIMError)."""
+
+    def error(self, message: str):
+        self.exit(2, f"deepssim: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepssim",
         description="Find memorised copies of training images among generated images.",
     )

@@ -10,9 +10,11 @@ from deepssim.cli.options import (
     add_model_options,
     add_progress_option,
     add_settings_options,
+    check_output_folder_or_file,
     loading_options,
     settings_from_args,
 )
+from deepssim.errors import DeepSSIMError
 from deepssim.evaluation.builder import BenchmarkSettings
 from deepssim.evaluation.protocol import EvaluateSettings
 
@@ -44,13 +46,17 @@ def _add_evaluate(commands) -> None:
 def _run_evaluate(args: argparse.Namespace) -> None:
     from deepssim.evaluation.protocol import evaluate, metrics_markdown
 
+    settings, options = settings_from_args(EvaluateSettings, args), loading_options(args)
+    check_output_folder_or_file(args.out)
+    if not Path(args.pairs).is_file():
+        raise DeepSSIMError(f"--pairs {args.pairs}: no such file")
     rows = evaluate(
         args.pairs,
         args.train,
         args.generated,
-        settings=settings_from_args(EvaluateSettings, args),
+        settings=settings,
         model=args.model,
-        options=loading_options(args),
+        options=options,
         out_dir=args.out,
         progress=not args.no_progress,
     )
@@ -78,8 +84,9 @@ def _add_benchmark(commands) -> None:
 def _run_benchmark_build(args: argparse.Namespace) -> None:
     from deepssim.evaluation.builder import build_benchmark
 
-    settings = settings_from_args(BenchmarkSettings, args)
-    summary = build_benchmark(args.images, args.out, settings, loading_options(args), not args.no_progress)
+    settings, options = settings_from_args(BenchmarkSettings, args), loading_options(args)
+    check_output_folder_or_file(args.out)
+    summary = build_benchmark(args.images, args.out, settings, options, not args.no_progress)
     out = Path(args.out)
     print(
         f"{summary['training_images']} training images, {summary['generated_images']} generated "

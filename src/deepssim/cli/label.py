@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
+from pathlib import Path
 
 from deepssim.errors import DeepSSIMError
+from deepssim.io.files import check_writable
+from deepssim.settings import whole_number
 
 
 def add_commands(commands) -> None:
@@ -25,12 +28,18 @@ def _add_label(commands) -> None:
     action.add_argument("--summary", metavar="LABELS_DIR", help="report agreement; write labelled.csv")
     label.add_argument("--out", help="labels folder (labels.sqlite); several raters may share it")
     label.add_argument("--rater", default=getpass.getuser(), help="the rater's name (default: user name)")
-    label.add_argument("--port", type=int, default=8765)
-    label.add_argument("--pairs", type=int, default=200, help="pairs to label (drawn once per folder)")
+    label.add_argument(
+        "--port", type=whole_number(1, 65535), default=8765, help="the local port to serve on (default 8765)"
+    )
+    label.add_argument(
+        "--pairs", type=whole_number(1), default=200, help="pairs to label (drawn once per folder)"
+    )
     label.add_argument("--seed", type=int, default=0, help="the draw's seed: every rater sees one order")
     label.add_argument("--train", nargs="+", help="the scan's training images, if they moved")
     label.add_argument("--generated", nargs="+", help="the scan's generated images, if they moved")
-    label.add_argument("--bootstrap", type=int, default=1000, help="resamples for kappa's interval")
+    label.add_argument(
+        "--bootstrap", type=whole_number(0), default=1000, help="resamples for kappa's interval (0: none)"
+    )
     label.set_defaults(handler=_run_label)
 
 
@@ -45,6 +54,11 @@ def _run_label(args: argparse.Namespace) -> None:
         return
     if not args.out:
         raise DeepSSIMError("--scan needs --out LABELS_DIR (where the labels are kept)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DeepSSIMError(f"--out {args.out} is a file; the labels go into a folder")
+    if not Path(args.scan).is_dir():
+        raise DeepSSIMError(f"--scan {args.scan}: no such folder (a deepssim scan --out folder)")
+    check_writable(args.out)
     session = LabellingSession(
         args.scan,
         args.out,

@@ -10,6 +10,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from deepssim.errors import DeepSSIMError
+from deepssim.io.files import check_writable
 from deepssim.io.load import LoadOptions
 from deepssim.io.normalise import FIT_MODES, parse_size
 from deepssim.io.orientation import PLANES, parse_spacing
@@ -114,6 +115,10 @@ def add_loading_options(parser: argparse.ArgumentParser) -> None:
 
 
 def loading_options(args: argparse.Namespace) -> LoadOptions:
+    if not 0 <= args.min_foreground <= 1:
+        raise DeepSSIMError(
+            f"--min-foreground is a fraction of the pixels, in [0, 1], not {args.min_foreground}"
+        )
     return LoadOptions(
         axis=args.axis,
         plane=args.plane,
@@ -158,12 +163,13 @@ def add_threshold_options(parser: argparse.ArgumentParser) -> None:
 
 def thresholds_from_args(args: argparse.Namespace):
     """A thresholds file, or (low, high) where either may be None (the metric's is used)."""
-    from deepssim.scanning.decide import Thresholds
+    from deepssim.scanning.decide import Thresholds, check_threshold_values
 
     if args.thresholds:
         if args.low is not None or args.high is not None:
             raise DeepSSIMError("give either --thresholds FILE or --low/--high, not both")
         return Thresholds.load(args.thresholds)
+    check_threshold_values(args.low, args.high)  # before any work
     return (args.low, args.high)
 
 
@@ -188,3 +194,14 @@ def engine_from_args(args: argparse.Namespace, shard_dir: Path | None = None):
     from deepssim.execution import ENGINES
 
     return ENGINES[args.engine].from_options(vars(args), shard_dir)
+
+
+def check_output_folder_or_file(out: str, folder: bool = True, option: str = "--out") -> None:
+    """Before any work: ``out`` is not the wrong kind of thing (a file where a folder goes, or the
+    reverse) and can be created (see :func:`deepssim.io.files.check_writable`)."""
+    path = Path(out)
+    if folder and path.exists() and not path.is_dir():
+        raise DeepSSIMError(f"{option} {out} is a file; it names the output folder")
+    if not folder and path.is_dir():
+        raise DeepSSIMError(f"{option} {out} is a folder; it names the output file")
+    check_writable(path, option)

@@ -22,9 +22,11 @@ from deepssim.cli.options import (
     thresholds_from_args,
 )
 from deepssim.errors import DeepSSIMError
+from deepssim.io.files import check_output_folder, check_writable
 from deepssim.labels import PAPER_THRESHOLDS
 from deepssim.scanning.decide import REGISTERED_SSIM
 from deepssim.scanning.settings import ScanSettings
+from deepssim.settings import whole_number
 
 METRIC_HELP = (
     "deepssim (default), ssim, registered (pairs only), fsim (pairs only), or an embedding baseline: "
@@ -49,7 +51,16 @@ def _add_scan(commands) -> None:
     )
     scan.add_argument("--train", required=True, nargs="+", help="training images: folders or files")
     scan.add_argument("--generated", required=True, nargs="+", help="generated images: folders or files")
-    scan.add_argument("--out", default="deepssim-scan", help="output folder (default deepssim-scan)")
+    scan.add_argument(
+        "--out",
+        default="deepssim-scan",
+        help="output folder (default deepssim-scan); written whole under a temporary name, then renamed",
+    )
+    scan.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing non-empty --out folder whole (otherwise it is refused)",
+    )
     scan.add_argument("--metric", default="deepssim", help=METRIC_HELP)
     add_settings_options(scan, ScanSettings)
     add_threshold_options(scan)
@@ -58,11 +69,20 @@ def _add_scan(commands) -> None:
     )
     scan.add_argument("--cache", help="embedding cache file (default ~/.cache/deepssim/embeddings.sqlite)")
     scan.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    scan.add_argument("--gallery", type=int, default=24, help="pairs shown in report.html (default 24)")
+    scan.add_argument(
+        "--gallery", type=whole_number(0), default=24, help="pairs shown in report.html (default 24)"
+    )
     scan.add_argument(
         "--anonymise",
         action="store_true",
-        help="a report to share outside the hospital: no images, only keys, scores and maps of differences",
+        help="a report to share outside the hospital: no image of anyone and no absolute path; keys, "
+        "scores and, for Duplicates, an 8x8 grid of mean differences",
+    )
+    scan.add_argument(
+        "--hash-keys",
+        action="store_true",
+        help="with --anonymise: show every key and patient ID as a salted SHA-256 hash (the salt stays in "
+        "OUT/key-salt.txt, not to share)",
     )
     add_progress_option(scan)
     scan.add_argument(
@@ -76,7 +96,8 @@ def _add_scan(commands) -> None:
     scan.add_argument(
         "--release-dir",
         help="also copy the generated images that pass (no Duplicate) into this new folder, with "
-        "release.csv and release.json: a set ready to share",
+        "release.csv (generated keys and classes) and release.json: a set ready to share; the manifest "
+        "naming training images goes to OUT/release.csv",
     )
     scan.add_argument(
         "--release-drop",
@@ -92,22 +113,47 @@ def _add_scan(commands) -> None:
 def _run_scan(args: argparse.Namespace) -> None:
     from deepssim.scanning.scan import scan
 
+    # every option is checked before any work: nothing is read, computed or written before this
     if args.release_drop and not args.release_dir:
         raise DeepSSIMError("--release-drop needs --release-dir")
-    if args.release_dir and Path(args.release_dir).exists():
-        raise DeepSSIMError(
-            f"--release-dir {args.release_dir} already exists; a release goes into a new folder"
-        )
+    if args.hash_keys and not args.anonymise:
+        raise DeepSSIMError("--hash-keys hashes the keys of the anonymised report: add --anonymise")
     settings = settings_from_args(ScanSettings, args)
-    model, fitted = args.model, None
+    thresholds = thresholds_from_args(args)
+    options = loading_options(args)
+    out = Path(args.out)
+    engine = engine_from_args(args, out.parent / f"{out.name}.embeddings-parquet")
+    inputs = [*args.train, *args.generated, *(args.reference or [])]
+    outputs = [("--out", out)] + ([("--release-dir", Path(args.release_dir))] if args.release_dir else [])
+    check_output_folder(out, overwrite=args.overwrite, inputs=inputs, others=outputs[1:])
+    if args.release_dir:
+        if Path(args.release_dir).exists():
+            raise DeepSSIMError(
+                f"--release-dir {args.release_dir} already exists; a release goes into a new folder"
+            )
+        check_output_folder(args.release_dir, inputs=inputs, option="--release-dir")
+    if args.cache and not args.no_cache:
+        cache = Path(args.cache).resolve()
+        for option, folder in outputs:
+            if cache.is_relative_to(folder.resolve()):
+                raise DeepSSIMError(
+                    f"--cache {args.cache} is inside {option} {folder}, which is written whole at the end of "
+                    "the scan: keep the embedding cache elsewhere"
+                )
+    fit_settings = None
     if args.fit_model:
-        from deepssim.training.fit import FitSettings, cached_fit, describe
+        from deepssim.training.fit import FitSettings
+
+        fit_settings = FitSettings(start=args.model, minutes=args.fit_minutes, device=settings.device)
+    model, fitted = args.model, None
+    if fit_settings is not None:
+        from deepssim.training.fit import cached_fit, describe
 
         fitted = cached_fit(
             args.train,
             generated=args.generated,
-            settings=FitSettings(start=args.model, minutes=args.fit_minutes, device=settings.device),
-            options=loading_options(args),
+            settings=fit_settings,
+            options=options,
             progress=not args.no_progress,
         )
         print(describe(fitted))
@@ -118,30 +164,39 @@ def _run_scan(args: argparse.Namespace) -> None:
         settings=settings,
         model=model,
         metric=args.metric,
-        thresholds=thresholds_from_args(args),
+        thresholds=thresholds,
         reference=args.reference,
-        options=loading_options(args),
+        options=options,
         cache=False if args.no_cache else (args.cache or True),
-        engine=engine_from_args(args, Path(args.out) / "embeddings-parquet"),
+        engine=engine,
         progress=not args.no_progress,
     )
     if fitted is not None:
         result.summary.fit = fitted.report
-    files = result.save(args.out, gallery_size=args.gallery, anonymise=args.anonymise)
+    drop = ("Duplicate", "Similar") if args.release_drop == "similar" else ("Duplicate",)
+    files = result.save(
+        out,
+        gallery_size=args.gallery,
+        anonymise=args.anonymise,
+        hash_keys=args.hash_keys,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        release_dir=args.release_dir,
+        release_drop=drop,
+    )
     print(result.summary.text())
     if args.release_dir:
-        from deepssim.scanning.release import write_release
-
-        drop = ("Duplicate", "Similar") if args.release_drop == "similar" else ("Duplicate",)
-        release = write_release(result, args.release_dir, drop=drop)
+        release = result.release
         print(
             f"release: {release['released_images']} of {release['generated_images']} generated images "
             f"({release['released_files']} files) -> {args.release_dir} (dropped: {', '.join(drop)}; "
-            "release.csv says why)"
+            f"{files['release']} says why)"
         )
     print(f"report: {files['report']}")
     tables = [files[name] for name in ("results", "pairs", "groups", "summary") if name in files]
     print(f"tables: {', '.join(str(path) for path in tables)}")
+    if "salt" in files:
+        print(f"key salt: {files['salt']} (keep it here: with it the hashed keys can be mapped back)")
 
 
 def _add_calibrate(commands) -> None:
@@ -177,6 +232,15 @@ def _add_calibrate(commands) -> None:
 def _run_calibrate(args: argparse.Namespace) -> None:
     from deepssim.evaluation.protocol import calibrate_thresholds
 
+    if Path(args.out).is_dir():
+        raise DeepSSIMError(
+            f"--out {args.out} is a folder; name the thresholds file to write (e.g. thresholds.json)"
+        )
+    check_writable(args.out)
+    if args.pairs and not Path(args.pairs).is_file():
+        raise DeepSSIMError(f"--pairs {args.pairs}: no such file")
+    if args.labels and not Path(args.labels).is_dir():
+        raise DeepSSIMError(f"--labels {args.labels}: no such folder (a deepssim label --out folder)")
     pairs, train, generated, options = args.pairs, args.train, args.generated, loading_options(args)
     if args.labels:
         from deepssim.labelling import LabelStore, ScanPairs, summarise
@@ -242,13 +306,15 @@ def _add_ssim_matrix(commands) -> None:
     matrix.add_argument("--out", required=True, help="output .npz (matrix, keys, settings)")
     matrix.add_argument(
         "--top-k",
-        type=int,
+        type=whole_number(0),
         default=0,
         help="also write OUT.topK.csv with the K most similar training images per generated image",
     )
     matrix.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     matrix.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    matrix.add_argument("--block-size", type=int, default=2048, help="images per block (memory)")
+    matrix.add_argument(
+        "--block-size", type=whole_number(1), default=2048, help="images per block (memory; default 2048)"
+    )
     add_progress_option(matrix)
     add_loading_options(matrix)
     add_engine_options(matrix)
@@ -260,8 +326,9 @@ def _run_ssim_matrix(args: argparse.Namespace) -> None:
     from deepssim.ssim.matrix import compute_ssim_matrix
 
     out = npz_output(args.out)
-    if args.top_k < 0:
-        raise DeepSSIMError("--top-k must be 0 or more")
+    if out.is_dir():
+        raise DeepSSIMError(f"--out {out} is a folder; name the .npz file to write")
+    check_writable(out)
     options = loading_options(args)
     progress = not args.no_progress
     train = ImageSet.from_paths(args.train, options, progress, "indexing training images")

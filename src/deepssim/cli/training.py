@@ -12,11 +12,13 @@ from deepssim.cli.options import (
     add_model_options,
     add_progress_option,
     add_settings_options,
+    check_output_folder_or_file,
     loading_options,
     npz_output,
     settings_from_args,
 )
 from deepssim.hardware import PRECISIONS
+from deepssim.settings import whole_number
 from deepssim.training.dar import DarSettings
 from deepssim.training.fit import FitSettings
 from deepssim.training.train import TrainSettings
@@ -51,13 +53,16 @@ def _add_train(commands) -> None:
 def _run_train(args: argparse.Namespace) -> None:
     from deepssim.training.train import train
 
+    settings, options = settings_from_args(TrainSettings, args), loading_options(args)
+    settings.check()
+    check_output_folder_or_file(args.out)
     result = train(
         args.images,
         args.out,
-        settings_from_args(TrainSettings, args),
+        settings,
         generated=args.generated,
         pairs_csv=args.pairs,
-        options=loading_options(args),
+        options=options,
         progress=not args.no_progress,
         resume=not args.restart,
     )
@@ -89,12 +94,14 @@ def _add_fit(commands) -> None:
 def _run_fit(args: argparse.Namespace) -> None:
     from deepssim.training.fit import describe, fit
 
+    settings, options = settings_from_args(FitSettings, args), loading_options(args)
+    check_output_folder_or_file(args.out)
     result = fit(
         args.train,
         args.out,
         generated=args.generated,
-        settings=settings_from_args(FitSettings, args),
-        options=loading_options(args),
+        settings=settings,
+        options=options,
         progress=not args.no_progress,
     )
     print(describe(result))
@@ -119,8 +126,9 @@ def _add_train_dar(commands) -> None:
 def _run_train_dar(args: argparse.Namespace) -> None:
     from deepssim.training.dar import train_dar
 
-    settings = settings_from_args(DarSettings, args)
-    path = train_dar(args.images, args.out, settings, loading_options(args), not args.no_progress)
+    settings, options = settings_from_args(DarSettings, args), loading_options(args)
+    check_output_folder_or_file(args.out)
+    path = train_dar(args.images, args.out, settings, options, not args.no_progress)
     print(f"Dar model: {path} (+ .json); use --metric dar={path}")
 
 
@@ -132,7 +140,7 @@ def _add_embed(commands) -> None:
     )
     embed.add_argument("--images", required=True, nargs="+", help="folders or files")
     embed.add_argument("--out", required=True, help="output .npz (embeddings, keys, model)")
-    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--batch-size", type=whole_number(1), default=64, help="images per batch (default 64)")
     embed.add_argument("--precision", choices=PRECISIONS, default="auto")
     add_progress_option(embed)
     add_model_options(embed)
@@ -146,8 +154,10 @@ def _run_embed(args: argparse.Namespace) -> None:
     from deepssim.io.load import ImageSet
 
     out = npz_output(args.out)
+    check_output_folder_or_file(args.out, folder=False)
+    options = loading_options(args)
     model = DeepSSIM.load(args.model, args.device)
-    images = ImageSet.from_paths(args.images, loading_options(args), not args.no_progress)
+    images = ImageSet.from_paths(args.images, options, not args.no_progress)
     embeddings = model.embed(images, args.batch_size, args.precision, progress=not args.no_progress)
     with atomic_path(out, suffix=".npz") as temporary, open(temporary, "wb") as handle:
         np.savez(

@@ -49,8 +49,12 @@ class Explanation:
     ssim: float
 
 
-def explain_pair(model, train_image, generated_image, steps: int = DEFAULT_STEPS) -> Explanation:
-    """The attribution and local SSIM maps of one pair of same-sized 2D images (see the module)."""
+def explain_pair(
+    model, train_image, generated_image, steps: int = DEFAULT_STEPS, precision: str = "float32"
+) -> Explanation:
+    """The attribution and local SSIM maps of one pair of same-sized 2D images (see the module).
+    precision: "bfloat16" runs the network under autocast (where the hardware computes it natively
+    it is about twice as fast; the map changes by a few percent of its scale)."""
     a, b = np.asarray(train_image, dtype=np.float64), np.asarray(generated_image, dtype=np.float64)
     if a.ndim != 2 or a.shape != b.shape:
         raise DeepSSIMError(f"explain needs two 2D images of one size; got {a.shape} and {b.shape}")
@@ -59,18 +63,18 @@ def explain_pair(model, train_image, generated_image, steps: int = DEFAULT_STEPS
     network = model.network.eval()
     channels = model.input_channels
     device = model.device
+    bfloat16 = precision == "bfloat16"
     start = torch.from_numpy(a).float().to(device)
     end = torch.from_numpy(_robust_match(b, a)).float().to(device)
-    with torch.no_grad():
-        anchor = _embedding(network, start[None], channels)
-    # the midpoint rule over the path start -> end, all steps in one batch
+    # the midpoint rule over the path start -> end; the path, its two ends and all steps in one batch
     alphas = (torch.arange(steps, dtype=torch.float32, device=device) + 0.5) / steps
     path = (start + alphas.view(-1, 1, 1) * (end - start)).requires_grad_(True)
-    cosine = (_embedding(network, path, channels) * anchor).sum(dim=1)
+    embeddings = _embedding(network, torch.cat([start[None], end[None], path]), channels, bfloat16)
+    anchor = embeddings[0].detach()  # the baseline's embedding: a constant of the attribution
+    cosine = (embeddings[2:] * anchor).sum(dim=1)
     (gradients,) = torch.autograd.grad(cosine.sum(), path)
     attribution = ((end - start) * gradients.mean(dim=0)).detach().cpu().numpy().astype(np.float64)
-    with torch.no_grad():
-        final = float((_embedding(network, end[None], channels) * anchor).sum())
+    final = float((embeddings[1].detach() * anchor).sum())
     ssim_map, ssim = _ssim_map(zscore(a[None])[0], zscore(b[None])[0])
     # pixel-level gradients are noisy: smoothing (mass-preserving) keeps coherent regions and lets
     # the random-sign attributions of noise cancel
@@ -89,12 +93,14 @@ def _robust_match(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (image - centre) / spread * target_spread + target_centre
 
 
-def _embedding(network, images: torch.Tensor, channels: int) -> torch.Tensor:
+def _embedding(network, images: torch.Tensor, channels: int, bfloat16: bool = False) -> torch.Tensor:
     """L2-normalised embeddings of (B, H, W) raw images, z-scored inside the graph."""
     mean = images.mean(dim=(1, 2), keepdim=True)
     std = images.std(dim=(1, 2), keepdim=True, unbiased=False)
     batch = ((images - mean) / std).unsqueeze(1).expand(-1, channels, -1, -1)
-    return torch.nn.functional.normalize(network(batch).float(), dim=1)
+    batch = batch.contiguous(memory_format=torch.channels_last)  # the network's layout: faster convolutions
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bfloat16):
+        return torch.nn.functional.normalize(network(batch).float(), dim=1)
 
 
 def _ssim_map(za: np.ndarray, zb: np.ndarray) -> tuple[np.ndarray, float]:

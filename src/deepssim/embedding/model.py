@@ -196,13 +196,13 @@ class DeepSSIM:
         embeddings = self.embed([np.asarray(a), np.asarray(b)])
         return float(embeddings[0] @ embeddings[1])
 
-    def explain(self, a, b, steps: int = 32):
+    def explain(self, a, b, steps: int = 32, precision: str = "float32"):
         """Maps of where the score of (a, b) comes from: the attribution of the similarity lost
         (integrated gradients from a to b) and the local SSIM map; see :mod:`deepssim.embedding.explain`.
-        Register b onto a first for a misaligned pair."""
+        Register b onto a first for a misaligned pair. precision: float32 or bfloat16 (autocast)."""
         from deepssim.embedding.explain import explain_pair
 
-        return explain_pair(self, a, b, steps)
+        return explain_pair(self, a, b, steps, precision)
 
     def matrix(self, train, generated, batch_size: int = 64) -> np.ndarray:
         """(N, M) scores of every (train, generated) pair."""

@@ -55,6 +55,20 @@ class BenchmarkSettings:
     copy_strength: float = field(default=0.3, metadata=option("degradation of planted copies (0-1)"))
     seed: int = field(default=0, metadata=option("seed of every random draw"))
 
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--duplicates", self.duplicates),
+            ("--similar", self.similar),
+            ("--different", self.different),
+        ):
+            if value < 0:
+                raise DeepSSIMError(f"{flag} must be 0 or more, not {value}")
+        if self.max_training_images < 1:
+            raise DeepSSIMError(f"--max-training-images must be at least 1, not {self.max_training_images}")
+        for flag, value in (("--train-share", self.train_share), ("--slice-share", self.slice_share)):
+            if not 0 < value <= 1:
+                raise DeepSSIMError(f"{flag} is a share, in (0, 1], not {value}")
+
 
 def build_benchmark(
     images,

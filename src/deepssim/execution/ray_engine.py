@@ -32,6 +32,7 @@ from deepssim.errors import DeepSSIMError
 from deepssim.execution.engines import ENGINES, LocalEngine, ScanEngine, block_progress, merge_top_k
 from deepssim.extras import require
 from deepssim.io.load import ImageSet
+from deepssim.settings import whole_number
 
 SEARCH_SHARD_ROWS = 262_144  # training embeddings per search task, at most
 
@@ -52,8 +53,15 @@ class RayEngine(ScanEngine):
         shard_dir: str | Path | None = None,
         shard_size: int = 1024,
     ):
-        if workers < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0 or shard_size < 1:
-            raise DeepSSIMError("workers and shard size must be >= 1, CPUs per worker > 0, GPUs >= 0")
+        if workers < 1 or shard_size < 1:
+            raise DeepSSIMError(
+                f"--workers and --shard-size must be at least 1, not {workers} and {shard_size}"
+            )
+        if cpus_per_worker <= 0 or gpus_per_worker < 0:
+            raise DeepSSIMError(
+                f"--cpus-per-worker must be positive and --gpus-per-worker 0 or more, not "
+                f"{cpus_per_worker} and {gpus_per_worker}"
+            )
         self.address = address
         self.workers = workers
         self.cpus_per_worker = cpus_per_worker
@@ -67,12 +75,14 @@ class RayEngine(ScanEngine):
             "--ray-address",
             help="ray: a running cluster (e.g. auto, ray://HEAD:10001); default: start one here",
         )
-        group.add_argument("--workers", type=int, default=2, help="ray: actors / tasks in flight (default 2)")
+        group.add_argument(
+            "--workers", type=whole_number(1), default=2, help="ray: actors / tasks in flight (default 2)"
+        )
         group.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per worker")
         group.add_argument("--gpus-per-worker", type=float, default=0.0, help="ray: GPUs per worker")
         group.add_argument(
             "--shard-size",
-            type=int,
+            type=whole_number(1),
             default=1024,
             help="ray: images per Parquet embedding shard (default 1024)",
         )

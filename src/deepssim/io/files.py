@@ -1,4 +1,5 @@
-"""Atomic output: a file appears complete under its final name, or not at all.
+"""Atomic output: a file appears complete under its final name, or not at all; so does a folder
+(:func:`atomic_folder`: written under a temporary name beside it and renamed into place at the end).
 
 CSV cells are made safe to open in a spreadsheet (OWASP's CSV-injection rule): a text cell that
 begins with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'``
@@ -11,10 +12,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from deepssim.errors import DeepSSIMError
 
 
 @contextmanager
@@ -90,3 +94,107 @@ def write_rows_atomic(path: str | Path, rows: list[dict], fieldnames: list[str] 
     writer.writeheader()
     writer.writerows({name: escape_cell(value) for name, value in row.items()} for row in rows)
     write_text_atomic(path, buffer.getvalue())
+
+
+# files that mark a folder as a scan's output: only such a folder is replaced with overwrite
+SCAN_OUTPUT_MARKERS = ("summary.json", "results.csv")
+
+
+def check_output_folder(
+    path: str | Path, *, overwrite: bool = False, inputs=(), option: str = "--out", others=()
+) -> None:
+    """Raise :class:`DeepSSIMError` unless a folder can be written (whole) at ``path``, before any work.
+
+    It must not be a file; it must not lie inside an input (``inputs``: files or folders) nor hold
+    one, nor nest with ``others`` ((option, path) pairs of other outputs); an existing non-empty
+    folder is refused unless ``overwrite``, and even then unless it holds a scan's output (a
+    ``summary.json`` or ``results.csv``: ``--out ~ --overwrite`` must not replace a home folder);
+    and a temporary folder must be creatable beside it (tried, then removed; no parent folder is
+    created).
+    """
+    path = Path(path)
+    where = f"{option} {path}"
+    if path.exists() and not path.is_dir():
+        raise DeepSSIMError(f"{where} is a file, not a folder; choose another {option}")
+    resolved = path.resolve()
+    for given in inputs:
+        given_path = Path(given).resolve()
+        if resolved == given_path or resolved.is_relative_to(given_path):
+            raise DeepSSIMError(f"{where} is inside the input {given}; write outputs outside the inputs")
+        if given_path.is_relative_to(resolved):
+            raise DeepSSIMError(
+                f"the input {given} is inside {where}, which is replaced whole; choose another {option}"
+            )
+    for other_option, other in others:
+        other_path = Path(other).resolve()
+        if (
+            resolved == other_path
+            or resolved.is_relative_to(other_path)
+            or other_path.is_relative_to(resolved)
+        ):
+            raise DeepSSIMError(f"{where} and {other_option} {other} must not be inside one another")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise DeepSSIMError(
+                f"{where} already exists and is not empty; pass --overwrite to replace it whole "
+                "(overwrite=True in the API), or choose another folder"
+            )
+        if not any((path / name).is_file() for name in SCAN_OUTPUT_MARKERS):
+            raise DeepSSIMError(
+                f"{where} is not empty and holds no scan output (no {' or '.join(SCAN_OUTPUT_MARKERS)}); "
+                "--overwrite replaces only a folder a scan wrote: choose another folder"
+            )
+    check_writable(path, option)
+
+
+def check_writable(path: str | Path, option: str = "--out") -> None:
+    """Raise :class:`DeepSSIMError` unless something can be created beside ``path``: a temporary
+    folder is made in its nearest existing parent and removed again."""
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DeepSSIMError(
+            f"cannot write {option} {path}: {parent} is not a folder; choose another {option}"
+        )
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".deepssim-check-"))
+    except OSError as error:
+        raise DeepSSIMError(
+            f"cannot write {option} {path} ({error.strerror or error}); choose another {option}"
+        ) from None
+
+
+@contextmanager
+def atomic_folder(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; when the block succeeds it becomes ``path``
+    (an existing folder is replaced whole, only with ``overwrite``); when it fails, or is
+    interrupted, the temporary folder is removed and ``path`` is left as it was."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise DeepSSIMError(f"{path} already exists and is not empty; pass overwrite=True (--overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    try:
+        yield partial
+        os.chmod(partial, 0o777 & ~_umask())  # mkdtemp makes 0700
+        _replace_folder(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Rename ``new`` to ``path``; an existing folder there is moved aside first, then deleted."""
+    if not path.exists():
+        os.rename(new, path)
+        return
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+    os.rename(path, old / path.name)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old / path.name, path)  # put the previous folder back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -278,6 +278,12 @@ def _kept_slices(stack: np.ndarray, path: Path, options: LoadOptions) -> list[in
     indices = range(stack.shape[0])
     if options.slice_range is not None:
         indices = indices[slice(*options.slice_range)]
+        if not indices:
+            start, stop = ("" if bound is None else bound for bound in options.slice_range)
+            raise DeepSSIMError(
+                f"{path}: --slices {start}:{stop} keeps no slice: it has {stack.shape[0]} slices "
+                f"(0 to {stack.shape[0] - 1}) along the slicing axis"
+            )
     indices = list(indices)
     if _suffix(path) in NIFTI_SUFFIXES and options.min_foreground > 0:
         shifted = stack - stack.min()

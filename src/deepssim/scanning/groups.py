@@ -2,8 +2,8 @@
 
 ``--group-by volume``: a NIfTI volume, a multi-frame file or a DICOM series folder is one group
 (a 2D image file is its own group); ``folder``: the folder holding the image (a folder per patient
-is a common layout); any other value is a regular expression whose first group (or whole match)
-taken from the key is the patient ID, e.g. ``'sub-(\\d+)'``.
+is a common layout); any other value is a regular expression with exactly one capturing group, which
+takes the patient ID from each key, e.g. ``'sub-(\\d+)'``.
 """
 
 from __future__ import annotations
@@ -23,19 +23,37 @@ def group_of_each_image(images: ImageSet, group_by: str) -> list[str]:
         return [_volume(ref) for ref in images.refs]
     if group_by == "folder":
         return [ref.key.rsplit("/", 1)[0] if "/" in ref.key else "." for ref in images.refs]
-    try:
-        pattern = re.compile(group_by)
-    except re.error as error:
-        raise DeepSSIMError(
-            f"--group-by {group_by!r} is neither volume, folder nor a valid regex ({error})"
-        ) from None
+    pattern = group_pattern(group_by)
     out = []
     for ref in images.refs:
         found = pattern.search(ref.key)
         if found is None:
-            raise DeepSSIMError(f"--group-by {group_by!r} does not match the key {ref.key!r} ({ref.path})")
-        out.append(found.group(1) if pattern.groups else found.group(0))
+            raise DeepSSIMError(f"--group-by '{group_by}' does not match the key {ref.key!r} ({ref.path})")
+        if found.group(1) is None:
+            raise DeepSSIMError(
+                f"--group-by '{group_by}' matches the key {ref.key!r} ({ref.path}) without its group: "
+                "the patient ID must come from the group for every key"
+            )
+        out.append(found.group(1))
     return out
+
+
+def group_pattern(group_by: str) -> re.Pattern:
+    """The compiled ``--group-by`` regex; DeepSSIMError (saying what to write) unless it compiles
+    with exactly one capturing group."""
+    try:
+        pattern = re.compile(group_by)
+    except re.error as error:
+        raise DeepSSIMError(
+            f"--group-by '{group_by}' is neither volume, folder nor a valid regex ({error})"
+        ) from None
+    if pattern.groups != 1:
+        found = "no capturing group" if pattern.groups == 0 else f"{pattern.groups} capturing groups"
+        raise DeepSSIMError(
+            f"--group-by '{group_by}' has {found}; it needs exactly one, around the patient ID, e.g. "
+            "'sub-(\\d+)' or '^(ants_r\\d+|[a-z]+)' (use (?:...) for any other group)"
+        )
+    return pattern
 
 
 def _volume(ref) -> str:

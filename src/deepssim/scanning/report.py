@@ -2,20 +2,26 @@
 summary, the histogram of best scores with the thresholds (and the reference distribution),
 and a gallery of the most similar pairs side by side with a difference map.
 
-Every key and file name is HTML-escaped.
+Every key and file name is HTML-escaped. Anonymised (``anonymise=True``), the page holds no
+image of anyone and no absolute path: the gallery shows, for Duplicates only, an 8 x 8 grid of the
+mean absolute difference; the audit trail names each input folder by its name only. ``name``
+(e.g. :func:`deepssim.scanning.audit.key_hasher`) then replaces every key and patient ID shown.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from html import escape
+from pathlib import PurePath
 
 import numpy as np
 
 from deepssim.io.display import colour, png_bytes, to_uint8
 from deepssim.io.files import write_text_atomic
 from deepssim.labels import Label
+from deepssim.scanning.audit import WITHHELD, anonymised_audit
 from deepssim.scanning.evidence import GalleryPair
 from deepssim.scanning.summary import ScanSummary
 
@@ -34,22 +40,43 @@ td, th { padding: 4px 10px; border-bottom: 1px solid #eee; text-align: left; }
 """
 
 
-def write_report(result, path, gallery: list[GalleryPair], anonymise: bool = False) -> None:
+# an anonymised block map: this many pixels a side, on a fixed scale of mean |z difference|
+BLOCK_MAP_PIXELS = 128
+BLOCK_MAP_RANGE = (0.0, 1.5)
+
+
+def write_report(
+    result,
+    path,
+    gallery: list[GalleryPair],
+    anonymise: bool = False,
+    name: Callable[[str], str] | None = None,
+) -> None:
     """Write the report of a :class:`deepssim.scanning.scan.ScanResult` atomically."""
-    write_text_atomic(path, render_report(result, gallery, anonymise))
+    write_text_atomic(path, render_report(result, gallery, anonymise, name))
 
 
-def render_report(result, gallery: list[GalleryPair], anonymise: bool = False) -> str:
+def render_report(
+    result, gallery: list[GalleryPair], anonymise: bool = False, name: Callable[[str], str] | None = None
+) -> str:
     """The page, from the scan's result and its gallery evidence (:mod:`deepssim.scanning.evidence`);
-    nothing is computed here but pictures of what was."""
+    nothing is computed here but pictures of what was. ``name``: how a key or patient ID is shown
+    (default as it is)."""
     summary = result.summary
     thresholds = result.thresholds
+    name = name or str
+    model = PurePath(result.model).name if anonymise else result.model
+    # with hashed keys, a --group-by regex (which may spell patient IDs) is withheld too
+    by = (summary.groups or {}).get("by")
+    withhold = (by,) if name is not str and by not in (None, "volume", "folder") else ()
     if anonymise:
+        hashed = " Keys and patient IDs are shown as salted hashes." if name is not str else ""
         gallery_text = (
             "<p id='anonymised'><strong>Anonymised report: no image of any patient is included.</strong> "
-            "Each pair shows only maps of differences: the absolute difference of the z-scored training "
-            "and aligned generated images, where the DeepSSIM similarity is lost, and the local SSIM "
-            "(dark = dissimilar).</p>"
+            "Each Duplicate shows only an 8 x 8 grid of the mean absolute difference between the z-scored "
+            "training image and the aligned generated image (white = no difference, dark red = a "
+            "difference of 1.5 standard deviations or more); other pairs show their scores only. No path "
+            f"on this machine is named.{hashed}</p>"
         )
     else:
         gallery_text = (
@@ -66,21 +93,21 @@ def render_report(result, gallery: list[GalleryPair], anonymise: bool = False) -
         "<p>"
         + escape(
             f"{summary.generated_images} generated images scanned against {summary.training_images} "
-            f"training images with {result.metric} ({result.model}); decision: {summary.decision}; "
+            f"training images with {result.metric} ({model}); decision: {summary.decision}; "
             f"thresholds low {thresholds.low:.4g}, high {thresholds.high:.4g} ({thresholds.source}); "
             f"top-{summary.k} matches kept."
         )
         + "</p>",
         "<h2 id='summary'>Summary</h2>",
         _summary_table(summary),
-        _patients(result),
+        _patients(result, name, withhold),
         "<h2 id='histogram'>Best score of each generated image</h2>",
         f"<img id='histogram-image' alt='histogram of best scores' src='{_histogram_png(result)}'>",
         "<h2 id='gallery'>Most similar pairs</h2>",
         gallery_text,
-        _gallery(result, gallery, anonymise),
+        _gallery(result, gallery, anonymise, name),
         "<h2 id='audit'>Audit trail</h2>",
-        _audit(summary.audit),
+        _audit(anonymised_audit(summary.audit, withhold) if anonymise else summary.audit),
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -166,17 +193,19 @@ def _histogram_png(result) -> str:
     return encoded
 
 
-def _gallery(result, gallery: list[GalleryPair], anonymise: bool) -> str:
+def _gallery(result, gallery: list[GalleryPair], anonymise: bool, name: Callable[[str], str] = str) -> str:
     if not gallery:
         return "<p>No generated images.</p>"
     items = []
     for rank, pair in enumerate(gallery, 1):
         i = pair.generated_index
-        name = Label(int(result.classes[i])).title
-        generated_key = escape(result.generated_keys[i])
-        train_key = escape(result.train_keys[pair.train_index])
+        title = Label(int(result.classes[i])).title
+        generated_key = escape(name(result.generated_keys[i]))
+        train_key = escape(name(result.train_keys[pair.train_index]))
         if anonymise:
-            images = [_img(f"{label} map", colour(values, colormap)) for label, values, colormap in pair.maps]
+            images = [
+                _img(f"{label} map", _block_map(values, colormap)) for label, values, colormap in pair.maps
+            ]
         else:
             images = [
                 _img(f"generated {generated_key}", to_uint8(pair.generated)),
@@ -209,10 +238,17 @@ def _gallery(result, gallery: list[GalleryPair], anonymise: bool) -> str:
             score += f"; best other {other}: {result.best_other_scores[i]:.4f}"
         items.append(
             f"<figure class='pair'>{''.join(images)}<figcaption>#{rank} "
-            f"<span class='badge {name}'>{name}</span> {escape(score)}<br>generated: {generated_key}"
+            f"<span class='badge {title}'>{title}</span> {escape(score)}<br>generated: {generated_key}"
             f"<br>training: {train_key}</figcaption></figure>"
         )
     return "<div id='gallery-items'>" + "\n".join(items) + "</div>"
+
+
+def _block_map(values: np.ndarray, colormap: str) -> np.ndarray:
+    """A coarse map drawn blocky: each value a square of pixels, on the fixed block-map scale."""
+    side = max(1, BLOCK_MAP_PIXELS // max(values.shape))
+    blocky = np.kron(values, np.ones((side, side)))
+    return colour(blocky, colormap, BLOCK_MAP_RANGE)
 
 
 def _img(alt: str, pixels: np.ndarray) -> str:
@@ -229,20 +265,22 @@ def _overlay(image: np.ndarray, heat: np.ndarray, full_scale: float | None = Non
     return np.clip(gray * (1 - 0.7 * weight) + red * 0.7 * weight, 0, 255).astype(np.uint8)
 
 
-def _patients(result) -> str:
+def _patients(result, name: Callable[[str], str] = str, withhold: tuple[str, ...] = ()) -> str:
     """The patient table: training groups, most-copied first (only with --group-by)."""
     if result.groups is None:
         return ""
+    by = result.summary.groups["by"]
+    by = WITHHELD if by in withhold else by
     entry = result.summary.groups["with_a_duplicate"]
     low, high = entry["ci95"]
     rows = "".join(
-        f"<tr><td>{escape(row['group'])}</td><td class='num'>{row['training_images']}</td>"
+        f"<tr><td>{escape(name(row['group']))}</td><td class='num'>{row['training_images']}</td>"
         f"<td class='num'>{row['images_with_a_duplicate']}</td></tr>"
         for row in result.groups[:200]
     )
     return (
         f"<h2 id='patients'>Patients</h2><p>{entry['count']} of {len(result.groups)} training groups "
-        f"({escape(result.summary.groups['by'])}) have at least one image with a Duplicate: "
+        f"({escape(by)}) have at least one image with a Duplicate: "
         f"{entry['share']:.1%} (95% CI {low:.1%} - {high:.1%}).</p>"
         "<table id='patient-table'><tr><th>Group</th><th class='num'>Training images</th>"
         f"<th class='num'>Images with a Duplicate</th></tr>{rows}</table>"

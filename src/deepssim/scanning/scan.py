@@ -20,7 +20,7 @@ from deepssim.errors import DeepSSIMError
 from deepssim.execution.engines import ScanEngine, get_engine
 from deepssim.execution.search import top_k_other_groups
 from deepssim.hardware import resolve_precision
-from deepssim.io.files import write_rows_atomic, write_text_atomic
+from deepssim.io.files import atomic_folder, check_output_folder, write_rows_atomic, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
 from deepssim.metrics import SimilarityMetric, load_metric
 from deepssim.scanning.audit import audit_trail
@@ -82,6 +82,7 @@ class ScanResult:
     best_other_scores: np.ndarray | None = None
     reidentifies: np.ndarray | None = None
     files: dict = field(default_factory=dict)
+    release: dict | None = None  # the release's summary, after save(release_dir=...)
 
     @property
     def decision_scores(self) -> np.ndarray:
@@ -105,32 +106,90 @@ class ScanResult:
         ]
 
     def save(
-        self, out_dir: str | Path, report: bool = True, gallery_size: int = 24, anonymise: bool = False
+        self,
+        out_dir: str | Path,
+        report: bool = True,
+        gallery_size: int = 24,
+        anonymise: bool = False,
+        *,
+        hash_keys: bool = False,
+        overwrite: bool = False,
+        progress: bool = False,
+        release_dir: str | Path | None = None,
+        release_drop: tuple[str, ...] = ("Duplicate",),
     ) -> dict:
-        """Write results.csv, pairs.csv, summary.json and report.html, each atomically.
-        anonymise: the report holds no image of anyone, only keys, scores and maps of differences."""
+        """Write results.csv, pairs.csv, summary.json (groups.csv) and report.html into ``out_dir``,
+        complete or not at all: the folder is written under a temporary name beside it and renamed
+        into place at the end (an existing non-empty folder is refused unless ``overwrite``, then
+        replaced whole; an error or an interruption leaves no folder behind).
+
+        anonymise: the report holds no image of anyone and no absolute path (see
+        :mod:`deepssim.scanning.report`); hash_keys (with anonymise): every key and patient ID in
+        the report becomes a salted SHA-256 hash, the salt kept in ``key-salt.txt`` (not to share).
+        release_dir: also copy the generated images whose class is not in ``release_drop`` there
+        (:func:`deepssim.scanning.release.write_release`); the manifest that names training
+        images goes into ``out_dir`` as ``release.csv``. progress: a bar for the report's gallery.
+        """
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.files = {
-            "results": out_dir / "results.csv",
-            "pairs": out_dir / "pairs.csv",
-            "summary": out_dir / "summary.json",
+        if hash_keys and not anonymise:
+            raise DeepSSIMError(
+                "hashed keys are for the anonymised report: pass --anonymise with --hash-keys"
+            )
+        if gallery_size < 0:
+            raise DeepSSIMError(f"the gallery size must be 0 or more, not {gallery_size}")
+        inputs = _input_locations(self.summary.audit)
+        others = [("--release-dir", release_dir)] if release_dir is not None else []
+        check_output_folder(out_dir, overwrite=overwrite, inputs=inputs, others=others)
+        if release_dir is not None:
+            check_output_folder(release_dir, inputs=inputs, option="--release-dir")
+            if Path(release_dir).exists():
+                raise DeepSSIMError(
+                    f"--release-dir {release_dir} already exists; a release goes into a new folder"
+                )
+        with atomic_folder(out_dir, overwrite=overwrite) as partial:
+            written = self._write_outputs(partial, report, gallery_size, anonymise, hash_keys, progress)
+            if release_dir is not None:
+                from deepssim.scanning.release import write_release
+
+                self.release = write_release(
+                    self, release_dir, drop=release_drop, manifest=partial / "release.csv"
+                )
+                written["release"] = partial / "release.csv"
+        self.files = {name: out_dir / path.relative_to(partial) for name, path in written.items()}
+        return self.files
+
+    def _write_outputs(
+        self, folder: Path, report: bool, gallery_size: int, anonymise: bool, hash_keys: bool, progress: bool
+    ) -> dict:
+        """Write every output file into ``folder`` (a new, empty one); name -> path."""
+        files = {
+            "results": folder / "results.csv",
+            "pairs": folder / "pairs.csv",
+            "summary": folder / "summary.json",
         }
-        write_text_atomic(self.files["results"], results_csv(self))
-        write_text_atomic(self.files["pairs"], pairs_csv(self))
-        write_text_atomic(self.files["summary"], self.summary.to_json())
+        write_text_atomic(files["results"], results_csv(self))
+        write_text_atomic(files["pairs"], pairs_csv(self))
+        write_text_atomic(files["summary"], self.summary.to_json())
         if self.groups is not None:
-            self.files["groups"] = out_dir / "groups.csv"
+            files["groups"] = folder / "groups.csv"
             write_rows_atomic(
-                self.files["groups"], self.groups, ["group", "training_images", "images_with_a_duplicate"]
+                files["groups"], self.groups, ["group", "training_images", "images_with_a_duplicate"]
             )
         if report:
+            from deepssim.scanning.audit import key_hasher, new_salt
             from deepssim.scanning.evidence import gallery_pairs
             from deepssim.scanning.report import write_report
 
-            self.files["report"] = out_dir / "report.html"
-            write_report(self, self.files["report"], gallery_pairs(self, gallery_size), anonymise)
-        return self.files
+            name = None
+            if hash_keys:
+                salt = new_salt()
+                files["salt"] = folder / "key-salt.txt"
+                write_text_atomic(files["salt"], salt + "\n")
+                name = key_hasher(salt)
+            files["report"] = folder / "report.html"
+            gallery = gallery_pairs(self, gallery_size, progress, anonymise)
+            write_report(self, files["report"], gallery, anonymise, name)
+        return files
 
 
 def scan(
@@ -196,6 +255,8 @@ def scan(
     thresholds = resolve_thresholds(
         thresholds, score, train_set.shape, metric, model_fingerprint, settings.use_reference_threshold
     )
+    # every key must name its patient before any work
+    groups = group_of_each_image(train_set, settings.group_by) if settings.group_by else None
     lap("index")
 
     engine = engine or get_engine(settings.engine)
@@ -218,7 +279,6 @@ def scan(
             reference_scores = np.nanmax(registered.ssim_registered, axis=1)
         elif reference_set is not None:  # each training image's best score against other patients
             reference_scores = retrieve(metric, train_set, reference_set, 1, **search)[2]
-        groups = group_of_each_image(train_set, settings.group_by) if settings.group_by else None
         null_scores = None
         if settings.duplicate_fpr is not None or settings.reidentify:
             null_scores = _different_patient_scores(
@@ -432,6 +492,13 @@ def _different_patient_scores(metric, train_set, groups, k, two_stage, embed, en
         return scores[:, 0].astype(np.float64)
     evidence = register_top_k(train_set, train_set, nearest, progress=progress, engine=engine)
     return np.nanmax(evidence.ssim_registered, axis=1)
+
+
+def _input_locations(audit: dict | None) -> list[str]:
+    """The input files and folders a scan read (from its audit trail), for the output checks."""
+    if not audit:
+        return []
+    return [path for record in audit["inputs"].values() for path in record.get("absolute", [])]
 
 
 def _model_validation(metric) -> dict | None:

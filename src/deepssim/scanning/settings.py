@@ -54,7 +54,7 @@ class ScanSettings:
     group_by: str | None = field(
         default=None,
         metadata=option(
-            "group training images into patients: volume, folder, or a regex whose first group is the "
+            "group training images into patients: volume, folder, or a regex with one capturing group, the "
             "patient ID in each key (e.g. 'sub-(\\d+)'); adds groups.csv and a patient table"
         ),
     )
@@ -93,8 +93,14 @@ class ScanSettings:
         check_literal_fields(self)
         ENGINES[self.engine]  # an unknown name is an error that lists the engines
         SEARCH_BACKENDS[self.search]
-        if self.k < 1 or self.batch_size < 1:
-            raise DeepSSIMError("k and the batch size must be at least 1")
+        if self.k < 1:
+            raise DeepSSIMError(f"--top-k must be at least 1, not {self.k}")
+        if self.batch_size < 1:
+            raise DeepSSIMError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.group_by not in (None, "volume", "folder"):
+            from deepssim.scanning.groups import group_pattern
+
+            group_pattern(self.group_by)
         if self.duplicate_fpr is not None and not 0 < self.duplicate_fpr < 1:
             raise DeepSSIMError(f"the false-positive rate must be in (0, 1), not {self.duplicate_fpr}")
         if self.duplicate_fpr is not None and self.group_by is None:

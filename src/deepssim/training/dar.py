@@ -36,6 +36,13 @@ class DarSettings:
     seed: int = field(default=0, metadata=option("seed of every random draw"))
     device: str = field(default="cpu", metadata=option("cpu or cuda"))
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise DeepSSIMError(
+                f"--epochs must be at least 1 and --batch-size at least 2 (NT-Xent needs pairs), not "
+                f"{self.epochs} and {self.batch_size}"
+            )
+
 
 def _views(images: torch.Tensor, seed: int) -> torch.Tensor:
     K = require("kornia.augmentation")
