@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deepssim.cli import main
-from tests.conftest import EXAMPLE
+from tests.helpers import EXAMPLE
 
 SCAN = ["scan", "--no-cache", "--no-progress"]
 MATRIX = ["ssim-matrix", "--no-progress"]
@@ -132,11 +132,11 @@ CASES = {
     ),
     "low threshold above 1": (
         lambda r: scan_args(r, "--low", "1.5", "--out", str(r / "o")),
-        "--low must be in",
+        "low threshold (1.5) is at or above every score",
     ),
     "high threshold below -1": (
         lambda r: scan_args(r, "--high", "-2", "--out", str(r / "o")),
-        "--high must be in",
+        "high threshold (-2.0) is below every score's range",
     ),
     "low above high": (
         lambda r: scan_args(r, "--low", "0.9", "--high", "0.5", "--out", str(r / "o")),

@@ -19,7 +19,7 @@ from deepssim.scanning import report as report_module
 from deepssim.scanning.audit import key_hasher
 from deepssim.scanning.evidence import block_difference, downsample, gallery_pairs
 from deepssim.scanning.scan import scan
-from tests.conftest import EXAMPLE, REPO
+from tests.helpers import EXAMPLE, REPO
 
 TRAIN, GENERATED = EXAMPLE / "train", EXAMPLE / "generated"
 GROUPS = "^(ants_r[0-9]+|kmeans|mni|itk_[a-z0-9]+|dwi)"

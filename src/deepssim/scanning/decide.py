@@ -107,8 +107,11 @@ def check_threshold_values(low: float | None, high: float | None) -> None:
             raise DeepSSIMError(f"thresholds must be finite numbers, not {name} {value}")
     if low is not None and high is not None and not low <= high:
         raise DeepSSIMError(f"the low threshold ({low}) must not exceed the high one ({high})")
-    if low is not None and low < -1:
-        raise DeepSSIMError(f"the low threshold ({low}) is below every score's range (-1 to 1)")
+    for name, value in (("low", low), ("high", high)):
+        if value is not None and value < -1:
+            raise DeepSSIMError(f"the {name} threshold ({value}) is below every score's range (-1 to 1)")
+    if low is not None and low >= 1:
+        raise DeepSSIMError(f"the low threshold ({low}) is at or above every score (scores are at most 1)")
     if high is not None and high >= 1:
         raise DeepSSIMError(
             f"the high threshold ({high}) is one no score can exceed (scores are at most 1), "
