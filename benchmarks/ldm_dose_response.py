@@ -111,7 +111,7 @@ def build_data(work: Path, args) -> dict:
     items = []
     for subject in range(args.subjects + args.control_subjects):
         role = "train" if subject < args.subjects else "control"
-        items += [(key, image, role) for key, image in synthetic_subject_slices(args.seed, subject)]
+        items += [(key, image, role) for key, image in synthetic_subject_slices(args.subject_seed, subject)]
         if subject % 25 == 0:
             log(f"synthetic subject {subject}")
     items += [(key, image, "train") for key, image in real_slices(args.real_every)]
@@ -223,6 +223,7 @@ def train_model(work: Path, name: str, train_dir: Path, unique_dir: Path, args) 
             vae_epochs=vae_epochs,
             diffusion_epochs=diffusion_epochs,
             diffusion_batch_size=args.batch_size,
+            latent_channels=args.latent_channels,
         )
         info = RunInfo.load(run)
         marker.write_text(json.dumps({"scale_factor": info.scale_factor, "unique_keys": info.keys}))
@@ -286,14 +287,21 @@ def main() -> None:
     parser.add_argument("--workdir", default="build/dose")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--subject-seed",
+        type=int,
+        default=26,
+        help="seed of the pseudo-subjects; not 0, whose subjects the default DeepSSIM model trained on",
+    )
+    parser.add_argument(
         "--subjects", type=int, default=170, help="pseudo-subjects trained on (6 slices each)"
     )
     parser.add_argument("--control-subjects", type=int, default=40, help="pseudo-subjects never trained on")
     parser.add_argument("--real-every", type=int, default=12, help="every n-th slice of the real volumes")
     parser.add_argument("--doses", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--per-dose", type=int, default=20)
-    parser.add_argument("--vae-steps", type=int, default=1400)
-    parser.add_argument("--diffusion-steps", type=int, default=10000)
+    parser.add_argument("--vae-steps", type=int, default=2070)
+    parser.add_argument("--latent-channels", type=int, default=8, help="the small config has 3")
+    parser.add_argument("--diffusion-steps", type=int, default=9000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--monitor-every", type=int, default=1000)
     parser.add_argument("--monitor-samples", type=int, default=64)
