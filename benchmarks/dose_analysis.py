@@ -88,6 +88,8 @@ def copies_by_count(found: dict, counts: dict, seed: int = 0) -> dict:
     keys = [str(k) for k in found["train_keys"]]
     copied = np.bincount(found["neighbours"][found["classes"] == DUPLICATE, 0], minlength=len(keys))
     dose = np.array([counts[k]["count"] for k in keys])
+    best = np.full(len(keys), -1.0)  # each training image's best decision score over the generated images
+    np.maximum.at(best, found["neighbours"].ravel(), found["decision"].ravel())
     rng = np.random.default_rng(seed)
     table = {}
     for c in sorted(set(dose.tolist())):
@@ -99,6 +101,7 @@ def copies_by_count(found: dict, counts: dict, seed: int = 0) -> dict:
             "duplicates_per_image": float(rows.mean()),
             "duplicates_per_image_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
             "duplicates": int(rows.sum()),
+            "best_score_median": float(np.median(best[dose == c])),
         }
     generated = len(found["classes"])
     total = share(int((found["classes"] == DUPLICATE).sum()), generated)
@@ -393,7 +396,7 @@ def figures(work: Path, results: dict, found: dict, counts: dict) -> None:
     for d, values in monitor["by_count"].items():
         right.plot(monitor["steps"], values, marker="o", label=f"x{d}")
     right.set_xlabel("diffusion training step")
-    right.set_ylabel("share of the monitor's samples: Duplicate of an xN image")
+    right.set_ylabel("monitor samples: Duplicate of an xN image")
     right.legend(title="copied image's count")
     figure.tight_layout()
     docs = Path(__file__).resolve().parents[1] / "docs"
@@ -432,15 +435,15 @@ def _fmt(entry: dict) -> str:
 def markdown(results: dict) -> str:
     lines = [
         "| score | count | training images | with >= 1 Duplicate [95% CI] (n) "
-        "| Duplicates per image [95% CI] |",
-        "|---|---|---|---|---|",
+        "| Duplicates per image [95% CI] | median best score |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results["scores"].items():
         for d, t in r["by_count"].items():
             lo, hi = t["duplicates_per_image_ci95"]
             lines.append(
                 f"| {name} | x{d} | {t['training_images']} | {_fmt(t['with_a_duplicate'])} | "
-                f"{t['duplicates_per_image']:.2f} [{lo:.2f}, {hi:.2f}] |"
+                f"{t['duplicates_per_image']:.2f} [{lo:.2f}, {hi:.2f}] | {t['best_score_median']:.3f} |"
             )
     lines += [
         "",
