@@ -267,15 +267,42 @@ def _truncate_monitor_logs(run: Path, info, steps_per_epoch: int) -> None:
 
 
 def generate_images(work: Path, name: str, args) -> Path:
-    from deepssim.experiments.ldm import generate
+    """``args.generated`` images by DDIM (the configuration's 50 steps), unconditioned, as 16-bit
+    PNGs like ``deepssim ldm generate`` writes; resumes batch by batch."""
+    import torch
 
-    out = work / f"generated_{name}"
-    if not (out / "manifest.json").is_file():
-        log(f"{name}: generating")
-        generate(work / name, out, per_image=1, seed=args.seed + 1, batch_size=64)
-        files = sorted(out.glob("gen_*.png"))
-        for extra in files[args.generated :]:
-            extra.unlink()
+    from deepssim.experiments.ldm import RunInfo, _load_weights, make_unet, make_vae, sample
+    from deepssim.seeds import derived_seed
+
+    run, out = work / name, work / f"generated_{name}"
+    if (out / "manifest.json").is_file():
+        return out
+    log(f"{name}: generating {args.generated} images")
+    out.mkdir(parents=True, exist_ok=True)
+    info = RunInfo.load(run)
+    vae, unet = make_vae(info.config), make_unet(info.config, None)
+    _load_weights(vae, run / "vae.safetensors", "train-vae")
+    _load_weights(unet, run / "unet.safetensors", "train-diffusion")
+    vae.eval()
+    unet.eval()
+    batch = 64
+    for number, start in enumerate(range(0, args.generated, batch)):
+        paths = [out / f"gen_{i:06d}.png" for i in range(start, min(args.generated, start + batch))]
+        if all(p.is_file() for p in paths):
+            continue
+        generator = torch.Generator().manual_seed(derived_seed(args.seed, 3, number))
+        images = sample(vae, unet, info, len(paths), generator)
+        for path, image in zip(paths, images, strict=True):
+            temporary = path.with_suffix(".partial")
+            Image.fromarray(np.round(image * 65535).astype(np.uint16)).save(temporary, format="PNG")
+            temporary.rename(path)
+    settings = {
+        "run": str(run),
+        "images": args.generated,
+        "sampler": "DDIM",
+        "steps": info.config.sampling_steps,
+    }
+    (out / "manifest.json").write_text(json.dumps(settings, indent=1))
     return out
 
 
@@ -301,9 +328,9 @@ def main() -> None:
     parser.add_argument("--per-dose", type=int, default=20)
     parser.add_argument("--vae-steps", type=int, default=2070)
     parser.add_argument("--latent-channels", type=int, default=8, help="the small config has 3")
-    parser.add_argument("--diffusion-steps", type=int, default=9000)
+    parser.add_argument("--diffusion-steps", type=int, default=6800)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--monitor-every", type=int, default=1000)
+    parser.add_argument("--monitor-every", type=int, default=800)
     parser.add_argument("--monitor-samples", type=int, default=64)
     parser.add_argument("--generated", type=int, default=2000)
     parser.add_argument("--dar-epochs", type=int, default=0)
