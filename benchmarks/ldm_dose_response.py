@@ -328,7 +328,7 @@ def main() -> None:
     parser.add_argument("--per-dose", type=int, default=20)
     parser.add_argument("--vae-steps", type=int, default=2070)
     parser.add_argument("--latent-channels", type=int, default=8, help="the small config has 3")
-    parser.add_argument("--diffusion-steps", type=int, default=6800)
+    parser.add_argument("--diffusion-steps", type=int, default=5610)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--monitor-every", type=int, default=800)
     parser.add_argument("--monitor-samples", type=int, default=64)
