@@ -203,6 +203,21 @@ def audit(work: Path, found: dict, counts: dict) -> dict:
     }
 
 
+def brute_force_found(work: Path, found: dict) -> dict:
+    """The audit's decision in the form of a scan's: each generated image's brute-force best
+    training image (exact SSIM over every pair, in four flips) decided by its registered SSIM."""
+    from deepssim.scanning.decide import Thresholds, classify
+
+    a = np.load(work / "audit.npz")
+    return {
+        "train_keys": found["train_keys"],
+        "generated_keys": found["generated_keys"],
+        "neighbours": a["best"][:, None],
+        "decision": a["registered_best"][:, None],
+        "classes": classify(a["registered_best"], Thresholds(0.6, 0.85, "paper")),
+    }
+
+
 def release_check(work: Path, found_result_dir: Path, audit_file: Path, generated_keys) -> dict:
     """The release filter (drop Duplicate; drop Duplicate and Similar): how many pass, and how
     many of those the brute-force best pair calls a Duplicate (plain and registered SSIM)."""
@@ -345,6 +360,10 @@ def run_stages(work: Path, counts: dict, args, stages: list[str]) -> None:
         results_file.write_text(json.dumps(results, indent=1))
     if "audit" in stages:
         results["audit"] = audit(work, found["deepssim"], counts)
+        brute = brute_force_found(work, found["deepssim"])
+        results["scores"]["brute force"] = copies_by_count(brute, counts) | {
+            "subjects_leaked": subjects_leaked(brute, counts)
+        }
         results["release"] = release_check(
             work, work / "scan_deepssim", work / "audit.npz", found["deepssim"]["generated_keys"]
         )
@@ -402,26 +421,34 @@ def figures(work: Path, results: dict, found: dict, counts: dict) -> None:
     docs = Path(__file__).resolve().parents[1] / "docs"
     figure.savefig(docs / "dose_response.png", dpi=100)
 
-    # the most-copied training images beside their copies
+    # the most-copied training images beside their copies: the copies the brute force finds (every
+    # pair, registered SSIM of the best one) when audited, each marked with the scan's class
+    scan_classes = found["classes"]
+    if (work / "audit.npz").is_file():
+        found = brute_force_found(work, found)
     keys = [str(k) for k in found["train_keys"]]
     duplicate = np.flatnonzero(found["classes"] == DUPLICATE)
     copied = np.bincount(found["neighbours"][duplicate, 0], minlength=len(keys))
-    top = np.argsort(-copied)[:6]
+    top = [t for t in np.argsort(-copied)[:6] if copied[t] > 0]
+    if not top:
+        return
     train_keys, train = load_images(reference_folders(work), _options())
     gen_keys, generated = load_images(work / "generated_run", _options())
-    columns = 4
-    figure = Figure(figsize=(2 * (columns + 1), 2.1 * len(top)))
-    axes = figure.subplots(len(top), columns + 1)
+    columns = max(2, min(5, int(copied[top[0]])))
+    figure = Figure(figsize=(2 * (columns + 1), 2.3 * len(top)))
+    axes = np.atleast_2d(figure.subplots(len(top), columns + 1))
     for row, t in enumerate(top):
         mine = duplicate[found["neighbours"][duplicate, 0] == t]
         mine = mine[np.argsort(-found["decision"][mine, 0])][:columns]
         axes[row, 0].imshow(train[t], cmap="gray")
-        axes[row, 0].set_title(f"x{counts[keys[t]]['count']} {keys[t]}\n{copied[t]} copies", fontsize=7)
+        axes[row, 0].set_title(f"training, x{counts[keys[t]]['count']}\n{keys[t][:26]}", fontsize=7)
         for column in range(columns):
             ax = axes[row, column + 1]
             if column < len(mine):
-                ax.imshow(generated[mine[column]], cmap="gray")
-                ax.set_title(f"{gen_keys[mine[column]]} {found['decision'][mine[column], 0]:.2f}", fontsize=7)
+                g = mine[column]
+                ax.imshow(generated[g], cmap="gray")
+                verdict = "scan: Duplicate" if scan_classes[g] == DUPLICATE else "scan: missed"
+                ax.set_title(f"{gen_keys[g]} {found['decision'][g, 0]:.2f}\n{verdict}", fontsize=7)
         for ax in axes[row]:
             ax.axis("off")
     figure.tight_layout()
@@ -443,7 +470,7 @@ def markdown(results: dict) -> str:
             lo, hi = t["duplicates_per_image_ci95"]
             lines.append(
                 f"| {name} | x{d} | {t['training_images']} | {_fmt(t['with_a_duplicate'])} | "
-                f"{t['duplicates_per_image']:.2f} [{lo:.2f}, {hi:.2f}] | {t['best_score_median']:.3f} |"
+                f"{t['duplicates_per_image']:.2f} [{lo:.2f}, {hi:.2f}] | {_median(t)} |"
             )
     lines += [
         "",
@@ -457,3 +484,9 @@ def markdown(results: dict) -> str:
             f"{s['control']['count']} of {s['control']['subjects']} |"
         )
     return "\n".join(lines)
+
+
+def _median(table: dict) -> str:
+    """The median best score, or n/a where most images are no generated image's best pair (the
+    brute force keeps only each generated image's best pair)."""
+    return "n/a" if table["best_score_median"] < -0.5 else f"{table['best_score_median']:.3f}"
