@@ -373,11 +373,11 @@ def run_stages(work: Path, counts: dict, args, stages: list[str]) -> None:
         results["dedup"] = dedup_training_files(work, counts)
         results_file.write_text(json.dumps(results, indent=1))
     if "report" in stages:
-        figures(work, results, found["deepssim"], counts)
+        figures(work, results, found["deepssim"], counts, Path(args.figures))
         print(markdown(results))
 
 
-def figures(work: Path, results: dict, found: dict, counts: dict) -> None:
+def figures(work: Path, results: dict, found: dict, counts: dict, docs: Path) -> None:
     from matplotlib.figure import Figure
 
     from deepssim import load_images
@@ -418,7 +418,7 @@ def figures(work: Path, results: dict, found: dict, counts: dict) -> None:
     right.set_ylabel("monitor samples: Duplicate of an xN image")
     right.legend(title="copied image's count")
     figure.tight_layout()
-    docs = Path(__file__).resolve().parents[1] / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
     figure.savefig(docs / "dose_response.png", dpi=100)
 
     # the most-copied training images beside their copies: the copies the brute force finds (every

@@ -335,6 +335,7 @@ def main() -> None:
     parser.add_argument("--generated", type=int, default=2000)
     parser.add_argument("--dar-epochs", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--figures", default="docs", help="where the report's PNGs go")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
