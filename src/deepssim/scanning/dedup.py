@@ -65,6 +65,7 @@ def deduplicate(
     options: LoadOptions | None = None,
     batch_size: int = 64,
     precision: str = "float32",
+    device: str = "cpu",
     block: int = 256,
     progress: bool = False,
 ) -> DedupResult:
@@ -73,7 +74,8 @@ def deduplicate(
     train: a folder, files or an :class:`ImageSet` (one image size; use ``options.size`` to
     resize). model: the DeepSSIM model that retrieves ("default", a checkpoint, a TorchScript
     file or a :class:`DeepSSIMMetric`). k: candidates retrieved per image (each is registered).
-    threshold: registered SSIM above which two images are duplicates. out_dir: where
+    threshold: registered SSIM above which two images are duplicates. device: where the model
+    embeds ("cpu" or "cuda"; registration runs on the CPU). out_dir: where
     ``groups.csv`` and ``kept.txt`` go (None: write nothing).
     """
     from deepssim.metrics.deepssim_metric import DeepSSIMMetric
@@ -85,7 +87,7 @@ def deduplicate(
     n = len(image_set)
     if n < 2:
         raise DeepSSIMError("deduplication needs at least two training images")
-    metric = model if isinstance(model, DeepSSIMMetric) else DeepSSIMMetric(model)
+    metric = model if isinstance(model, DeepSSIMMetric) else DeepSSIMMetric(model, device)
     vectors = np.concatenate(
         [
             metric.embed(image_set.read(s, s + 1024), batch_size=batch_size, precision=precision)
