@@ -152,10 +152,11 @@ def read_counts(work: Path) -> dict:
 def sample_logging_monitor(train_dir: Path, samples_log: Path, **kwargs):
     """A MemorisationMonitor that also writes every sample's best training image and class, so
     that the Duplicate share can be split by the duplication count of the image copied."""
+    from deepssim.scanning.search import top_k_embeddings
+
     from deepssim.io.load import ImageSet
     from deepssim.monitor import MemorisationMonitor, MonitorRecord
     from deepssim.scanning.decide import DUPLICATE, SIMILAR, classify
-    from deepssim.scanning.search import top_k_embeddings
     from deepssim.ssim.registered import register_pairs
 
     keys = ImageSet.coerce(train_dir, kwargs.get("options")).keys

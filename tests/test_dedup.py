@@ -6,11 +6,12 @@ import csv
 
 import numpy as np
 import pytest
-from conftest import smooth_image
 from PIL import Image
 
+from deepssim.cli import main
 from deepssim.errors import DeepSSIMError
 from deepssim.scanning.dedup import _union_find_groups, deduplicate
+from tests.helpers import smooth_image
 
 
 def _save(path, image):
@@ -48,6 +49,17 @@ def test_planted_duplicates_are_grouped_and_distinct_images_are_not(tmp_path):
     kept = (tmp_path / "out" / "kept.txt").read_text().split()
     assert kept == result.kept
     assert len(list(train.glob("*.png"))) == 11  # nothing moved or deleted
+    assert result.threshold == pytest.approx(0.85 + 0.04 * np.log2(128 / 40), abs=1e-4)  # the size's default
+
+    # the command: the same groups, and an existing output folder is not overwritten
+    assert (
+        main(["dedup", "--train", str(train), "--out", str(tmp_path / "cli"), "-k", "3", "--no-progress"])
+        == 0
+    )
+    assert (tmp_path / "cli" / "kept.txt").read_text().split() == result.kept
+    assert (
+        main(["dedup", "--train", str(train), "--out", str(train), "--no-progress"]) == 2
+    )  # inside the input
 
 
 def test_distinct_images_form_no_group(tmp_path):

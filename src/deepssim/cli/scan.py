@@ -40,6 +40,7 @@ def add_commands(commands) -> None:
     _add_scan(commands)
     _add_calibrate(commands)
     _add_ssim_matrix(commands)
+    _add_dedup(commands)
 
 
 def _add_scan(commands) -> None:
@@ -365,3 +366,51 @@ def _run_ssim_matrix(args: argparse.Namespace) -> None:
         )
         if args.top_k:
             print(f"  top-{args.top_k} matches -> {top_k_path}")
+
+
+def _add_dedup(commands) -> None:
+    dedup = commands.add_parser(
+        "dedup",
+        help="group near-duplicate images within one training set, keep one per group",
+        description="Before training a generator: find the near-duplicates of one training set with the "
+        "scan's decision (DeepSSIM retrieves each image's k most similar other images, registered SSIM "
+        "decides) and keep one image per group. Writes OUT/groups.csv and OUT/kept.txt; files are "
+        "never moved.",
+    )
+    dedup.add_argument("--train", required=True, nargs="+", help="the training images: folders or files")
+    dedup.add_argument("--out", required=True, help="output folder (groups.csv, kept.txt)")
+    dedup.add_argument(
+        "-k", "--top-k", type=whole_number(1), default=5, help="candidates registered per image (default 5)"
+    )
+    dedup.add_argument(
+        "--high",
+        type=float,
+        help="registered SSIM above which two images are duplicates (default: the scan's Duplicate "
+        "threshold for the images' size)",
+    )
+    add_progress_option(dedup)
+    add_model_options(dedup, device=False)
+    add_loading_options(dedup)
+    dedup.set_defaults(handler=_run_dedup)
+
+
+def _run_dedup(args: argparse.Namespace) -> None:
+    from deepssim.scanning.decide import check_threshold_values
+    from deepssim.scanning.dedup import deduplicate
+
+    check_threshold_values(None, args.high)
+    check_output_folder(args.out, inputs=args.train, overwrite=False)
+    result = deduplicate(
+        args.train,
+        out_dir=args.out,
+        model=args.model,
+        k=args.top_k,
+        threshold=args.high,
+        options=loading_options(args),
+        progress=not args.no_progress,
+    )
+    print(
+        f"{len(result.keys)} training images: {len(result.groups)} groups of near-duplicates "
+        f"(registered SSIM > {result.threshold:.4g}); keep {len(result.kept)}, drop {result.removed}"
+    )
+    print(f"groups: {Path(args.out) / 'groups.csv'}; images to keep: {Path(args.out) / 'kept.txt'}")

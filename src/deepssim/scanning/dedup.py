@@ -5,7 +5,8 @@ Somepalli et al. 2023); deduplicating the training set is the standard cure. The
 the scan's two-stage one applied to the training set against itself: DeepSSIM retrieves each
 image's ``k`` most similar *other* training images, the registered SSIM of each pair (exact SSIM
 after the best flip, rotation, shift and scale) decides, and a pair above the high threshold
-(default 0.85, the scan's Duplicate) links the two images. Linked images form groups
+(default: registered SSIM's Duplicate threshold for the images' size, as in the scan) links the
+two images. Linked images form groups
 (union-find, so a chain of duplicates is one group); each group keeps one representative, the
 first of its images in the set's order (sorted keys for a folder). Files are never moved or
 deleted: the result is two lists.
@@ -26,14 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from deepssim.errors import DeepSSIMError
+from deepssim.execution.search import top_k_other_groups
 from deepssim.io.files import write_rows_atomic, write_text_atomic
 from deepssim.io.load import ImageSet, LoadOptions
+from deepssim.scanning.decide import REGISTERED_SSIM, check_threshold_values, default_thresholds
 from deepssim.ssim.registered import register_pairs
-
-DUPLICATE_THRESHOLD = 0.85  # the scan's default high threshold (registered SSIM)
 
 
 @dataclass
@@ -61,7 +61,7 @@ def deduplicate(
     out_dir: str | Path | None,
     model="default",
     k: int = 5,
-    threshold: float = DUPLICATE_THRESHOLD,
+    threshold: float | None = None,
     options: LoadOptions | None = None,
     batch_size: int = 64,
     precision: str = "float32",
@@ -94,7 +94,11 @@ def deduplicate(
             for s in range(0, n, 1024)
         ]
     )
-    neighbours = _top_k_excluding_self(vectors, min(k, n - 1))
+    # each image its own group: every image's k most similar *other* images
+    _, neighbours = top_k_other_groups(vectors, [str(i) for i in range(n)], min(k, n - 1))
+    if threshold is None:
+        threshold = default_thresholds(REGISTERED_SSIM, image_set.shape, None).high
+    check_threshold_values(None, threshold)
     pairs = _linked_pairs(image_set, neighbours, threshold, block)
     groups = _union_find_groups(n, [(i, j) for i, j, _ in pairs])
     in_group = {i for members in groups for i in members}
@@ -111,19 +115,6 @@ def deduplicate(
     if out_dir is not None:
         result.files = _write(result, image_set, Path(out_dir))
     return result
-
-
-def _top_k_excluding_self(vectors: np.ndarray, k: int, rows_per_block: int = 1024) -> np.ndarray:
-    """(N, k) indices of each row's k highest-cosine other rows (exact, blocked)."""
-    base = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    base = torch.nn.functional.normalize(base, dim=1)
-    out = np.empty((len(base), k), dtype=np.int64)
-    for start in range(0, len(base), rows_per_block):
-        scores = base[start : start + rows_per_block] @ base.T
-        rows = torch.arange(len(scores))
-        scores[rows, rows + start] = -torch.inf
-        out[start : start + len(scores)] = torch.topk(scores, k, dim=1).indices.numpy()
-    return out
 
 
 def _linked_pairs(image_set: ImageSet, neighbours: np.ndarray, threshold: float, block: int):
