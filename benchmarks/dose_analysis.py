@@ -30,7 +30,7 @@ def run_scans(work: Path, args) -> dict:
     """DeepSSIM two-stage (the default decision), plain SSIM, and Dar et al. (if trained); each
     saved as ``scan_NAME/`` and ``scan_NAME.npz`` (reused when present)."""
     from deepssim import scan
-    from deepssim.scanning.decide import DUPLICATE
+    from deepssim.labels import Label
 
     generated = work / "generated_run"
     settings = {
@@ -38,7 +38,7 @@ def run_scans(work: Path, args) -> dict:
         "ssim": {"metric": "ssim", "decision": "score"},
     }
     if args.dar_epochs > 0:
-        from deepssim.metrics.dar import DarSettings, train_dar
+        from deepssim.training.dar import DarSettings, train_dar
 
         dar = work / "dar" / "dar.safetensors"
         if not dar.is_file():
@@ -72,7 +72,7 @@ def run_scans(work: Path, args) -> dict:
                 seconds=time.time() - started,
             )
             log(
-                f"scan {name}: {int((result.classes == DUPLICATE).sum())} Duplicates of "
+                f"scan {name}: {int((result.classes == Label.DUPLICATE).sum())} Duplicates of "
                 f"{len(result.classes)} in {time.time() - started:.0f} s"
             )
         loaded = np.load(path)
@@ -83,10 +83,11 @@ def run_scans(work: Path, args) -> dict:
 def copies_by_count(found: dict, counts: dict, seed: int = 0) -> dict:
     """Per duplication count: training images, share with at least one Duplicate (Wilson 95%),
     Duplicates per training image (bootstrap 95% over images), Duplicates per view."""
-    from deepssim.scanning.decide import DUPLICATE, share
+    from deepssim.labels import Label
+    from deepssim.scanning.decide import share
 
     keys = [str(k) for k in found["train_keys"]]
-    copied = np.bincount(found["neighbours"][found["classes"] == DUPLICATE, 0], minlength=len(keys))
+    copied = np.bincount(found["neighbours"][found["classes"] == Label.DUPLICATE, 0], minlength=len(keys))
     dose = np.array([counts[k]["count"] for k in keys])
     best = np.full(len(keys), -1.0)  # each training image's best decision score over the generated images
     np.maximum.at(best, found["neighbours"].ravel(), found["decision"].ravel())
@@ -104,15 +105,16 @@ def copies_by_count(found: dict, counts: dict, seed: int = 0) -> dict:
             "best_score_median": float(np.median(best[dose == c])),
         }
     generated = len(found["classes"])
-    total = share(int((found["classes"] == DUPLICATE).sum()), generated)
+    total = share(int((found["classes"] == Label.DUPLICATE).sum()), generated)
     return {"by_count": table, "generated": generated, "duplicates": total}
 
 
 def subjects_leaked(found: dict, counts: dict) -> dict:
-    from deepssim.scanning.decide import DUPLICATE, share
+    from deepssim.labels import Label
+    from deepssim.scanning.decide import share
 
     keys = [str(k) for k in found["train_keys"]]
-    hit = {keys[i] for i in found["neighbours"][found["classes"] == DUPLICATE, 0]}
+    hit = {keys[i] for i in found["neighbours"][found["classes"] == Label.DUPLICATE, 0]}
     out = {}
     for role in ("train", "control"):
         subjects = {c["subject"] for c in counts.values() if c["role"] == role}
@@ -381,7 +383,7 @@ def figures(work: Path, results: dict, found: dict, counts: dict, docs: Path) ->
     from matplotlib.figure import Figure
 
     from deepssim import load_images
-    from deepssim.scanning.decide import DUPLICATE
+    from deepssim.labels import Label
 
     figure = Figure(figsize=(15, 4))
     left, middle, right = figure.subplots(1, 3)
@@ -427,7 +429,7 @@ def figures(work: Path, results: dict, found: dict, counts: dict, docs: Path) ->
     if (work / "audit.npz").is_file():
         found = brute_force_found(work, found)
     keys = [str(k) for k in found["train_keys"]]
-    duplicate = np.flatnonzero(found["classes"] == DUPLICATE)
+    duplicate = np.flatnonzero(found["classes"] == Label.DUPLICATE)
     copied = np.bincount(found["neighbours"][duplicate, 0], minlength=len(keys))
     top = [t for t in np.argsort(-copied)[:6] if copied[t] > 0]
     if not top:
@@ -447,7 +449,7 @@ def figures(work: Path, results: dict, found: dict, counts: dict, docs: Path) ->
             if column < len(mine):
                 g = mine[column]
                 ax.imshow(generated[g], cmap="gray")
-                verdict = "scan: Duplicate" if scan_classes[g] == DUPLICATE else "scan: missed"
+                verdict = "scan: Duplicate" if scan_classes[g] == Label.DUPLICATE else "scan: missed"
                 ax.set_title(f"{gen_keys[g]} {found['decision'][g, 0]:.2f}\n{verdict}", fontsize=7)
         for ax in axes[row]:
             ax.axis("off")

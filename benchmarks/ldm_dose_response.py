@@ -152,11 +152,11 @@ def read_counts(work: Path) -> dict:
 def sample_logging_monitor(train_dir: Path, samples_log: Path, **kwargs):
     """A MemorisationMonitor that also writes every sample's best training image and class, so
     that the Duplicate share can be split by the duplication count of the image copied."""
-    from deepssim.scanning.search import top_k_embeddings
-
+    from deepssim.execution.search import top_k_embeddings
     from deepssim.io.load import ImageSet
+    from deepssim.labels import Label
     from deepssim.monitor import MemorisationMonitor, MonitorRecord
-    from deepssim.scanning.decide import DUPLICATE, SIMILAR, classify
+    from deepssim.scanning.decide import classify
     from deepssim.ssim.registered import register_pairs
 
     keys = ImageSet.coerce(train_dir, kwargs.get("options")).keys
@@ -172,16 +172,16 @@ def sample_logging_monitor(train_dir: Path, samples_log: Path, **kwargs):
             best = scores.max(axis=1)
             nearest = neighbours[np.arange(len(best)), scores.argmax(axis=1)]
             classes = classify(best, self.thresholds)
-            share = float(np.mean(classes == DUPLICATE))
+            share = float(np.mean(classes == Label.DUPLICATE))
             record = MonitorRecord(
                 step=int(step),
                 samples=len(images),
                 duplicate_share=share,
-                similar_share=float(np.mean(classes == SIMILAR)),
+                similar_share=float(np.mean(classes == Label.SIMILAR)),
                 best_p50=float(np.percentile(best, 50)),
                 best_p90=float(np.percentile(best, 90)),
                 best_max=float(best.max()),
-                groups_hit=len(set(self.groups[nearest[classes == DUPLICATE]].tolist())),
+                groups_hit=len(set(self.groups[nearest[classes == Label.DUPLICATE]].tolist())),
                 stop=self.stop_share is not None and share >= self.stop_share,
             )
             self.records.append(record)
