@@ -11,9 +11,11 @@ only, for a Duplicate, a ``BLOCKS`` x ``BLOCKS`` grid of the mean absolute diffe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from deepssim.labels import Label
 from deepssim.progress import progress_iter
@@ -48,6 +50,21 @@ def gallery_pairs(
     order = np.argsort(-decided, kind="stable")[: max(size, 0)]
     if len(order) == 0:
         return []
+    with _one_torch_thread():  # small per-pair work: a second thread spin-waits on a busy machine
+        return _gallery_pairs(result, order, progress, anonymise)
+
+
+@contextmanager
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gallery_pairs(result, order, progress: bool, anonymise: bool) -> list[GalleryPair]:
     pairs = []
     for i in progress_iter([int(i) for i in order], "report gallery", "pair", progress):
         j = int(result.neighbours[i, 0])
