@@ -256,6 +256,8 @@ def write_release_folder(work: Path) -> dict:
 def monitor_by_count(run: Path, counts: dict) -> dict:
     """From the monitor's per-sample log: per check, the share of samples that are Duplicates of
     an image of each duplication count."""
+    from deepssim.labels import Label
+
     with open(run / "monitor_samples.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     steps = sorted({int(r["step"]) for r in rows})
@@ -265,7 +267,11 @@ def monitor_by_count(run: Path, counts: dict) -> dict:
         here = [r for r in rows if int(r["step"]) == step]
         out["samples"].append(len(here))
         for d in doses:
-            hits = sum(1 for r in here if r["class"] == "1" and counts[r["train_key"]]["count"] == d)
+            hits = sum(
+                1
+                for r in here
+                if Label.parse(r["class"]) == Label.DUPLICATE and counts[r["train_key"]]["count"] == d
+            )
             out["by_count"][str(d)].append(hits / len(here))
     return out
 

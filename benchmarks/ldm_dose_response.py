@@ -152,47 +152,24 @@ def read_counts(work: Path) -> dict:
 def sample_logging_monitor(train_dir: Path, samples_log: Path, **kwargs):
     """A MemorisationMonitor that also writes every sample's best training image and class, so
     that the Duplicate share can be split by the duplication count of the image copied."""
-    from deepssim.execution.search import top_k_embeddings
     from deepssim.io.load import ImageSet
     from deepssim.labels import Label
-    from deepssim.monitor import MemorisationMonitor, MonitorRecord
-    from deepssim.scanning.decide import classify
-    from deepssim.ssim.registered import register_pairs
+    from deepssim.monitor import MemorisationMonitor
 
     keys = ImageSet.coerce(train_dir, kwargs.get("options")).keys
 
     class Monitor(MemorisationMonitor):
-        def check(self, step, images):  # MemorisationMonitor.check, keeping each sample's match
-            images = np.asarray(images, dtype=np.float64)
-            queries = self.metric.embed(images, precision=self.precision)
-            neighbours = top_k_embeddings(queries, self.vectors, self.k)[1]
-            train = self.images[neighbours.ravel()].astype(np.float64)
-            scores = register_pairs(train, np.repeat(images, neighbours.shape[1], axis=0)).ssim_registered
-            scores = scores.reshape(neighbours.shape)
-            best = scores.max(axis=1)
-            nearest = neighbours[np.arange(len(best)), scores.argmax(axis=1)]
-            classes = classify(best, self.thresholds)
-            share = float(np.mean(classes == Label.DUPLICATE))
-            record = MonitorRecord(
-                step=int(step),
-                samples=len(images),
-                duplicate_share=share,
-                similar_share=float(np.mean(classes == Label.SIMILAR)),
-                best_p50=float(np.percentile(best, 50)),
-                best_p90=float(np.percentile(best, 90)),
-                best_max=float(best.max()),
-                groups_hit=len(set(self.groups[nearest[classes == Label.DUPLICATE]].tolist())),
-                stop=self.stop_share is not None and share >= self.stop_share,
-            )
-            self.records.append(record)
-            self._write(record)
+        def check(self, step, images):  # MemorisationMonitor.check, also logging each sample's match
+            record = super().check(step, images)
+            matches = self.last_matches
             new = not samples_log.is_file()
             with open(samples_log, "a", newline="") as handle:
                 writer = csv.writer(handle)
                 if new:
                     writer.writerow(["step", "sample", "train_key", "ssim_registered", "class"])
-                for n, (i, score, c) in enumerate(zip(nearest, best, classes, strict=True)):
-                    writer.writerow([step, n, keys[i], f"{score:.4f}", int(c)])
+                rows = zip(matches.nearest, matches.best, matches.classes, strict=True)
+                for n, (i, score, c) in enumerate(rows):
+                    writer.writerow([step, n, keys[i], f"{score:.4f}", Label(int(c)).title])
             return record
 
     return Monitor(train_dir, **kwargs)

@@ -50,6 +50,16 @@ class MonitorRecord:
     stop: bool
 
 
+@dataclass(frozen=True)
+class SampleMatches:
+    """Each sample of the last check: its best training image (index), that pair's registered SSIM
+    and its class (for callers that log per-sample results)."""
+
+    nearest: np.ndarray
+    best: np.ndarray
+    classes: np.ndarray
+
+
 class MemorisationMonitor:
     """train: the generator's training images (folders, files, an ImageSet, or an (N, H, W)
     array, read once and kept in memory). every: check
@@ -101,6 +111,7 @@ class MemorisationMonitor:
         self.log = Path(log) if log is not None else None
         self.vectors = self.metric.embed(self.images, precision=precision)
         self.records: list[MonitorRecord] = []
+        self.last_matches: SampleMatches | None = None
         self.writer = _tensorboard(tensorboard)
 
     def __call__(self, step: int, sampler: Sampler) -> MonitorRecord | _NotDue:
@@ -123,6 +134,7 @@ class MemorisationMonitor:
         order, classes = decide(registered, self.thresholds)
         rows = np.arange(len(images))
         best, nearest = registered[rows, order[:, 0]], neighbours[rows, order[:, 0]]
+        self.last_matches = SampleMatches(nearest, best, classes)
         duplicate = classes == Label.DUPLICATE
         share = float(np.mean(duplicate))
         record = MonitorRecord(

@@ -39,7 +39,7 @@ from deepssim.scanning.groups import group_of_each_image, group_summary
 from deepssim.scanning.registration import register_top_k
 from deepssim.scanning.retrieve import retrieve
 from deepssim.scanning.settings import ScanSettings
-from deepssim.scanning.summary import ScanSummary, summarise
+from deepssim.scanning.summary import ScanSummary, percentiles, summarise
 from deepssim.scanning.tables import pairs_csv, results_csv
 from deepssim.ssim.registered import Registration
 
@@ -251,7 +251,8 @@ def scan(
     )
     if two_stage or settings.verify:
         _check_one_size(train_set, generated_set, "--decision score" if two_stage else "no --verify")
-    model_fingerprint = metric.fingerprint.split(":")[-1] if metric.is_embedding and not two_stage else None
+    fingerprint = metric.fingerprint.split(":")[-1]  # may hash a weights file: once
+    model_fingerprint = fingerprint if metric.is_embedding and not two_stage else None
     thresholds = resolve_thresholds(
         thresholds, score, train_set.shape, metric, model_fingerprint, settings.use_reference_threshold
     )
@@ -328,6 +329,7 @@ def scan(
         train_set=train_set,
         generated_set=generated_set,
         decided=decided,
+        classes=classes,
         best_per_train=best_per_train,
         thresholds=thresholds,
         reference_scores=reference_scores,
@@ -357,7 +359,7 @@ def scan(
         summary.different_patient_scores = {
             "description": "each training image's best score against the training images of other groups",
             "training_images": int(len(null_scores)),
-            "best_score_percentiles": {f"p{p}": float(np.percentile(null_scores, p)) for p in (50, 95, 99)},
+            "best_score_percentiles": percentiles(null_scores, (50, 95, 99)),
             "requested_fpr": settings.duplicate_fpr,
         }
     inputs = {"training": train_set, "generated": generated_set}
@@ -369,7 +371,7 @@ def scan(
         {
             "metric": metric.name,
             "name": model_name,
-            "fingerprint_sha256": metric.fingerprint.split(":")[-1],
+            "fingerprint_sha256": fingerprint,
             "validation": _model_validation(metric),
         },
         {

@@ -8,12 +8,12 @@ different-patient distributions, patients with a Duplicate and the audit trail.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from deepssim.labels import Label
-from deepssim.scanning.decide import REFERENCE_PERCENTILE, Thresholds, classify, reference_threshold, share
+from deepssim.scanning.decide import REFERENCE_PERCENTILE, Thresholds, reference_threshold, share
 
 PERCENTILES = (0, 5, 25, 50, 75, 95, 100)
 
@@ -49,11 +49,6 @@ class ScanSummary:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ScanSummary:
-        known = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
 
     def reference_threshold(self) -> float | None:
         if self.reference is None:
@@ -105,6 +100,7 @@ def summarise(
     train_set,
     generated_set,
     decided: np.ndarray,
+    classes: np.ndarray,
     best_per_train: np.ndarray,
     thresholds: Thresholds,
     reference_scores,
@@ -112,9 +108,9 @@ def summarise(
     decision: str,
     precision: str,
 ) -> ScanSummary:
-    """The summary of decision scores ``decided`` (M, k), best first in each row."""
+    """The summary of decision scores ``decided`` (M, k), best first in each row, and the classes
+    the decide stage gave each generated image."""
     m, n = len(generated_set), len(train_set)
-    classes = classify(decided[:, 0], thresholds)
     memorised = np.flatnonzero(best_per_train > thresholds.high)
     summary = ScanSummary(
         metric=metric,
@@ -128,7 +124,7 @@ def summarise(
             label.title: share(int((classes == label).sum()), m) for label in reversed(Label)
         },
         training_images_with_a_duplicate=share(len(memorised), n),
-        best_score_percentiles=_percentiles(decided[:, 0]),
+        best_score_percentiles=percentiles(decided[:, 0]),
         skipped_images={"training": len(train_set.skipped), "generated": len(generated_set.skipped)},
         decision=decision,
         precision=precision,
@@ -137,11 +133,11 @@ def summarise(
         summary.reference = {
             "description": "each training image's best score against the held-out real images",
             "training_images": int(len(reference_scores)),
-            "best_score_percentiles": _percentiles(reference_scores),
+            "best_score_percentiles": percentiles(reference_scores),
             f"p{REFERENCE_PERCENTILE:g}_threshold": reference_threshold(reference_scores),
         }
     return summary
 
 
-def _percentiles(values, percentiles=PERCENTILES) -> dict:
-    return {f"p{p}": float(np.percentile(values, p)) for p in percentiles}
+def percentiles(values, levels=PERCENTILES) -> dict:
+    return {f"p{p}": float(np.percentile(values, p)) for p in levels}
