@@ -26,18 +26,23 @@ def reference_folders(work: Path) -> list[Path]:
     return [work / "data" / "unique", work / "data" / "control"]
 
 
-def run_scans(work: Path, args) -> dict:
-    """DeepSSIM two-stage (the default decision), plain SSIM, and Dar et al. (if trained); each
-    saved as ``scan_NAME/`` and ``scan_NAME.npz`` (reused when present)."""
+def prefix(run: str) -> str:
+    """File name prefix of a run's analysis files: none for the first model, ``run_dedup_`` etc."""
+    return "" if run == "run" else f"{run}_"
+
+
+def run_scans(work: Path, args, run: str = "run") -> dict:
+    """DeepSSIM two-stage (the default decision), plain SSIM, and Dar et al. (if trained, first
+    model only) of ``generated_RUN``; each saved as ``[PREFIX]scan_NAME/`` and ``.npz`` (reused)."""
     from deepssim import scan
     from deepssim.labels import Label
 
-    generated = work / "generated_run"
+    generated = work / f"generated_{run}"
     settings = {
         "deepssim": {"metric": "deepssim"},
         "ssim": {"metric": "ssim", "decision": "score"},
     }
-    if args.dar_epochs > 0:
+    if args.dar_epochs > 0 and run == "run":
         from deepssim.training.dar import DarSettings, train_dar
 
         dar = work / "dar" / "dar.safetensors"
@@ -47,9 +52,9 @@ def run_scans(work: Path, args) -> dict:
         settings["dar"] = {"metric": f"dar={dar}", "decision": "score", "duplicate_fpr": 0.05}
     out = {}
     for name, extra in settings.items():
-        path = work / f"scan_{name}.npz"
+        path = work / f"{prefix(run)}scan_{name}.npz"
         if not path.is_file():
-            log(f"scan: {name}")
+            log(f"scan: {name} of generated_{run}")
             started = time.time()
             result = scan(
                 reference_folders(work),
@@ -59,7 +64,7 @@ def run_scans(work: Path, args) -> dict:
                 group_by=SUBJECT,
                 **extra,
             )
-            result.save(work / f"scan_{name}", report=name == "deepssim", gallery_size=12)
+            result.save(work / f"{prefix(run)}scan_{name}", report=name == "deepssim", gallery_size=12)
             np.savez(
                 path,
                 neighbours=result.neighbours,
@@ -123,18 +128,27 @@ def subjects_leaked(found: dict, counts: dict) -> dict:
     return out
 
 
-def audit(work: Path, found: dict, counts: dict) -> dict:
+def scan_thresholds(found: dict):
+    """The registered-SSIM thresholds the DeepSSIM scan decided with (the default for 64x64)."""
+    from deepssim.scanning.decide import REGISTERED_SSIM, Thresholds
+
+    low, high = (float(v) for v in found["thresholds"])
+    return Thresholds(low, high, "the scan's", score=REGISTERED_SSIM)
+
+
+def audit(work: Path, found: dict, counts: dict, run: str = "run") -> dict:
     """Brute force: exact SSIM of every generated image (as it is and in each of the four flips,
     which are exact transforms) against every reference image; the scan's best pair against the
-    brute-force best pair; the brute-force best pair's registered SSIM, decided as the scan decides."""
+    brute-force best pair; the brute-force best pair's registered SSIM, decided as the scan decides
+    (the scan's thresholds)."""
     from deepssim import load_images
-    from deepssim.scanning.decide import Thresholds, classify
+    from deepssim.scanning.decide import classify
     from deepssim.ssim.engine import ssim_matrix
     from deepssim.ssim.registered import register_pairs
 
-    cached = work / "audit.npz"
+    cached = work / f"{prefix(run)}audit.npz"
     train_keys, train = load_images(reference_folders(work), _options())
-    gen_keys, generated = load_images(work / "generated_run", _options())
+    gen_keys, generated = load_images(work / f"generated_{run}", _options())
     assert list(train_keys) == [str(k) for k in found["train_keys"]]
     assert list(gen_keys) == [str(k) for k in found["generated_keys"]]
     if not cached.is_file():
@@ -157,7 +171,7 @@ def audit(work: Path, found: dict, counts: dict) -> dict:
             top5=np.argsort(-matrix, axis=0)[:5].T,
         )
     a = np.load(cached)
-    thresholds = Thresholds(0.6, 0.85, "paper")
+    thresholds = scan_thresholds(found)
     scan_top1 = found["neighbours"][:, 0]
     hit1 = scan_top1 == a["best"]
     hit5 = np.array([b in row for b, row in zip(a["best"], found["neighbours"], strict=True)])
@@ -200,57 +214,64 @@ def audit(work: Path, found: dict, counts: dict) -> dict:
         "class_crosstab": crosstab,
         "disagreements": int(len(disagree)),
         "disagreement_examples": examples,
-        "plain_ssim_duplicates_brute_force": int((a["unflipped_best"] > 0.85).sum()),
-        "flip_max_ssim_duplicates_brute_force": int((a["plain_best"] > 0.85).sum()),
+        "thresholds": [thresholds.low, thresholds.high],
+        "plain_ssim_duplicates_brute_force": int((a["unflipped_best"] > thresholds.high).sum()),
+        "flip_max_ssim_duplicates_brute_force": int((a["plain_best"] > thresholds.high).sum()),
     }
 
 
-def brute_force_found(work: Path, found: dict) -> dict:
+def brute_force_found(work: Path, found: dict, run: str = "run") -> dict:
     """The audit's decision in the form of a scan's: each generated image's brute-force best
     training image (exact SSIM over every pair, in four flips) decided by its registered SSIM."""
-    from deepssim.scanning.decide import Thresholds, classify
+    from deepssim.scanning.decide import classify
 
-    a = np.load(work / "audit.npz")
+    a = np.load(work / f"{prefix(run)}audit.npz")
     return {
         "train_keys": found["train_keys"],
         "generated_keys": found["generated_keys"],
         "neighbours": a["best"][:, None],
         "decision": a["registered_best"][:, None],
-        "classes": classify(a["registered_best"], Thresholds(0.6, 0.85, "paper")),
+        "thresholds": found["thresholds"],
+        "classes": classify(a["registered_best"], scan_thresholds(found)),
     }
 
 
-def release_check(work: Path, found_result_dir: Path, audit_file: Path, generated_keys) -> dict:
-    """The release filter (drop Duplicate; drop Duplicate and Similar): how many pass, and how
-    many of those the brute-force best pair calls a Duplicate (plain and registered SSIM)."""
-    a = np.load(audit_file)
-    rows = {}
-    with open(found_result_dir / "results.csv", newline="") as handle:
-        classes = {r["generated_key"]: r["class"] for r in csv.DictReader(handle)}
-    keys = [str(k) for k in generated_keys]
-    for drop in (("Duplicate",), ("Duplicate", "Similar")):
-        released = np.array([classes[k] not in drop for k in keys])
-        rows["+".join(drop)] = {
-            "released": int(released.sum()),
-            "generated": len(keys),
-            "brute_force_plain_ssim_duplicates_released": int((a["unflipped_best"][released] > 0.85).sum()),
-            "brute_force_flip_max_ssim_duplicates_released": int((a["plain_best"][released] > 0.85).sum()),
-            "brute_force_registered_duplicates_released": int((a["registered_best"][released] > 0.85).sum()),
-        }
-    return rows
-
-
-def write_release_folder(work: Path) -> dict:
-    """The scan's own release step (``--release-dir``), run on the saved DeepSSIM scan."""
+def release_check(work: Path, found: dict, run: str = "run") -> dict:
+    """The release filter as a user runs it (a fresh DeepSSIM scan, then ``write_release``), with
+    and without its exact check, dropping Duplicates or Duplicates and Similar: how many images it
+    releases, and how many of those the audit's brute force calls a Duplicate (registered SSIM of
+    the best pair over every pair and flip) or a plain-SSIM Duplicate."""
     from deepssim import scan
     from deepssim.scanning.release import write_release
 
-    folder = work / "release"
-    if (folder / "release.json").is_file():
-        return json.loads((folder / "release.json").read_text())
-    shutil.rmtree(folder, ignore_errors=True)
-    result = scan(reference_folders(work), work / "generated_run", cache=False, options=_options())
-    return write_release(result, folder)
+    a = np.load(work / f"{prefix(run)}audit.npz")
+    high = scan_thresholds(found).high
+    result = scan(reference_folders(work), work / f"generated_{run}", cache=False, options=_options())
+    keys = [str(k) for k in found["generated_keys"]]
+    assert keys == result.generated_keys
+    rows = {}
+    for check in ("none", "exact"):
+        for drop in (("Duplicate",), ("Duplicate", "Similar")):
+            folder = work / f"{prefix(run)}release_{check}_{'+'.join(drop)}"
+            shutil.rmtree(folder, ignore_errors=True)
+            summary = write_release(result, folder, drop=drop, check=check)
+            with open(folder / "release.csv", newline="") as handle:
+                released_keys = {r["generated_key"] for r in csv.DictReader(handle) if r["released"] == "yes"}
+            released = np.array([k in released_keys for k in keys])
+            rows[f"{check} check, drop {'+'.join(drop)}"] = {
+                "released": int(released.sum()),
+                "generated": len(keys),
+                "brute_force_registered_duplicates_released": int(
+                    (a["registered_best"][released] > high).sum()
+                ),
+                "brute_force_flip_max_ssim_duplicates_released": int(
+                    (a["plain_best"][released] > high).sum()
+                ),
+                "exact_check": summary["exact_check"],
+            }
+            shutil.rmtree(folder)
+            Path(f"{folder}.manifest.csv").unlink(missing_ok=True)
+    return rows
 
 
 def monitor_by_count(run: Path, counts: dict) -> dict:
@@ -362,8 +383,9 @@ def run_stages(work: Path, counts: dict, args, stages: list[str]) -> None:
             name: copies_by_count(f, counts) | {"subjects_leaked": subjects_leaked(f, counts)}
             for name, f in found.items()
         }
-        results["monitor_by_count"] = monitor_by_count(work / "run", counts)
-        results["monitor_stop_step"] = stop_steps(work / "run")
+        if (work / "run" / "monitor_samples.csv").is_file():  # the monitor's log of training
+            results["monitor_by_count"] = monitor_by_count(work / "run", counts)
+            results["monitor_stop_step"] = stop_steps(work / "run")
         results["vae_ceiling"] = vae_ceiling(work, counts)
         results_file.write_text(json.dumps(results, indent=1))
     if "audit" in stages:
@@ -372,17 +394,35 @@ def run_stages(work: Path, counts: dict, args, stages: list[str]) -> None:
         results["scores"]["brute force"] = copies_by_count(brute, counts) | {
             "subjects_leaked": subjects_leaked(brute, counts)
         }
-        results["release"] = release_check(
-            work, work / "scan_deepssim", work / "audit.npz", found["deepssim"]["generated_keys"]
-        )
+        results["release"] = release_check(work, found["deepssim"])
         results_file.write_text(json.dumps(results, indent=1))
     if "dedup" in stages:
         log("dedup of the training files")
         results["dedup"] = dedup_training_files(work, counts)
         results_file.write_text(json.dumps(results, indent=1))
+    if "dedup-model" in stages:
+        results["dedup_model"] = analyse_model(work, args, counts, "run_dedup")
+        results_file.write_text(json.dumps(results, indent=1))
     if "report" in stages:
         figures(work, results, found["deepssim"], counts, Path(args.figures))
         print(markdown(results))
+
+
+def analyse_model(work: Path, args, counts: dict, run: str) -> dict:
+    """A second model's generated images: the scans, the brute-force audit and the release filter,
+    as for the first; its monitor curve and stop steps."""
+    found = run_scans(work, args, run)
+    audited = audit(work, found["deepssim"], counts, run)
+    brute = brute_force_found(work, found["deepssim"], run)
+    scores = {
+        name: copies_by_count(f, counts) | {"subjects_leaked": subjects_leaked(f, counts)}
+        for name, f in (*found.items(), ("brute force", brute))
+    }
+    out = {"scores": scores, "audit": audited, "release": release_check(work, found["deepssim"], run)}
+    if (work / run / "monitor_samples.csv").is_file():
+        out["monitor_by_count"] = monitor_by_count(work / run, counts)
+        out["monitor_stop_step"] = stop_steps(work / run)
+    return out
 
 
 def figures(work: Path, results: dict, found: dict, counts: dict, docs: Path) -> None:
@@ -491,7 +531,45 @@ def markdown(results: dict) -> str:
             f"| {name} | {_fmt(r['duplicates'])} | {s['train']['count']} of {s['train']['subjects']} | "
             f"{s['control']['count']} of {s['control']['subjects']} |"
         )
+    if "dedup_model" in results:
+        lines += ["", "The model trained on the deduplicated files:", ""]
+        lines += markdown({"scores": results["dedup_model"]["scores"]}).splitlines()
+    lines += ["", *privacy_table(results)]
     return "\n".join(lines)
+
+
+def privacy_table(results: dict) -> list[str]:
+    """What each measure costs and what it prevents: the brute force's copies (registered SSIM of
+    every generated image's best pair over every pair and flip) that reach the shared set."""
+    brute = results["scores"]["brute force"]
+    lines = [
+        "| measure | costs | copies that reach the shared set (brute force) | training subjects leaked |",
+        "|---|---|---|---|",
+        f"| none | - | {brute['duplicates']['count']} of {brute['generated']} | "
+        f"{brute['subjects_leaked']['train']['count']} |",
+    ]
+    for name, row in results.get("release", {}).items():
+        lost = row["generated"] - row["released"]
+        lines.append(
+            f"| release filter ({name}) | {lost} of {row['generated']} samples withheld | "
+            f"{row['brute_force_registered_duplicates_released']} | - |"
+        )
+    if "dedup" in results:
+        d = results["dedup"]
+        removed = d["files"] - d["kept"]
+        cost = f"{removed} of {d['files']} training files removed ({d['seconds']} s)"
+        if "dedup_model" in results:
+            b = results["dedup_model"]["scores"]["brute force"]
+            lines.append(
+                f"| deduplicate, then train | {cost} | {b['duplicates']['count']} of {b['generated']} | "
+                f"{b['subjects_leaked']['train']['count']} |"
+            )
+    for run, r in (("first model", results), ("deduplicated model", results.get("dedup_model", {}))):
+        stops = r.get("monitor_stop_step")
+        if stops:
+            said = ", ".join(f"share {k}: {'step ' + str(v) if v else 'never'}" for k, v in stops.items())
+            lines.append(f"| monitor stop ({run}) | steps after the stop | stops at: {said} | - |")
+    return lines
 
 
 def _median(table: dict) -> str:

@@ -20,7 +20,11 @@ Stages (each resumes or is skipped when its output exists): ``data`` (the folder
 ``counts.csv``), ``train`` (autoencoder, then the diffusion model with the memorisation monitor
 logging every sample's best match), ``generate``, ``scan`` (DeepSSIM two-stage, plain SSIM,
 and Dar et al. when ``--dar-epochs`` > 0), ``audit`` (brute-force exact SSIM of every generated
-image against every training image), ``dedup``, ``report`` (results.json, figures).
+image against every training image), ``dedup`` (``deepssim dedup`` of the training files),
+``dedup-model`` (a second diffusion model, same autoencoder and the same number of steps, trained
+on the files dedup kept: the privacy measure "deduplicate first", and a model without duplicates
+for x1 to be compared with; then its generation, scan and audit), ``report`` (results.json,
+figures).
 
     PYTHONPATH=src python benchmarks/ldm_dose_response.py --workdir build/dose
 """
@@ -31,7 +35,9 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +45,7 @@ from PIL import Image
 
 SUBJECT = r"^(synth-\d+|real-[A-Za-z0-9]+)_"  # the subject (patient) of every image key
 SIZE = (64, 64)
-STAGES = ("data", "train", "generate", "scan", "audit", "dedup", "report")
+STAGES = ("data", "train", "generate", "scan", "audit", "dedup", "dedup-model", "report")
 
 
 def log(message: str) -> None:
@@ -228,6 +234,53 @@ def train_model(work: Path, name: str, train_dir: Path, unique_dir: Path, args) 
     return run
 
 
+def train_dedup_model(work: Path, args) -> Path:
+    """The diffusion model of ``train_model`` again, on the files ``deepssim dedup`` kept, with the
+    first run's autoencoder (it trained on the unique images, each once, so it is the same
+    either way) and the same number of optimisation steps; returns its run folder."""
+    from deepssim import LoadOptions
+    from deepssim.experiments.ldm import LDMConfig, RunInfo, train_diffusion
+    from deepssim.io.load import ImageSet
+
+    kept_file = work / "dedup" / "kept.txt"
+    if not kept_file.is_file():
+        raise SystemExit(f"{kept_file} is missing: run the dedup stage first")
+    train_dir, run = work / "data" / "train_dedup", work / "run_dedup"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    run.mkdir(exist_ok=True)
+    for key in kept_file.read_text().split():  # keys: file names without the extension
+        target = train_dir / f"{key}.png"
+        if not target.exists():
+            target.symlink_to((work / "data" / "train" / f"{key}.png").resolve())
+    options = LoadOptions(size=SIZE, fit="resize")
+    keys = ImageSet.coerce(train_dir, options).keys
+    steps_per_epoch = -(-len(keys) // args.batch_size)
+    epochs = max(1, round(args.diffusion_steps / steps_per_epoch))
+    if not (run / "run.json").is_file():
+        first = RunInfo.load(work / "run")
+        config = LDMConfig(**{**asdict(first.config), "diffusion_epochs": epochs})
+        shutil.copyfile(work / "run" / "vae.safetensors", run / "vae.safetensors")
+        RunInfo(
+            config, seed=first.seed, keys=keys, repeats=[1] * len(keys), scale_factor=first.scale_factor
+        ).save(run)
+    log(f"dedup model: diffusion, {epochs} epochs x {steps_per_epoch} steps on {len(keys)} kept files")
+    monitor = sample_logging_monitor(
+        work / "data" / "unique",
+        run / "monitor_samples.csv",
+        every=args.monitor_every,
+        samples=args.monitor_samples,
+        group_by=SUBJECT,
+        log=run / "memorisation.csv",
+        options=options,
+    )
+    if (run / "unet_state.pt").is_file():
+        _truncate_monitor_logs(run, RunInfo.load(run), steps_per_epoch)
+    if not (run / "diffusion_done.json").is_file():
+        train_diffusion(train_dir, run, monitor=monitor)
+        (run / "diffusion_done.json").write_text(json.dumps({"epochs": epochs}))
+    return run
+
+
 def _truncate_monitor_logs(run: Path, info, steps_per_epoch: int) -> None:
     import torch
 
@@ -338,7 +391,12 @@ def main() -> None:
         log(f"training done in {(time.time() - started) / 60:.1f} min")
     if "generate" in args.stages:
         generate_images(work, "run", args)
-    later = [s for s in args.stages if s in ("scan", "audit", "dedup", "report")]
+    if "dedup-model" in args.stages:
+        started = time.time()
+        train_dedup_model(work, args)
+        log(f"dedup model trained in {(time.time() - started) / 60:.1f} min")
+        generate_images(work, "run_dedup", args)
+    later = [s for s in args.stages if s in ("scan", "audit", "dedup", "dedup-model", "report")]
     if later:
         from dose_analysis import run_stages  # the analysis half, next to this file
 

@@ -11,7 +11,10 @@ import pytest
 
 from deepssim import scan
 from deepssim.cli import main
+from deepssim.errors import DeepSSIMError
 from deepssim.io.load import load_images
+from deepssim.labels import Label
+from deepssim.metrics import SimilarityMetric
 from deepssim.monitor import MemorisationMonitor
 from deepssim.scanning import release as release_module
 from deepssim.scanning.release import write_release
@@ -123,3 +126,86 @@ def test_monitor_stops_diffusion_training_from_the_command_line(tmp_path, capsys
     assert [int(r["step"]) for r in rows] == [1, 2]  # 16 images, batches of 8: two steps, two checks
     assert "memorisation at step 2" in capsys.readouterr().out
     shutil.rmtree(run)
+
+
+class _BlindMetric(SimilarityMetric):
+    """An embedding that ignores the anatomy (a random unit vector per image): its top k misses
+    copies, as a real retriever does for copies unlike anything it trained on."""
+
+    is_embedding = True
+    thresholds = (0.6, 0.85)
+    description = "blind"
+
+    def embed(self, images, batch_size=64, precision="float32", progress=False):
+        vectors = [
+            np.random.default_rng(int(np.asarray(image, dtype=np.float64).sum() * 1e6) % 2**32).normal(size=8)
+            for image in images
+        ]
+        return np.stack([v / np.linalg.norm(v) for v in vectors]).astype(np.float32)
+
+
+def test_the_exact_check_holds_back_a_copy_the_retriever_missed(tmp_path):
+    rng = np.random.default_rng(7)
+    train = load_images(EXAMPLE / "train")[1]
+    copy = np.zeros_like(train[4])  # a shifted copy with a bright frame, as a generator drew it
+    copy[2:, :-1] = train[4][:-2, 1:]
+    copy[0, :] = copy[-1, :] = copy[:, 0] = copy[:, -1] = np.percentile(train[4], 99)
+    generated = np.stack([copy, *(smooth_image(rng, train.shape[1:]) for _ in range(3))])
+    for name, images in (("train", train), ("generated", generated)):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            np.save(tmp_path / name / f"{name}{i:02d}.npy", image)
+    result = scan(tmp_path / "train", tmp_path / "generated", metric=_BlindMetric(), k=1, cache=False)
+    assert result.train_keys[result.neighbours[0, 0]] != "train04"  # the retriever missed the source
+    assert int(result.classes[0]) != Label.DUPLICATE
+
+    unchecked = write_release(result, tmp_path / "unchecked", check="none")
+    assert (tmp_path / "unchecked" / "generated00.npy").exists()  # without the check the copy leaks
+    assert unchecked["exact_check"] is None
+
+    summary = write_release(result, tmp_path / "release", manifest=tmp_path / "manifest.csv")
+    assert not (tmp_path / "release" / "generated00.npy").exists()
+    assert sorted(p.name for p in (tmp_path / "release").glob("*.npy")) == [
+        "generated01.npy",
+        "generated02.npy",
+        "generated03.npy",
+    ]
+    with open(tmp_path / "manifest.csv", newline="") as handle:
+        rows = {row["generated_key"]: row for row in csv.DictReader(handle)}
+    assert rows["generated00"]["class"] == "Duplicate" and "exact check" in rows["generated00"]["reason"]
+    assert rows["generated00"]["nearest_train_key"] == "train04"
+    assert float(rows["generated00"]["score"]) > 0.85
+    check = summary["exact_check"]
+    assert check["images_checked"] == 4 and check["images_dropped"] == 1
+    assert check["thresholds"]["score"] == "registered-ssim"
+    with pytest.raises(DeepSSIMError, match="release check"):
+        write_release(result, tmp_path / "bad", check="maybe")
+
+
+def test_exact_top_k_finds_flipped_copies_and_agrees_with_the_ssim_matrix():
+    from skimage.metrics import structural_similarity
+
+    from deepssim.scanning.retrieve import exact_top_k
+
+    rng = np.random.default_rng(3)
+    train = np.stack([smooth_image(rng, (24, 20)) for _ in range(9)])
+    generated = np.stack([train[2][::-1], train[5][:, ::-1], smooth_image(rng, (24, 20))])
+    scores, indices = exact_top_k(train, generated, 3, chunk=2)
+    assert indices[0, 0] == 2 and indices[1, 0] == 5
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert all(len(set(row)) == 3 for row in indices.tolist())  # each training image once
+
+    def z(image):
+        return (image - image.mean()) / image.std()
+
+    def reference(t, g):  # skimage's SSIM on z-scored images, data range of the training image
+        best = -1.0
+        for flipped in (g, g[::-1], g[:, ::-1], g[::-1, ::-1]):
+            zt = z(t)
+            value = structural_similarity(zt, z(flipped), data_range=np.ptp(zt), win_size=7)
+            best = max(best, value)
+        return best
+
+    expected = [reference(train[i], generated[2]) for i in range(len(train))]
+    assert sorted(indices[2].tolist()) == sorted(np.argsort(expected)[::-1][:3].tolist())
+    np.testing.assert_allclose(scores[2], np.sort(expected)[::-1][:3], atol=1e-4)

@@ -105,6 +105,14 @@ def _add_scan(commands) -> None:
         choices=("similar",),
         help="with --release-dir: also drop the images called Similar",
     )
+    scan.add_argument(
+        "--release-check",
+        choices=("exact", "none"),
+        default="exact",
+        help="with --release-dir: exact (default) first compares every image to be released with every "
+        "training image by exact SSIM (in 4 flips) and registers its best 5, so a copy the retriever "
+        "ranked below the top k is not released; none: the scan's classes only",
+    )
     add_model_options(scan, device=False)
     add_loading_options(scan)
     add_engine_options(scan, with_choice=False)
@@ -184,6 +192,7 @@ def _run_scan(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
         release_dir=args.release_dir,
         release_drop=drop,
+        release_check=args.release_check,
     )
     print(result.summary.text())
     if args.release_dir:
@@ -193,6 +202,12 @@ def _run_scan(args: argparse.Namespace) -> None:
             f"({release['released_files']} files) -> {args.release_dir} (dropped: {', '.join(drop)}; "
             f"{files['release']} says why)"
         )
+        if release["exact_check"] is not None:
+            check = release["exact_check"]
+            print(
+                f"release exact check: {check['images_checked']} images against every training image, "
+                f"{check['images_dropped']} more dropped ({check['seconds']:.1f} s)"
+            )
     print(f"report: {files['report']}")
     tables = [files[name] for name in ("results", "pairs", "groups", "summary") if name in files]
     print(f"tables: {', '.join(str(path) for path in tables)}")

@@ -11,7 +11,8 @@ import numpy as np
 from deepssim.errors import DeepSSIMError
 from deepssim.execution.engines import ScanEngine, get_engine
 from deepssim.metrics import SimilarityMetric
-from deepssim.ssim.matrix import top_k_ssim_on
+from deepssim.progress import progress_bar
+from deepssim.ssim.matrix import top_k_ssim, top_k_ssim_on
 
 
 def retrieve(
@@ -40,3 +41,37 @@ def retrieve(
         f"{metric.name} scores matched pairs only (use it in calibrate or evaluate); scan with "
         "deepssim, ssim or an embedding baseline"
     )
+
+
+def exact_top_k(train, generated, k: int, *, chunk: int = 1024, progress: bool = False):
+    """(scores, indices), each (M, k) best first: every generated image's k training images of
+    highest exact SSIM, the generated image taken as it is and in its three flips (exact
+    transforms that registration also tries), over every pair. The brute-force candidates no
+    embedding can miss; the release filter's exact check.
+
+    train, generated: :class:`ImageSet`s or (n, H, W) arrays of one image size."""
+    k = min(k, len(train))
+    scores = np.empty((len(generated), k), dtype=np.float32)
+    indices = np.empty((len(generated), k), dtype=np.int64)
+    read = generated.read if hasattr(generated, "read") else (lambda a, b: generated[a:b])
+    bar = progress_bar(
+        len(generated) * len(train) * 4, "exact SSIM of every pair (4 flips)", "pair", progress
+    )
+    for start in range(0, len(generated), chunk):
+        images = read(start, min(start + chunk, len(generated)))
+        flipped = np.concatenate([images, images[:, ::-1], images[:, :, ::-1], images[:, ::-1, ::-1]])
+        block_scores, block_indices, _ = top_k_ssim(train, np.ascontiguousarray(flipped), k)
+        n = len(images)
+        # per generated image: its 4 flips' candidates, each training image once at its best score
+        row_scores = block_scores.reshape(4, n, k).transpose(1, 0, 2).reshape(n, 4 * k)
+        row_indices = block_indices.reshape(4, n, k).transpose(1, 0, 2).reshape(n, 4 * k)
+        order = np.argsort(-row_scores, axis=1, kind="stable")
+        for row in range(n):
+            ranked = row_indices[row, order[row]]
+            _, first = np.unique(ranked, return_index=True)
+            best = np.sort(first)[:k]
+            indices[start + row] = ranked[best]
+            scores[start + row] = row_scores[row, order[row]][best]
+        bar.update(n * len(train) * 4)
+    bar.close()
+    return scores, indices

@@ -117,6 +117,7 @@ class ScanResult:
         progress: bool = False,
         release_dir: str | Path | None = None,
         release_drop: tuple[str, ...] = ("Duplicate",),
+        release_check: str = "exact",
     ) -> dict:
         """Write results.csv, pairs.csv, summary.json (groups.csv) and report.html into ``out_dir``,
         complete or not at all: the folder is written under a temporary name beside it and renamed
@@ -128,7 +129,9 @@ class ScanResult:
         the report becomes a salted SHA-256 hash, the salt kept in ``key-salt.txt`` (not to share).
         release_dir: also copy the generated images whose class is not in ``release_drop`` there
         (:func:`deepssim.scanning.release.write_release`); the manifest that names training
-        images goes into ``out_dir`` as ``release.csv``. progress: a bar for the report's gallery.
+        images goes into ``out_dir`` as ``release.csv``; release_check: "exact" (default: every
+        image to be released is first checked against every training image by exact SSIM, see
+        :mod:`deepssim.scanning.release`) or "none". progress: bars for the gallery and the check.
         """
         out_dir = Path(out_dir)
         if hash_keys and not anonymise:
@@ -152,7 +155,12 @@ class ScanResult:
                 from deepssim.scanning.release import write_release
 
                 self.release = write_release(
-                    self, release_dir, drop=release_drop, manifest=partial / "release.csv"
+                    self,
+                    release_dir,
+                    drop=release_drop,
+                    manifest=partial / "release.csv",
+                    check=release_check,
+                    progress=progress,
                 )
                 written["release"] = partial / "release.csv"
         self.files = {name: out_dir / path.relative_to(partial) for name, path in written.items()}
