@@ -79,7 +79,7 @@ def _noisy(volume, rng) -> np.ndarray:
 
 def test_warp_matches_scipy_and_round_trips(volume):
     transform = RigidTransform3D((0,), ROTATION, SHIFT)
-    moved = warp_volume(volume, transform)
+    moved = warp_volume(volume, transform, order=1)
     assert np.allclose(moved, _moved(volume, ROTATION, SHIFT, flips=(0,)), atol=1e-9 * volume.max())
     back = warp_volume(moved, transform.inverse())
     inner = (slice(12, -12),) * 3  # away from what left the frame
@@ -104,13 +104,12 @@ def test_rotated_and_shifted_copy_is_found(volume):
     assert np.allclose(found.transform.shift_vox, truth.shift_vox, atol=0.5)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="trilinear interpolation smooths the noise: 0.82 against 0.70 measured"
-)
 def test_noisy_moved_copy_scores_as_the_noisy_copy(volume):
-    noisy = _noisy(volume, np.random.default_rng(0))
-    unmoved = ssim3d(volume, noisy)
-    found = register_volumes(volume, _moved(noisy, ROTATION, SHIFT), SETTINGS)
+    # the scanner's noise is not moved with the anatomy: noise added to the moved copy (noise moved
+    # with it is interpolated twice and is no longer the unmoved copy's noise)
+    unmoved = ssim3d(volume, _noisy(volume, np.random.default_rng(0)))
+    moved = _noisy(_moved(volume, ROTATION, SHIFT), np.random.default_rng(1))
+    found = register_volumes(volume, moved, SETTINGS)
     assert found.ssim_plain < unmoved - 0.2
     assert found.ssim_registered == pytest.approx(unmoved, abs=0.02)
 

@@ -32,6 +32,7 @@ from itertools import combinations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from deepssim.errors import DeepSSIMError
 from deepssim.ssim.volume import ssim3d
@@ -159,22 +160,35 @@ def _euler(matrix: np.ndarray) -> tuple[float, float, float]:
     return math.degrees(a), math.degrees(b), math.degrees(c)
 
 
-def warp_volume(volume, transform: RigidTransform3D, fill: float | None = None) -> np.ndarray:
-    """The volume moved by ``transform`` (trilinear; flips and whole-voxel shifts copy voxels exactly).
+def warp_volume(volume, transform: RigidTransform3D, fill: float | None = None, order: int = 3) -> np.ndarray:
+    """The volume moved by ``transform``; flips and whole-voxel shifts copy voxels exactly.
 
+    Otherwise a cubic B-spline (``order`` 3, scipy.ndimage) or trilinear (1, torch, the search's
+    interpolation). Cubic for the score because interpolation averages voxels and so removes noise:
+    trilinear raised a noisy copy's registered SSIM from 0.70 to 0.82, cubic to 0.72 (40^3, measured).
     Voxels from outside take ``fill``, by default the volume's minimum (the background of a scan).
     """
+    if order not in (1, 3):
+        raise DeepSSIMError(f"order must be 1 (trilinear) or 3 (cubic), not {order!r}")
     volume = np.asarray(volume, dtype=np.float64)
     if volume.ndim != 3:
         raise DeepSSIMError(f"warp_volume takes a 3D volume, got shape {volume.shape}")
     fill = float(volume.min()) if fill is None else float(fill)
     if transform.is_exact:
         return _exact(volume, transform.flips, np.asarray(transform.shift_vox, dtype=int), fill)
-    linear, offset = _sampling_maps([transform])
-    v = torch.from_numpy(volume - fill)
-    with torch.no_grad():
-        out = _warp(v, linear.double(), offset.double(), volume.shape, volume.shape)[0]
-    return out.numpy() + fill
+    if order == 1:
+        linear, offset = _sampling_maps([transform])
+        with torch.no_grad():
+            out = _warp(
+                torch.from_numpy(volume - fill), linear.double(), offset.double(), volume.shape, volume.shape
+            )
+        return out[0].numpy() + fill
+    back = transform.linear.T
+    centre = (np.array(volume.shape) - 1) / 2
+    offset = centre - back @ (centre + np.asarray(transform.shift_vox))
+    out = ndimage.affine_transform(volume, back, offset, order=order, mode="constant", cval=fill)
+    # the spline's overshoot at edges would put structure into a flat background: clipped to the input's range
+    return np.clip(out, min(volume.min(), fill), max(volume.max(), fill))
 
 
 def _exact(volume: np.ndarray, flips, shift: np.ndarray, fill: float) -> np.ndarray:
