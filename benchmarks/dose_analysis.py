@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from ldm_dose_response import SIZE, SUBJECT, log
 
-CLASSES = ("Different", "Duplicate", "Similar")
+CLASSES = ("Different", "Similar", "Duplicate")  # by Label code: DIFFERENT 0, SIMILAR 1, DUPLICATE 2
 
 
 def _options():
@@ -181,9 +181,9 @@ def audit(work: Path, found: dict, counts: dict, run: str = "run") -> dict:
     scan_class = found["classes"]
     crosstab = {
         f"scan {CLASSES[s]}": {
-            f"brute {CLASSES[b]}": int(np.sum((scan_class == s) & (brute_class == b))) for b in (0, 2, 1)
+            f"brute {CLASSES[b]}": int(np.sum((scan_class == s) & (brute_class == b))) for b in (0, 1, 2)
         }
-        for s in (0, 2, 1)
+        for s in (0, 1, 2)
     }
     disagree = np.flatnonzero(scan_class != brute_class)
     examples = [
@@ -202,9 +202,9 @@ def audit(work: Path, found: dict, counts: dict, run: str = "run") -> dict:
         "recall_at_1": recall1,
         "recall_at_5": recall5,
         "recall_where_brute_force_pair_is_duplicate": {
-            "images": int((brute_class == 1).sum()),
-            "at_1": float(hit1[brute_class == 1].mean()) if (brute_class == 1).any() else None,
-            "at_5": float(hit5[brute_class == 1].mean()) if (brute_class == 1).any() else None,
+            "images": int((brute_class == 2).sum()),
+            "at_1": float(hit1[brute_class == 2].mean()) if (brute_class == 2).any() else None,
+            "at_5": float(hit5[brute_class == 2].mean()) if (brute_class == 2).any() else None,
         },
         "recall_where_brute_force_pair_is_not_different": {
             "images": int((brute_class != 0).sum()),
@@ -459,9 +459,12 @@ def figures(work: Path, results: dict, found: dict, counts: dict, docs: Path) ->
     middle.set_xlabel("times the image is in the training set")
     middle.set_ylabel("generated Duplicates per training image")
     middle.legend()
-    monitor = results["monitor_by_count"]
-    for d, values in monitor["by_count"].items():
-        right.plot(monitor["steps"], values, marker="o", label=f"x{d}")
+    runs = (("", results), (" (deduplicated)", results.get("dedup_model", {})))
+    for suffix, run in runs:
+        monitor = run.get("monitor_by_count")
+        for d, values in (monitor or {}).get("by_count", {}).items():
+            style = "--" if suffix else "-"
+            right.plot(monitor["steps"], values, style, marker="o", label=f"x{d}{suffix}")
     right.set_xlabel("diffusion training step")
     right.set_ylabel("monitor samples: Duplicate of an xN image")
     right.legend(title="copied image's count")

@@ -74,3 +74,27 @@ def planted() -> dict[str, dict]:
 
 # The bundled example's training images, grouped by subject.
 SUBJECT_GROUPS = r"^(ants_r[0-9]+|kmeans|mni|itk_[a-z0-9]+|dwi)"
+
+
+def phantom_volume(seed: int, shape=(36, 36, 36)) -> np.ndarray:
+    """A head-like test volume: an ellipsoid of smooth random texture on a dark background, with a
+    margin so that small rigid moves keep it in view. Different seeds are different 'subjects'."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    texture = ndimage.gaussian_filter(rng.normal(size=shape), 1.5)
+    texture = (texture - texture.min()) / np.ptp(texture)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    centre = rng.uniform(-0.06, 0.06, size=3)[:, None, None, None]
+    radii = rng.uniform(0.6, 0.78, size=3)[:, None, None, None]
+    inside = (((grid - centre) / radii) ** 2).sum(axis=0) < 1
+    return np.where(inside, 0.1 + texture, 0.0)
+
+
+def write_nifti(path: Path, volume: np.ndarray, affine=None, zooms=(1.0, 1.0, 1.0)) -> Path:
+    """A NIfTI file of ``volume``; ``affine`` default RAS with voxel size ``zooms``."""
+    import nibabel as nib
+
+    affine = np.diag([*zooms, 1.0]) if affine is None else affine
+    nib.save(nib.Nifti1Image(np.asarray(volume, dtype=np.float32), affine), str(path))
+    return path

@@ -63,6 +63,27 @@ def _add_scan(commands) -> None:
         help="replace an existing non-empty --out folder whole (otherwise it is refused)",
     )
     scan.add_argument("--metric", default="deepssim", help=METRIC_HELP)
+    scan.add_argument(
+        "--unit",
+        choices=("image", "volume"),
+        default="image",
+        help="image (default): every 2D image or slice is compared; volume: every generated NIfTI volume "
+        "is compared whole with the training volumes (3D registered SSIM; slices along --plane vote)",
+    )
+    scan.add_argument(
+        "--volume-retrieval",
+        choices=("votes", "pooled"),
+        default="votes",
+        help="with --unit volume: how candidate training volumes are found (default votes of slice "
+        "neighbours)",
+    )
+    scan.add_argument(
+        "--min-slab",
+        type=whole_number(1),
+        default=5,
+        help="with --unit volume: consecutive slices above the high threshold that make a copied slab "
+        "(default 5)",
+    )
     add_settings_options(scan, ScanSettings)
     add_threshold_options(scan)
     scan.add_argument(
@@ -119,9 +140,63 @@ def _add_scan(commands) -> None:
     scan.set_defaults(handler=_run_scan)
 
 
+# options of the image scan that the volume scan does not take: (attribute, its default, the flag)
+_IMAGE_ONLY = (
+    ("metric", "deepssim", "--metric"),
+    ("decision", "two-stage", "--decision"),
+    ("release_dir", None, "--release-dir"),
+    ("anonymise", False, "--anonymise"),
+    ("reference", None, "--reference"),
+    ("fit_model", False, "--fit-model"),
+    ("size", None, "--size"),
+    ("axis", None, "--axis"),
+    ("slices", None, "--slices"),
+    ("duplicate_fpr", None, "--duplicate-fpr"),
+    ("reidentify", False, "--reidentify"),
+    ("engine", "local", "--engine"),
+)
+
+
+def _run_volume_scan(args: argparse.Namespace) -> None:
+    from deepssim.scanning.volumes import VolumeScanSettings, scan_volumes
+
+    for attribute, default, flag in _IMAGE_ONLY:
+        if getattr(args, attribute, default) != default:
+            raise DeepSSIMError(f"{flag} is for the image scan; --unit volume does not take it")
+    thresholds = thresholds_from_args(args)
+    out = Path(args.out)
+    check_output_folder(out, overwrite=args.overwrite, inputs=[*args.train, *args.generated])
+    settings = VolumeScanSettings(
+        k=args.k,
+        plane=args.plane,
+        retrieval=args.volume_retrieval,
+        min_slab=args.min_slab,
+        group_by=args.group_by,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+    )
+    result = scan_volumes(
+        args.train,
+        args.generated,
+        settings=settings,
+        model=args.model,
+        thresholds=thresholds,
+        spacing=args.spacing,
+        progress=not args.no_progress,
+    )
+    files = result.save(out, overwrite=args.overwrite)
+    print(result.text())
+    print(f"report: {files['report']}")
+    names = ("results", "pairs", "slices", "groups", "summary")
+    print(f"tables: {', '.join(str(files[n]) for n in names if n in files)}")
+
+
 def _run_scan(args: argparse.Namespace) -> None:
     from deepssim.scanning.scan import scan
 
+    if args.unit == "volume":
+        return _run_volume_scan(args)
     # every option is checked before any work: nothing is read, computed or written before this
     if args.release_drop and not args.release_dir:
         raise DeepSSIMError("--release-drop needs --release-dir")

@@ -1,0 +1,217 @@
+"""The volume benchmark: does ``scan --unit volume`` call every planted whole copy a Duplicate, no
+different subject a Duplicate, and find and place partial copies by slab? Against the slice-level
+scan of the same volumes.
+
+Volumes (all read as RAS, resampled to 3 mm, centre-cropped or padded to one 56x64x56 grid):
+training = pseudo-subjects of ``deepssim.training.synthetic`` (seed 0..) and the bundled real
+volumes (MNI T1 template, ITK KmeansTest T1); generated =
+- copies of training volumes: rigidly moved (rotation up to 10 deg about each axis, shift up to 3
+  voxels), noised, blurred and intensity-changed (gamma), each also a little noised;
+- partial copies: a slab of 12 axial slices of a training volume in a held-out subject's volume;
+- neighbours: a training volume under a smooth elastic deformation (same subject, deformed);
+- different subjects: held-out pseudo-subjects and the bundled nibabel anatomical volume.
+
+    PYTHONPATH=src python benchmarks/volumes.py [--subjects 6] [--out build/volumes]
+
+Prints the CPU, per-kind classes of the volume scan and of the slice scan (a volume counts as
+flagged by the slice scan when any of its slices is a Duplicate), slab placement and timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+SOURCES = Path(__file__).resolve().parents[1] / "data" / "sources"
+GRID = (56, 64, 56)
+SPACING = (3.0, 3.0, 3.0)
+
+
+def fit_grid(volume: np.ndarray) -> np.ndarray:
+    """Centre crop or pad (with the volume's minimum) to GRID."""
+    out = np.full(GRID, float(volume.min()))
+    source, target = [], []
+    for n, m in zip(volume.shape, GRID, strict=True):
+        if n >= m:
+            start = (n - m) // 2
+            source.append(slice(start, start + m))
+            target.append(slice(0, m))
+        else:
+            start = (m - n) // 2
+            source.append(slice(0, n))
+            target.append(slice(start, start + n))
+    out[tuple(target)] = volume[tuple(source)]
+    return out
+
+
+def synthetic(seed: int) -> np.ndarray:
+    from deepssim.io.orientation import resample
+    from deepssim.training.synthetic import synthetic_volume
+
+    volume, _ = synthetic_volume(seed)
+    return fit_grid(resample(volume.astype(np.float64), (1.5, 1.5, 1.5), SPACING)[0])
+
+
+def real(name: str) -> np.ndarray:
+    from deepssim.io.orientation import read_canonical
+
+    return fit_grid(read_canonical(SOURCES / name, SPACING).data)
+
+
+def rigid(volume: np.ndarray, rng) -> tuple[np.ndarray, str]:
+    angles = rng.uniform(-10, 10, size=3)
+    shift = rng.uniform(-3, 3, size=3)
+    out = volume
+    for angle, axes in zip(angles, ((1, 2), (0, 2), (0, 1)), strict=True):
+        out = ndimage.rotate(out, angle, axes=axes, reshape=False, order=1, mode="nearest")
+    out = ndimage.shift(out, shift, order=1, mode="nearest")
+    return out, f"rotation {np.round(angles, 1).tolist()} shift {np.round(shift, 1).tolist()}"
+
+
+def elastic(volume: np.ndarray, rng, magnitude: float = 2.5, smooth: float = 6.0) -> np.ndarray:
+    grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in volume.shape], indexing="ij")
+    moved = [
+        g + magnitude * ndimage.gaussian_filter(rng.normal(size=volume.shape), smooth) * smooth * 2
+        for g in grid
+    ]
+    return ndimage.map_coordinates(volume, moved, order=1, mode="nearest")
+
+
+def noisy(volume: np.ndarray, rng, level: float = 0.02) -> np.ndarray:
+    return volume + rng.normal(0, level * np.ptp(volume), volume.shape)
+
+
+def build(out: Path, subjects: int, seed: int) -> list[dict]:
+    """Write train/ and generated/ NIfTI folders and truth.csv; return the truth rows."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    train_dir, generated_dir = out / "train", out / "generated"
+    for folder in (train_dir, generated_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    affine = np.diag([*SPACING, 1.0])
+
+    def save(folder: Path, name: str, volume: np.ndarray) -> None:
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), str(folder / f"{name}.nii.gz"))
+
+    train = {f"synth-{s:02d}": synthetic(s) for s in range(subjects)}
+    train["real-mni"] = real("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    train["real-kmeans"] = real("KmeansTest_T1UCharRaw.nii.gz")
+    for name, volume in train.items():
+        save(train_dir, name, volume)
+    held_out = [synthetic(100 + s) for s in range(3)] + [real("anatomical.nii")]
+    truth = []
+
+    def plant(name, volume, kind, source=None, slab=None):
+        save(generated_dir, name, volume)
+        truth.append({"generated_key": name, "kind": kind, "source": source or "", "slab": slab or ""})
+
+    names = list(train)
+    for n, source in enumerate(names[:4]):
+        volume = train[source]
+        moved, _ = rigid(volume, rng)
+        plant(f"copy-rigid-{n}", noisy(moved, rng, 0.01), "copy: rigid", source)
+        plant(f"copy-noise-{n}", noisy(volume, rng, 0.05), "copy: noise", source)
+        plant(f"copy-blur-{n}", noisy(ndimage.gaussian_filter(volume, 0.8), rng, 0.01), "copy: blur", source)
+        low = volume.min()
+        gamma = low + np.ptp(volume) * ((volume - low) / np.ptp(volume)) ** rng.uniform(0.6, 0.8)
+        plant(f"copy-gamma-{n}", noisy(gamma, rng, 0.01), "copy: intensity", source)
+    for n, source in enumerate(names[:3]):
+        host = held_out[n].copy()
+        first = int(rng.integers(14, GRID[2] - 26))
+        host[:, :, first : first + 12] = train[source][:, :, first : first + 12]
+        plant(f"partial-{n}", host, "partial copy (12 axial slices)", source, f"{first}-{first + 11}")
+    for n, source in enumerate(names[:3]):
+        plant(f"neighbour-{n}", elastic(train[source], rng), "neighbour: same subject, deformed", source)
+    for n, volume in enumerate(held_out):
+        plant(f"different-{n}", volume, "different subject")
+    with open(out / "truth.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(truth[0]))
+        writer.writeheader()
+        writer.writerows(truth)
+    return truth
+
+
+def slice_scan(out: Path) -> dict[str, str]:
+    """The image scan of the same volumes' axial slices: each generated volume's worst class."""
+    from deepssim import LoadOptions, scan
+    from deepssim.labels import Label
+
+    result = scan(out / "train", out / "generated", options=LoadOptions(plane="axial"), cache=False)
+    worst: dict[str, int] = {}
+    for key, label in zip(result.generated_keys, result.classes, strict=True):
+        volume = key.split("#", 1)[0]
+        worst[volume] = max(worst.get(volume, 0), int(label))
+    return {volume: Label(code).title for volume, code in worst.items()}
+
+
+def main() -> None:
+    import torch
+
+    from deepssim.hardware import cpu_description
+    from deepssim.scanning.volumes import VolumeScanSettings, scan_volumes
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", type=int, default=6, help="training pseudo-subjects")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--out", default="build/volumes")
+    args = parser.parse_args()
+    out = Path(args.out)
+    print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}")
+    started = time.time()
+    truth = build(out, args.subjects, args.seed)
+    print(f"built {len(truth)} generated volumes in {time.time() - started:.0f} s")
+    rows = {}
+    for retrieval in ("votes", "pooled"):
+        started = time.time()
+        result = scan_volumes(
+            out / "train", out / "generated", settings=VolumeScanSettings(k=args.k, retrieval=retrieval)
+        )
+        seconds = time.time() - started
+        scan_dir = out / f"scan_{retrieval}"
+        result.save(scan_dir, overwrite=True, report=retrieval == "votes")
+        with open(scan_dir / "results.csv", newline="") as handle:
+            rows[retrieval] = {r["generated_key"]: r for r in csv.DictReader(handle)}
+        print(f"volume scan ({retrieval}): {seconds:.0f} s; stages {result.stages}")
+    started = time.time()
+    slices = slice_scan(out)
+    print(f"slice scan: {time.time() - started:.0f} s")
+    kinds: dict[str, dict] = {}
+    for t in truth:
+        key = t["generated_key"]
+        entry = kinds.setdefault(t["kind"], {"n": 0, "votes": {}, "pooled": {}, "slice": {}, "source_top1": 0})
+        entry["n"] += 1
+        for retrieval in ("votes", "pooled"):
+            label = rows[retrieval][key]["class"]
+            entry[retrieval][label] = entry[retrieval].get(label, 0) + 1
+        entry["slice"][slices[key]] = entry["slice"].get(slices[key], 0) + 1
+        found = rows["votes"][key]
+        if t["source"] and found["top1_train_key"] == t["source"]:
+            entry["source_top1"] += 1
+        if t["slab"]:
+            entry.setdefault("slabs", []).append(f"planted {t['slab']}, found {found['copied_slabs'] or 'none'}")
+    print("\n| generated | n | volume scan (votes) | volume scan (pooled) | slice scan (any slice) | source ranked first |")
+    print("|---|---|---|---|---|---|")
+    for kind, e in kinds.items():
+        def fmt(counts):
+            return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+
+        source = f"{e['source_top1']} of {e['n']}" if kind != "different subject" else "-"
+        print(f"| {kind} | {e['n']} | {fmt(e['votes'])} | {fmt(e['pooled'])} | {fmt(e['slice'])} | {source} |")
+    for kind, e in kinds.items():
+        for line in e.get("slabs", []):
+            print(f"{kind}: {line}")
+    (out / "benchmark.json").write_text(json.dumps(kinds, indent=1))
+
+
+if __name__ == "__main__":
+    main()
