@@ -188,7 +188,8 @@ def main() -> None:
     kinds: dict[str, dict] = {}
     for t in truth:
         key = t["generated_key"]
-        entry = kinds.setdefault(t["kind"], {"n": 0, "votes": {}, "pooled": {}, "slice": {}, "source_top1": 0})
+        empty = {"n": 0, "votes": {}, "pooled": {}, "slice": {}, "source_top1": 0}
+        entry = kinds.setdefault(t["kind"], empty)
         entry["n"] += 1
         for retrieval in ("votes", "pooled"):
             label = rows[retrieval][key]["class"]
@@ -198,15 +199,21 @@ def main() -> None:
         if t["source"] and found["top1_train_key"] == t["source"]:
             entry["source_top1"] += 1
         if t["slab"]:
-            entry.setdefault("slabs", []).append(f"planted {t['slab']}, found {found['copied_slabs'] or 'none'}")
-    print("\n| generated | n | volume scan (votes) | volume scan (pooled) | slice scan (any slice) | source ranked first |")
+            placed = found["copied_slabs"] or "none"
+            entry.setdefault("slabs", []).append(f"planted {t['slab']}, found {placed}")
+    print(
+        "\n| generated | n | volume scan (votes) | volume scan (pooled) | slice scan (any slice) "
+        "| source ranked first |"
+    )
     print("|---|---|---|---|---|---|")
     for kind, e in kinds.items():
+
         def fmt(counts):
             return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
 
         source = f"{e['source_top1']} of {e['n']}" if kind != "different subject" else "-"
-        print(f"| {kind} | {e['n']} | {fmt(e['votes'])} | {fmt(e['pooled'])} | {fmt(e['slice'])} | {source} |")
+        cells = [kind, e["n"], fmt(e["votes"]), fmt(e["pooled"]), fmt(e["slice"]), source]
+        print("| " + " | ".join(map(str, cells)) + " |")
     for kind, e in kinds.items():
         for line in e.get("slabs", []):
             print(f"{kind}: {line}")
