@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import shutil
 import time
@@ -29,53 +30,22 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-SOURCES = Path(__file__).resolve().parents[1] / "data" / "sources"
-GRID = (56, 64, 56)
-SPACING = (3.0, 3.0, 3.0)
+
+def _example_builder():
+    """data/build_volume_example.py: the grid, the bundled and synthetic volumes, the planted edits."""
+    path = Path(__file__).resolve().parents[1] / "data" / "build_volume_example.py"
+    spec = importlib.util.spec_from_file_location("build_volume_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def fit_grid(volume: np.ndarray) -> np.ndarray:
-    """Centre crop or pad (with the volume's minimum) to GRID."""
-    out = np.full(GRID, float(volume.min()))
-    source, target = [], []
-    for n, m in zip(volume.shape, GRID, strict=True):
-        if n >= m:
-            start = (n - m) // 2
-            source.append(slice(start, start + m))
-            target.append(slice(0, m))
-        else:
-            start = (m - n) // 2
-            source.append(slice(0, n))
-            target.append(slice(start, start + n))
-    out[tuple(target)] = volume[tuple(source)]
-    return out
-
-
-def synthetic(seed: int) -> np.ndarray:
-    from deepssim.io.orientation import resample
-    from deepssim.training.synthetic import synthetic_volume
-
-    volume, _ = synthetic_volume(seed)
-    return fit_grid(resample(volume.astype(np.float64), (1.5, 1.5, 1.5), SPACING)[0])
-
-
-def real(name: str) -> np.ndarray:
-    from deepssim.io.orientation import read_canonical
-
-    return fit_grid(read_canonical(SOURCES / name, SPACING).data)
-
-
-def rigid(volume: np.ndarray, rng) -> tuple[np.ndarray, str]:
-    angles = rng.uniform(-10, 10, size=3)
-    shift = rng.uniform(-3, 3, size=3)
-    out = volume
-    for angle, axes in zip(angles, ((1, 2), (0, 2), (0, 1)), strict=True):
-        out = ndimage.rotate(out, angle, axes=axes, reshape=False, order=1, mode="nearest")
-    out = ndimage.shift(out, shift, order=1, mode="nearest")
-    return out, f"rotation {np.round(angles, 1).tolist()} shift {np.round(shift, 1).tolist()}"
+EXAMPLE = _example_builder()
+GRID = EXAMPLE.GRID
 
 
 def elastic(volume: np.ndarray, rng, magnitude: float = 2.5, smooth: float = 6.0) -> np.ndarray:
+    """A smooth random deformation (the same subject, deformed)."""
     grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in volume.shape], indexing="ij")
     moved = [
         g + magnitude * ndimage.gaussian_filter(rng.normal(size=volume.shape), smooth) * smooth * 2
@@ -84,24 +54,14 @@ def elastic(volume: np.ndarray, rng, magnitude: float = 2.5, smooth: float = 6.0
     return ndimage.map_coordinates(volume, moved, order=1, mode="nearest")
 
 
-def noisy(volume: np.ndarray, rng, level: float = 0.02) -> np.ndarray:
-    return volume + rng.normal(0, level * np.ptp(volume), volume.shape)
-
-
 def build(out: Path, subjects: int, seed: int) -> list[dict]:
     """Write train/ and generated/ NIfTI folders and truth.csv; return the truth rows."""
-    import nibabel as nib
-
     rng = np.random.default_rng(seed)
+    synthetic, real, noisy, save = EXAMPLE.synthetic, EXAMPLE.real, EXAMPLE.noisy, EXAMPLE.save
     train_dir, generated_dir = out / "train", out / "generated"
     for folder in (train_dir, generated_dir):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    affine = np.diag([*SPACING, 1.0])
-
-    def save(folder: Path, name: str, volume: np.ndarray) -> None:
-        nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), str(folder / f"{name}.nii.gz"))
-
     train = {f"synth-{s:02d}": synthetic(s) for s in range(subjects)}
     train["real-mni"] = real("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     train["real-kmeans"] = real("KmeansTest_T1UCharRaw.nii.gz")
@@ -117,26 +77,21 @@ def build(out: Path, subjects: int, seed: int) -> list[dict]:
     names = list(train)
     for n, source in enumerate(names[:4]):
         volume = train[source]
-        moved, _ = rigid(volume, rng)
-        plant(f"copy-rigid-{n}", noisy(moved, rng, 0.01), "copy: rigid", source)
+        plant(f"copy-rigid-{n}", noisy(EXAMPLE.rigid(volume, rng), rng, 0.01), "copy: rigid", source)
         plant(f"copy-noise-{n}", noisy(volume, rng, 0.05), "copy: noise", source)
         plant(f"copy-blur-{n}", noisy(ndimage.gaussian_filter(volume, 0.8), rng, 0.01), "copy: blur", source)
         low = volume.min()
         gamma = low + np.ptp(volume) * ((volume - low) / np.ptp(volume)) ** rng.uniform(0.6, 0.8)
         plant(f"copy-gamma-{n}", noisy(gamma, rng, 0.01), "copy: intensity", source)
     for n, source in enumerate(names[:3]):
-        host = held_out[n].copy()
         first = int(rng.integers(14, GRID[2] - 26))
-        host[:, :, first : first + 12] = train[source][:, :, first : first + 12]
+        host = EXAMPLE.with_slab(held_out[n], train[source], first)
         plant(f"partial-{n}", host, "partial copy (12 axial slices)", source, f"{first}-{first + 11}")
     for n, source in enumerate(names[:3]):
         plant(f"neighbour-{n}", elastic(train[source], rng), "neighbour: same subject, deformed", source)
     for n, volume in enumerate(held_out):
         plant(f"different-{n}", volume, "different subject")
-    with open(out / "truth.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(truth[0]))
-        writer.writeheader()
-        writer.writerows(truth)
+    EXAMPLE.write_truth(out / "truth.csv", truth)
     return truth
 
 

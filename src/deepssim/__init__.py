@@ -19,6 +19,9 @@ from deepssim.errors import DeepSSIMError
 _EXPORTS = {
     "scan": "deepssim.scanning.scan",
     "ScanResult": "deepssim.scanning.scan",
+    "scan_volumes": "deepssim.scanning.volumes",
+    "VolumeScanSettings": "deepssim.scanning.volumes",
+    "register_volumes": "deepssim.ssim.registered3d",
     "ScanSettings": "deepssim.scanning.settings",
     "ScanSummary": "deepssim.scanning.summary",
     "Thresholds": "deepssim.scanning.decide",
