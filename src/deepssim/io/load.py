@@ -363,15 +363,32 @@ def _read_dicom(path: Path, options: LoadOptions) -> np.ndarray:
     import pydicom
 
     dataset = pydicom.dcmread(path)
+    pixels = dicom_pixels(dataset)
+    if is_monochrome1(dataset):
+        pixels = pixels.max() - pixels  # MONOCHROME1 stores inverted gray levels
+    return pixels
+
+
+def dicom_pixels(dataset) -> np.ndarray:
+    """A DICOM dataset's pixels as float64 with rescale slope and intercept applied and colour made
+    gray; MONOCHROME1 is not yet inverted (the caller inverts over an image or a whole volume)."""
     pixels = dataset.pixel_array.astype(np.float64)
     slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
     intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
     pixels = pixels * slope + intercept
-    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
-        pixels = pixels.max() - pixels  # MONOCHROME1 stores inverted gray levels
     if int(getattr(dataset, "SamplesPerPixel", 1) or 1) > 1:
         pixels = pixels[..., :3] @ LUMA_WEIGHTS  # colour (frames, H, W, 3) or (H, W, 3)
     return pixels
+
+
+def is_monochrome1(dataset) -> bool:
+    """Whether the dataset stores inverted gray levels (MONOCHROME1)."""
+    return getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1"
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM file by its suffix (.dcm, .dicom), or a file without suffix with the DICM preamble."""
+    return path.suffix.lower() in DICOM_SUFFIXES or _is_dicom_without_suffix(path)
 
 
 def _check_unique_keys(refs: list[ImageRef]) -> None:

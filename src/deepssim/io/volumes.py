@@ -1,10 +1,12 @@
 """Sets of whole 3D volumes for the volume scan (``deepssim scan --unit volume``).
 
-Every volume is a NIfTI file read in canonical (RAS+) orientation (:mod:`deepssim.io.orientation`),
-resampled to ``spacing`` when given, and read one at a time: a set holds paths and geometry, never
-the voxels, so memory stays bounded by the few volumes being compared. Indexing reads headers only
-and refuses, before any work, what a volume comparison cannot mean: 2D images, 4D series, voxel
-sizes that differ within or across the sets (without ``--spacing``) and grids of different shapes.
+Every volume is a NIfTI file, or a folder holding one DICOM series (:mod:`deepssim.io.dicom_series`,
+its LPS coordinates converted to RAS), read in canonical (RAS+) orientation
+(:mod:`deepssim.io.orientation`), resampled to ``spacing`` when given, and read one at a time: a set
+holds paths and geometry, never the voxels, so memory stays bounded by the few volumes being
+compared. Indexing reads headers only and refuses, before any work, what a volume comparison cannot
+mean: 2D images, 4D series, voxel sizes that differ within or across the sets (without
+``--spacing``) and grids of different shapes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from deepssim.errors import DeepSSIMError
+from deepssim.io.dicom_series import read_series, series_files, series_geometry
+from deepssim.io.load import is_dicom_file
 from deepssim.io.orientation import read_canonical
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
@@ -25,6 +29,8 @@ def _is_volume_file(path: Path) -> bool:
 
 
 def _key(root: Path | None, path: Path) -> str:
+    if root is not None and path == root:  # the source folder is itself a series folder
+        return path.name
     relative = path.relative_to(root).as_posix() if root is not None else path.name
     for suffix in VOLUME_SUFFIXES:
         if relative.lower().endswith(suffix):
@@ -35,7 +41,8 @@ def _key(root: Path | None, path: Path) -> str:
 @dataclass(frozen=True)
 class VolumeSet:
     """Volumes of one role ("training" or "generated"): their keys (paths below the folder, no
-    suffix), files, the canonical grid shape they share and their voxel size in mm."""
+    suffix; a DICOM series by its folder), files (or series folders), the canonical grid shape they
+    share and their voxel size in mm."""
 
     keys: list[str]
     paths: list[Path]
@@ -48,7 +55,11 @@ class VolumeSet:
 
     def read(self, index: int) -> np.ndarray:
         """Volume ``index`` in canonical orientation (float64), resampled if the set says so."""
-        volume = read_canonical(self.paths[index], self.resample_to).data
+        path = self.paths[index]
+        if path.is_dir():
+            volume = read_series(path, self.resample_to).data
+        else:
+            volume = read_canonical(path, self.resample_to).data
         if volume.shape != self.shape:  # the header promised otherwise: a corrupt or odd file
             raise DeepSSIMError(
                 f"{self.paths[index]}: read as {_shape(volume.shape)}, its header says {_shape(self.shape)}"
@@ -57,8 +68,9 @@ class VolumeSet:
 
     @classmethod
     def index(cls, sources, role: str, spacing: tuple[float, float, float] | None = None) -> VolumeSet:
-        """The NIfTI volumes in ``sources`` (folders, searched recursively, or files), checked from
-        their headers: each 3D, one voxel size (unless ``spacing`` resamples them), one grid."""
+        """The NIfTI volumes and DICOM series in ``sources`` (folders, searched recursively, or
+        files; every folder whose files are DICOM is one series volume), checked from their
+        headers: each 3D, one voxel size (unless ``spacing`` resamples them), one grid."""
         sources = [sources] if isinstance(sources, str | Path) else list(sources)
         found: list[tuple[Path | None, Path]] = []
         for source in map(Path, sources):
@@ -66,17 +78,21 @@ class VolumeSet:
                 files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
                 if not files:
                     raise DeepSSIMError(f"{source}: no files in this {role} folder")
-                found += [(source, p) for p in files]
+                # every folder holding DICOM files is one series volume, in place of its files
+                series = {p.parent for p in files if p.name.upper() != "DICOMDIR" and is_dicom_file(p)}
+                in_series = {p for folder in series for p in series_files(folder)}
+                volumes = [p for p in files if p not in in_series and p.name.upper() != "DICOMDIR"]
+                found += [(source, p) for p in sorted([*volumes, *series])]
             elif source.is_file():
                 found.append((None, source))
             else:
                 raise DeepSSIMError(f"{source}: no such file or folder (the {role} volumes)")
-        not_volumes = [p for _, p in found if not _is_volume_file(p)]
+        not_volumes = [p for _, p in found if not (p.is_dir() or _is_volume_file(p))]
         if not_volumes:
             raise DeepSSIMError(
-                f"{not_volumes[0]}: --unit volume compares whole 3D volumes (NIfTI .nii or .nii.gz); "
-                f"this is not one. Scan 2D images without --unit volume, or keep only volumes in the "
-                f"{role} folder ({len(not_volumes)} such file(s))"
+                f"{not_volumes[0]}: --unit volume compares whole 3D volumes (NIfTI .nii or .nii.gz, or "
+                f"a folder holding one DICOM series); this is not one. Scan 2D images without --unit "
+                f"volume, or keep only volumes in the {role} folder ({len(not_volumes)} such file(s))"
             )
         geometry = [_header_geometry(path, spacing) for _, path in found]
         spacings = {g[1] for g in geometry}
@@ -117,8 +133,13 @@ class VolumeSet:
 
 
 def _header_geometry(path: Path, spacing) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-    """(canonical shape, voxel size in mm) from the header alone; 2D and 4D files refused."""
+    """(canonical shape, voxel size in mm) from the header alone (of every slice, for a DICOM series
+    folder); 2D and 4D files refused."""
     import nibabel as nib
+
+    if path.is_dir():
+        shape, zooms = series_geometry(path)
+        return _resampled_geometry(shape, zooms, spacing)
 
     try:
         image = nib.load(path)
@@ -142,6 +163,11 @@ def _header_geometry(path: Path, spacing) -> tuple[tuple[int, int, int], tuple[f
     for stored_axis, (target_axis, _) in enumerate(ornt[:3]):
         canonical_shape[int(target_axis)] = int(shape[stored_axis])
         canonical_zooms[int(target_axis)] = float(zooms[stored_axis])
+    return _resampled_geometry(canonical_shape, canonical_zooms, spacing)
+
+
+def _resampled_geometry(canonical_shape, canonical_zooms, spacing):
+    """The grid and voxel size a canonical volume has once read, resampled to ``spacing`` if given."""
     if spacing is not None:  # the grid orientation.resample() will make, computed as it does
         factors = [z / s for z, s in zip(canonical_zooms, spacing, strict=True)]
         if not np.allclose(factors, 1.0, rtol=1e-6):
