@@ -44,14 +44,15 @@ EXAMPLE = _example_builder()
 GRID = EXAMPLE.GRID
 
 
-def elastic(volume: np.ndarray, rng, magnitude: float = 2.5, smooth: float = 6.0) -> np.ndarray:
-    """A smooth random deformation (the same subject, deformed)."""
+def elastic(volume: np.ndarray, rng, magnitude: float = 2.0, smooth: float = 5.0) -> np.ndarray:
+    """A smooth random deformation (the same subject, deformed): displacements of standard
+    deviation ``magnitude`` voxels, smooth over ``smooth`` voxels, in one cubic resampling."""
     grid = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in volume.shape], indexing="ij")
-    moved = [
-        g + magnitude * ndimage.gaussian_filter(rng.normal(size=volume.shape), smooth) * smooth * 2
-        for g in grid
-    ]
-    return ndimage.map_coordinates(volume, moved, order=1, mode="nearest")
+    moved = []
+    for g in grid:
+        field = ndimage.gaussian_filter(rng.normal(size=volume.shape), smooth)
+        moved.append(g + magnitude * field / field.std())
+    return ndimage.map_coordinates(volume, moved, order=3, mode="nearest")
 
 
 def build(out: Path, subjects: int, seed: int) -> list[dict]:
@@ -78,11 +79,14 @@ def build(out: Path, subjects: int, seed: int) -> list[dict]:
     for n, source in enumerate(names[:4]):
         volume = train[source]
         plant(f"copy-rigid-{n}", noisy(EXAMPLE.rigid(volume, rng), rng, 0.01), "copy: rigid", source)
-        plant(f"copy-noise-{n}", noisy(volume, rng, 0.05), "copy: noise", source)
+        plant(f"copy-noise-{n}", noisy(volume, rng, 0.02), "copy: noise 2%", source)
         plant(f"copy-blur-{n}", noisy(ndimage.gaussian_filter(volume, 0.8), rng, 0.01), "copy: blur", source)
         low = volume.min()
         gamma = low + np.ptp(volume) * ((volume - low) / np.ptp(volume)) ** rng.uniform(0.6, 0.8)
         plant(f"copy-gamma-{n}", noisy(gamma, rng, 0.01), "copy: intensity", source)
+    for level in (0.01, 0.03, 0.05):  # how much noise a copy may carry and still be a Duplicate
+        noise_copy = noisy(train[names[1]], rng, level)
+        plant(f"copy-noise-{level:.2f}", noise_copy, f"copy: noise {level:.0%} (of {names[1]})", names[1])
     for n, source in enumerate(names[:3]):
         first = int(rng.integers(14, GRID[2] - 26))
         host = EXAMPLE.with_slab(held_out[n], train[source], first)

@@ -55,12 +55,16 @@ def real(name: str) -> np.ndarray:
 
 
 def rigid(volume: np.ndarray, rng: np.random.Generator, degrees: float = 10, voxels: float = 3) -> np.ndarray:
-    """Rotated about each axis (uniform within +-degrees) and shifted (within +-voxels), by scipy."""
-    out = volume
-    for axes in ((1, 2), (0, 2), (0, 1)):
-        angle = rng.uniform(-degrees, degrees)
-        out = ndimage.rotate(out, angle, axes=axes, reshape=False, order=1, mode="nearest")
-    return ndimage.shift(out, rng.uniform(-voxels, voxels, size=3), order=1, mode="nearest")
+    """Rotated about each axis (uniform within +-degrees) and shifted (within +-voxels) about the
+    centre, in one cubic resampling (as a generator's augmentation would draw it), by scipy."""
+    from scipy.spatial.transform import Rotation
+
+    matrix = Rotation.from_euler("xyz", rng.uniform(-degrees, degrees, size=3), degrees=True).as_matrix()
+    centre = (np.asarray(volume.shape) - 1) / 2
+    shift = rng.uniform(-voxels, voxels, size=3)
+    # output voxel o samples the input at matrix @ (o - centre - shift) + centre
+    offset = centre - matrix @ (centre + shift)
+    return ndimage.affine_transform(volume, matrix, offset=offset, order=3, mode="nearest")
 
 
 def noisy(volume: np.ndarray, rng: np.random.Generator, level: float = 0.02) -> np.ndarray:

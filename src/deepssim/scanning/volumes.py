@@ -12,10 +12,11 @@ for slices. Stages, each volume read when needed so memory holds a few volumes a
 4. register: 3D registered SSIM of each candidate pair (:mod:`deepssim.ssim.registered3d`);
 5. decide: the best pair's *foreground* score against thresholds of the score
    ``registered-ssim-3d`` (default the paper's 0.6 / 0.85 carried to 3D, not calibrated on
-   volumes); a volume with a *copied slab* (``min_slab`` or more consecutive planes whose 3D SSIM
+   volumes); a volume with a *copied slab* (``min_slab`` or more consecutive slices whose SSIM
    exceeds the high threshold) is at least Similar, and the slab is reported by slice;
 6. outputs: results.csv, pairs.csv, slices.csv (per-slice evidence of the best pair of every
-   volume not Different), groups.csv, summary.json and report.html (three orthogonal views of
+   volume not Different: each slice's SSIM, the paper's 2D rule on the training slice and the
+   aligned generated slice), groups.csv, summary.json and report.html (three orthogonal views of
    each flagged pair, aligned, with the local SSIM).
 
 Why a foreground score: a volume is mostly background, and two different heads on identical
@@ -23,8 +24,10 @@ empty backgrounds (skull-stripped or generated volumes) share most of their 3D S
 whole-volume 3D SSIM (the paper's rule carried to 3D, reported as ``ssim3d``) is then high for
 any two heads. The decision averages the registered pair's 3D SSIM map over the foreground only:
 the windows centred on a voxel that is content in either volume (above its minimum + 10% of
-its range); a plane's score is the same mean within the plane, and planes with less than a
-quarter of the largest plane's foreground (the thin caps of a head) get none: they make no slab.
+its range).
+
+Why slabs are found by 2D SSIM: each slice is z-scored on its own, so a slab pasted into another
+head keeps its SSIM of 1 whatever the rest of the volume does to the 3D z-scoring.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from deepssim.labels import PAPER_THRESHOLDS, Label
 from deepssim.progress import progress_iter
 from deepssim.scanning.decide import Thresholds, share
 from deepssim.scanning.groups import group_pattern
+from deepssim.ssim.engine import ssim_pairs
 from deepssim.ssim.registered3d import VolumeRegistration, register_volumes, warp_volume
 from deepssim.ssim.volume import WINDOW, ssim3d_map
 
@@ -54,7 +58,6 @@ VOLUME_SCORE = "registered-ssim-3d"
 RETRIEVALS = ("votes", "pooled")
 CONTENT_LEVEL = 0.1  # a voxel is content above min + 10% of the volume's range ...
 CONTENT_SHARE = 0.05  # ... and a slice with at least 5% content is embedded
-SLAB_PLANE_SHARE = 0.25  # a plane counts for slabs with a quarter of the largest plane's foreground
 
 
 @dataclass(frozen=True)
@@ -91,14 +94,15 @@ class VolumeScanSettings:
 
 @dataclass
 class VolumeMatch:
-    """One registered (training volume, generated volume) pair; plane_scores: the foreground mean
-    of the 3D SSIM map in each plane along the scan's plane (plane j is centred on slice j + 3)."""
+    """One registered (training volume, generated volume) pair; slice_scores: the SSIM of each
+    slice along the scan's plane (training slice, aligned generated slice; NaN where neither
+    slice holds content)."""
 
     train_index: int
     retrieval_score: float
     registration: VolumeRegistration
     score: float  # the registered pair's foreground 3D SSIM: what decides
-    plane_scores: np.ndarray  # NaN where a plane has too little foreground
+    slice_scores: np.ndarray
 
 
 @dataclass
@@ -158,7 +162,7 @@ class VolumeScanResult:
             write_rows_atomic(
                 files["slices"],
                 self._slices_rows(),
-                ["generated_key", "train_key", "plane", "slice", "ssim3d_plane"],
+                ["generated_key", "train_key", "plane", "slice", "ssim"],
             )
             files["summary"] = partial / "summary.json"
             write_text_atomic(files["summary"], json.dumps(self.summary(), indent=2) + "\n")
@@ -187,7 +191,7 @@ class VolumeScanResult:
                 "top1_ssim3d": f"{best.registration.ssim_plain:.6f}",
                 "top1_ssim3d_registered": f"{best.registration.ssim_registered:.6f}",
                 "top1_transform": best.registration.transform.text(),
-                "top1_best_plane_score": f"{float(np.nanmax(best.plane_scores, initial=-1.0)):.6f}",
+                "top1_best_slice_ssim": f"{float(np.nanmax(best.slice_scores, initial=-1.0)):.6f}",
             }
             rows.append(row)
         return rows
@@ -214,7 +218,7 @@ class VolumeScanResult:
             if self.classes[i] == Label.DIFFERENT:
                 continue
             best = self.matches[i][0]
-            for j, value in enumerate(best.plane_scores):
+            for j, value in enumerate(best.slice_scores):
                 if not np.isfinite(value):
                     continue
                 rows.append(
@@ -222,8 +226,8 @@ class VolumeScanResult:
                         "generated_key": key,
                         "train_key": self.train.keys[best.train_index],
                         "plane": self.settings.plane,
-                        "slice": j + WINDOW // 2,
-                        "ssim3d_plane": f"{float(value):.6f}",
+                        "slice": j,
+                        "ssim": f"{float(value):.6f}",
                     }
                 )
         return rows
@@ -305,23 +309,31 @@ def foreground(volume: np.ndarray) -> np.ndarray:
     return volume > volume.min() + CONTENT_LEVEL * np.ptp(volume)
 
 
-def foreground_scores(train: np.ndarray, aligned: np.ndarray, axis: int) -> tuple[float, np.ndarray]:
-    """(foreground 3D SSIM, per-plane foreground means along ``axis``) of a registered pair: the
-    3D SSIM map averaged over the windows centred on a voxel of content in either volume."""
+def foreground_ssim3d(train: np.ndarray, aligned: np.ndarray) -> float:
+    """The 3D SSIM map of a registered pair averaged over the windows centred on a voxel of
+    content in either volume."""
     r = WINDOW // 2
-    inner = (slice(r, -r),) * 3
-    local = ssim3d_map(train, aligned)
-    mask = (foreground(train) | foreground(aligned))[inner]
+    mask = (foreground(train) | foreground(aligned))[(slice(r, -r),) * 3]
     if not mask.any():
         raise DeepSSIMError("a pair of volumes without foreground cannot be compared; is one empty?")
-    score = float(local[mask].mean())
-    local, mask = np.moveaxis(local, axis, 0), np.moveaxis(mask, axis, 0)
-    counts = mask.reshape(len(mask), -1).sum(axis=1)
-    sums = np.where(mask, local, 0.0).reshape(len(mask), -1).sum(axis=1)
-    enough = counts >= SLAB_PLANE_SHARE * counts.max()  # not the thin caps at either end
-    planes = np.full(len(mask), np.nan)
-    planes[enough] = sums[enough] / counts[enough]
-    return score, planes
+    return float(ssim3d_map(train, aligned)[mask].mean())
+
+
+def slice_ssim(train: np.ndarray, aligned: np.ndarray, axis: int) -> np.ndarray:
+    """SSIM (the paper's 2D rule) of each pair of slices along ``axis``; NaN where neither slice
+    holds content, 0 where one of them is constant."""
+    scores = np.full(train.shape[axis], np.nan)
+    rows = np.union1d(content_slices(train, axis), content_slices(aligned, axis))
+    if len(rows) == 0:
+        return scores
+    order = _slice_order(axis)
+    a = np.take(train, rows, axis=axis).transpose(*order)
+    b = np.take(aligned, rows, axis=axis).transpose(*order)
+    varies = (a.reshape(len(a), -1).std(axis=1) > 0) & (b.reshape(len(b), -1).std(axis=1) > 0)
+    scores[rows] = 0.0
+    if varies.any():
+        scores[rows[varies]] = ssim_pairs(a[varies], b[varies])
+    return scores
 
 
 def content_slices(volume: np.ndarray, axis: int) -> np.ndarray:
@@ -334,22 +346,16 @@ def content_slices(volume: np.ndarray, axis: int) -> np.ndarray:
     return np.flatnonzero((share_above >= CONTENT_SHARE) & varies)
 
 
-def copied_slabs(plane_scores: np.ndarray, high: float, min_slab: int) -> list[tuple[int, int, float]]:
-    """(first slice, last slice, mean plane score) of every run of at least ``min_slab`` planes
-    whose 3D SSIM exceeds ``high``; plane j is centred on slice j + 3."""
-    above = np.concatenate([[False], np.nan_to_num(plane_scores, nan=-np.inf) > high, [False]])
+def copied_slabs(slice_scores: np.ndarray, high: float, min_slab: int) -> list[tuple[int, int, float]]:
+    """(first slice, last slice, mean SSIM) of every run of at least ``min_slab`` slices whose SSIM
+    exceeds ``high``."""
+    above = np.concatenate([[False], np.nan_to_num(slice_scores, nan=-np.inf) > high, [False]])
     edges = np.flatnonzero(np.diff(above.astype(np.int8)))
-    out = []
-    for start, stop in zip(edges[::2], edges[1::2], strict=True):
-        if stop - start >= min_slab:
-            out.append(
-                (
-                    int(start + WINDOW // 2),
-                    int(stop - 1 + WINDOW // 2),
-                    float(plane_scores[start:stop].mean()),
-                )
-            )
-    return out
+    return [
+        (int(start), int(stop - 1), float(slice_scores[start:stop].mean()))
+        for start, stop in zip(edges[::2], edges[1::2], strict=True)
+        if stop - start >= min_slab
+    ]
 
 
 def _volume_thresholds(thresholds) -> Thresholds:
@@ -426,11 +432,12 @@ def scan_volumes(
         for t in candidates[g]:
             reference = train_set.read(int(t))
             registration = register_volumes(reference, volume)
-            score, planes = foreground_scores(reference, aligned_volume(volume, registration), axis)
-            found.append(VolumeMatch(int(t), float(retrieval[g, t]), registration, score, planes))
+            aligned = aligned_volume(volume, registration)
+            score, slices = foreground_ssim3d(reference, aligned), slice_ssim(reference, aligned, axis)
+            found.append(VolumeMatch(int(t), float(retrieval[g, t]), registration, score, slices))
         found.sort(key=lambda m: -m.score)
         best = found[0]
-        slab = copied_slabs(best.plane_scores, thresholds.high, settings.min_slab)
+        slab = copied_slabs(best.slice_scores, thresholds.high, settings.min_slab)
         if best.score > thresholds.high:
             label = Label.DUPLICATE
         elif best.score > thresholds.low or slab:
