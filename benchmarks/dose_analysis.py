@@ -510,7 +510,7 @@ def _fmt(entry: dict) -> str:
     return f"{entry['share']:.1%} [{entry['ci95'][0]:.1%}, {entry['ci95'][1]:.1%}] ({entry['count']})"
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, privacy: bool = True) -> str:
     lines = [
         "| score | count | training images | with >= 1 Duplicate [95% CI] (n) "
         "| Duplicates per image [95% CI] | median best score |",
@@ -536,8 +536,9 @@ def markdown(results: dict) -> str:
         )
     if "dedup_model" in results:
         lines += ["", "The model trained on the deduplicated files:", ""]
-        lines += markdown({"scores": results["dedup_model"]["scores"]}).splitlines()
-    lines += ["", *privacy_table(results)]
+        lines += markdown({"scores": results["dedup_model"]["scores"]}, privacy=False).splitlines()
+    if privacy:
+        lines += ["", *privacy_table(results)]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 different subject a Duplicate, and find and place partial copies by slab? Against the slice-level
 scan of the same volumes.
 
-Volumes (all read as RAS, resampled to 3 mm, centre-cropped or padded to one 56x64x56 grid):
+Volumes (all read as RAS, resampled to 3 mm, centre-cropped or padded to one 64x76x64 grid):
 training = pseudo-subjects of ``deepssim.training.synthetic`` (seed 0..) and the bundled real
 volumes (MNI T1 template, ITK KmeansTest T1); generated =
 - copies of training volumes: rigidly moved (rotation up to 10 deg about each axis, shift up to 3

@@ -1,6 +1,6 @@
 """Build a small volume example (NIfTI train/ and generated/ folders) for ``scan --unit volume``.
 
-Every volume is read as RAS, resampled to 3 mm and centre-cropped or padded to one 56x64x56 grid.
+Every volume is read as RAS, resampled to 3 mm and centre-cropped or padded to one 64x76x64 grid.
 Training: pseudo-subjects of ``deepssim.training.synthetic`` and the bundled real MNI T1 template
 and ITK KmeansTest T1 volume. Generated: a rigidly moved, noised copy of a training volume, a
 held-out subject with a slab of 12 axial slices copied from a training volume, and a held-out
@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 SOURCES = Path(__file__).resolve().parent / "sources"
-GRID = (56, 64, 56)
+GRID = (64, 76, 64)  # 192 x 228 x 192 mm: heads fit with a margin and stay in view when moved
 SPACING = (3.0, 3.0, 3.0)
 SEED = 20261203
 
