@@ -77,3 +77,16 @@ def test_recall_counts_the_own_image_first_or_in_the_top_five(sources):
     assert duplicate_recall(source, never, queries=6, seed=0) == {"recall_at_1": 0.0, "recall_at_5": 0.0}
     found = duplicate_recall(source, perfect, queries=6, seed=0)
     assert 0.0 <= found["recall_at_1"] <= found["recall_at_5"] <= 1.0
+
+
+def test_recall_at_deeper_k_counts_the_own_image_anywhere_in_the_top_k(sources):
+    source = sources[0]
+    n = len(source.images)
+
+    def everything(queries, gallery):  # every gallery image, best SSIM first
+        return np.argsort(-reference_matrix(gallery, queries).T, axis=1)
+
+    found = duplicate_recall(source, everything, queries=6, seed=0, depths=(1, 5, n))
+    assert set(found) == {"recall_at_1", "recall_at_5", f"recall_at_{n}"}
+    assert found[f"recall_at_{n}"] == 1.0  # the whole gallery holds the own image
+    assert found["recall_at_1"] <= found["recall_at_5"] <= 1.0

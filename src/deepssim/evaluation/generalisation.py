@@ -182,11 +182,12 @@ def duplicate_recall(
     rank: Callable[[np.ndarray, np.ndarray], np.ndarray],
     queries: int,
     seed: int,
+    depths: tuple[int, ...] = (1, 5),
 ) -> dict:
-    """Recall@1 and recall@5 of degraded, misaligned copies of S's images among all of S's images
-    (neighbouring slices included): the share whose own image is ranked first, or in the top 5.
+    """Recall@k (k in ``depths``) of degraded, misaligned copies of S's images among all of S's
+    images (neighbouring slices included): the share whose own image is in the top k.
 
-    rank(queries, gallery) -> (n, >= 5) gallery indices of each query, best first.
+    rank(queries, gallery) -> (n, >= max(depths)) gallery indices of each query, best first.
     """
     from deepssim.evaluation.protocol import misaligned_views
 
@@ -195,7 +196,4 @@ def duplicate_recall(
     rows = rng.choice(len(gallery), size=min(queries, len(gallery)), replace=False)
     copies = np.stack([degrade(gallery[r], int(rng.integers(2**62)), COPY_STRENGTH) for r in rows])
     ranked = rank(misaligned_views(copies, derived_seed(seed, 14)), gallery)
-    return {
-        "recall_at_1": float(np.mean(ranked[:, 0] == rows)),
-        "recall_at_5": float(np.mean((ranked[:, :5] == rows[:, None]).any(axis=1))),
-    }
+    return {f"recall_at_{k}": float(np.mean((ranked[:, :k] == rows[:, None]).any(axis=1))) for k in depths}
