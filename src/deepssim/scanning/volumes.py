@@ -24,7 +24,7 @@ empty backgrounds (skull-stripped or generated volumes) share most of their 3D S
 whole-volume 3D SSIM (the paper's rule carried to 3D, reported as ``ssim3d``) is then high for
 any two heads. The decision averages the registered pair's 3D SSIM map over the foreground only:
 the windows centred on a voxel that is content in either volume (above its minimum + 10% of
-its range).
+its range) and lying wholly inside the moved generated volume's field of view.
 
 Why slabs are found by 2D SSIM: each slice is z-scored on its own, so a slab pasted into another
 head keeps its SSIM of 1 whatever the rest of the volume does to the 3D z-scoring.
@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from deepssim.errors import DeepSSIMError
 from deepssim.io.files import atomic_folder, check_output_folder, write_rows_atomic, write_text_atomic
@@ -67,7 +68,7 @@ class VolumeScanSettings:
     min_slab: consecutive planes above the high threshold that make a copied slab; group_by: a
     regex with one group taking the patient ID from each training key."""
 
-    k: int = 5
+    k: int = 10
     plane: str = "axial"
     retrieval: str = "votes"
     min_slab: int = 5
@@ -309,11 +310,25 @@ def foreground(volume: np.ndarray) -> np.ndarray:
     return volume > volume.min() + CONTENT_LEVEL * np.ptp(volume)
 
 
-def foreground_ssim3d(train: np.ndarray, aligned: np.ndarray) -> float:
+def in_view(generated: np.ndarray, registration: VolumeRegistration) -> np.ndarray:
+    """Voxels of the aligned generated volume that come from inside its field of view (a move
+    brings in voxels from outside it, filled with the background)."""
+    if registration.ssim_registered <= registration.ssim_plain:
+        return np.ones(generated.shape, dtype=bool)
+    inside = warp_volume(np.ones(generated.shape), registration.transform, fill=0.0, order=1)
+    return inside > 1 - 1e-6
+
+
+def foreground_ssim3d(train: np.ndarray, aligned: np.ndarray, valid: np.ndarray | None = None) -> float:
     """The 3D SSIM map of a registered pair averaged over the windows centred on a voxel of
-    content in either volume."""
+    content in either volume and lying wholly in view (``valid``: the aligned volume's voxels
+    from inside its field of view; a head that fills its grid loses its corners when moved, and
+    that loss is not a difference between the two heads)."""
     r = WINDOW // 2
-    mask = (foreground(train) | foreground(aligned))[(slice(r, -r),) * 3]
+    mask = foreground(train) | foreground(aligned)
+    if valid is not None:
+        mask &= ndimage.minimum_filter(valid.astype(np.uint8), size=WINDOW, mode="constant").astype(bool)
+    mask = mask[(slice(r, -r),) * 3]
     if not mask.any():
         raise DeepSSIMError("a pair of volumes without foreground cannot be compared; is one empty?")
     return float(ssim3d_map(train, aligned)[mask].mean())
@@ -433,7 +448,8 @@ def scan_volumes(
             reference = train_set.read(int(t))
             registration = register_volumes(reference, volume)
             aligned = aligned_volume(volume, registration)
-            score, slices = foreground_ssim3d(reference, aligned), slice_ssim(reference, aligned, axis)
+            score = foreground_ssim3d(reference, aligned, in_view(volume, registration))
+            slices = slice_ssim(reference, aligned, axis)
             found.append(VolumeMatch(int(t), float(retrieval[g, t]), registration, score, slices))
         found.sort(key=lambda m: -m.score)
         best = found[0]
