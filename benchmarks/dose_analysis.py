@@ -258,6 +258,8 @@ def release_check(work: Path, found: dict, run: str = "run") -> dict:
             with open(folder / "release.csv", newline="") as handle:
                 released_keys = {r["generated_key"] for r in csv.DictReader(handle) if r["released"] == "yes"}
             released = np.array([k in released_keys for k in keys])
+            leaked = released & (a["registered_best"] > high)
+            subjects = {str(found["train_keys"][t]).split("_")[0] for t in a["best"][leaked]}
             rows[f"{check} check, drop {'+'.join(drop)}"] = {
                 "released": int(released.sum()),
                 "generated": len(keys),
@@ -267,6 +269,7 @@ def release_check(work: Path, found: dict, run: str = "run") -> dict:
                 "brute_force_flip_max_ssim_duplicates_released": int(
                     (a["plain_best"][released] > high).sum()
                 ),
+                "brute_force_subjects_leaked": len(subjects),
                 "exact_check": summary["exact_check"],
             }
             shutil.rmtree(folder)
@@ -556,7 +559,7 @@ def privacy_table(results: dict) -> list[str]:
         lost = row["generated"] - row["released"]
         lines.append(
             f"| release filter ({name}) | {lost} of {row['generated']} samples withheld | "
-            f"{row['brute_force_registered_duplicates_released']} | - |"
+            f"{row['brute_force_registered_duplicates_released']} | {row['brute_force_subjects_leaked']} |"
         )
     if "dedup" in results:
         d = results["dedup"]

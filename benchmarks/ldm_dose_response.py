@@ -218,17 +218,7 @@ def train_model(work: Path, name: str, train_dir: Path, unique_dir: Path, args) 
         f"{name}: diffusion, {diffusion_epochs} epochs x {steps_per_epoch} steps "
         f"(batch {args.batch_size}) on {len(train_keys)} files"
     )
-    monitor = sample_logging_monitor(
-        unique_dir,
-        run / "monitor_samples.csv",
-        every=args.monitor_every,
-        samples=args.monitor_samples,
-        group_by=SUBJECT,
-        log=run / "memorisation.csv",
-        options=options,
-    )
-    if (run / "unet_state.pt").is_file():  # resumed: the monitor rows of unsaved epochs come again
-        _truncate_monitor_logs(run, RunInfo.load(run), steps_per_epoch)
+    monitor = run_monitor(run, unique_dir, steps_per_epoch, options, args)
     train_diffusion(train_dir, run, monitor=monitor)
     (run / "diffusion_done.json").write_text(json.dumps({"epochs": diffusion_epochs}))
     return run
@@ -264,8 +254,22 @@ def train_dedup_model(work: Path, args) -> Path:
             config, seed=first.seed, keys=keys, repeats=[1] * len(keys), scale_factor=first.scale_factor
         ).save(run)
     log(f"dedup model: diffusion, {epochs} epochs x {steps_per_epoch} steps on {len(keys)} kept files")
-    monitor = sample_logging_monitor(
-        work / "data" / "unique",
+    monitor = run_monitor(run, work / "data" / "unique", steps_per_epoch, options, args)
+    if not (run / "diffusion_done.json").is_file():
+        train_diffusion(train_dir, run, monitor=monitor)
+        (run / "diffusion_done.json").write_text(json.dumps({"epochs": epochs}))
+    return run
+
+
+def run_monitor(run: Path, unique_dir: Path, steps_per_epoch: int, options, args):
+    """The run's memorisation monitor against the unique images, logging every sample's match; on a
+    resumed run the log rows of unsaved epochs are dropped first (they come again)."""
+    from deepssim.experiments.ldm import RunInfo
+
+    if (run / "unet_state.pt").is_file():
+        _truncate_monitor_logs(run, RunInfo.load(run), steps_per_epoch)
+    return sample_logging_monitor(
+        unique_dir,
         run / "monitor_samples.csv",
         every=args.monitor_every,
         samples=args.monitor_samples,
@@ -273,12 +277,6 @@ def train_dedup_model(work: Path, args) -> Path:
         log=run / "memorisation.csv",
         options=options,
     )
-    if (run / "unet_state.pt").is_file():
-        _truncate_monitor_logs(run, RunInfo.load(run), steps_per_epoch)
-    if not (run / "diffusion_done.json").is_file():
-        train_diffusion(train_dir, run, monitor=monitor)
-        (run / "diffusion_done.json").write_text(json.dumps({"epochs": epochs}))
-    return run
 
 
 def _truncate_monitor_logs(run: Path, info, steps_per_epoch: int) -> None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from deepssim.errors import DeepSSIMError
-from deepssim.ssim.volume import ssim3d
+from deepssim.ssim.volume import checked_volume, ssim3d
 
 _WINDOW = 7
 
@@ -292,13 +292,8 @@ def register_volumes(
 
 
 def _checked(volume, role: str) -> np.ndarray:
-    volume = np.asarray(volume, dtype=np.float64)
-    if volume.ndim != 3:
-        raise DeepSSIMError(f"registration takes 3D volumes; the {role} one has shape {volume.shape}")
-    if min(volume.shape) < _WINDOW:
-        raise DeepSSIMError(
-            f"the {role} volume is {'x'.join(map(str, volume.shape))}; 3D SSIM needs at least 7x7x7"
-        )
+    """3D SSIM's checks (3D, at least 7x7x7), and what registration also needs: finite, not constant."""
+    volume = checked_volume(volume, role)
     if not np.isfinite(volume).all():
         raise DeepSSIMError(f"the {role} volume contains NaN or Inf values")
     if not volume.std() > 0:

@@ -39,7 +39,7 @@ def ssim3d(a, b) -> float:
 def ssim3d_profile(a, b, backend: str = "auto", threads: int | None = None) -> tuple[float, np.ndarray]:
     """(3D SSIM, per-plane means): the SSIM map's mean over the whole cropped map and over each of
     its planes along axis 0 (D - 6 values; plane j is centred on slice j + 3 of the volume)."""
-    a, b = _checked(a, "training"), _checked(b, "generated")
+    a, b = checked_volume(a, "training"), checked_volume(b, "generated")
     if a.shape != b.shape:
         raise DeepSSIMError(
             f"3D SSIM needs two volumes of one shape; got {'x'.join(map(str, a.shape))} (training) and "
@@ -84,7 +84,8 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _checked(volume, role: str) -> np.ndarray:
+def checked_volume(volume, role: str) -> np.ndarray:
+    """``volume`` as a contiguous float64 3D array of at least 7x7x7, or a DeepSSIMError naming ``role``."""
     volume = np.ascontiguousarray(volume, dtype=np.float64)
     if volume.ndim != 3:
         raise DeepSSIMError(f"3D SSIM takes 3D volumes; the {role} one has shape {volume.shape}")
@@ -132,7 +133,7 @@ def _ssim_map(za: np.ndarray, zb: np.ndarray, c1: float, c2: float) -> np.ndarra
 
 def ssim3d_map(a, b) -> np.ndarray:
     """The cropped 3D SSIM map (D-6, H-6, W-6) of a (train, generated) pair (NumPy; for evidence)."""
-    a, b = _checked(a, "training"), _checked(b, "generated")
+    a, b = checked_volume(a, "training"), checked_volume(b, "generated")
     ma, sa, lo, hi = _stats(a, False, "training")
     mb, sb, _, _ = _stats(b, False, "generated")
     data_range = (hi - lo) / sa
