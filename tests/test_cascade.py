@@ -118,3 +118,24 @@ def test_scan_stage_modes_and_thresholds(problem, tmp_path):
         register_top_k(train_set, generated_set, neighbours, mode="cascade")
     with pytest.raises(DeepSSIMError):
         register_top_k(train_set, generated_set, neighbours, mode="fast")
+
+
+def test_cascade_tables_never_show_a_bound_as_registered_ssim(tmp_path):
+    import csv
+
+    from deepssim import scan
+    from deepssim.scanning.tables import NOT_SEARCHED
+    from tests.helpers import EXAMPLE
+
+    result = scan(EXAMPLE / "train", EXAMPLE / "generated", registration="cascade", cache=False)
+    assert not result.evidence.searched.all()  # the cascade left some pairs unsearched
+    files = result.save(tmp_path / "out", report=False)
+    with open(files["pairs"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    unsearched = [r for r in rows if r["transform"] == NOT_SEARCHED]
+    assert unsearched and all(r["ssim_registered"] == "" for r in unsearched)
+    assert all(float(r["decision_score"]) >= float(r["ssim"]) - 1e-6 for r in unsearched)  # a lower bound
+    with open(files["results"], newline="") as handle:
+        for row in csv.DictReader(handle):  # every Similar and Duplicate carries its exact evidence
+            if row["class"] != "Different":
+                assert row["top1_ssim_registered"] and row["top1_transform"] != NOT_SEARCHED

@@ -5,6 +5,9 @@ per top-k pair). Columns are named after what they hold (the README's table of o
 - ``decision_score``: the score the class comes from (registered SSIM under the two-stage decision,
   else the metric's score);
 - ``ssim_registered``, ``transform``, ``ssim``: registered SSIM, the transform it found, plain SSIM;
+  with ``--registration cascade`` a pair the cascade did not search has no ``ssim_registered``
+  (its transform cell says so, and its decision score is a lower bound of it: the better of its
+  plain and contrast-only SSIM);
 - ``best_other_score``: the best decision score of the generated image against a training image of
   another patient (``--group-by``) or another training image, among its top k: the margin a
   reviewer compares the best pair with;
@@ -26,6 +29,8 @@ import numpy as np
 from deepssim.io.files import escape_cell
 from deepssim.labels import Label
 from deepssim.scanning.decide import classify
+
+NOT_SEARCHED = "not searched (cascade; the decision score is a lower bound)"
 
 
 def results_csv(result) -> str:
@@ -55,7 +60,7 @@ def results_csv(result) -> str:
         row += _evidence_cells(result.evidence, i, 0)
         for rank in range(1, k):
             row += [result.train_keys[result.neighbours[i, rank]], _number(result.scores[i, rank])]
-            row.append(_number(result.evidence.ssim_registered[i, rank]))
+            row.append(_evidence_cells(result.evidence, i, rank)[0])
         rows.append(row)
     return _csv(rows)
 
@@ -94,9 +99,12 @@ def _number(value) -> str:
 
 
 def _evidence_cells(evidence, *index) -> list[str]:
-    """CSV cells of one pair: registered SSIM, transform, plain SSIM (empty where not computed)."""
+    """CSV cells of one pair: registered SSIM, transform, plain SSIM (empty where not computed;
+    no registered SSIM where the cascade did not search the pair: only a lower bound is known)."""
     if not evidence.has(*index):
         return ["", "", ""]
+    if evidence.searched is not None and not evidence.searched[index]:
+        return ["", NOT_SEARCHED, _number(evidence.ssim_plain[index])]
     return [
         _number(evidence.ssim_registered[index]),
         evidence.transform_text(*index),
