@@ -13,7 +13,7 @@ from deepssim.cli import main
 from deepssim.errors import DeepSSIMError
 from deepssim.io.volumes import VolumeSet
 from deepssim.scanning.decide import Thresholds
-from deepssim.scanning.volumes import copied_slabs, scan_volumes
+from deepssim.scanning.volumes import VolumeScanSettings, copied_slabs, scan_volumes
 from tests.helpers import phantom_volume, write_nifti
 
 
@@ -85,6 +85,21 @@ def test_copied_slabs_are_runs_of_slices_above_the_threshold():
     scores = np.array([np.nan, 0.9, 0.95, 0.2, 0.9, 0.91, 0.92, 0.93, 0.94, np.nan])
     assert copied_slabs(scores, 0.85, 5) == [(4, 8, pytest.approx(0.92))]
     assert copied_slabs(scores, 0.85, 2) == [(1, 2, pytest.approx(0.925)), (4, 8, pytest.approx(0.92))]
+
+
+def test_patients_by_folder_or_volume(tmp_path):
+    from deepssim.scanning.volumes import _group_of_each_volume
+
+    for patient in ("sub-1", "sub-2"):
+        (tmp_path / patient).mkdir()
+        for session in ("a", "b"):
+            write_nifti(tmp_path / patient / f"{session}.nii.gz", phantom_volume(len(session), (12, 12, 12)))
+    volumes = VolumeSet.index(tmp_path, "training")
+    assert _group_of_each_volume(volumes, "folder") == ["sub-1", "sub-1", "sub-2", "sub-2"]
+    assert _group_of_each_volume(volumes, "volume") == ["sub-1/a", "sub-1/b", "sub-2/a", "sub-2/b"]
+    assert _group_of_each_volume(volumes, r"(sub-\d)/") == ["sub-1", "sub-1", "sub-2", "sub-2"]
+    with pytest.raises(DeepSSIMError, match="capturing group"):
+        VolumeScanSettings(group_by="sub-")
 
 
 def test_thresholds_of_another_score_are_refused(volume_folders):

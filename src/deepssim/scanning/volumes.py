@@ -65,8 +65,8 @@ CONTENT_SHARE = 0.05  # ... and a slice with at least 5% content is embedded
 class VolumeScanSettings:
     """How to scan volumes. k: candidate training volumes registered per generated volume; plane:
     the anatomical plane whose slices are embedded and reported; retrieval: votes or pooled;
-    min_slab: consecutive planes above the high threshold that make a copied slab; group_by: a
-    regex with one group taking the patient ID from each training key."""
+    min_slab: consecutive slices above the high threshold that make a copied slab; group_by:
+    volume, folder, or a regex with one group taking the patient ID from each training key."""
 
     k: int = 10
     plane: str = "axial"
@@ -89,7 +89,7 @@ class VolumeScanSettings:
             raise DeepSSIMError(
                 f"the minimum slab must be a positive number of slices, not {self.min_slab!r}"
             )
-        if self.group_by is not None:
+        if self.group_by not in (None, "folder", "volume"):
             group_pattern(self.group_by)
 
 
@@ -519,6 +519,12 @@ def _retrieval_scores(train: _Embedded, generated: _Embedded, how: str) -> np.nd
 
 
 def _group_of_each_volume(volumes: VolumeSet, group_by: str) -> list[str]:
+    """The patient of each training volume: ``volume`` (each its own), ``folder`` (the folder
+    holding it) or the one group of a regex matched against its key."""
+    if group_by == "volume":
+        return list(volumes.keys)
+    if group_by == "folder":
+        return [key.rsplit("/", 1)[0] if "/" in key else "." for key in volumes.keys]
     pattern = group_pattern(group_by)
     out = []
     for key, path in zip(volumes.keys, volumes.paths, strict=True):
