@@ -28,98 +28,136 @@ static int not_finite(double v)
     return (bits & 0x7ff0000000000000ULL) == 0x7ff0000000000000ULL;
 }
 
-/* mean, population std, min, max of n doubles; std is NaN when a value is not finite. */
+/* mean, population std, min, max of n doubles in one pass over memory: blocks small enough for
+ * L1 get an exact two-pass mean and sum of squared deviations, merged with Chan et al.'s update;
+ * std is NaN when a value is not finite. */
 MULTIVERSION static void stats_of(const double *x, long n, double *out)
 {
-    double sum = 0, lo = x[0], hi = x[0];
-    for (long p = 0; p < n; p++) {
-        sum += x[p];
-        lo = x[p] < lo ? x[p] : lo;
-        hi = x[p] > hi ? x[p] : hi;
+    enum { BLOCK = 2048 };
+    double mean = 0, m2 = 0, total = 0, lo = x[0], hi = x[0];
+    long count = 0;
+    for (long s = 0; s < n; s += BLOCK) {
+        const double *restrict v = x + s;
+        const long m = n - s < BLOCK ? n - s : BLOCK;
+        double sum = 0, blo = v[0], bhi = v[0];
+        for (long p = 0; p < m; p++) {
+            sum += v[p];
+            blo = v[p] < blo ? v[p] : blo;
+            bhi = v[p] > bhi ? v[p] : bhi;
+        }
+        const double bm = sum / (double)m;
+        double ss = 0;
+        for (long p = 0; p < m; p++) ss += (v[p] - bm) * (v[p] - bm);
+        const long merged = count + m;
+        const double delta = bm - mean;
+        mean += delta * ((double)m / (double)merged);
+        m2 += ss + delta * delta * ((double)count * (double)m / (double)merged);
+        count = merged;
+        total += sum;
+        lo = blo < lo ? blo : lo;
+        hi = bhi > hi ? bhi : hi;
     }
-    const double m = sum / (double)n;
-    double ss = 0;
-    for (long p = 0; p < n; p++) ss += (x[p] - m) * (x[p] - m);
-    out[0] = m;
-    out[1] = not_finite(sum) ? NAN : sqrt(ss / (double)n);
+    out[0] = mean;
+    out[1] = not_finite(total) ? NAN : sqrt(m2 / (double)n);
     out[2] = lo;
     out[3] = hi;
 }
 
-/* Add one plane's z-scores and products to the five plane sums. */
-MULTIVERSION static void add_plane(const double *restrict a, const double *restrict b, long hw,
-                                   double ma, double ia, double mb, double ib, double *restrict sa,
-                                   double *restrict sb, double *restrict saa, double *restrict sbb,
-                                   double *restrict sab)
+#define INLINE static inline __attribute__((always_inline))
+
+/* Row r of the plane sums: 4 x W values (x, y, x^2 + y^2, xy summed over 7 planes), rows of the
+ * four quantities interleaved so that one row of all four is contiguous. */
+
+/* Build a row of plane sums afresh from the rows of 7 consecutive planes (a, b step hw). */
+INLINE void build_row(const double *restrict a, const double *restrict b, long hw, long W, double ma,
+                      double ia, double mb, double ib, double *restrict p)
 {
-    for (long p = 0; p < hw; p++) {
-        const double x = (a[p] - ma) * ia, y = (b[p] - mb) * ib;
-        sa[p] += x;
-        sb[p] += y;
-        saa[p] += x * x;
-        sbb[p] += y * y;
-        sab[p] += x * y;
+    double *restrict sa = p, *restrict sb = p + W, *restrict sq = p + 2 * W, *restrict sx = p + 3 * W;
+    for (long x = 0; x < 4 * W; x++) p[x] = 0;
+    for (long k = 0; k < 7; k++) {
+        const double *restrict ak = a + k * hw, *restrict bk = b + k * hw;
+        for (long x = 0; x < W; x++) {
+            const double u = (ak[x] - ma) * ia, v = (bk[x] - mb) * ib;
+            sa[x] += u;
+            sb[x] += v;
+            sq[x] += u * u + v * v;
+            sx[x] += u * v;
+        }
     }
 }
 
-/* Slide the plane sums one plane on: add plane (a, b), drop plane (c, d), in one pass. */
-MULTIVERSION static void slide_plane(const double *restrict a, const double *restrict b,
-                                     const double *restrict c, const double *restrict d, long hw,
-                                     double ma, double ia, double mb, double ib, double *restrict sa,
-                                     double *restrict sb, double *restrict saa, double *restrict sbb,
-                                     double *restrict sab)
+/* Slide a row of plane sums one plane on: add the row (a, b), drop the row (c, d). */
+INLINE void slide_row(const double *restrict a, const double *restrict b, const double *restrict c,
+                      const double *restrict d, long W, double ma, double ia, double mb, double ib,
+                      double *restrict p)
 {
-    for (long p = 0; p < hw; p++) {
-        const double x = (a[p] - ma) * ia, y = (b[p] - mb) * ib;
-        const double u = (c[p] - ma) * ia, v = (d[p] - mb) * ib;
-        sa[p] += x - u;
-        sb[p] += y - v;
-        saa[p] += x * x - u * u;
-        sbb[p] += y * y - v * v;
-        sab[p] += x * y - u * v;
+    double *restrict sa = p, *restrict sb = p + W, *restrict sq = p + 2 * W, *restrict sx = p + 3 * W;
+    for (long x = 0; x < W; x++) {
+        const double u = (a[x] - ma) * ia, v = (b[x] - mb) * ib;
+        const double s = (c[x] - ma) * ia, t = (d[x] - mb) * ib;
+        sa[x] += u - s;
+        sb[x] += v - t;
+        sq[x] += (u * u + v * v) - (s * s + t * t);
+        sx[x] += u * v - s * t;
     }
 }
 
-/* The SSIM map's sum over output plane d, from the plane sums P (5 x H x W) over its 7 planes.
- * With window sums A, B, Saa, Sbb, Sab over N = 343 voxels, the SSIM of the window is
- * (2AB + N^2 C1)(2n(N Sab - AB) + N^2 C2) / ((A^2 + B^2 + N^2 C1)(n(N(Saa + Sbb) - A^2 - B^2) + N^2 C2))
+/* The SSIM map's sums over output planes d0 <= d < d1 (out[d]). For each plane the rows of the
+ * plane sums P (H x 4 x W) are slid along axis 0 one at a time, and as soon as row r is current
+ * the column sums over rows r-6..r slide down to it and output row r-6 is finished: all of one
+ * row's work happens while its data is in L1. With window sums A, B, Q = Saa + Sbb and X = Sab over
+ * N = 343 voxels, the SSIM of a window is
+ * (2AB + N^2 C1)(2n(N X - AB) + N^2 C2) / ((A^2 + B^2 + N^2 C1)(n(N Q - A^2 - B^2) + N^2 C2))
  * with n = N/(N - 1): the means, variances and covariance with N^2 multiplied out. */
-MULTIVERSION static double plane_ssim(const double *restrict P, long H, long W, double C1, double C2,
-                                      double *restrict col, double *restrict win)
+MULTIVERSION static void ssim_planes(const double *a, const double *b, double *out, long H, long W,
+                                     long d0, long d1, double ma, double ia, double mb, double ib,
+                                     double C1, double C2, double *P, double *col, double *pair)
 {
-    const long hw = H * W, wo = W - 6;
+    const long hw = H * W, w4 = 4 * W, wo = W - 6;
     const double N = 343.0, n = 343.0 / 342.0, c1 = N * N * C1, c2 = N * N * C2;
-    double acc = 0;
-    for (long y = 0; y < H - 6; y++) {
-        for (int q = 0; q < 5; q++) {
-            const double *restrict s = P + q * hw;
-            double *restrict c = col + q * W;
-            if (y == 0) {
-                for (long x = 0; x < W; x++) {
+    for (long d = d0; d < d1; d++) {
+        const int fresh = (d - d0) % 32 == 0; /* exact sums afresh every 32 planes: no drift */
+        double acc = 0;
+        for (long r = 0; r < H; r++) {
+            double *restrict p = P + r * w4;
+            if (fresh)
+                build_row(a + d * hw + r * W, b + d * hw + r * W, hw, W, ma, ia, mb, ib, p);
+            else
+                slide_row(a + (d + 6) * hw + r * W, b + (d + 6) * hw + r * W, a + (d - 1) * hw + r * W,
+                          b + (d - 1) * hw + r * W, W, ma, ia, mb, ib, p);
+            if (r < 6) continue;
+            double *restrict c = col;
+            if (r == 6) {
+                for (long x = 0; x < w4; x++) {
                     double t = 0;
-                    for (long k = 0; k < 7; k++) t += s[k * W + x];
+                    for (long k = 0; k < 7; k++) t += P[k * w4 + x];
                     c[x] = t;
                 }
             } else {
-                for (long x = 0; x < W; x++) c[x] += s[(y + 6) * W + x] - s[(y - 1) * W + x];
+                const double *restrict q = P + (r - 7) * w4;
+                for (long x = 0; x < w4; x++) c[x] += p[x] - q[x];
             }
-            /* 7-column window sums: pairs, then three pairs and one column */
-            double *restrict pair = win + 5 * W, *restrict w = win + q * W;
-            for (long x = 0; x < W - 1; x++) pair[x] = c[x] + c[x + 1];
-            for (long x = 0; x < wo; x++) w[x] = pair[x] + pair[x + 2] + pair[x + 4] + c[x + 6];
+            double *restrict pr = pair;
+            for (long x = 0; x < w4 - 1; x++) pr[x] = c[x] + c[x + 1];
+            const double *restrict pa = pair, *restrict pb = pair + W, *restrict pq = pair + 2 * W,
+                                   *restrict px = pair + 3 * W;
+            const double *restrict ca = c + 6, *restrict cb = c + W + 6, *restrict cq = c + 2 * W + 6,
+                                   *restrict cx = c + 3 * W + 6;
+            double row = 0;
+            for (long x = 0; x < wo; x++) {
+                const double A = pa[x] + pa[x + 2] + pa[x + 4] + ca[x];
+                const double B = pb[x] + pb[x + 2] + pb[x + 4] + cb[x];
+                const double Q = pq[x] + pq[x + 2] + pq[x + 4] + cq[x];
+                const double X = px[x] + px[x + 2] + px[x + 4] + cx[x];
+                const double AB = A * B, A2B2 = A * A + B * B;
+                const double num = (2 * AB + c1) * (2 * n * (N * X - AB) + c2);
+                const double den = (A2B2 + c1) * (n * (N * Q - A2B2) + c2);
+                row += num / den;
+            }
+            acc += row;
         }
-        const double *restrict ta = win, *restrict tb = win + W, *restrict taa = win + 2 * W,
-                               *restrict tbb = win + 3 * W, *restrict tab = win + 4 * W;
-        double row = 0;
-        for (long x = 0; x < wo; x++) {
-            const double A = ta[x], B = tb[x], AB = A * B, A2B2 = A * A + B * B;
-            const double num = (2 * AB + c1) * (2 * n * (N * tab[x] - AB) + c2);
-            const double den = (A2B2 + c1) * (n * (N * (taa[x] + tbb[x]) - A2B2) + c2);
-            row += num / den;
-        }
-        acc += row;
+        out[d] = acc;
     }
-    return acc;
 }
 
 /* planes(a, b, out, D, H, W, d0, d1, ma, ia, mb, ib, C1, C2) -> 0, or -1 without memory.
@@ -132,25 +170,13 @@ static PyObject *planes(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*w*llllldddddd", &ba, &bb, &bo, &D, &H, &W, &d0, &d1, &ma, &ia,
                           &mb, &ib, &C1, &C2))
         return NULL;
-    const long hw = H * W;
-    double *P = (double *)calloc(5 * hw + 11 * W, sizeof(double));
+    double *P = (double *)malloc(sizeof(double) * (4 * H * W + 8 * W));
     long status = P == NULL ? -1 : 0;
     if (P != NULL) {
-        const double *a = (const double *)ba.buf, *b = (const double *)bb.buf;
-        double *out = (double *)bo.buf, *col = P + 5 * hw, *win = col + 5 * W;
+        double *col = P + 4 * H * W, *pair = col + 4 * W;
         Py_BEGIN_ALLOW_THREADS
-        for (long d = d0; d < d1; d++) {
-            if (d == d0 || (d - d0) % 32 == 0) { /* exact sums afresh every 32 planes: no drift */
-                memset(P, 0, sizeof(double) * 5 * hw);
-                for (long k = 0; k < 7; k++)
-                    add_plane(a + (d + k) * hw, b + (d + k) * hw, hw, ma, ia, mb, ib, P, P + hw,
-                              P + 2 * hw, P + 3 * hw, P + 4 * hw);
-            } else {
-                slide_plane(a + (d + 6) * hw, b + (d + 6) * hw, a + (d - 1) * hw, b + (d - 1) * hw, hw,
-                            ma, ia, mb, ib, P, P + hw, P + 2 * hw, P + 3 * hw, P + 4 * hw);
-            }
-            out[d] = plane_ssim(P, H, W, C1, C2, col, win);
-        }
+        ssim_planes((const double *)ba.buf, (const double *)bb.buf, (double *)bo.buf, H, W, d0, d1, ma,
+                    ia, mb, ib, C1, C2, P, col, pair);
         Py_END_ALLOW_THREADS
         free(P);
     }

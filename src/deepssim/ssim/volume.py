@@ -14,6 +14,7 @@ split among threads; without a compiler NumPy does the same with cumulative sums
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from threading import Lock
 
 import numpy as np
 
@@ -50,8 +51,15 @@ def ssim3d_profile(a, b, backend: str = "auto", threads: int | None = None) -> t
     if backend == "c" and _kernel is None:
         raise DeepSSIMError("the 3D SSIM kernel is not built; use backend='numpy'")
     use_c = _kernel is not None and backend != "numpy"
-    ma, sa, lo, hi = _stats(a, use_c, "training")
-    mb, sb, _, _ = _stats(b, use_c, "generated")
+    count = max(1, threads or _threads()) if use_c else 1
+    if count > 1:  # the two volumes' statistics at once: each is one pass over memory
+        pool = _pool(count)
+        stats_a = pool.submit(_stats, a, use_c, "training")
+        mb, sb, _, _ = _stats(b, use_c, "generated")
+        ma, sa, lo, hi = stats_a.result()
+    else:
+        ma, sa, lo, hi = _stats(a, use_c, "training")
+        mb, sb, _, _ = _stats(b, use_c, "generated")
     data_range = (hi - lo) / sa
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
     depth, height, width = a.shape
@@ -59,7 +67,7 @@ def ssim3d_profile(a, b, backend: str = "auto", threads: int | None = None) -> t
     per_plane_voxels = (height - WINDOW + 1) * (width - WINDOW + 1)
     if use_c:
         sums = np.empty(planes, np.float64)
-        count = max(1, min(threads or _threads(), planes // 4 or 1))
+        count = max(1, min(count, planes // 4 or 1))
         bounds = np.linspace(0, planes, count + 1).astype(int)
 
         def run(d0: int, d1: int) -> int:
@@ -67,15 +75,28 @@ def ssim3d_profile(a, b, backend: str = "auto", threads: int | None = None) -> t
 
         if count == 1:
             codes = [run(0, planes)]
-        else:
-            with ThreadPoolExecutor(count) as pool:
-                codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+        else:  # this thread takes the first share
+            rest = [_pool(count).submit(run, d0, d1) for d0, d1 in zip(bounds[1:-1], bounds[2:], strict=True)]
+            codes = [run(bounds[0], bounds[1])] + [job.result() for job in rest]
         if any(codes):
             raise MemoryError("3D SSIM kernel: out of memory")
         profile = sums / per_plane_voxels
     else:
         profile = _ssim_map((a - ma) / sa, (b - mb) / sb, c1, c2).mean(axis=(1, 2))
     return float(profile.mean()), profile
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = Lock()
+
+
+def _pool(count: int) -> ThreadPoolExecutor:
+    """A lasting pool of count - 1 workers (the calling thread is the count-th): starting threads
+    for every pair costs more than a small volume's SSIM."""
+    with _pools_lock:
+        if count not in _pools:
+            _pools[count] = ThreadPoolExecutor(count - 1, thread_name_prefix="deepssim-ssim3d")
+        return _pools[count]
 
 
 def _threads() -> int:
