@@ -209,3 +209,21 @@ def test_exact_top_k_finds_flipped_copies_and_agrees_with_the_ssim_matrix():
     expected = [reference(train[i], generated[2]) for i in range(len(train))]
     assert sorted(indices[2].tolist()) == sorted(np.argsort(expected)[::-1][:3].tolist())
     np.testing.assert_allclose(scores[2], np.sort(expected)[::-1][:3], atol=1e-4)
+
+
+def test_exact_candidates_let_the_scan_itself_decide_a_copy_the_retriever_missed(tmp_path):
+    train = load_images(EXAMPLE / "train")[1]
+    copy = np.zeros_like(train[4])
+    copy[2:, :-1] = train[4][:-2, 1:]
+    copy[0, :] = copy[-1, :] = copy[:, 0] = copy[:, -1] = np.percentile(train[4], 99)
+    (tmp_path / "generated").mkdir()
+    np.save(tmp_path / "generated" / "copy.npy", copy)
+    blind = scan(EXAMPLE / "train", tmp_path / "generated", metric=_BlindMetric(), k=1, cache=False)
+    assert int(blind.classes[0]) != Label.DUPLICATE  # the retriever alone misses it
+    found = scan(
+        EXAMPLE / "train", tmp_path / "generated", metric=_BlindMetric(), k=1, exact_candidates=2, cache=False
+    )
+    assert found.neighbours.shape == (1, 3)  # the retrieved one and two exact-SSIM candidates
+    assert int(found.classes[0]) == Label.DUPLICATE and found.train_keys[found.neighbours[0, 0]] == "ants_r64"
+    with pytest.raises(DeepSSIMError, match="already searches every pair"):
+        scan(EXAMPLE / "train", tmp_path / "generated", metric="ssim", exact_candidates=2, cache=False)

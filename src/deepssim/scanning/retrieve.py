@@ -75,3 +75,18 @@ def exact_top_k(train, generated, k: int, *, chunk: int = 1024, progress: bool =
         bar.update(n * len(train) * 4)
     bar.close()
     return scores, indices
+
+
+def exact_candidates(train, generated, neighbours: np.ndarray, n: int, progress: bool = False) -> np.ndarray:
+    """(M, n') training indices: each generated image's best training images by exact SSIM (in four
+    flips, :func:`exact_top_k`) that its row of ``neighbours`` does not hold already, best first;
+    n' = min(n, training images - k)."""
+    k = neighbours.shape[1]
+    n = min(n, len(train) - k)
+    if n <= 0:
+        return np.zeros((len(neighbours), 0), dtype=np.int64)
+    _, exact = exact_top_k(train, generated, n + k, progress=progress)
+    out = np.empty((len(neighbours), n), dtype=np.int64)
+    for row, (found, known) in enumerate(zip(exact, neighbours, strict=True)):
+        out[row] = found[~np.isin(found, known)][:n]
+    return out

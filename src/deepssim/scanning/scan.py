@@ -37,7 +37,7 @@ from deepssim.scanning.decide import (
 )
 from deepssim.scanning.groups import group_of_each_image, group_summary
 from deepssim.scanning.registration import register_top_k
-from deepssim.scanning.retrieve import retrieve
+from deepssim.scanning.retrieve import exact_candidates, retrieve
 from deepssim.scanning.settings import ScanSettings
 from deepssim.scanning.summary import ScanSummary, percentiles, summarise
 from deepssim.scanning.tables import pairs_csv, results_csv
@@ -281,6 +281,18 @@ def scan(
         search = {"search": settings.search, "embed": embed, "engine": engine, "progress": progress}
         scores, neighbours, best_per_train = retrieve(metric, train_set, generated_set, settings.k, **search)
         lap("search")
+        if settings.exact_candidates:
+            scores, neighbours = _with_exact_candidates(
+                metric,
+                train_set,
+                generated_set,
+                scores,
+                neighbours,
+                settings.exact_candidates,
+                embed,
+                progress,
+            )
+            lap("exact candidates")
         reference_scores = None
         if reference_set is not None and two_stage:  # registered SSIM against the nearest other patients
             _, nearest, _ = retrieve(metric, reference_set, train_set, settings.k, **search)
@@ -412,6 +424,22 @@ def scan(
         best_other_scores=best_other,
         reidentifies=reidentifies,
     )
+
+
+def _with_exact_candidates(metric, train_set, generated_set, scores, neighbours, n, embed, progress):
+    """The retrieved (scores, neighbours) with each generated image's n best training images by
+    exact SSIM appended (those not retrieved already), scored by the metric (their cosine)."""
+    if not metric.is_embedding:
+        raise DeepSSIMError(
+            f"--exact-candidates adds exact-SSIM candidates to an embedding's retrieval; {metric.name} "
+            "already searches every pair"
+        )
+    extra = exact_candidates(train_set, generated_set, neighbours, n, progress)
+    if extra.shape[1] == 0:
+        return scores, neighbours
+    generated_vectors, train_vectors = embed(generated_set, "generated"), embed(train_set, "training")
+    extra_scores = np.einsum("md,mkd->mk", generated_vectors, train_vectors[extra]).astype(scores.dtype)
+    return np.concatenate([scores, extra_scores], axis=1), np.concatenate([neighbours, extra], axis=1)
 
 
 def best_other_scores(decided: np.ndarray, neighbours: np.ndarray, groups: list[str] | None) -> np.ndarray:

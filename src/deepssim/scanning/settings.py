@@ -73,6 +73,14 @@ class ScanSettings:
             "and count, not a class)"
         ),
     )
+    exact_candidates: int = field(
+        default=0,
+        metadata=option(
+            "also register each generated image's N best training images by exact SSIM over every pair "
+            "(in 4 flips): copies the retriever ranks low are decided too, at the cost of every pair's "
+            "exact SSIM four times (0: off)"
+        ),
+    )
     search: str = field(
         default="exact", metadata=option("nearest-neighbour search", choices=SEARCH_BACKENDS.names)
     )
@@ -95,6 +103,8 @@ class ScanSettings:
         SEARCH_BACKENDS[self.search]
         if self.k < 1:
             raise DeepSSIMError(f"--top-k must be at least 1, not {self.k}")
+        if self.exact_candidates < 0:
+            raise DeepSSIMError(f"--exact-candidates must be 0 or more, not {self.exact_candidates}")
         if self.batch_size < 1:
             raise DeepSSIMError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.group_by not in (None, "volume", "folder"):
