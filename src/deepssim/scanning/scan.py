@@ -354,7 +354,9 @@ def scan(
         thresholds=thresholds,
         reference_scores=reference_scores,
         search=settings.search,
-        decision=f"two-stage: {metric.name} retrieves the top {scores.shape[1]}, registered SSIM decides"
+        decision=f"two-stage: {metric.name} retrieves the top {min(settings.k, len(train_set))}"
+        + (f" (+ {scores.shape[1] - settings.k} by exact SSIM)" if scores.shape[1] > settings.k else "")
+        + ", registered SSIM decides"
         if two_stage
         else f"score: {metric.name} decides",
         precision=precision,
