@@ -157,3 +157,23 @@ def test_spacing_resamples_both_sets_to_one_grid(tmp_path):
     first.check_matches(second)
     assert first.shape == second.shape == (16, 16, 16)
     assert first.read(0).shape == (16, 16, 16)
+
+
+def test_the_foreground_score_counts_only_what_stays_in_view():
+    """A head that fills its grid loses its faces when moved back: that loss is not a difference."""
+    from deepssim.scanning.volumes import foreground_ssim3d, in_view
+    from deepssim.ssim.registered3d import RigidTransform3D, VolumeRegistration, warp_volume
+
+    rng = np.random.default_rng(5)
+    texture = ndimage.gaussian_filter(rng.normal(size=(32, 32, 32)), 1.5)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij"))
+    head = np.where((grid**2).sum(axis=0) < 1.5, 0.2 + (texture - texture.min()) / np.ptp(texture), 0.0)
+    move = RigidTransform3D((), (0.0, 0.0, 0.0), (3.0, -2.0, 2.0))  # whole voxels: an exact move
+    moved = warp_volume(head, move)
+    back = VolumeRegistration(0.9, 0.1, move.inverse())  # the registration that undoes it
+    aligned = warp_volume(moved, back.transform)
+    valid = in_view(moved, back)
+    np.testing.assert_array_equal(aligned[valid], head[valid])  # the same voxels wherever in view
+    in_view_score, whole_score = foreground_ssim3d(head, aligned, valid), foreground_ssim3d(head, aligned)
+    # (not 1: each volume is z-scored whole, filled faces included)
+    assert in_view_score > 0.85 and in_view_score > whole_score + 0.1
