@@ -23,7 +23,7 @@ import numpy as np
 
 from deepssim.errors import DeepSSIMError
 from deepssim.io.load import dicom_pixels, is_dicom_file, is_monochrome1
-from deepssim.io.orientation import Volume, resample, to_canonical
+from deepssim.io.orientation import Volume, canonical_axes, resample, to_canonical
 
 # Consecutive slice positions may differ from their mean spacing by this fraction of it (plus a
 # thousandth of a mm for rounding in the headers) before the series counts as unevenly spaced.
@@ -81,19 +81,13 @@ def read_series(folder: Path, spacing: tuple[float, float, float] | None = None)
 def series_geometry(folder: Path) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
     """(canonical shape, voxel size in mm along R, A, S) of the series in ``folder``, from the
     headers alone (no pixel data read)."""
-    import nibabel as nib
     import pydicom
 
     folder = Path(folder)
     files = series_files(folder)
     datasets = [_read(pydicom, path, stop_before_pixels=True) for path in files]
     geometry = _geometry(folder, files, datasets)
-    ornt = nib.orientations.io_orientation(geometry.affine)
-    shape, zooms = [0, 0, 0], [0.0, 0.0, 0.0]
-    for stored_axis, (target_axis, _) in enumerate(ornt):
-        shape[int(target_axis)] = geometry.shape[stored_axis]
-        zooms[int(target_axis)] = geometry.zooms[stored_axis]
-    return (shape[0], shape[1], shape[2]), (zooms[0], zooms[1], zooms[2])
+    return canonical_axes(geometry.shape, geometry.affine), canonical_axes(geometry.zooms, geometry.affine)
 
 
 def _read(pydicom, path: Path, stop_before_pixels: bool):

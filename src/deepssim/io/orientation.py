@@ -89,10 +89,27 @@ def to_canonical(data: np.ndarray, affine: np.ndarray, zooms) -> tuple[np.ndarra
     ornt = nib.orientations.io_orientation(affine)
     codes = "".join(c or "?" for c in nib.orientations.ornt2axcodes(ornt))
     canonical = nib.orientations.apply_orientation(data, ornt)
-    spacing = [0.0, 0.0, 0.0]
-    for stored_axis, (target_axis, _) in enumerate(ornt[:3]):
-        spacing[int(target_axis)] = float(zooms[stored_axis])
-    return np.ascontiguousarray(canonical), tuple(spacing), codes
+    spacing = canonical_axes([float(z) for z in zooms], affine)
+    return np.ascontiguousarray(canonical), spacing, codes
+
+
+def canonical_axes(values, affine) -> tuple:
+    """Per-axis values of the stored voxel axes (sizes, voxel sizes) in canonical (RAS) axis order."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    out = [None] * len(ornt)
+    for stored_axis, (target_axis, _) in enumerate(ornt):
+        out[int(target_axis)] = values[stored_axis]
+    return tuple(out)
+
+
+def resampled_shape(shape, zooms, spacing) -> tuple[int, ...]:
+    """The grid :func:`resample` makes of a canonical volume of ``shape`` and voxel size ``zooms``."""
+    factors = [float(z) / s for z, s in zip(zooms, spacing, strict=True)]
+    if np.allclose(factors, 1.0, rtol=1e-6):
+        return tuple(int(n) for n in shape)
+    return tuple(max(1, int(round(n * f))) for n, f in zip(shape, factors, strict=True))
 
 
 def resample(data: np.ndarray, zooms, spacing) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -100,10 +117,9 @@ def resample(data: np.ndarray, zooms, spacing) -> tuple[np.ndarray, tuple[float,
     from scipy import ndimage
 
     zooms = tuple(float(z) for z in zooms)
-    factors = [z / s for z, s in zip(zooms, spacing, strict=True)]
-    if np.allclose(factors, 1.0, rtol=1e-6):
+    shape = resampled_shape(data.shape, zooms, spacing)
+    if np.allclose([z / s for z, s in zip(zooms, spacing, strict=True)], 1.0, rtol=1e-6):
         return data, zooms
-    shape = [max(1, int(round(n * f))) for n, f in zip(data.shape, factors, strict=True)]
     real = [n / m for n, m in zip(shape, data.shape, strict=True)]
     out = ndimage.zoom(data, real, order=1, mode="nearest", grid_mode=True)
     return out, tuple(float(z / f) for z, f in zip(zooms, real, strict=True))
@@ -114,13 +130,9 @@ def geometry(path: Path) -> tuple[str, tuple[float, ...]]:
     import nibabel as nib
 
     image = nib.load(path)
-    ornt = nib.orientations.io_orientation(image.affine)
-    codes = "".join(c or "?" for c in nib.orientations.ornt2axcodes(ornt))
-    zooms = image.header.get_zooms()
-    spacing = [0.0] * len(ornt)
-    for stored_axis, (target_axis, _) in enumerate(ornt):
-        spacing[int(target_axis)] = round(float(zooms[stored_axis]), 4)
-    return codes, tuple(spacing[:3])
+    codes = "".join(c or "?" for c in nib.aff2axcodes(image.affine))
+    zooms = [round(float(z), 4) for z in image.header.get_zooms()]
+    return codes, canonical_axes(zooms, image.affine)[:3]
 
 
 def note_mixed_geometry(paths: Iterable[Path], spacing=None, what: str = "volumes") -> dict:

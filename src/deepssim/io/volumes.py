@@ -19,7 +19,7 @@ import numpy as np
 from deepssim.errors import DeepSSIMError
 from deepssim.io.dicom_series import read_series, series_files, series_geometry
 from deepssim.io.load import is_dicom_file
-from deepssim.io.orientation import read_canonical
+from deepssim.io.orientation import canonical_axes, read_canonical, resampled_shape
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 
@@ -157,24 +157,16 @@ def _header_geometry(path: Path, spacing) -> tuple[tuple[int, int, int], tuple[f
             f"{path}: a {len(shape)}D series ({_shape(shape)}); split it into 3D volumes first "
             "(e.g. nibabel.funcs.four_to_three or fslsplit)"
         )
-    ornt = nib.orientations.io_orientation(image.affine)
-    zooms = image.header.get_zooms()[:3]
-    canonical_shape, canonical_zooms = [0, 0, 0], [0.0, 0.0, 0.0]
-    for stored_axis, (target_axis, _) in enumerate(ornt[:3]):
-        canonical_shape[int(target_axis)] = int(shape[stored_axis])
-        canonical_zooms[int(target_axis)] = float(zooms[stored_axis])
-    return _resampled_geometry(canonical_shape, canonical_zooms, spacing)
+    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    return _resampled_geometry(
+        canonical_axes([int(n) for n in shape], image.affine), canonical_axes(zooms, image.affine), spacing
+    )
 
 
 def _resampled_geometry(canonical_shape, canonical_zooms, spacing):
     """The grid and voxel size a canonical volume has once read, resampled to ``spacing`` if given."""
-    if spacing is not None:  # the grid orientation.resample() will make, computed as it does
-        factors = [z / s for z, s in zip(canonical_zooms, spacing, strict=True)]
-        if not np.allclose(factors, 1.0, rtol=1e-6):
-            canonical_shape = [
-                max(1, int(round(n * f))) for n, f in zip(canonical_shape, factors, strict=True)
-            ]
-        return tuple(canonical_shape), tuple(float(s) for s in spacing)
+    if spacing is not None:
+        return resampled_shape(canonical_shape, canonical_zooms, spacing), tuple(float(s) for s in spacing)
     return tuple(canonical_shape), tuple(round(z, 4) for z in canonical_zooms)
 
 

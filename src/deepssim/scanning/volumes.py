@@ -298,9 +298,14 @@ def orthogonal_views_png(train, generated, registration, slabs, axis: int) -> st
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _moved(registration: VolumeRegistration) -> bool:
+    """Registration moved the generated volume (it stays where the plain pair scored as well)."""
+    return registration.ssim_registered > registration.ssim_plain
+
+
 def aligned_volume(generated: np.ndarray, registration: VolumeRegistration) -> np.ndarray:
     """The generated volume as registration aligned it (untouched where the plain pair won)."""
-    if registration.ssim_registered <= registration.ssim_plain:
+    if not _moved(registration):
         return generated
     return warp_volume(generated, registration.transform)
 
@@ -313,7 +318,7 @@ def foreground(volume: np.ndarray) -> np.ndarray:
 def in_view(generated: np.ndarray, registration: VolumeRegistration) -> np.ndarray:
     """Voxels of the aligned generated volume that come from inside its field of view (a move
     brings in voxels from outside it, filled with the background)."""
-    if registration.ssim_registered <= registration.ssim_plain:
+    if not _moved(registration):
         return np.ones(generated.shape, dtype=bool)
     inside = warp_volume(np.ones(generated.shape), registration.transform, fill=0.0, order=1)
     return inside > 1 - 1e-6
@@ -341,9 +346,7 @@ def slice_ssim(train: np.ndarray, aligned: np.ndarray, axis: int) -> np.ndarray:
     rows = np.union1d(content_slices(train, axis), content_slices(aligned, axis))
     if len(rows) == 0:
         return scores
-    order = _slice_order(axis)
-    a = np.take(train, rows, axis=axis).transpose(*order)
-    b = np.take(aligned, rows, axis=axis).transpose(*order)
+    a, b = np.moveaxis(train, axis, 0)[rows], np.moveaxis(aligned, axis, 0)[rows]
     varies = (a.reshape(len(a), -1).std(axis=1) > 0) & (b.reshape(len(b), -1).std(axis=1) > 0)
     scores[rows] = 0.0
     if varies.any():
@@ -489,18 +492,13 @@ def _embed_volumes(metric, volumes: VolumeSet, axis: int, settings, progress: bo
         rows = content_slices(volume, axis)
         if len(rows) == 0:
             raise DeepSSIMError(f"{volumes.paths[i]}: no slice holds anything but background; is it empty?")
-        slices = np.ascontiguousarray(np.take(volume, rows, axis=axis).transpose(*_slice_order(axis)))
+        slices = np.ascontiguousarray(np.moveaxis(volume, axis, 0)[rows])
         embedded = metric.embed(slices, batch_size=settings.batch_size, precision=settings.precision)
         vectors.append(embedded)
         owners.append(np.full(len(embedded), i))
         mean = embedded.mean(axis=0)
         pooled.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
     return _Embedded(np.concatenate(vectors), np.concatenate(owners), np.stack(pooled))
-
-
-def _slice_order(axis: int) -> tuple[int, int, int]:
-    """The transpose that puts the slice index first after np.take along ``axis``."""
-    return (axis, *[a for a in range(3) if a != axis])
 
 
 def _retrieval_scores(train: _Embedded, generated: _Embedded, how: str) -> np.ndarray:
