@@ -20,6 +20,13 @@ augmented batch z-scored again:
 - ``misaligned``: the evaluation protocol's views: flip along each axis, rotation uniform in
   +-0.1745 rad and gamma 0.5-1.5, each with probability 0.8.
 
+Besides the named sets, any "+"-joined list of *families* is a set of its own (the augmentation
+study turns them on and off one at a time): ``flip`` (p 0.5 per axis), ``rotate`` (+-0.1745 rad,
+p 0.8), ``translate`` (+-4 px, p 0.8), ``scale`` (0.9-1.05, p 0.5), ``elastic`` (a smooth
+displacement of up to 2 px, p 0.5), ``gamma`` (0.5-1.5, p 0.5), ``blur`` (sigma 0.25-1, p 0.5),
+``noise`` (Gaussian, sd 0.03 of the range, p 0.5), ``bias`` (as in ``v2``, p 0.5) and ``frame``
+(a thin bright border frame, the artefact some generators paint around their samples, p 0.3).
+
 Geometric and intensity transforms come from kornia and work on [0, 1] images, so each batch
 is min-max scaled per image first (background at 0, which is also the padding value), and
 z-scored per image at the end. Every parameter is drawn per image from the generator state;
@@ -31,6 +38,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn import functional as F
 
 from deepssim.extras import require
 from deepssim.io.normalise import unit_range, zscore_batch
@@ -41,6 +49,8 @@ BIAS_FIELD_DEGREE = 3
 # The augmentation-set registry: name -> function(kornia.augmentation, height, width) returning the
 # list of kornia steps. A new set is one function with @AUGMENTATION_SETS.register("name").
 AUGMENTATION_SETS: Registry = Registry("augmentation set")
+# The family registry, same signature: one kind of transform each, joined with "+" into a set.
+AUGMENTATION_FAMILIES: Registry = Registry("augmentation family")
 _degrees = math.degrees
 
 
@@ -105,6 +115,127 @@ def _none(K, height: int, width: int) -> list:
     return []
 
 
+@AUGMENTATION_FAMILIES.register("flip")
+def _flip(K, height: int, width: int) -> list:
+    return [K.RandomVerticalFlip(p=0.5), K.RandomHorizontalFlip(p=0.5)]
+
+
+@AUGMENTATION_FAMILIES.register("rotate")
+def _rotate(K, height: int, width: int) -> list:
+    return [K.RandomAffine(_degrees(0.1745), p=0.8)]
+
+
+@AUGMENTATION_FAMILIES.register("translate")
+def _translate(K, height: int, width: int) -> list:
+    return [K.RandomAffine(0.0, translate=(4 / width, 4 / height), p=0.8)]
+
+
+@AUGMENTATION_FAMILIES.register("scale")
+def _scale(K, height: int, width: int) -> list:
+    return [K.RandomAffine(0.0, scale=(0.9, 1.05), p=0.5)]
+
+
+@AUGMENTATION_FAMILIES.register("elastic")
+def _elastic(K, height: int, width: int) -> list:
+    return [RandomSmoothDisplacement(max_pixels=2.0, p=0.5)]
+
+
+@AUGMENTATION_FAMILIES.register("gamma")
+def _gamma(K, height: int, width: int) -> list:
+    return [K.RandomGamma(gamma=(0.5, 1.5), p=0.5)]
+
+
+@AUGMENTATION_FAMILIES.register("blur")
+def _blur(K, height: int, width: int) -> list:
+    return [K.RandomGaussianBlur(kernel_size=5, sigma=(0.25, 1.0), p=0.5)]
+
+
+@AUGMENTATION_FAMILIES.register("noise")
+def _noise(K, height: int, width: int) -> list:
+    return [K.RandomGaussianNoise(std=0.03, p=0.5)]
+
+
+@AUGMENTATION_FAMILIES.register("bias")
+def _bias(K, height: int, width: int) -> list:
+    return [RandomBiasField(BIAS_FIELD_DEGREE, 0.1, p=0.5)]
+
+
+@AUGMENTATION_FAMILIES.register("frame")
+def _frame(K, height: int, width: int) -> list:
+    return [RandomBorderFrame(p=0.3)]
+
+
+def augmentation_steps(spec: str, K, height: int, width: int) -> list:
+    """The kornia steps of a named set, or of a "+"-joined list of families (in that order)."""
+    if spec in AUGMENTATION_SETS:
+        return AUGMENTATION_SETS[spec](K, height, width)
+    steps = []
+    for family in spec.split("+"):
+        steps += AUGMENTATION_FAMILIES[family](K, height, width)
+    return steps
+
+
+def check_augmentation(spec: str) -> None:
+    """Raise the registry's error (which lists the choices) for an unknown set or family."""
+    if spec not in AUGMENTATION_SETS:
+        for family in spec.split("+"):
+            AUGMENTATION_FAMILIES[family]
+
+
+class RandomSmoothDisplacement(torch.nn.Module):
+    """Warp each image by a smooth random displacement field of up to ``max_pixels`` (bicubic
+    upsampling of a 6x6 grid of normal draws), drawn per image: an elastic deformation."""
+
+    def __init__(self, max_pixels: float, p: float, grid: int = 6):
+        super().__init__()
+        self.max_pixels, self.p, self.grid = max_pixels, p, grid
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        coarse = torch.randn(batch, 2, self.grid, self.grid, device=images.device)
+        field = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True)
+        peak = field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+        size = torch.rand(batch, 1, 1, 1, device=images.device) * self.max_pixels
+        apply = (torch.rand(batch, 1, 1, 1, device=images.device) < self.p).to(images.dtype)
+        pixels = field / peak * size * apply  # (B, 2, H, W): row and column displacement in pixels
+        rows = torch.linspace(-1, 1, height, device=images.device).view(1, height, 1)
+        columns = torch.linspace(-1, 1, width, device=images.device).view(1, 1, width)
+        grid = torch.stack(
+            [
+                columns + pixels[:, 1] * 2 / max(width - 1, 1),
+                rows + pixels[:, 0] * 2 / max(height - 1, 1),
+            ],
+            dim=-1,
+        )
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+class RandomBorderFrame(torch.nn.Module):
+    """Paint a thin bright rectangle (1-2 px wide, 0-4 px from the edge, 50-100% of the image's
+    maximum) on each image with probability ``p``: the frame some generators add to samples."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        device = images.device
+        inset = torch.randint(0, 5, (batch, 1, 1), device=device)
+        thickness = torch.randint(1, 3, (batch, 1, 1), device=device)
+        level = torch.rand(batch, 1, 1, device=device) * 0.5 + 0.5
+        apply = torch.rand(batch, 1, 1, device=device) < self.p
+        rows = torch.arange(height, device=device).view(1, height, 1)
+        columns = torch.arange(width, device=device).view(1, 1, width)
+        distance = torch.minimum(
+            torch.minimum(rows, height - 1 - rows), torch.minimum(columns, width - 1 - columns)
+        )  # (1, H, W): pixels to the nearest edge
+        on_frame = (distance >= inset) & (distance < inset + thickness) & apply
+        peak = images.amax(dim=(1, 2, 3)).view(batch, 1, 1)
+        painted = torch.where(on_frame, level * peak, images[:, 0])
+        return painted.unsqueeze(1)
+
+
 class RandomBiasField(torch.nn.Module):
     """Multiply each image by exp(a smooth polynomial field), as MRI bias fields look.
 
@@ -134,13 +265,14 @@ class RandomBiasField(torch.nn.Module):
 def augment_batch(images: torch.Tensor, name: str, seed: int | None = None) -> torch.Tensor:
     """Independently augmented, z-scored views of a (B, 1, H, W) batch of images.
 
+    name: a set name or a "+"-joined list of families (see the module docstring).
     ``seed`` fixes every random draw (kornia samples from torch's global generator, so the
     global state is seeded here and restored afterwards); None uses the current state.
     """
-    make_steps = AUGMENTATION_SETS[name]
+    check_augmentation(name)
     if name == "none":  # no kornia needed
         return zscore_batch(images)
-    steps = make_steps(require("kornia.augmentation"), images.shape[-2], images.shape[-1])
+    steps = augmentation_steps(name, require("kornia.augmentation"), images.shape[-2], images.shape[-1])
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:

@@ -54,6 +54,24 @@ KIND_SHARES = {
     "texture": 0.06,
 }
 MAX_DEFORM_PIXELS = 6.0
+
+
+def kind_shares(kinds: str = "all") -> dict[str, float]:
+    """The sampling share of each pair kind: all of ``KIND_SHARES``, or the comma-separated kinds
+    named, their shares renormalised (the augmentation study leaves kinds out this way)."""
+    if kinds == "all":
+        return dict(KIND_SHARES)
+    chosen = [k.strip() for k in kinds.split(",") if k.strip()]
+    unknown = [k for k in chosen if k not in KIND_SHARES]
+    if unknown or not chosen:
+        raise DeepSSIMError(
+            f"unknown pair kind {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(KIND_SHARES)} or all"
+        )
+    total = sum(KIND_SHARES[k] for k in chosen)
+    return {k: KIND_SHARES[k] / total for k in chosen}
+
+
 SAME_LEVEL_TOLERANCE = 2
 LOOKALIKES_PER_IMAGE = 8
 MAX_LOOKALIKE_POOL = 1500  # images whose all-pairs SSIM is computed to find lookalikes
@@ -202,6 +220,7 @@ def sample_pairs(
     generated: np.ndarray | None = None,
     stacks: list[str] | None = None,
     levels: list[str] | None = None,
+    kinds: str = "all",
 ) -> PairTable:
     """Self-supervised pairs stratified by SSIM over a pool of z-scored images.
 
@@ -211,7 +230,9 @@ def sample_pairs(
     stacks: the stack (volume and axis) of each image, within which slices are neighbours
     (default: the group). levels: each image's anatomical axis ("" where unknown); images of one
     axis whose slice indices differ by at most ``SAME_LEVEL_TOLERANCE`` are at the same level.
+    kinds: the pair kinds to draw (:func:`kind_shares`).
     """
+    shares = kind_shares(kinds)
     stacks = list(groups) if stacks is None else list(stacks)
     levels = [""] * len(groups) if levels is None else list(levels)
     n_train_images = len(groups)
@@ -229,6 +250,7 @@ def sample_pairs(
         others = generated[generated_split == split]
         candidates = _candidates(
             rng,
+            shares,
             pool,
             members,
             others,
@@ -244,8 +266,11 @@ def sample_pairs(
     return _concatenate(tables)
 
 
-def _candidates(rng, pool, members, others, groups, stacks, levels, slice_index, count, split) -> PairTable:
-    kinds = rng.choice(list(KIND_SHARES), size=count, p=list(KIND_SHARES.values()))
+def _candidates(
+    rng, shares, pool, members, others, groups, stacks, levels, slice_index, count, split
+) -> PairTable:
+    # wide enough for the fallback kinds ("lookalike", "random") whatever kinds were drawn
+    kinds = rng.choice(list(shares), size=count, p=list(shares.values())).astype("<U16")
     first = rng.choice(members, size=count)
     second = first.copy()
     partner = np.full(count, -1)

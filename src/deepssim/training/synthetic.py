@@ -65,6 +65,9 @@ CONTRASTS = {  # typical relative tissue means before jitter, in CLASSES order
     "FLAIR": (0.0, 0.08, 0.55, 0.40, 0.06, 0.60, 0.90),
 }
 CONTRAST_P = {"T1": 0.30, "T2": 0.20, "PD": 0.10, "FLAIR": 0.15, "random": 0.25}
+# "random": the contrast above per subject; "t1": every subject T1-like (the same random draws,
+# so anatomy and acquisition stay those of "random": only the tissue means change)
+CONTRAST_MODES = ("random", "t1")
 SOURCE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -195,9 +198,11 @@ class _Subject:
     params: dict
 
 
-def _draw_contrast(rng: np.random.Generator) -> tuple[str, np.ndarray]:
+def _draw_contrast(rng: np.random.Generator, contrast: str = "random") -> tuple[str, np.ndarray]:
     names = list(CONTRAST_P)
     mode = names[rng.choice(len(names), p=list(CONTRAST_P.values()))]
+    if contrast == "t1":
+        mode = "T1"
     if mode == "random":
         return mode, rng.uniform(0.0, 1.0, len(CLASSES))
     means = np.array(CONTRASTS[mode]) + rng.normal(0.0, 0.04, len(CLASSES))
@@ -263,13 +268,13 @@ def _warp_coordinates(rng: np.random.Generator, shape: tuple[int, ...], params: 
 
 
 @functools.lru_cache(maxsize=4)
-def _subject(seed: int) -> _Subject:
+def _subject(seed: int, contrast: str = "random") -> _Subject:
     """Anatomy, contrast and deformation of pseudo-subject ``seed`` (cached: all axes share it)."""
     atlas = load_atlas()
     rng = np.random.default_rng(derived_seed(seed, 0))
     shape = atlas.gm.shape
     params: dict = {"seed": int(seed), "voxel_mm": VOXEL_MM}
-    mode, means = _draw_contrast(rng)
+    mode, means = _draw_contrast(rng, contrast)
     sharpness = rng.uniform(1.0, 3.0)
     stripped = bool(rng.random() < 0.25)
     n_lesions = int(rng.integers(1, 6)) if rng.random() < 0.3 else 0
@@ -496,7 +501,13 @@ def _runs(rng: np.random.Generator, count: int, lo: int, hi: int) -> list[np.nda
 
 
 def synthetic_slices(
-    seed: int, count: int, *, size: tuple[int, int] = (128, 128), axes=(0, 1, 2), slab_mm: float | None = None
+    seed: int,
+    count: int,
+    *,
+    size: tuple[int, int] = (128, 128),
+    axes=(0, 1, 2),
+    slab_mm: float | None = None,
+    contrast: str = "random",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``count`` 2D slices of pseudo-subject ``seed``: (images (count, H, W) float32, axis, index).
 
@@ -512,7 +523,7 @@ def synthetic_slices(
     """
     if count < 0:
         raise ValueError("count must be non-negative")
-    subject = _subject(int(seed))
+    subject = _subject(int(seed), contrast)
     axes = tuple(int(a) for a in axes)
     per_axis = [count // len(axes) + (1 if k < count % len(axes) else 0) for k in range(len(axes))]
     images, axis_of, index_of = [], [], []
@@ -544,7 +555,12 @@ def subject_seed(seed: int, subject: int) -> int:
 
 
 def synthetic_subjects(
-    n_subjects: int, slices_per_subject: int, *, seed: int = 0, size: tuple[int, int] = (128, 128)
+    n_subjects: int,
+    slices_per_subject: int,
+    *,
+    seed: int = 0,
+    size: tuple[int, int] = (128, 128),
+    contrast: str = "random",
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Stacked slices of ``n_subjects`` pseudo-subjects, with a group name and slice index per image.
 
@@ -553,7 +569,9 @@ def synthetic_subjects(
     """
     images, groups, indices = [], [], []
     for k in range(n_subjects):
-        stack, axis, index = synthetic_slices(subject_seed(seed, k), slices_per_subject, size=size)
+        stack, axis, index = synthetic_slices(
+            subject_seed(seed, k), slices_per_subject, size=size, contrast=contrast
+        )
         images.append(stack)
         groups.extend(f"synth-{k:04d}/axis{a}" for a in axis)
         indices.append(index)

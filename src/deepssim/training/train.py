@@ -36,10 +36,27 @@ from deepssim.io.normalise import zscore
 from deepssim.progress import progress_bar
 from deepssim.seeds import derived_seed
 from deepssim.settings import option
-from deepssim.training.augment import AUGMENTATION_SETS, augment_batch
-from deepssim.training.pairs import PairTable, fingerprint, pairs_from_csv, sample_pairs, second_images
+from deepssim.training.augment import (
+    AUGMENTATION_FAMILIES,
+    AUGMENTATION_SETS,
+    augment_batch,
+    check_augmentation,
+)
+from deepssim.training.pairs import (
+    KIND_SHARES,
+    PairTable,
+    degrade,
+    fingerprint,
+    kind_shares,
+    pairs_from_csv,
+    sample_pairs,
+    second_images,
+)
+from deepssim.training.synthetic import CONTRAST_MODES
 
 WARMUP_SHARE = 0.05
+MAX_RANKING_OFFSET = 3  # the retrieval loss's hard negatives: slices 1-3 away in the same stack
+RANKING_COPY_STRENGTH = 0.5  # degradation of the retrieval loss's queries (the protocol's copies: 0.3)
 SYNTHETIC_SIZE = (128, 128)  # pseudo-subject slices when no training images set the size
 LOG_COLUMNS = [
     "epoch",
@@ -81,7 +98,32 @@ class TrainSettings:
         metadata=option("auto: bfloat16 only where the hardware computes it natively", choices=PRECISIONS),
     )
     augmentation: str = field(
-        default="rigid", metadata=option("augmentation set of the two views", choices=AUGMENTATION_SETS.names)
+        default="rigid",
+        metadata=option(
+            "augmentation of the two views: a set (" + ", ".join(AUGMENTATION_SETS.names()) + ") or "
+            "families joined with + (" + "+".join(AUGMENTATION_FAMILIES.names()) + ")"
+        ),
+    )
+    ranking_weight: float = field(
+        default=0.0,
+        metadata=option(
+            "weight of the retrieval loss beside the SSIM regression (InfoNCE: a degraded, augmented "
+            "copy must pick its own image among the batch's images and their neighbouring slices)"
+        ),
+    )
+    ranking_temperature: float = field(default=0.05, metadata=option("temperature of the retrieval loss"))
+    pair_kinds: str = field(
+        default="all",
+        metadata=option(
+            "kinds of self-supervised pairs, comma-separated (" + ",".join(KIND_SHARES) + "), or all"
+        ),
+    )
+    synthetic_contrast: str = field(
+        default="random",
+        metadata=option(
+            "pseudo-subjects' tissue contrast: random (T1/T2/PD/FLAIR-like or random) or t1 (T1-like only)",
+            choices=CONTRAST_MODES,
+        ),
     )
     n_pairs: int = field(default=20000, metadata=option("self-supervised pairs to sample"))
     val_fraction: float = field(default=0.2, metadata=option("share of images held out for validation"))
@@ -101,7 +143,12 @@ class TrainSettings:
 
     def check(self) -> None:
         resolve_precision(self.precision, self.device)
-        AUGMENTATION_SETS[self.augmentation]  # an unknown name is an error that lists the sets
+        check_augmentation(self.augmentation)  # an unknown name is an error that lists the choices
+        kind_shares(self.pair_kinds)
+        if self.synthetic_contrast not in CONTRAST_MODES:
+            raise DeepSSIMError(f"synthetic_contrast must be one of {', '.join(CONTRAST_MODES)}")
+        if self.ranking_weight < 0 or not self.ranking_temperature > 0:
+            raise DeepSSIMError("ranking_weight must be >= 0 and ranking_temperature > 0")
         if self.pretrained not in (None, "imagenet"):
             raise DeepSSIMError("pretrained must be 'imagenet' or absent")
         if self.synthetic_subjects < 0 or self.slices_per_subject < 1:
@@ -144,7 +191,8 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    pool, table, image_count = _pairs(images, generated, pairs_csv, options, settings, out_dir, progress)
+    pool, table, neighbours = _pairs(images, generated, pairs_csv, options, settings, out_dir, progress)
+    image_count = len(pool)
     train_pairs, val_pairs = table.of_split("train"), table.of_split("val")
     if len(train_pairs) == 0 or len(val_pairs) == 0:
         raise DeepSSIMError(
@@ -189,7 +237,9 @@ def train(
         model.save(out_dir / "best", training=summary)
     for epoch in range(start_epoch, settings.epochs):
         started = time.perf_counter()
-        train_mse = _train_epoch(network, optimizer, scheduler, pool, train_pairs, settings, epoch, progress)
+        train_mse = _train_epoch(
+            network, optimizer, scheduler, pool, neighbours, train_pairs, settings, epoch, progress
+        )
         row = {"epoch": epoch + 1, "train_mse": train_mse, **_validation(network, pool, val_pairs, settings)}
         row["learning_rate"] = scheduler.get_last_lr()[-1]
         row["seconds"] = time.perf_counter() - started
@@ -217,6 +267,15 @@ def train(
     return TrainingResult(
         out_dir / "best.safetensors", out_dir / "last.safetensors", log, best_config["training"]
     )
+
+
+def prepare_training_data(settings: TrainSettings, out_dir: str | Path, progress: bool = False) -> None:
+    """Synthesise the pseudo-subjects and sample the pairs of a synthetic-only run into
+    ``out_dir`` (``synthetic.npz``, ``pairs.npz``): runs that share them can link them in."""
+    settings.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _pairs(None, None, None, None, settings, out_dir, progress)
 
 
 def _validation(network, pool, val_pairs, settings) -> dict:
@@ -267,14 +326,8 @@ def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
         levels += [""] * len(files)
         slice_index += [-1 if ref.index is None else ref.index for ref in image_set.refs]
     if settings.synthetic_subjects:
-        from deepssim.training.synthetic import synthetic_subjects
-
-        if progress:
-            print(f"synthesising {settings.synthetic_subjects} pseudo-subjects ...")
-        synthetic, names, indices = synthetic_subjects(
-            settings.synthetic_subjects, settings.slices_per_subject, seed=settings.seed, size=shape
-        )
-        parts.append(zscore(synthetic).astype(np.float32))
+        synthetic, names, indices = _synthetic_pool(settings, shape, out_dir, progress)
+        parts.append(synthetic)
         keys += [f"{name}#{index}" for name, index in zip(names, indices, strict=True)]
         groups += [name.split("/")[0] for name in names]  # split by subject, not by axis
         stacks += names
@@ -291,6 +344,7 @@ def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
         "seed": settings.seed,
         "synthetic_subjects": settings.synthetic_subjects,
         "slices_per_subject": settings.slices_per_subject,
+        **({} if settings.pair_kinds == "all" else {"pair_kinds": settings.pair_kinds}),
         "pairs_csv": Path(pairs_csv).read_text(encoding="utf-8") if pairs_csv else None,
     }
     key = fingerprint(pool, keys, sampling)
@@ -314,9 +368,58 @@ def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
                 np.arange(n_training, len(pool)) if generated_set is not None else None,
                 stacks=stacks,
                 levels=levels,
+                kinds=settings.pair_kinds,
             )
         table.save(cache, key)
-    return pool, table, len(pool)
+    return pool, table, _neighbour_table(stacks, slice_index, len(pool))
+
+
+def _synthetic_pool(settings: TrainSettings, shape, out_dir: Path, progress: bool):
+    """The pseudo-subjects' z-scored slices, group names and slice indices, cached in
+    ``out_dir/synthetic.npz`` (a resumed run, or runs that differ only in training, skip synthesis)."""
+    from deepssim.training.synthetic import synthetic_subjects
+
+    identity = json.dumps(
+        [
+            settings.synthetic_subjects,
+            settings.slices_per_subject,
+            settings.seed,
+            list(shape),
+            settings.synthetic_contrast,
+        ]
+    )
+    cache = out_dir / "synthetic.npz"
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            if str(data["identity"]) == identity:
+                return data["images"], [str(n) for n in data["names"]], data["indices"]
+    except (OSError, KeyError, ValueError):
+        pass
+    if progress:
+        print(f"synthesising {settings.synthetic_subjects} pseudo-subjects ...")
+    synthetic, names, indices = synthetic_subjects(
+        settings.synthetic_subjects,
+        settings.slices_per_subject,
+        seed=settings.seed,
+        size=shape,
+        contrast=settings.synthetic_contrast,
+    )
+    images = zscore(synthetic).astype(np.float32)
+    with atomic_path(cache, suffix=".npz") as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, identity=np.array(identity), images=images, names=np.array(names), indices=indices)
+    return images, names, indices
+
+
+def _neighbour_table(stacks: list[str], slice_index: list[int], n_images: int) -> np.ndarray:
+    """(n_images, 2 * MAX_RANKING_OFFSET) pool rows of each image's slices 1-3 away in its stack,
+    -1 where there is none: the hard negatives of the retrieval loss."""
+    row_of = {(stack, index): row for row, (stack, index) in enumerate(zip(stacks, slice_index, strict=True))}
+    offsets = [d * sign for d in range(1, MAX_RANKING_OFFSET + 1) for sign in (-1, 1)]
+    table = np.full((n_images, len(offsets)), -1, dtype=np.int64)
+    for row, (stack, index) in enumerate(zip(stacks, slice_index, strict=True)):
+        if index >= 0:
+            table[row] = [row_of.get((stack, index + d), -1) for d in offsets]
+    return table
 
 
 def _parameter_groups(network, settings: TrainSettings) -> list[dict]:
@@ -352,15 +455,19 @@ def _views(pool, pairs: PairTable, augmentation: str, seed: int, channels: int, 
     return views.expand(-1, channels, -1, -1).contiguous(memory_format=torch.channels_last)
 
 
-def _cosine(network, views: torch.Tensor, precision: str) -> torch.Tensor:
+def _embed(network, views: torch.Tensor, precision: str) -> torch.Tensor:
+    """The network's float32 embeddings of a batch, computed in ``precision``."""
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(precision)
     with torch.autocast(views.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        embeddings = network(views).float()
-    first, second = embeddings.chunk(2)
+        return network(views).float()
+
+
+def _cosine(network, views: torch.Tensor, precision: str) -> torch.Tensor:
+    first, second = _embed(network, views, precision).chunk(2)
     return F.cosine_similarity(first, second, dim=1)
 
 
-def _train_epoch(network, optimizer, scheduler, pool, pairs, settings, epoch, progress) -> float:
+def _train_epoch(network, optimizer, scheduler, pool, neighbours, pairs, settings, epoch, progress) -> float:
     network.train()
     device = torch.device(settings.device)
     order = np.random.default_rng(derived_seed(settings.seed, epoch)).permutation(len(pairs))
@@ -374,7 +481,12 @@ def _train_epoch(network, optimizer, scheduler, pool, pairs, settings, epoch, pr
         views = _views(pool, batch, settings.augmentation, seed, network.input_channels, device)
         target = torch.from_numpy(batch.ssim.astype(np.float32)).to(device)
         torch.manual_seed(seed + 2)  # dropout
-        loss = F.mse_loss(_cosine(network, views, settings.precision), target)
+        mse = F.mse_loss(_cosine(network, views, settings.precision), target)
+        loss = mse
+        if settings.ranking_weight > 0:
+            loss = loss + settings.ranking_weight * _ranking_loss(
+                network, pool, neighbours, batch, settings, seed
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -382,11 +494,41 @@ def _train_epoch(network, optimizer, scheduler, pool, pairs, settings, epoch, pr
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        losses.append(loss.item())
+        losses.append(mse.item())
         bar.set_postfix(mse=f"{np.mean(losses[-20:]):.4f}")
         bar.update()
     bar.close()
     return float(np.mean(losses))
+
+
+def _ranking_loss(
+    network, pool, neighbours, batch: PairTable, settings: TrainSettings, seed: int
+) -> torch.Tensor:
+    """InfoNCE of retrieval: a degraded, augmented copy of each of the batch's first quarter of
+    anchor images must pick its own (clean) image among all anchors and one neighbouring slice
+    of each (the hard negatives the scan's retrieval confuses a copy with)."""
+    rng = np.random.default_rng(derived_seed(seed, 3))
+    anchors = batch.first[: max(2, settings.batch_size // 4)]
+    candidates = neighbours[anchors]
+    picks = [row[row >= 0] for row in candidates]
+    negatives = np.array([rng.choice(p) if len(p) else -1 for p in picks], dtype=np.int64)
+    negatives = negatives[negatives >= 0]
+    gallery_rows = np.concatenate([anchors, negatives])
+    copies = np.stack([degrade(pool[a], int(rng.integers(2**62)), RANKING_COPY_STRENGTH) for a in anchors])
+    device = torch.device(settings.device)
+    queries = augment_batch(
+        torch.from_numpy(copies.astype(np.float32)).unsqueeze(1).to(device), settings.augmentation, seed + 3
+    )
+    gallery = torch.from_numpy(pool[gallery_rows]).unsqueeze(1).to(device)
+    views = torch.cat([queries, gallery]).expand(-1, network.input_channels, -1, -1)
+    views = views.contiguous(memory_format=torch.channels_last)
+    embeddings = F.normalize(_embed(network, views, settings.precision), dim=1)
+    logits = embeddings[: len(anchors)] @ embeddings[len(anchors) :].T / settings.ranking_temperature
+    # the same image drawn twice (as another anchor or as a neighbour) is not a negative
+    same = torch.from_numpy(gallery_rows[None, :] == anchors[:, None]).to(device)
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(anchors), device=device))
 
 
 @torch.no_grad()
