@@ -74,7 +74,9 @@ TOP_K = 10
 
 
 def arm_folder(out: Path, arm: str) -> Path:
-    return out / arm.replace(" ", "").replace(",", "_").replace("+", "plus-").replace("-", "minus-", 1)
+    """'+ blur, noise, bias' -> OUT/plus-blur-noise-bias."""
+    words = arm.replace("+", "plus").replace("- ", "minus ").replace(",", "").split()
+    return out / "-".join(words)
 
 
 def settings_of(arm: str, budget: dict):

@@ -166,3 +166,12 @@ def test_registered_is_a_pairs_metric_for_calibrate_and_evaluate(near_copy):
     assert score == pytest.approx(registered_ssim(original, moved), abs=1e-12)
     with pytest.raises(DeepSSIMError, match="matched pairs only"):
         retrieve(metric, original[None], moved[None], 1)
+
+
+def test_contrast_quantiles_equal_numpy_quantiles_of_the_scaled_pixels():
+    from deepssim.ssim.registered import _LEVELS, _quantiles
+
+    images = np.random.default_rng(3).gamma(2.0, 30.0, size=(5, 33, 28))
+    unit = (images - images.min(axis=(1, 2), keepdims=True)) / np.ptp(images, axis=(1, 2), keepdims=True)
+    expected = np.quantile(unit[:, ::2, ::2].reshape(5, -1), _LEVELS, axis=1).T
+    np.testing.assert_allclose(_quantiles(images), expected, rtol=0, atol=1e-12)

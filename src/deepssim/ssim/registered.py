@@ -404,8 +404,20 @@ _UNIT_GAMMA = int(np.argmin(np.abs(np.log(GAMMAS))))
 
 def _quantiles(images: np.ndarray) -> np.ndarray:
     """(n, 99) intensity quantiles of each image min-max scaled to [0, 1]; every other row and column:
-    a quarter of the pixels estimate 99 quantiles well enough."""
-    return np.quantile(_unit(images)[:, ::2, ::2].reshape(len(images), -1), _LEVELS, axis=1).T
+    a quarter of the pixels estimate 99 quantiles well enough.
+
+    As ``np.quantile`` (linear interpolation) of the scaled pixels, but the scaling is linear, so the
+    raw sample is sorted once and only the 99 quantiles are scaled: about 5x faster."""
+    images = np.asarray(images)
+    low = images.min(axis=(-2, -1)).astype(np.float64)[:, None]
+    span = np.maximum(images.max(axis=(-2, -1)).astype(np.float64)[:, None] - low, 1e-12)
+    sample = np.sort(images[:, ::2, ::2].reshape(len(images), -1), axis=1).astype(np.float64)
+    position = _LEVELS * (sample.shape[1] - 1)
+    below = np.floor(position).astype(np.int64)
+    above = np.minimum(below + 1, sample.shape[1] - 1)
+    fraction = position - below
+    values = sample[:, below] + (sample[:, above] - sample[:, below]) * fraction
+    return (values - low) / span
 
 
 def _gamma_index(train_quantiles, generated_quantiles, train_rows, generated_rows) -> np.ndarray:

@@ -132,7 +132,10 @@ class TrainSettings:
         default=0, metadata=option("add N domain-randomised pseudo-subjects made from the MNI152 tissue maps")
     )
     slices_per_subject: int = field(default=24, metadata=option("slices taken from each pseudo-subject"))
-    initial_weights: str | None = None
+    initial_weights: str | None = field(
+        default=None,
+        metadata=option("fine-tune this checkpoint (or 'default') instead of starting from scratch"),
+    )
     pretrained: str | None = field(
         default=None, metadata=option("start from ImageNet backbone weights", choices=("imagenet",))
     )
