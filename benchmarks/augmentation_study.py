@@ -63,10 +63,17 @@ ARMS = {  # name: (TrainSettings fields that differ from the baseline, what the 
         {"pair_kinds": ",".join(k for k in ALL_KINDS if k != "deform")},
         "no elastic-deformation pairs",
     ),
-    "+ ranking loss": ({"ranking_weight": 1.0}, "InfoNCE: copy vs own image and neighbouring slices"),
-    "+ ranking loss, frame": (
-        {"augmentation": BASE + "+frame", "ranking_weight": 1.0},
-        "the retrieval loss with the frame artefact",
+    "+ InfoNCE ranking": (
+        {"ranking_weight": 1.0, "ranking_loss": "infonce"},
+        "retrieval loss, softmax: a copy against its own image and neighbouring slices",
+    ),
+    "+ margin ranking": (
+        {"ranking_weight": 1.0, "ranking_loss": "margin"},
+        "retrieval loss, hinge: the own image must beat the hardest other by 0.05",
+    ),
+    "+ margin ranking, frame": (
+        {"augmentation": BASE + "+frame", "ranking_weight": 1.0, "ranking_loss": "margin"},
+        "the hinge retrieval loss with the frame artefact",
     ),
 }
 PER_CLASS = 30
@@ -242,7 +249,7 @@ def report(out: Path, results: list[dict], budget: dict, cpu: str) -> None:
     header = "| arm | changes | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
     lines = [header, "|" + " --- |" * (len(COLUMNS) + 2)]
     for r in results:
-        change = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "-"
+        change = ", ".join(f"{k}={v}" for k, v in ARMS[r["arm"]][0].items()) or "-"
         cells = " | ".join(format(r[key], fmt) for key, _, fmt in COLUMNS)
         lines.append(f"| {r['arm']} | {change} | {cells} |")
     kinds = sorted({k for r in results for k in r["signed_error_by_kind"]})

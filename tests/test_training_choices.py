@@ -106,15 +106,16 @@ def test_ranking_loss_trains_and_the_pseudo_subjects_are_cached(tmp_path, monkey
     training.prepare_training_data(settings, tmp_path / "ranked")  # same identity: the cache serves
 
 
-def test_ranking_loss_is_low_when_copies_find_their_own_image():
+@pytest.mark.parametrize("loss", ["margin", "infonce"])
+def test_ranking_loss_is_low_when_copies_find_their_own_image(loss):
     """A network whose embedding is the image itself retrieves each degraded copy: a loss far
-    below that of a network that cannot tell images apart (log of the gallery size)."""
+    below that of a network that cannot tell images apart (the margin, or log of the gallery size)."""
     from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(0)
     pool = np.stack([gaussian_filter(rng.normal(size=(24, 24)), 2.0) for _ in range(8)]).astype(np.float32)
     neighbours = np.array([[i + 1] if i + 1 < 8 else [-1] for i in range(8)])
-    settings = TrainSettings(batch_size=16, augmentation="none", precision="float32")
+    settings = TrainSettings(batch_size=16, augmentation="none", precision="float32", ranking_loss=loss)
     batch = type("Batch", (), {"first": np.array([0, 2, 4, 6])})()  # 4 anchors and their neighbours
 
     class Network(torch.nn.Module):
@@ -130,7 +131,8 @@ def test_ranking_loss_is_low_when_copies_find_their_own_image():
 
     seeing = training._ranking_loss(Network(False), pool, neighbours, batch, settings, seed=0)
     blind = training._ranking_loss(Network(True), pool, neighbours, batch, settings, seed=0)
-    assert blind.item() == pytest.approx(np.log(8), abs=1e-4)  # 4 anchors + 4 neighbours
+    chance = np.log(8) if loss == "infonce" else settings.ranking_margin  # 4 anchors + 4 neighbours
+    assert blind.item() == pytest.approx(chance, abs=1e-4)
     assert seeing.item() < 0.1 * blind.item()
 
 

@@ -56,6 +56,7 @@ from deepssim.training.synthetic import CONTRAST_MODES
 
 WARMUP_SHARE = 0.05
 MAX_RANKING_OFFSET = 3  # the retrieval loss's hard negatives: slices 1-3 away in the same stack
+RANKING_LOSSES = ("margin", "infonce")
 RANKING_COPY_STRENGTH = 0.5  # degradation of the retrieval loss's queries (the protocol's copies: 0.3)
 SYNTHETIC_SIZE = (128, 128)  # pseudo-subject slices when no training images set the size
 LOG_COLUMNS = [
@@ -107,11 +108,22 @@ class TrainSettings:
     ranking_weight: float = field(
         default=0.0,
         metadata=option(
-            "weight of the retrieval loss beside the SSIM regression (InfoNCE: a degraded, augmented "
-            "copy must pick its own image among the batch's images and their neighbouring slices)"
+            "weight of the retrieval loss beside the SSIM regression (a degraded, augmented copy "
+            "must pick its own image among the batch's images and their neighbouring slices)"
         ),
     )
-    ranking_temperature: float = field(default=0.05, metadata=option("temperature of the retrieval loss"))
+    ranking_loss: str = field(
+        default="margin",
+        metadata=option(
+            "margin: the copy's cosine with its own image must beat its best other by --ranking-margin "
+            "(leaves the SSIM scale alone); infonce: softmax over the gallery (pushes every other down)",
+            choices=RANKING_LOSSES,
+        ),
+    )
+    ranking_margin: float = field(default=0.05, metadata=option("cosine margin of the margin retrieval loss"))
+    ranking_temperature: float = field(
+        default=0.05, metadata=option("temperature of the infonce retrieval loss")
+    )
     pair_kinds: str = field(
         default="all",
         metadata=option(
@@ -150,8 +162,12 @@ class TrainSettings:
         kind_shares(self.pair_kinds)
         if self.synthetic_contrast not in CONTRAST_MODES:
             raise DeepSSIMError(f"synthetic_contrast must be one of {', '.join(CONTRAST_MODES)}")
-        if self.ranking_weight < 0 or not self.ranking_temperature > 0:
-            raise DeepSSIMError("ranking_weight must be >= 0 and ranking_temperature > 0")
+        if self.ranking_weight < 0 or not self.ranking_temperature > 0 or not 0 <= self.ranking_margin < 2:
+            raise DeepSSIMError(
+                "ranking_weight must be >= 0, ranking_temperature > 0 and ranking_margin in [0, 2)"
+            )
+        if self.ranking_loss not in RANKING_LOSSES:
+            raise DeepSSIMError(f"ranking_loss must be one of {', '.join(RANKING_LOSSES)}")
         if self.pretrained not in (None, "imagenet"):
             raise DeepSSIMError("pretrained must be 'imagenet' or absent")
         if self.synthetic_subjects < 0 or self.slices_per_subject < 1:
@@ -507,9 +523,12 @@ def _train_epoch(network, optimizer, scheduler, pool, neighbours, pairs, setting
 def _ranking_loss(
     network, pool, neighbours, batch: PairTable, settings: TrainSettings, seed: int
 ) -> torch.Tensor:
-    """InfoNCE of retrieval: a degraded, augmented copy of each of the batch's first quarter of
+    """The retrieval loss: a degraded, augmented copy of each of the batch's first quarter of
     anchor images must pick its own (clean) image among all anchors and one neighbouring slice
-    of each (the hard negatives the scan's retrieval confuses a copy with)."""
+    of each (the hard negatives the scan's retrieval confuses a copy with). ``margin``: the mean
+    over copies of how far their hardest other image comes within ``ranking_margin`` of their own
+    (zero once it is beaten: the cosine keeps the SSIM scale); ``infonce``: cross-entropy of the
+    softmax over the gallery at ``ranking_temperature``."""
     rng = np.random.default_rng(derived_seed(seed, 3))
     anchors = batch.first[: max(2, settings.batch_size // 4)]
     candidates = neighbours[anchors]
@@ -526,12 +545,18 @@ def _ranking_loss(
     views = torch.cat([queries, gallery]).expand(-1, network.input_channels, -1, -1)
     views = views.contiguous(memory_format=torch.channels_last)
     embeddings = F.normalize(_embed(network, views, settings.precision), dim=1)
-    logits = embeddings[: len(anchors)] @ embeddings[len(anchors) :].T / settings.ranking_temperature
+    similarity = embeddings[: len(anchors)] @ embeddings[len(anchors) :].T
     # the same image drawn twice (as another anchor or as a neighbour) is not a negative
     same = torch.from_numpy(gallery_rows[None, :] == anchors[:, None]).to(device)
     same.fill_diagonal_(False)
-    logits = logits.masked_fill(same, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(len(anchors), device=device))
+    own = torch.arange(len(anchors), device=device)
+    if settings.ranking_loss == "infonce":
+        logits = (similarity / settings.ranking_temperature).masked_fill(same, float("-inf"))
+        return F.cross_entropy(logits, own)
+    others = similarity.masked_fill(same, float("-inf"))
+    others[own, own] = float("-inf")
+    hardest = others.max(dim=1).values
+    return F.relu(hardest - similarity[own, own] + settings.ranking_margin).mean()
 
 
 @torch.no_grad()
