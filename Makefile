@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml setup.py src/deepssim/ssim/_kernel.c src/deepssim/ssim/_volume_kernel.c
+$(STAMP): pyproject.toml setup.py src/deepssim/ssim/_kernel.c src/deepssim/ssim/_volume_kernel.c \
+		src/deepssim/ssim/_warp_kernel.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

@@ -4,6 +4,7 @@ and the exact scoring rules (``docs/registration.md`` explains each step and its
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from deepssim.io.normalise import zscore
-from deepssim.ssim.engine import prepare, ssim_prepared_pairs_indexed
+from deepssim.ssim.engine import _in_threads, prepare, ssim_prepared_pairs_indexed
+
+try:
+    from deepssim.ssim import _warp_kernel
+except ImportError:  # built without a C compiler: torch's grid_sample warps
+    _warp_kernel = None
 
 if TYPE_CHECKING:
     from deepssim.ssim.registered import RegistrationSettings
@@ -214,19 +220,67 @@ def _warp(images, linear, offset, rows, cols, full_shape, mode="bilinear") -> to
     x runs over the output grid ``rows`` x ``cols`` (centred full-res coordinates); the images cover
     the full frame whatever their resolution, so one map serves every level. Returns (N, K, rows,
     cols); outside the frame the value is 0, so callers pass images minus their background.
+    grid_sample computes it; on the CPU in float32 the C kernel ``_warp_kernel.c`` computes the same
+    values (bit for bit with this torch's rounding, see :func:`_fused`) without building the grid.
     """
-    n, k = linear.shape[:2]
+    lin, off = _normalised(linear, offset, full_shape)
+    if (
+        _warp_kernel is not None
+        and mode in ("bilinear", "bicubic")
+        and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in (images, lin, rows, cols))
+    ):
+        return _warp_c(images, lin, off, rows, cols, mode, _fused(mode))
+    return _warp_torch(images, lin, off, rows, cols, mode)
+
+
+def _normalised(linear, offset, full_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The map in grid_sample's normalised coordinates (source * 2 / size, as (col, row)): the grid is
+    rows[i] * lin[..., 0] + off + cols[j] * lin[..., 1], a row part plus a column part."""
     height, width = full_shape
-    # grid_sample's normalised coordinates (source * 2 / size, as (col, row)) are affine in the output
-    # row and column: a row part plus a column part, broadcast into the grid in one pass
     norm = linear.new_tensor([2 / width, 2 / height])
-    lin = linear.flip(-2) * norm[:, None]  # rows of L reordered to (col, row)
-    off = offset.flip(-1) * norm
+    return linear.flip(-2) * norm[:, None], offset.flip(-1) * norm  # rows of L reordered to (col, row)
+
+
+def _warp_torch(images, lin, off, rows, cols, mode) -> torch.Tensor:
+    """_warp by grid_sample, the grid broadcast from its row part and its column part in one pass."""
+    n, k = lin.shape[:2]
     row_part = rows[:, None, None] * lin[..., None, None, :, 0] + off[..., None, None, :]  # (N, K, h, 1, 2)
     grid = row_part + cols[:, None] * lin[..., None, None, :, 1]  # (N, K, h, w, 2)
     grid = grid.reshape(n, k * len(rows), len(cols), 2)
     out = F.grid_sample(images[:, None], grid, mode=mode, padding_mode="zeros", align_corners=False)
     return out.reshape(n, k, len(rows), len(cols))
+
+
+def _warp_c(images, lin, off, rows, cols, mode, fused: bool) -> torch.Tensor:
+    """_warp by the C kernel (bilinear or bicubic), the images split among torch's threads."""
+    (n, h, w), k = images.shape, lin.shape[1]
+    arrays = [x.detach().contiguous().numpy() for x in (images, lin, off, rows, cols)]
+    out = torch.empty((n, k, len(rows), len(cols)), dtype=torch.float32)
+    buffer, shape = out.numpy(), (k, h, w, len(rows), len(cols))
+
+    def run(start: int, stop: int) -> int:
+        return _warp_kernel.warp(*arrays, buffer, start, stop, *shape, mode == "bicubic", fused)
+
+    if any(_in_threads(n, run, minimum=4)):
+        raise MemoryError("the warp kernel could not allocate its workspace")
+    return out
+
+
+@functools.cache
+def _fused(mode: str) -> bool:
+    """Whether this torch's grid_sample rounds as the kernel's fused variant (its AVX2 and AVX-512
+    kernels fuse some multiply-adds; its scalar kernel fuses none): the variant that matches it
+    better on a small fixed case (exactly, where it is one of the two)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn((2, 13, 11), generator=generator)
+    linear, offset = _sampling_map([1, 2], [7.0, -11.0], [1.07, 0.93], np.array([[1.3, -2.2], [0.4, 0.7]]))
+    lin, off = _normalised(linear[:, None], offset[:, None], (40, 36))
+    rows, cols = _level((19, 17), (40, 36), "cpu")
+    reference = _warp_torch(images, lin, off, rows, cols, mode)
+    fused, plain = (
+        (_warp_c(images, lin, off, rows, cols, mode, f) - reference).abs().max() for f in (True, False)
+    )
+    return bool(fused <= plain)
 
 
 # --------------------------------------------------------------------------------------------------
