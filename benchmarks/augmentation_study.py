@@ -297,6 +297,30 @@ def _figure(path: Path, results: list[dict]) -> None:
     figure.savefig(path, dpi=100)
 
 
+def evaluate_models(models: list[str], out: Path, seed: int) -> None:
+    """The study's numbers for finished models (the shipped one, a candidate default), per source too."""
+    from deepssim.embedding.model import DeepSSIM
+    from deepssim.hardware import cpu_description
+
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"CPU: {cpu_description()}")
+    rows = []
+    for model in models:
+        metrics = measure(DeepSSIM.load(model), seed)
+        rows.append({"model": model, **metrics})
+        print(f"{model}: " + ", ".join(f"{h} {metrics[k]:{f}}" for k, h, f in COLUMNS if k in metrics))
+    (out / "models.json").write_text(json.dumps(rows, indent=1) + "\n")
+    keys = [c for c in COLUMNS if c[0] in rows[0]]
+    lines = ["| model | held-out source | " + " | ".join(h for _, h, _ in keys) + " |"]
+    lines.append("|" + " --- |" * (len(keys) + 2))
+    for row in rows:
+        for source, values in [("mean of 5", row), *row["per_source"].items()]:
+            cells = " | ".join(format(values[k], f) if k in values else "" for k, _, f in keys)
+            lines.append(f"| {row['model']} | {source} | {cells} |")
+    (out / "models.md").write_text("\n".join(lines) + "\n")
+    print((out / "models.md").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="build/augmentation-study")
@@ -307,10 +331,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once (threads split evenly)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--evaluate",
+        nargs="+",
+        metavar="MODEL",
+        help="instead of the study: measure these models ('default' or checkpoints) the same way",
+    )
     args = parser.parse_args()
     import torch
 
     from deepssim.hardware import cpu_description
+
+    if args.evaluate:
+        evaluate_models(args.evaluate, Path(args.out), args.seed)
+        return
 
     out = Path(args.out)
     budget = {

@@ -150,3 +150,32 @@ def test_cli_refuses_bad_training_choices(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_every_study_arm_is_a_valid_setting_in_its_own_folder(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import augmentation_study as study
+
+    budget = {"synthetic_subjects": 2, "slices_per_subject": 3, "n_pairs": 10, "epochs": 1, "seed": 0}
+    folders = set()
+    for arm in study.ARMS:
+        settings = study.settings_of(arm, budget)
+        settings.check()
+        changed = {
+            k for k, v in settings.__dict__.items() if v != study.settings_of("baseline", budget).__dict__[k]
+        }
+        assert changed == set(study.ARMS[arm][0]) - {"ranking_loss"} or arm == "+ InfoNCE ranking", arm
+        folders.add(study.arm_folder(tmp_path, arm))
+    assert len(folders) == len(study.ARMS)
+    fake = {
+        "arm": "baseline",
+        "signed_error_by_kind": {"aligned:neighbour_slice": 0.2},
+        **{key: 0.5 for key, _, _ in study.COLUMNS},
+    }
+    study.report(tmp_path, [fake, {**fake, "arm": "+ frame", "recall_at_1": 0.9}], budget, "test CPU")
+    table = (tmp_path / "results.md").read_text()
+    assert "| + frame | augmentation=flip+rotate+translate+gamma+frame | 0.90 |" in table
+    assert (tmp_path / "augmentation_study.png").stat().st_size > 1000
