@@ -63,6 +63,10 @@ ARMS = {  # name: (TrainSettings fields that differ from the baseline, what the 
         {"pair_kinds": ",".join(k for k in ALL_KINDS if k != "deform")},
         "no elastic-deformation pairs",
     ),
+    "baseline, seed 1": (
+        {"seed": 1},
+        "the baseline again with another seed (subjects, pairs, initialisation): run-to-run noise",
+    ),
     "+ InfoNCE ranking": (
         {"ranking_weight": 1.0, "ranking_loss": "infonce"},
         "retrieval loss, softmax: a copy against its own image and neighbouring slices",
@@ -98,8 +102,11 @@ def prepare_data(out: Path, arms: list[str], budget: dict) -> None:
     from deepssim.training.train import prepare_training_data
 
     for arm in arms:
+        if (arm_folder(out, arm) / "metrics.json").exists():
+            continue
         settings = settings_of(arm, budget)
-        subjects = out / "data" / settings.synthetic_contrast  # pseudo-subjects: one set per contrast
+        # pseudo-subjects: one set per contrast and seed
+        subjects = out / "data" / f"{settings.synthetic_contrast}-seed{settings.seed}"
         variant = subjects / settings.pair_kinds.replace(",", "-")
         variant.mkdir(parents=True, exist_ok=True)
         if (subjects / "all" / "synthetic.npz").exists() and not (variant / "synthetic.npz").exists():
