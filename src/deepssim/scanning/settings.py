@@ -36,12 +36,12 @@ class ScanSettings:
             flag="--reference-threshold",
         ),
     )
-    registration: Literal["full", "cascade"] = field(
-        default="full",
+    registration: Literal["cascade", "full"] = field(
+        default="cascade",
         metadata=option(
-            "two-stage registration: full registers every top-k pair; cascade registers only the "
-            "pairs that can change a generated image's class or best pair (every Similar and Duplicate "
-            "keeps its exact registered SSIM; not yet faster on copy-heavy sets, see README)"
+            "two-stage registration: cascade registers only the pairs that can change a generated "
+            "image's class or best pair (every Similar and Duplicate keeps its exact registered SSIM); "
+            "full registers every top-k pair (for audits)"
         ),
     )
     verify: bool = field(
