@@ -165,21 +165,17 @@ def _frame(K, height: int, width: int) -> list:
     return [RandomBorderFrame(p=0.3)]
 
 
-def augmentation_steps(spec: str, K, height: int, width: int) -> list:
-    """The kornia steps of a named set, or of a "+"-joined list of families (in that order)."""
+def check_augmentation(spec: str) -> list:
+    """The step makers of a named set, or of a "+"-joined list of families (in that order); an
+    unknown name raises the registry's error, which lists the choices."""
     if spec in AUGMENTATION_SETS:
-        return AUGMENTATION_SETS[spec](K, height, width)
-    steps = []
-    for family in spec.split("+"):
-        steps += AUGMENTATION_FAMILIES[family](K, height, width)
-    return steps
+        return [AUGMENTATION_SETS[spec]]
+    return [AUGMENTATION_FAMILIES[family] for family in spec.split("+")]
 
 
-def check_augmentation(spec: str) -> None:
-    """Raise the registry's error (which lists the choices) for an unknown set or family."""
-    if spec not in AUGMENTATION_SETS:
-        for family in spec.split("+"):
-            AUGMENTATION_FAMILIES[family]
+def augmentation_steps(spec: str, K, height: int, width: int) -> list:
+    """The kornia steps of ``spec`` (see :func:`check_augmentation`)."""
+    return [step for make in check_augmentation(spec) for step in make(K, height, width)]
 
 
 class RandomSmoothDisplacement(torch.nn.Module):
@@ -269,7 +265,6 @@ def augment_batch(images: torch.Tensor, name: str, seed: int | None = None) -> t
     ``seed`` fixes every random draw (kornia samples from torch's global generator, so the
     global state is seeded here and restored afterwards); None uses the current state.
     """
-    check_augmentation(name)
     if name == "none":  # no kornia needed
         return zscore_batch(images)
     steps = augmentation_steps(name, require("kornia.augmentation"), images.shape[-2], images.shape[-1])

@@ -390,7 +390,9 @@ def _pairs(images, generated, pairs_csv, options, settings, out_dir, progress):
                 kinds=settings.pair_kinds,
             )
         table.save(cache, key)
-    return pool, table, _neighbour_table(stacks, slice_index, len(pool))
+    # the retrieval loss's hard negatives; without that loss nothing reads them
+    neighbours = _neighbour_table(stacks, slice_index, len(pool)) if settings.ranking_weight > 0 else None
+    return pool, table, neighbours
 
 
 def _synthetic_pool(settings: TrainSettings, shape, out_dir: Path, progress: bool):
