@@ -46,21 +46,60 @@ _TRIVIAL_PX = 0.25
 _FAR_PX = 2.0
 
 
-def _register_chunk(train, contrast, original, pairs, changed, settings, result, part, screened=None) -> None:
-    """Search and score one chunk of pairs, each image handled once however many pairs it is in.
+class ChunkImages:
+    """The images of one chunk of pairs, each once however many pairs it is in, and what the screen
+    and the search compute from them (z-scores, SSIM statistics), computed once for both.
 
     train (Nt, H, W): training images; contrast (Nc, H, W): contrast-registered generated images;
-    original (No, H, W): untouched generated images (their SSIM is the plain SSIM); ``pairs``
-    (3, n): each pair's row in train, contrast and original; ``changed`` (Nc,): the contrast
-    image differs from its original. Writes the pairs' results into ``result[part]``. ``screened``:
-    the pairs' (plain, identity, coarse candidates) from :func:`_screen_chunk`, not recomputed.
-    """
-    pt, pc, po = pairs
-    device = torch.device(settings.device)
-    t = torch.from_numpy(zscore(train)).float().to(device)
-    g = torch.from_numpy(zscore(contrast)).float().to(device)
+    original (No, H, W): untouched generated images (their SSIM is the plain SSIM); ``pairs`` (3, n):
+    each pair's row in train, contrast and original; ``changed`` (Nc,): the contrast image differs
+    from its original."""
+
+    def __init__(self, train, contrast, original, pairs, changed, device) -> None:
+        self.train, self.contrast, self.original, self.changed = train, contrast, original, changed
+        self.pairs = tuple(np.asarray(p) for p in pairs)
+        self.device = torch.device(device)
+
+    @functools.cached_property
+    def train_z(self) -> torch.Tensor:
+        return torch.from_numpy(zscore(self.train)).float().to(self.device)
+
+    @functools.cached_property
+    def contrast_z(self) -> torch.Tensor:
+        return torch.from_numpy(zscore(self.contrast)).float().to(self.device)
+
+    @functools.cached_property
+    def prepared_train(self):
+        return prepare(self.train, "train", np.float64)
+
+    def unmoved_scores(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """Exact SSIM of the pairs ``rows``' untouched generated images (plain SSIM) and of their
+        contrast-registered ones, not moved; every image prepared once for all its pairs."""
+        pt, pc, po = (p[rows] for p in self.pairs)
+        used, po = np.unique(po, return_inverse=True)
+        plain = ssim_prepared_pairs_indexed(
+            self.prepared_train, prepare(self.original[used], "generated", np.float64), pt, po
+        )
+        identity = plain.copy()
+        moved = self.changed[pc]  # pairs whose contrast image differs from the original
+        if moved.any():
+            which, row_of = np.unique(pc[moved], return_inverse=True)
+            identity[moved] = ssim_prepared_pairs_indexed(
+                self.prepared_train, prepare(self.contrast[which], "generated", np.float64), pt[moved], row_of
+            )
+        return plain, identity
+
+
+def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=None) -> None:
+    """Search and score the pairs ``rows`` (indices into ``images.pairs``) and write their results
+    into ``result[part]``. ``screened``: those pairs' (plain, identity, coarse candidates) from
+    :func:`_screen_chunk`, not recomputed."""
+    pt, pc, _ = (p[rows] for p in images.pairs)
+    train, contrast, device = images.train, images.contrast, images.device
     coarse_found = None if screened is None else screened[2]
-    flip, rotation, scale, shift = _search(t, g, pt, pc, settings, coarse_found)[:4]
+    flip, rotation, scale, shift = _search(images.train_z, images.contrast_z, pt, pc, settings, coarse_found)[
+        :4
+    ]
     n, shape = len(pt), train.shape[1:]
 
     # Exact candidates besides the identity: the flip with the shift rounded to whole pixels, unless the
@@ -71,7 +110,7 @@ def _register_chunk(train, contrast, original, pairs, changed, settings, result,
     moves = _displacement(rotation, scale, shift, shape)
     need_exact = ((flip != 0) | (whole != 0).any(axis=1)) & (moves < _FAR_PX)
     need_warp = moves >= _TRIVIAL_PX
-    prepared_train = prepare(train, "train", np.float64)  # each training image once for all its pairs
+    prepared_train = images.prepared_train  # each training image once for all its pairs
 
     def score(candidates: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
         rows = np.arange(len(candidates))
@@ -79,10 +118,7 @@ def _register_chunk(train, contrast, original, pairs, changed, settings, result,
             prepared_train, prepare(candidates, "generated", np.float64), train_rows, rows
         )
 
-    if screened is None:
-        plain, identity = _unmoved_scores(prepared_train, contrast, original, pairs, changed)
-    else:
-        plain, identity = screened[0], screened[1]
+    plain, identity = images.unmoved_scores(rows) if screened is None else screened[:2]
     exact = identity.copy()
     if need_exact.any():
         exact[need_exact] = score(
@@ -93,11 +129,17 @@ def _register_chunk(train, contrast, original, pairs, changed, settings, result,
         linear, offset = _sampling_map(
             flip[need_warp], rotation[need_warp], scale[need_warp], shift[need_warp]
         )
-        gw = g[torch.from_numpy(pc[need_warp]).to(device)]
+        gw = images.contrast_z[torch.from_numpy(pc[need_warp]).to(device)]
         gw = gw - gw.amin(dim=(1, 2), keepdim=True)
-        rows, cols = _level(shape, shape, device)
+        level_rows, level_cols = _level(shape, shape, device)
         warped = _warp(
-            gw, linear[:, None].to(device), offset[:, None].to(device), rows, cols, shape, "bicubic"
+            gw,
+            linear[:, None].to(device),
+            offset[:, None].to(device),
+            level_rows,
+            level_cols,
+            shape,
+            "bicubic",
         )
         # z-scored intensities less their minimum: SSIM z-scores again, so this scores as the warp of
         # the raw intensities by apply_transform does
@@ -114,38 +156,19 @@ def _register_chunk(train, contrast, original, pairs, changed, settings, result,
     result.shift_px[part] = np.where(use_warp[:, None], shift, np.where(use_exact[:, None], whole, 0))
 
 
-def _unmoved_scores(prepared_train, contrast, original, pairs, changed) -> tuple[np.ndarray, np.ndarray]:
-    """Exact SSIM of each pair's untouched generated image (plain SSIM) and of its contrast-registered
-    one, not moved; every image prepared once for all its pairs."""
-    pt, pc, po = pairs
-    plain = ssim_prepared_pairs_indexed(prepared_train, prepare(original, "generated", np.float64), pt, po)
-    identity = plain.copy()
-    moved = changed[pc]  # pairs whose contrast image differs from the original
-    if moved.any():
-        which = np.flatnonzero(changed)
-        row_of = np.full(len(changed), -1)
-        row_of[which] = np.arange(len(which))
-        identity[moved] = ssim_prepared_pairs_indexed(
-            prepared_train, prepare(contrast[which], "generated", np.float64), pt[moved], row_of[pc[moved]]
-        )
-    return plain, identity
-
-
-def _screen_chunk(train, contrast, original, pairs, changed, settings) -> tuple[np.ndarray, ...]:
-    """The cheap part of registration, for a cascade: per pair the exact SSIM unmoved (plain, and
-    after the contrast gamma) and the coarse level's best correlation over every flip, rotation,
-    scale and whole-pixel shift of the grid (arguments as :func:`_register_chunk`)."""
-    pt, pc, _ = pairs
-    device = torch.device(settings.device)
-    t = torch.from_numpy(zscore(train)).float().to(device)
-    g = torch.from_numpy(zscore(contrast)).float().to(device)
+def _screen_chunk(images: ChunkImages, settings) -> tuple[np.ndarray, ...]:
+    """The cheap part of registration, for a cascade: per pair of the chunk the exact SSIM unmoved
+    (plain, and after the contrast gamma) and the coarse level's best correlation over every flip,
+    rotation, scale and whole-pixel shift of the grid, and the coarse candidates."""
+    pt, pc, _ = images.pairs
+    t, g = images.train_z, images.contrast_z
     g = g - g.amin(dim=(1, 2), keepdim=True)
     full = tuple(t.shape[1:])
     coarse = _level_shape(full, max(1, round(max(full) / COARSE_SIZE)))
-    owners = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(device) for x in (pt, pc))
+    owners = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(t.device) for x in (pt, pc))
     found = _coarse_search(t, g, *owners, coarse, settings)
-    plain, identity = _unmoved_scores(prepare(train, "train", np.float64), contrast, original, pairs, changed)
-    return plain, identity, found[4][:, 0], found[5], found[:4]
+    plain, identity = images.unmoved_scores(slice(None))
+    return plain, identity, found[4][:, 0], found[:4]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,7 +331,7 @@ def _search(t: torch.Tensor, g: torch.Tensor, pt: np.ndarray, pc: np.ndarray, se
     g = g - fill[:, None, None]
     coarse = _level_shape(full, max(1, round(max(full) / COARSE_SIZE)))
     if coarse_found is None:
-        flip, rotation, scale, shift, correlation, _ = _coarse_search(t, g, pt_t, pc_t, coarse, settings)
+        flip, rotation, scale, shift, correlation = _coarse_search(t, g, pt_t, pc_t, coarse, settings)
     else:  # the screen's coarse candidates
         flip, rotation, scale, shift = coarse_found
         correlation = np.full(flip.shape, np.nan)
@@ -413,10 +436,7 @@ def _coarse_search(t, g, pt, pc, shape, settings):
     step = np.array([full[0] / h, full[1] / w])
     shift = signs * np.asarray(shifts)[shift_index] * step  # t = D s
     rotation = rot[warp_index] * signs[..., 0] * signs[..., 1]  # theta = det(D) phi
-    # the identity's correlation: no flip, no shift, the grid's warp nearest to no rotation or scaling
-    unmoved = int(np.argmin(np.abs(rot) / COARSE_ROTATION_STEP + np.abs(np.log(sc)) * 10))
-    identity = score[:, 0, pr, pc_, unmoved].cpu().numpy().astype(np.float64)
-    return flip, rotation, sc[warp_index], shift, top_score.cpu().numpy().astype(np.float64), identity
+    return flip, rotation, sc[warp_index], shift, top_score.cpu().numpy().astype(np.float64)
 
 
 def _shifted_spread(images: torch.Tensor, pr: int, pc: int) -> torch.Tensor:
