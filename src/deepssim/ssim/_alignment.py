@@ -59,6 +59,7 @@ class ChunkImages:
         self.train, self.contrast, self.original, self.changed = train, contrast, original, changed
         self.pairs = tuple(np.asarray(p) for p in pairs)
         self.device = torch.device(device)
+        self.search_cache: dict = {}  # the search's levels and Gauss-Newton templates of these images
 
     @functools.cached_property
     def train_z(self) -> torch.Tensor:
@@ -97,9 +98,8 @@ def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=
     pt, pc, _ = (p[rows] for p in images.pairs)
     train, contrast, device = images.train, images.contrast, images.device
     coarse_found = None if screened is None else screened[2]
-    flip, rotation, scale, shift = _search(images.train_z, images.contrast_z, pt, pc, settings, coarse_found)[
-        :4
-    ]
+    t, g = images.train_z, images.contrast_z
+    flip, rotation, scale, shift, _ = _search(t, g, pt, pc, settings, coarse_found, images.search_cache)
     n, shape = len(pt), train.shape[1:]
 
     # Exact candidates besides the identity: the flip with the shift rounded to whole pixels, unless the
@@ -318,11 +318,13 @@ def _level_shape(shape, factor: float) -> tuple[int, int]:
     return max(1, round(shape[0] / factor)), max(1, round(shape[1] / factor))
 
 
-def _search(t: torch.Tensor, g: torch.Tensor, pt: np.ndarray, pc: np.ndarray, settings, coarse_found=None):
+def _search(t, g, pt, pc, settings, coarse_found=None, cache: dict | None = None):
     """Best (flip index, rotation_deg, scale, shift_px) per pair (t[pt[p]], g[pc[p]]): coarse grid,
     then Gauss-Newton; and the coarse level's best correlation of the chosen flip (for screening).
     t, g: z-scored training and generated images, each once however many pairs it is in;
-    ``coarse_found``: the coarse candidates (flip, rotation, scale, shift) already found."""
+    ``coarse_found``: the coarse candidates (flip, rotation, scale, shift) already found;
+    ``cache``: where the images' levels and templates are kept for the next search of t and g."""
+    cache = {} if cache is None else cache
     full = tuple(t.shape[1:])
     n = len(pt)
     pt_t, pc_t = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(t.device) for x in (pt, pc))
@@ -345,16 +347,11 @@ def _search(t: torch.Tensor, g: torch.Tensor, pt: np.ndarray, pc: np.ndarray, se
     # Refine each flip's candidate at ~64 px, keep the better, and refine that at full resolution.
     middle = _level_shape(full, max(full) / MIDDLE_SIZE) if max(full) >= 1.75 * MIDDLE_SIZE else full
     stride = _SAMPLE_STRIDE if min(middle) >= 32 else 1
+    if "middle" not in cache:
+        cache["middle"] = _templates(_pool(t, middle), full, stride), _pool(g, middle)
+    middle_templates, middle_images = cache["middle"]
     linear, offset, cost = _gauss_newton(
-        _pool(t, middle),
-        pt_t,
-        pair_fill,
-        _pool(g, middle)[pc_t],
-        linear,
-        offset,
-        full,
-        _ITERATIONS[0],
-        stride,
+        middle_templates, pt_t, pair_fill, middle_images[pc_t], linear, offset, full, _ITERATIONS[0]
     )
     best = cost.argmin(dim=1)
     pick = torch.arange(n, device=t.device)
@@ -363,8 +360,10 @@ def _search(t: torch.Tensor, g: torch.Tensor, pt: np.ndarray, pc: np.ndarray, se
     flip = flip[np.arange(n), chosen]
     correlation = correlation[np.arange(n), chosen]
     if middle != full:
+        if "full" not in cache:
+            cache["full"] = _templates(t, full, _SAMPLE_STRIDE)
         linear, offset, _ = _gauss_newton(
-            t, pt_t, pair_fill, g[pc_t], linear, offset, full, _ITERATIONS[1], _SAMPLE_STRIDE
+            cache["full"], pt_t, pair_fill, g[pc_t], linear, offset, full, _ITERATIONS[1]
         )
     rotation, scale, shift = _params_from_map(flip, linear[:, 0], offset[:, 0])
     return flip, *_clamp(rotation, scale, shift, settings, full), correlation
@@ -457,15 +456,10 @@ def _shifted_spread(images: torch.Tensor, pr: int, pc: int) -> torch.Tensor:
     return (second - first * first / (h * w)).clamp_min(1e-6).sqrt()
 
 
-def _gauss_newton(template, owner, fill, images, linear, offset, full, iterations, stride=1):
-    """Inverse-compositional Gauss-Newton on a similarity transform, for K starting maps per pair.
-
-    Pair p's template is ``template[owner[p]] - fill[p]`` (a training image less its generated
-    image's background) and its image ``images[p]``. Minimises the mean squared difference between
-    the template and the warped image at one level, on every ``stride``-th row and column; each
-    template's Jacobian and Hessian are computed once, for all its pairs (Baker & Matthews, 2004).
-    Returns the best maps seen (a step that overshoots is not kept) and their costs, (N, K).
-    """
+def _templates(template, full, stride) -> tuple:
+    """What inverse-compositional Gauss-Newton needs of each template image (N, h, w) of one level,
+    computed once for all its pairs: the sampled template, its steepest-descent images (N, 4, P),
+    its inverse Hessian (N, 4, 4) and the sampled rows and columns (Baker & Matthews, 2004)."""
     shape = template.shape[1:]
     rows, cols = (x[::stride] for x in _level(shape, full, template.device))
     spacing = (full[0] / shape[0], full[1] / shape[1])  # level pixels in full-res pixels
@@ -481,8 +475,20 @@ def _gauss_newton(template, owner, fill, images, linear, offset, full, iteration
         + 1e-6 * torch.diag_embed(hessian.diagonal(dim1=1, dim2=2))
         + 1e-9 * torch.eye(4, device=hessian.device)
     )
-    inverse = torch.linalg.inv(hessian).float()[owner]
-    steepest = steepest[owner]
+    return template, steepest, torch.linalg.inv(hessian).float(), rows, cols
+
+
+def _gauss_newton(templates, owner, fill, images, linear, offset, full, iterations):
+    """Inverse-compositional Gauss-Newton on a similarity transform, for K starting maps per pair.
+
+    Pair p's template is ``template[owner[p]] - fill[p]`` (a training image less its generated
+    image's background; ``templates`` from :func:`_templates`) and its image ``images[p]``.
+    Minimises the mean squared difference between the template and the warped image at one level,
+    on the sampled rows and columns. Returns the best maps seen (a step that overshoots is not
+    kept) and their costs, (N, K).
+    """
+    template, steepest, inverse, rows, cols = templates
+    inverse, steepest = inverse[owner], steepest[owner]
     target = (template.flatten(1)[owner] - fill[:, None])[:, None]
     best_linear, best_offset = linear, offset
     best_cost = torch.full(linear.shape[:2], torch.inf, device=linear.device)
