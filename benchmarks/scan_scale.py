@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--generated", type=int, default=65850)
     parser.add_argument("--workdir", default="build/bench-scan")
     parser.add_argument("--precision", default="float32")
+    parser.add_argument("--k", type=int, default=10, help="retrieval depth (the scan's -k)")
     parser.add_argument(
         "--ssim-block", type=int, default=2048, help="generated images in the SSIM block (0: skip)"
     )
@@ -93,6 +94,8 @@ def run_scan(args, work: Path, registration: str) -> None:
         "--no-progress",
         "--registration",
         registration,
+        "-k",
+        str(args.k),
     ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -108,9 +111,9 @@ def run_scan(args, work: Path, registration: str) -> None:
     with open(work / "out" / "results.csv", newline="") as handle:
         for row in csv.DictReader(handle):
             classes[row["generated_key"]] = row["class"]
-    (work / f"classes-{registration}.json").write_text(json.dumps(classes))
+    (work / f"classes-{registration}-k{args.k}.json").write_text(json.dumps(classes))
     print(f"classes: {dict(Counter(classes.values()))}")
-    other = work / f"classes-{'full' if registration == 'cascade' else 'cascade'}.json"
+    other = work / f"classes-{'full' if registration == 'cascade' else 'cascade'}-k{args.k}.json"
     if other.exists():
         before = json.loads(other.read_text())
         same = sum(before.get(key) == value for key, value in classes.items())

@@ -20,6 +20,7 @@ from deepssim.ssim.registered import (
     register_cascade,
     register_indexed,
     register_pairs,
+    screen_indexed,
 )
 
 SOURCES = Path(__file__).resolve().parents[1] / "data" / "sources"
@@ -110,6 +111,17 @@ def test_cascade_registers_noisy_copies_a_few_pixels_off():
     assert (classes(full) == 2).sum() >= 2 and ((classes(full) == 1).sum() >= 2)
     assert (ssim_pairs(train, generated) < 0.5).all()
     np.testing.assert_array_equal(classes(best), classes(full))
+
+
+def test_screen_bounds_registered_ssim(problem):
+    """The screen's lower bound is exact SSIM registration also scores, so never above registered
+    SSIM; its estimate stayed above registered SSIM on every measured pair (benchmarks/cascade.py)."""
+    train, generated, neighbours = problem
+    ti, gi = neighbours.ravel(), np.repeat(np.arange(len(generated)), neighbours.shape[1])
+    screen = screen_indexed(train, generated, ti, gi)
+    registered = register_indexed(train, generated, ti, gi).ssim_registered
+    assert (screen.lower_bound <= registered + 1e-9).all()
+    assert (screen.upper_estimate > registered).all()
 
 
 def test_indexed_registration_equals_pairwise(problem):

@@ -73,14 +73,19 @@ class ChunkImages:
     def prepared_train(self):
         return prepare(self.train, "train", np.float64)
 
-    def unmoved_scores(self, rows) -> tuple[np.ndarray, np.ndarray]:
-        """Exact SSIM of the pairs ``rows``' untouched generated images (plain SSIM) and of their
-        contrast-registered ones, not moved; every image prepared once for all its pairs."""
-        pt, pc, po = (p[rows] for p in self.pairs)
+    def plain_scores(self, rows) -> np.ndarray:
+        """Exact SSIM of the pairs ``rows``' untouched generated images (plain SSIM)."""
+        pt, po = self.pairs[0][rows], self.pairs[2][rows]
         used, po = np.unique(po, return_inverse=True)
-        plain = ssim_prepared_pairs_indexed(
+        return ssim_prepared_pairs_indexed(
             self.prepared_train, prepare(self.original[used], "generated", np.float64), pt, po
         )
+
+    def unmoved_scores(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """Plain SSIM of the pairs ``rows`` and the exact SSIM of their contrast-registered generated
+        images, not moved; every image prepared once for all its pairs."""
+        pt, pc, _ = (p[rows] for p in self.pairs)
+        plain = self.plain_scores(rows)
         identity = plain.copy()
         moved = self.changed[pc]  # pairs whose contrast image differs from the original
         if moved.any():
@@ -156,18 +161,18 @@ def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=
     result.shift_px[part] = np.where(use_warp[:, None], shift, np.where(use_exact[:, None], whole, 0))
 
 
-def _screen_chunk(images: ChunkImages, settings) -> tuple[np.ndarray, ...]:
-    """The cheap part of registration, for a cascade: per pair of the chunk the exact SSIM unmoved
-    (plain, and after the contrast gamma) and the coarse level's best correlation over every flip,
-    rotation, scale and whole-pixel shift of the grid, and the coarse candidates."""
-    pt, pc, _ = images.pairs
+def _screen_chunk(images: ChunkImages, settings, rows) -> tuple[np.ndarray, ...]:
+    """The cheap part of registration, for a cascade: per pair ``rows`` of the chunk the exact SSIM
+    unmoved (plain, and after the contrast gamma), the coarse level's best correlation over every
+    flip, rotation, scale and whole-pixel shift of the grid, and the coarse candidates."""
+    pt, pc, _ = (p[rows] for p in images.pairs)
     t, g = images.train_z, images.contrast_z
     g = g - g.amin(dim=(1, 2), keepdim=True)
     full = tuple(t.shape[1:])
     coarse = _level_shape(full, max(1, round(max(full) / COARSE_SIZE)))
     owners = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(t.device) for x in (pt, pc))
     found = _coarse_search(t, g, *owners, coarse, settings)
-    plain, identity = images.unmoved_scores(slice(None))
+    plain, identity = images.unmoved_scores(rows)
     return plain, identity, found[4][:, 0], found[:4]
 
 

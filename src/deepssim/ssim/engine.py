@@ -16,6 +16,7 @@ compiler, PyTorch does.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -204,13 +205,21 @@ def _kernel_arrays(train: PreparedImages, generated: PreparedImages) -> tuple:
 
 
 def _in_threads(n: int, run, minimum: int = 16) -> list:
-    """run(start, stop) over [0, n) split among torch's threads (the C kernel releases the GIL)."""
+    """run(start, stop) over [0, n) split among torch's threads (the C kernel releases the GIL): the
+    first part in this thread, the others in a pool kept for the process (registration calls this
+    thousands of times; starting threads each time cost ~8% of it)."""
     threads = max(1, min(torch.get_num_threads(), n // minimum))
     bounds = np.linspace(0, n, threads + 1).astype(int)
     if threads == 1:
         return [run(0, n)]
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(run, bounds[:-1], bounds[1:]))
+    pool = _helpers(threads - 1, os.getpid())  # a forked child gets its own (it has no threads)
+    others = [pool.submit(run, a, b) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]
+    return [run(bounds[0], bounds[1]), *(future.result() for future in others)]
+
+
+@functools.cache
+def _helpers(count: int, pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(count, thread_name_prefix="deepssim-kernel")
 
 
 def ssim_prepared(

@@ -210,8 +210,8 @@ def register_indexed(
 
 def _blank(n: int, searched: bool) -> Registration:
     return Registration(
-        ssim_registered=np.empty(n),
-        ssim_plain=np.empty(n),
+        ssim_registered=np.full(n, np.nan),
+        ssim_plain=np.full(n, np.nan),
         flip=np.full(n, "none", dtype=object),
         rotation_deg=np.zeros(n),
         shift_px=np.zeros((n, 2)),
@@ -282,23 +282,25 @@ def register_cascade(
     settings: RegistrationSettings = RegistrationSettings(),
     progress: bool = False,
 ) -> Registration:
-    """Registered SSIM where it can change a generated image's class, with the least work.
+    """Registered SSIM where it can change a generated image's class, with less work.
 
-    Pairs belong to generated images (``generated_index``); each image's class comes from its best
-    pair (Different <= low < Similar <= high < Duplicate, ``thresholds`` = (low, high)). Rules:
+    Pairs belong to generated images (``generated_index``), each image's in the order given (a scan
+    gives them best retrieved first); each image's class comes from its best pair (Different <= low <
+    Similar <= high < Duplicate, ``thresholds`` = (low, high)). Rules:
 
-    1. Screen every pair (:class:`Screen`): exact plain and contrast-only SSIM (a lower bound of its
-       registered SSIM) and the coarse search, giving an estimate of what registration could reach.
-    2. Register fully each image's pair with the highest estimate, if that estimate is above low.
-    3. An image whose registered pair is above high is a Duplicate: only a pair whose exact lower
-       bound beats that pair is registered too (so the pair shown is always a registered one). For
-       the other images, register fully every other pair whose estimate is above both low and the
-       image's best registered SSIM so far (it could become the best pair, or change the class).
-    Other pairs keep the exact SSIM of their unmoved image (``searched`` False): a lower bound. So
-    every image called Similar or Duplicate has its reported pair's exact registered SSIM and
-    transform; a Similar's is its best of the k; a Duplicate's is a copy (above high), the first
-    found in order of estimate, which may not be the best of the k (``register_indexed`` finds that).
-    An image whose every estimate is at most low is Different without registration.
+    1. Register fully each image's first pair. If it is above high the image is a Duplicate: its
+       other pairs get their plain SSIM (a lower bound), and are registered only where that beats
+       the first pair (so the pair shown is always a registered one).
+    2. Screen the other pairs of the images not yet Duplicate (:class:`Screen`): exact plain and contrast-only
+       SSIM (a lower bound of registered SSIM) and the coarse search, giving an estimate of what
+       registration could reach.
+    3. Register fully every such pair whose estimate is above both low and the image's first
+       registered SSIM (it could become the best pair or change the class).
+    Screened pairs not registered keep the exact SSIM of their unmoved image (``searched`` False): a
+    lower bound, at most low or below the image's registered best. So every image called Similar or
+    Duplicate has its best pair's exact registered SSIM and transform; a Similar's is its best of
+    the k; a Duplicate's is its first pair (a verified copy), which may not be the best of the k
+    (``register_indexed`` finds that).
     """
     low, high = (float(v) for v in thresholds)
     if not low <= high:
@@ -328,33 +330,41 @@ def register_cascade(
 
 
 def _cascade_chunk(images: ChunkImages, gamma, rows, thresholds, settings, result: Registration) -> None:
-    """The cascade's rules on one chunk of whole generated images; its pairs are ``result[rows]``.
-    The chunk's images are z-scored and prepared once, for the screen and the registrations."""
+    """The cascade's rules on one chunk of whole generated images; its pairs are ``result[rows]``,
+    each image's in the order given. The chunk's images are z-scored and prepared once, for the
+    screen and the registrations."""
     low, high = thresholds
-    plain, identity, coarse, candidates = _screen_chunk(images, settings)
-    screen = Screen(plain, identity, coarse, gamma, candidates)
-    result.ssim_plain[rows] = plain
-    result.ssim_registered[rows] = screen.lower_bound
-    result.gamma[rows] = np.where(identity > plain, gamma, 1.0)
-    estimate = screen.upper_estimate
     owner = images.pairs[2]  # each pair's generated image, as a row of the chunk
     best = np.full(len(images.original), -np.inf)
 
-    def register(chosen: np.ndarray) -> None:
+    def register(chosen: np.ndarray, known=None) -> None:
         if len(chosen) == 0:
             return
-        known = (plain[chosen], identity[chosen], [c[chosen] for c in candidates])
         result.gamma[rows[chosen]] = gamma[chosen]
         _register_chunk(images, chosen, settings, result, rows[chosen], known)
         _keep_untouched(result, rows[chosen])
         result.searched[rows[chosen]] = True
         np.maximum.at(best, owner[chosen], result.ssim_registered[rows[chosen]])
 
-    order = np.lexsort((-estimate, owner))
-    first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]] if len(order) else order
-    register(first[estimate[first] > low])
-    could_change = np.where(best[owner] > high, screen.lower_bound, estimate) > np.maximum(low, best[owner])
-    register(np.flatnonzero(~result.searched[rows] & could_change))
+    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    register(first)
+    others = ~np.isin(np.arange(len(owner)), first)
+    # A Duplicate's other pairs: plain SSIM only, a lower bound; one that beats the first is registered
+    done = np.flatnonzero(others & (best[owner] > high))
+    if len(done):
+        plain = images.plain_scores(done)
+        result.ssim_plain[rows[done]] = result.ssim_registered[rows[done]] = plain
+        register(done[plain > best[owner[done]]])
+    rest = np.flatnonzero(others & (best[owner] <= high))
+    if len(rest) == 0:
+        return
+    plain, identity, coarse, candidates = _screen_chunk(images, settings, rest)
+    screen = Screen(plain, identity, coarse, gamma[rest], candidates)
+    result.ssim_plain[rows[rest]] = plain
+    result.ssim_registered[rows[rest]] = screen.lower_bound
+    result.gamma[rows[rest]] = np.where(identity > plain, gamma[rest], 1.0)
+    chosen = screen.upper_estimate > np.maximum(low, best[owner[rest]])
+    register(rest[chosen], (plain[chosen], identity[chosen], [c[chosen] for c in candidates]))
 
 
 def screen_indexed(
@@ -376,7 +386,7 @@ def screen_indexed(
     with torch.no_grad():
         for part, images in _chunks(train, generated, ti, gi, gamma_index, settings, progress, "screening"):
             out.plain[part], out.identity[part], out.coarse[part], candidates = _screen_chunk(
-                images, settings
+                images, settings, slice(None)
             )
             found.append(candidates)
     out.candidates = tuple(np.concatenate(parts) for parts in zip(*found, strict=True)) if found else ()
