@@ -83,6 +83,14 @@ def test_cascade_classes_match_full_registration_with_exact_evidence(problem):
         assert ssim_pairs(train[ti[p]][None], moved[None])[0] == pytest.approx(
             cascade.ssim_registered[p], abs=2e-6
         )
+    # each image's first pair is registered; where it is a copy (above high) the others are not,
+    # unless their plain SSIM beats it
+    first = cascade.ssim_registered.reshape(neighbours.shape)[:, 0]
+    assert cascade.searched.reshape(neighbours.shape)[:, 0].all()
+    assert (first > HIGH).any()
+    for i in np.flatnonzero(first > HIGH):
+        others = slice(i * neighbours.shape[1] + 1, (i + 1) * neighbours.shape[1])
+        assert not cascade.searched[others][cascade.ssim_plain[others] <= first[i]].any()
     # unsearched pairs keep an exact lower bound: the SSIM of the unmoved image they report
     assert (cascade.ssim_registered <= full.ssim_registered + 1e-9).all()
 

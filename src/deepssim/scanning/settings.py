@@ -36,12 +36,12 @@ class ScanSettings:
             flag="--reference-threshold",
         ),
     )
-    registration: Literal["cascade", "full"] = field(
-        default="cascade",
+    registration: Literal["full", "cascade"] = field(
+        default="full",
         metadata=option(
-            "two-stage registration: cascade registers only the pairs that can change a generated "
-            "image's class or best pair (every Similar and Duplicate keeps its exact registered SSIM); "
-            "full registers every top-k pair (for audits)"
+            "two-stage registration: full registers every top-k pair; cascade registers only the pairs "
+            "that can change a generated image's class (the same classes in every measurement, each "
+            "Similar and Duplicate with its pair's exact registered SSIM, but not yet faster: README)"
         ),
     )
     verify: bool = field(
