@@ -1,8 +1,8 @@
 """The scan's registration stage: registered SSIM of the retrieved (training, generated) pairs,
 one block of generated images per task of an execution engine.
 
-``mode="full"`` registers every pair (the audit path); ``mode="cascade"`` (the scan's default)
-only the pairs that can change a generated image's class or its best pair
+``mode="full"`` (the scan's default) registers every pair; ``mode="cascade"``
+only the pairs that can change a generated image's class
 (:func:`deepssim.ssim.registered.register_cascade` states the rules), and needs the thresholds."""
 
 from __future__ import annotations
