@@ -134,18 +134,10 @@ def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=
         linear, offset = _sampling_map(
             flip[need_warp], rotation[need_warp], scale[need_warp], shift[need_warp]
         )
-        gw = images.contrast_z[torch.from_numpy(pc[need_warp]).to(device)]
+        gw = g[torch.from_numpy(pc[need_warp]).to(device)]
         gw = gw - gw.amin(dim=(1, 2), keepdim=True)
-        level_rows, level_cols = _level(shape, shape, device)
-        warped = _warp(
-            gw,
-            linear[:, None].to(device),
-            offset[:, None].to(device),
-            level_rows,
-            level_cols,
-            shape,
-            "bicubic",
-        )
+        linear, offset = linear[:, None].to(device), offset[:, None].to(device)
+        warped = _warp(gw, linear, offset, *_level(shape, shape, device), shape, "bicubic")
         # z-scored intensities less their minimum: SSIM z-scores again, so this scores as the warp of
         # the raw intensities by apply_transform does
         interpolated[need_warp] = score(warped[:, 0].double().cpu().numpy(), pt[need_warp])

@@ -342,7 +342,8 @@ def _cascade_chunk(images: ChunkImages, gamma, rows, thresholds, settings, resul
 
     first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
     register(first)
-    others = ~np.isin(np.arange(len(owner)), first)
+    others = np.ones(len(owner), dtype=bool)
+    others[first] = False
     # A Duplicate's other pairs: plain SSIM only, a lower bound; one that beats the first is registered
     done = np.flatnonzero(others & (best[owner] > high))
     if len(done):
