@@ -175,3 +175,31 @@ def test_contrast_quantiles_equal_numpy_quantiles_of_the_scaled_pixels():
     unit = (images - images.min(axis=(1, 2), keepdims=True)) / np.ptp(images, axis=(1, 2), keepdims=True)
     expected = np.quantile(unit[:, ::2, ::2].reshape(5, -1), _LEVELS, axis=1).T
     np.testing.assert_allclose(_quantiles(images), expected, rtol=0, atol=1e-12)
+
+
+def test_training_images_given_up_and_computed_again_score_the_same(volume, monkeypatch):
+    """With room for only one chunk's training images, each is prepared again when a later chunk needs
+    it (least recently used out first): the results equal those of keeping every training image."""
+    from deepssim.ssim import _alignment
+    from deepssim.ssim.registered import register_indexed
+
+    rng = np.random.default_rng(4)
+    train = np.stack([volume[::2, ::2, k] for k in range(10, 50, 5)])  # 8 slices, 64 x 64
+    generated = train[[0, 3, 5, 1, 7, 2]] + rng.normal(0, 8, (6, 64, 64))
+    ti, gi = rng.integers(0, 8, 24), np.repeat(np.arange(6), 4)  # 4 pairs per generated image
+    settings = RegistrationSettings(chunk=4)
+    kept = register_indexed(train, generated, ti, gi, settings=settings)
+    made = []
+    original_compute = _alignment.TrainingImages._compute
+
+    def counting(self, images, slots):
+        made.extend(images.tolist())
+        return original_compute(self, images, slots)
+
+    monkeypatch.setattr(_alignment, "TRAINING_CACHE_BYTES", 0)
+    monkeypatch.setattr(_alignment.TrainingImages, "_compute", counting)
+    again = register_indexed(train, generated, ti, gi, settings=settings)
+    assert len(made) > len(set(made))  # some training images were prepared more than once
+    for field in ("ssim_registered", "ssim_plain", "rotation_deg", "scale", "shift_px", "gamma"):
+        np.testing.assert_array_equal(getattr(again, field), getattr(kept, field))
+    assert list(again.flip) == list(kept.flip)

@@ -187,6 +187,31 @@ def test_matched_pairs_match_scikit_image(rng):
     np.testing.assert_allclose(deepssim.ssim_pairs(train, generated, chunk=2), expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("kernel", ["c", "none"])
+def test_raw_indexed_pairs_match_scikit_image(rng, kernel, monkeypatch):
+    """ssim_raw_pairs (registration's candidates, z-scored and summed in cache per pair)."""
+    if kernel == "none":
+        monkeypatch.setattr(engine, "_ssim_kernel", None)
+    train = real_mri_slices(4)
+    raw = np.concatenate([train[::-1] + rng.normal(0, 5, train.shape), train[:1] * 2.0])
+    train_index, raw_index = np.array([0, 1, 2, 3, 0, 3, 2]), np.array([4, 0, 1, 2, 3, 3, 4])
+    expected = [reference_ssim(train[i], raw[j]) for i, j in zip(train_index, raw_index, strict=True)]
+    prepared = engine.TrainingStatistics.empty(6, *train.shape[1:])
+    prepared.put([5, 1, 2, 0], train)  # rows of a larger store, in any order
+    train_rows = np.array([5, 1, 2, 0])[train_index]
+    scores = engine.ssim_raw_pairs(prepared, raw, train_rows, raw_index)
+    np.testing.assert_allclose(scores, expected, atol=1e-10)
+    stack = (raw_index >= 3).astype(int)  # the same images as two stacks
+    split = engine.ssim_raw_pairs(prepared, [raw[:3], raw[3:]], train_rows, raw_index - 3 * stack, stack)
+    np.testing.assert_allclose(split, expected, atol=1e-10)
+    raw[2] = 7.0
+    with pytest.raises(deepssim.DeepSSIMError, match="constant"):
+        engine.ssim_raw_pairs(prepared, raw, train_rows, raw_index)
+    raw[2] = np.nan
+    with pytest.raises(deepssim.DeepSSIMError, match="NaN"):
+        engine.ssim_raw_pairs(prepared, raw, train_rows, raw_index)
+
+
 @pytest.fixture(params=["avx512", "avx2", "baseline"])
 def instruction_set(request):
     """Each of the pair kernel's instruction sets this CPU has (CI machines differ)."""

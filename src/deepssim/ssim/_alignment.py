@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from deepssim.io.normalise import zscore
-from deepssim.ssim.engine import _in_threads, prepare, ssim_prepared_pairs_indexed
+from deepssim.ssim.engine import TrainingStatistics, _in_threads, ssim_raw_pairs
 
 try:
     from deepssim.ssim import _warp_kernel
@@ -46,54 +47,121 @@ _TRIVIAL_PX = 0.25
 _FAR_PX = 2.0
 
 
+# What the training images' share of registration may keep in memory (~0.6 MB per 136 x 112 image).
+TRAINING_CACHE_BYTES = 2 * 2**30
+
+
+class TrainingImages:
+    """What registration computes of each training image, once per call however many chunks its pairs
+    fall in (at 1/10 of the paper's scale a training image is in ~30 pairs, nearly each in another
+    chunk): prepared for exact SSIM, z-scored and pooled to the coarse level, and its Gauss-Newton
+    templates at both levels. Kept in slots up to ``budget`` bytes, the least recently used given up
+    first (and computed again if needed); pairs refer to training images by slot. ``most``: the most
+    training images one chunk needs at once (they all get a slot, whatever the budget)."""
+
+    def __init__(self, train: np.ndarray, settings, most: int, budget: int | None = None) -> None:
+        budget = TRAINING_CACHE_BYTES if budget is None else budget
+        self.train, self.settings = train, settings
+        self.device = torch.device(settings.device)
+        self.full = full = tuple(train.shape[1:])
+        self.coarse_shape = _level_shape(full, max(1, round(max(full) / COARSE_SIZE)))
+        middle = max(full) >= 1.75 * MIDDLE_SIZE
+        self.middle_shape = _level_shape(full, max(full) / MIDDLE_SIZE) if middle else full
+        self.middle_stride = _SAMPLE_STRIDE if min(self.middle_shape) >= 32 else 1
+        pixels = full[0] * full[1]
+        per_image = 8 * 4 * pixels + 4 * (pixels + 2 * pixels // 4 * 5)  # prepared, z, both templates
+        self.capacity = int(min(len(train), max(most, budget // per_image)))
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # training image -> slot, oldest first
+        self.statistics = TrainingStatistics.empty(self.capacity, *full)  # for exact SSIM
+        self.store: dict[str, torch.Tensor] = {}  # for the search
+
+    def slots(self, images: np.ndarray) -> np.ndarray:
+        """The slots of the training images ``images`` (distinct indices), computing those not kept."""
+        images = np.asarray(images, dtype=np.int64)
+        for image in images[np.isin(images, list(self.slot_of))]:
+            self.slot_of.move_to_end(int(image))
+        missing = [int(i) for i in images if int(i) not in self.slot_of]
+        free = sorted(set(range(self.capacity)) - set(self.slot_of.values()))
+        keep = set(images.tolist())
+        while len(free) < len(missing):  # give up the oldest slot not needed now
+            image = next(i for i in self.slot_of if i not in keep)
+            free.append(self.slot_of.pop(image))
+        if missing:
+            slots = np.asarray(free[: len(missing)])
+            self._compute(np.asarray(missing), slots)
+            self.slot_of.update(zip(missing, slots.tolist(), strict=True))
+        return np.asarray([self.slot_of[int(i)] for i in images], dtype=np.int64)
+
+    def _compute(self, images: np.ndarray, slots: np.ndarray) -> None:
+        self.statistics.put(slots, self.train[images])
+        z = torch.from_numpy(self.statistics.z[slots]).float().to(self.device)
+        a = _pool(z, self.coarse_shape)
+        a = a - a.mean(dim=(1, 2), keepdim=True)
+        self._put("z", slots, z)
+        self._put("coarse", slots, a / a.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None])
+        levels = {"middle": (_pool(z, self.middle_shape), self.middle_stride)}
+        if self.middle_shape != self.full:
+            levels["full"] = (z, _SAMPLE_STRIDE)
+        for level, (images_at_level, stride) in levels.items():
+            template, steepest, inverse, rows, cols = _templates(images_at_level, self.full, stride)
+            self._put(f"{level}.template", slots, template.flatten(1))
+            self._put(f"{level}.steepest", slots, steepest)
+            self._put(f"{level}.inverse", slots, inverse)
+            self.store[f"{level}.rows"], self.store[f"{level}.cols"] = rows, cols
+
+    def _put(self, name: str, slots: np.ndarray, values: torch.Tensor) -> None:
+        if name not in self.store:
+            self.store[name] = values.new_empty((self.capacity, *values.shape[1:]))
+        self.store[name][torch.from_numpy(slots).to(values.device)] = values
+
+    def templates(self, level: str) -> tuple:
+        """The Gauss-Newton templates of every slot at ``level`` ("middle" or "full"), as
+        :func:`_gauss_newton` takes them."""
+        names = ("template", "steepest", "inverse", "rows", "cols")
+        return tuple(self.store[f"{level}.{name}"] for name in names)
+
+
 class ChunkImages:
-    """The images of one chunk of pairs, each once however many pairs it is in, and what the screen
-    and the search compute from them (z-scores, SSIM statistics), computed once for both.
+    """The generated images of one chunk of pairs, each once however many pairs it is in, and what the
+    screen and the search compute from them (z-scores, pooled levels), computed once for both.
 
-    train (Nt, H, W): training images; contrast (Nc, H, W): contrast-registered generated images;
-    original (No, H, W): untouched generated images (their SSIM is the plain SSIM); ``pairs`` (3, n):
-    each pair's row in train, contrast and original; ``changed`` (Nc,): the contrast image differs
-    from its original."""
+    training: the call's :class:`TrainingImages`; contrast (Nc, H, W): contrast-registered generated
+    images; original (No, H, W): untouched generated images (their SSIM is the plain SSIM); ``pairs``
+    (3, n): each pair's training slot and its row in contrast and original; ``changed`` (Nc,): the
+    contrast image differs from its original."""
 
-    def __init__(self, train, contrast, original, pairs, changed, device) -> None:
-        self.train, self.contrast, self.original, self.changed = train, contrast, original, changed
+    def __init__(self, training: TrainingImages, contrast, original, pairs, changed) -> None:
+        self.training, self.contrast, self.original, self.changed = training, contrast, original, changed
         self.pairs = tuple(np.asarray(p) for p in pairs)
-        self.device = torch.device(device)
-        self.search_cache: dict = {}  # the search's levels and Gauss-Newton templates of these images
-
-    @functools.cached_property
-    def train_z(self) -> torch.Tensor:
-        return torch.from_numpy(zscore(self.train)).float().to(self.device)
+        self.device = training.device
+        self.search_cache: dict = {}  # the search's levels of these images
 
     @functools.cached_property
     def contrast_z(self) -> torch.Tensor:
         return torch.from_numpy(zscore(self.contrast)).float().to(self.device)
 
-    @functools.cached_property
-    def prepared_train(self):
-        return prepare(self.train, "train", np.float64)
-
     def plain_scores(self, rows) -> np.ndarray:
         """Exact SSIM of the pairs ``rows``' untouched generated images (plain SSIM)."""
         pt, po = self.pairs[0][rows], self.pairs[2][rows]
-        used, po = np.unique(po, return_inverse=True)
-        return ssim_prepared_pairs_indexed(
-            self.prepared_train, prepare(self.original[used], "generated", np.float64), pt, po
-        )
+        kinds = {"plain": (np.arange(len(pt)), self.original, po)}
+        return _score_candidates(self.training.statistics, pt, kinds)["plain"]
 
     def unmoved_scores(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """Plain SSIM of the pairs ``rows`` and the exact SSIM of their contrast-registered generated
-        images, not moved; every image prepared once for all its pairs."""
-        pt, pc, _ = (p[rows] for p in self.pairs)
-        plain = self.plain_scores(rows)
-        identity = plain.copy()
-        moved = self.changed[pc]  # pairs whose contrast image differs from the original
-        if moved.any():
-            which, row_of = np.unique(pc[moved], return_inverse=True)
-            identity[moved] = ssim_prepared_pairs_indexed(
-                self.prepared_train, prepare(self.contrast[which], "generated", np.float64), pt[moved], row_of
-            )
-        return plain, identity
+        images, not moved."""
+        pt, pc, po = (p[rows] for p in self.pairs)
+        moved = np.flatnonzero(self.changed[pc])  # pairs whose contrast image differs from the original
+        kinds = {
+            "plain": (np.arange(len(pt)), self.original, po),
+            "identity": (moved, self.contrast, pc[moved]),
+        }
+        scores = _score_candidates(self.training.statistics, pt, kinds)
+        return scores["plain"], _or_plain(scores["identity"], scores["plain"])
+
+
+def _or_plain(identity: np.ndarray, plain: np.ndarray) -> np.ndarray:
+    """The contrast-only SSIM, the plain SSIM where the contrast image is the original (NaN)."""
+    return np.where(np.isnan(identity), plain, identity)
 
 
 def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=None) -> None:
@@ -101,11 +169,13 @@ def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=
     into ``result[part]``. ``screened``: those pairs' (plain, identity, coarse candidates) from
     :func:`_screen_chunk`, not recomputed."""
     pt, pc, _ = (p[rows] for p in images.pairs)
-    train, contrast, device = images.train, images.contrast, images.device
+    contrast, device = images.contrast, images.device
     coarse_found = None if screened is None else screened[2]
-    t, g = images.train_z, images.contrast_z
-    flip, rotation, scale, shift, _ = _search(t, g, pt, pc, settings, coarse_found, images.search_cache)
-    n, shape = len(pt), train.shape[1:]
+    g = images.contrast_z
+    flip, rotation, scale, shift, _ = _search(
+        images.training, g, pt, pc, settings, coarse_found, images.search_cache
+    )
+    n, shape = len(pt), images.training.full
 
     # Exact candidates besides the identity: the flip with the shift rounded to whole pixels, unless the
     # transform moves pixels so far beyond that (_FAR_PX) that it cannot compete; and the interpolated
@@ -115,32 +185,33 @@ def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=
     moves = _displacement(rotation, scale, shift, shape)
     need_exact = ((flip != 0) | (whole != 0).any(axis=1)) & (moves < _FAR_PX)
     need_warp = moves >= _TRIVIAL_PX
-    prepared_train = images.prepared_train  # each training image once for all its pairs
-
-    def score(candidates: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
-        rows = np.arange(len(candidates))
-        return ssim_prepared_pairs_indexed(
-            prepared_train, prepare(candidates, "generated", np.float64), train_rows, rows
-        )
-
-    plain, identity = images.unmoved_scores(rows) if screened is None else screened[:2]
-    exact = identity.copy()
+    # (pairs, their raw images, rows of those) per kind of candidate, scored together below
+    kinds = {}
     if need_exact.any():
-        exact[need_exact] = score(
-            _exact_transform(contrast[pc[need_exact]], flip[need_exact], whole[need_exact]), pt[need_exact]
-        )
-    interpolated = np.full(n, -np.inf)
+        which = np.flatnonzero(need_exact)
+        moved_exactly = _exact_transform(contrast[pc[which]], flip[which], whole[which])
+        kinds["exact"] = (which, moved_exactly, np.arange(len(which)))
     if need_warp.any():
-        linear, offset = _sampling_map(
-            flip[need_warp], rotation[need_warp], scale[need_warp], shift[need_warp]
-        )
-        gw = g[torch.from_numpy(pc[need_warp]).to(device)]
+        which = np.flatnonzero(need_warp)
+        linear, offset = _sampling_map(flip[which], rotation[which], scale[which], shift[which])
+        gw = g[torch.from_numpy(pc[which]).to(device)]
         gw = gw - gw.amin(dim=(1, 2), keepdim=True)
         linear, offset = linear[:, None].to(device), offset[:, None].to(device)
         warped = _warp(gw, linear, offset, *_level(shape, shape, device), shape, "bicubic")
         # z-scored intensities less their minimum: SSIM z-scores again, so this scores as the warp of
         # the raw intensities by apply_transform does
-        interpolated[need_warp] = score(warped[:, 0].double().cpu().numpy(), pt[need_warp])
+        kinds["interpolated"] = (which, warped[:, 0].double().cpu().numpy(), np.arange(len(which)))
+    if screened is None:
+        moved = np.flatnonzero(images.changed[pc])  # pairs whose contrast image differs from the original
+        kinds["plain"] = (np.arange(n), images.original, images.pairs[2][rows])
+        kinds["identity"] = (moved, contrast, pc[moved])
+    scores = _score_candidates(images.training.statistics, pt, kinds)
+    if screened is None:
+        plain, identity = scores["plain"], _or_plain(scores["identity"], scores["plain"])
+    else:
+        plain, identity = screened[:2]
+    exact = np.where(need_exact, scores.get("exact", identity), identity)
+    interpolated = np.where(need_warp, scores.get("interpolated", -np.inf), -np.inf)
     use_exact = exact > identity
     best = np.maximum(exact, identity)
     use_warp = interpolated > best + INTERPOLATION_MARGIN
@@ -153,17 +224,40 @@ def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=
     result.shift_px[part] = np.where(use_warp[:, None], shift, np.where(use_exact[:, None], whole, 0))
 
 
+def _score_candidates(statistics: TrainingStatistics, train_rows, kinds: dict) -> dict[str, np.ndarray]:
+    """Exact SSIM of each kind's candidates against their pairs' training images: {kind: (n,) array,
+    NaN for pairs without that candidate}. ``kinds``: {kind: (pairs, raw images, their rows)}.
+    A pair's candidates are scored one after another, so its training image's prepared statistics
+    are read from memory once and from cache for the others (reading them bounds a pair's SSIM)."""
+    n = len(train_rows)
+    if not kinds:
+        return {}
+    pair_of = np.concatenate([pairs for pairs, _, _ in kinds.values()])
+    stack_of = np.concatenate([np.full(len(pairs), k) for k, (pairs, _, _) in enumerate(kinds.values())])
+    raw_rows = np.concatenate([np.asarray(rows, dtype=np.int64) for _, _, rows in kinds.values()])
+    order = np.argsort(pair_of, kind="stable")
+    values = np.empty(len(order))
+    stacks = [raw for _, raw, _ in kinds.values()]
+    values[order] = ssim_raw_pairs(
+        statistics, stacks, train_rows[pair_of[order]], raw_rows[order], stack_of[order]
+    )
+    out, start = {}, 0
+    for kind, (pairs, _, _) in kinds.items():
+        out[kind] = np.full(n, np.nan)
+        out[kind][pairs] = values[start : start + len(pairs)]
+        start += len(pairs)
+    return out
+
+
 def _screen_chunk(images: ChunkImages, settings, rows) -> tuple[np.ndarray, ...]:
     """The cheap part of registration, for a cascade: per pair ``rows`` of the chunk the exact SSIM
     unmoved (plain, and after the contrast gamma), the coarse level's best correlation over every
     flip, rotation, scale and whole-pixel shift of the grid, and the coarse candidates."""
     pt, pc, _ = (p[rows] for p in images.pairs)
-    t, g = images.train_z, images.contrast_z
+    g = images.contrast_z
     g = g - g.amin(dim=(1, 2), keepdim=True)
-    full = tuple(t.shape[1:])
-    coarse = _level_shape(full, max(1, round(max(full) / COARSE_SIZE)))
-    owners = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(t.device) for x in (pt, pc))
-    found = _coarse_search(t, g, *owners, coarse, settings)
+    owners = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(g.device) for x in (pt, pc))
+    found = _coarse_search(images.training, g, *owners, settings)
     plain, identity = images.unmoved_scores(rows)
     return plain, identity, found[4][:, 0], found[:4]
 
@@ -315,22 +409,21 @@ def _level_shape(shape, factor: float) -> tuple[int, int]:
     return max(1, round(shape[0] / factor)), max(1, round(shape[1] / factor))
 
 
-def _search(t, g, pt, pc, settings, coarse_found=None, cache: dict | None = None):
-    """Best (flip index, rotation_deg, scale, shift_px) per pair (t[pt[p]], g[pc[p]]): coarse grid,
-    then Gauss-Newton; and the coarse level's best correlation of the chosen flip (for screening).
-    t, g: z-scored training and generated images, each once however many pairs it is in;
-    ``coarse_found``: the coarse candidates (flip, rotation, scale, shift) already found;
-    ``cache``: where the images' levels and templates are kept for the next search of t and g."""
+def _search(training: TrainingImages, g, pt, pc, settings, coarse_found=None, cache: dict | None = None):
+    """Best (flip index, rotation_deg, scale, shift_px) per pair (training slot pt[p], g[pc[p]]): coarse
+    grid, then Gauss-Newton; and the coarse level's best correlation of the chosen flip (for screening).
+    g: z-scored generated images, each once however many pairs it is in; ``coarse_found``: the coarse
+    candidates (flip, rotation, scale, shift) already found; ``cache``: where the generated images'
+    levels are kept for the next search of g."""
     cache = {} if cache is None else cache
-    full = tuple(t.shape[1:])
+    full = training.full
     n = len(pt)
-    pt_t, pc_t = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(t.device) for x in (pt, pc))
+    pt_t, pc_t = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(g.device) for x in (pt, pc))
     # Both minus the generated image's background, which is what the warps fill in: the fill is 0.
     fill = g.amin(dim=(1, 2))
     g = g - fill[:, None, None]
-    coarse = _level_shape(full, max(1, round(max(full) / COARSE_SIZE)))
     if coarse_found is None:
-        flip, rotation, scale, shift, correlation = _coarse_search(t, g, pt_t, pc_t, coarse, settings)
+        flip, rotation, scale, shift, correlation = _coarse_search(training, g, pt_t, pc_t, settings)
     else:  # the screen's coarse candidates
         flip, rotation, scale, shift = coarse_found
         correlation = np.full(flip.shape, np.nan)
@@ -338,29 +431,32 @@ def _search(t, g, pt, pc, settings, coarse_found=None, cache: dict | None = None
         flip.reshape(-1), rotation.reshape(-1), scale.reshape(-1), shift.reshape(-1, 2)
     )
     k = flip.shape[1]
-    linear, offset = linear.reshape(n, k, 2, 2).to(t.device), offset.reshape(n, k, 2).to(t.device)
+    linear, offset = linear.reshape(n, k, 2, 2).to(g.device), offset.reshape(n, k, 2).to(g.device)
     pair_fill = fill[pc_t]
 
     # Refine each flip's candidate at ~64 px, keep the better, and refine that at full resolution.
-    middle = _level_shape(full, max(full) / MIDDLE_SIZE) if max(full) >= 1.75 * MIDDLE_SIZE else full
-    stride = _SAMPLE_STRIDE if min(middle) >= 32 else 1
     if "middle" not in cache:
-        cache["middle"] = _templates(_pool(t, middle), full, stride), _pool(g, middle)
-    middle_templates, middle_images = cache["middle"]
+        cache["middle"] = _pool(g, training.middle_shape)
     linear, offset, cost = _gauss_newton(
-        middle_templates, pt_t, pair_fill, middle_images[pc_t], linear, offset, full, _ITERATIONS[0]
+        training.templates("middle"),
+        pt_t,
+        pair_fill,
+        cache["middle"],
+        pc_t,
+        linear,
+        offset,
+        full,
+        _ITERATIONS[0],
     )
     best = cost.argmin(dim=1)
-    pick = torch.arange(n, device=t.device)
+    pick = torch.arange(n, device=g.device)
     linear, offset = linear[pick, best][:, None], offset[pick, best][:, None]
     chosen = best.cpu().numpy()
     flip = flip[np.arange(n), chosen]
     correlation = correlation[np.arange(n), chosen]
-    if middle != full:
-        if "full" not in cache:
-            cache["full"] = _templates(t, full, _SAMPLE_STRIDE)
+    if training.middle_shape != full:
         linear, offset, _ = _gauss_newton(
-            cache["full"], pt_t, pair_fill, g[pc_t], linear, offset, full, _ITERATIONS[1]
+            training.templates("full"), pt_t, pair_fill, g, pc_t, linear, offset, full, _ITERATIONS[1]
         )
     rotation, scale, shift = _params_from_map(flip, linear[:, 0], offset[:, 0])
     return flip, *_clamp(rotation, scale, shift, settings, full), correlation
@@ -390,10 +486,10 @@ def _grid(limit: float, step: float) -> np.ndarray:
     return np.linspace(-limit, limit, 2 * half + 1) if half else np.zeros(1)
 
 
-def _coarse_search(t, g, pt, pc, shape, settings):
-    """Best coarse candidate of the ``_REFINED_FLIPS`` best flips of each pair (t[pt], g[pc]):
+def _coarse_search(training: TrainingImages, g, pt, pc, settings):
+    """Best coarse candidate of the ``_REFINED_FLIPS`` best flips of each pair (training slot pt, g[pc]):
     arrays (N, K) (and (N, K, 2)), and their Pearson correlations at the coarse level (N, K)."""
-    full = tuple(t.shape[1:])
+    full, shape = training.full, training.coarse_shape
     n, (h, w) = len(pt), shape
     rotations = _grid(settings.max_rotation_deg, COARSE_ROTATION_STEP)
     low, high = settings.scale_range
@@ -404,20 +500,18 @@ def _coarse_search(t, g, pt, pc, shape, settings):
     )
     rot, sc = (a.reshape(-1) for a in np.meshgrid(rotations, scales, indexing="ij"))
     linear, offset = _sampling_map(np.zeros(len(rot), dtype=int), rot, sc, np.zeros((len(rot), 2)))
-    linear = linear.to(t.device).expand(len(g), -1, -1, -1)
-    offset = offset.to(t.device).expand(len(g), -1, -1)
+    linear = linear.to(g.device).expand(len(g), -1, -1, -1)
+    offset = offset.to(g.device).expand(len(g), -1, -1)
     # every generated image is warped once, for all its pairs
-    warped = _warp(_pool(g, shape), linear, offset, *_level(shape, full, t.device), full)
-    a = _pool(t, shape)
-    a = a - a.mean(dim=(1, 2), keepdim=True)
-    a = a / a.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None]
+    warped = _warp(_pool(g, shape), linear, offset, *_level(shape, full, g.device), full)
+    a = training.store["coarse"][pt]  # each pair's training image, z-scored, pooled, unit norm
     flips = range(4) if settings.flips else range(1)
     pr, pc_ = (math.ceil(settings.max_shift_fraction * s - 1e-9) for s in shape)
-    padded = F.pad(torch.stack([_flip(a, k) for k in flips]), (pc_, pc_, pr, pr))  # (flips, Nt, ...)
+    padded = F.pad(torch.stack([_flip(a, k) for k in flips]), (pc_, pc_, pr, pr))  # (flips, N, ...)
     spread = _shifted_spread(warped, pr, pc_)  # (Ng, M, i, j)
     # dot[f, n, m, i, j] = sum of the training image times candidate m, flipped by f and shifted by
     # (i - pr, j - pc) = the same sum with the flipped training image and the unflipped candidate
-    dot = F.conv2d(padded[:, pt], warped[pc].reshape(n * len(rot), 1, h, w), groups=n)
+    dot = F.conv2d(padded, warped[pc].reshape(n * len(rot), 1, h, w), groups=n)
     dot = dot.reshape(len(flips), n, len(rot), 2 * pr + 1, 2 * pc_ + 1)
     # Pearson correlation over the frame: the shifted candidate's sum and sum of squares (its fill is 0)
     score = (dot / spread[pc][None]).permute(1, 0, 3, 4, 2)  # (N, flips, i, j, M)
@@ -475,17 +569,20 @@ def _templates(template, full, stride) -> tuple:
     return template, steepest, torch.linalg.inv(hessian).float(), rows, cols
 
 
-def _gauss_newton(templates, owner, fill, images, linear, offset, full, iterations):
+def _gauss_newton(templates, owner, fill, images, image_of, linear, offset, full, iterations):
     """Inverse-compositional Gauss-Newton on a similarity transform, for K starting maps per pair.
 
     Pair p's template is ``template[owner[p]] - fill[p]`` (a training image less its generated
-    image's background; ``templates`` from :func:`_templates`) and its image ``images[p]``.
+    image's background; ``templates`` from :func:`_templates`) and its image ``images[image_of[p]]``.
     Minimises the mean squared difference between the template and the warped image at one level,
     on the sampled rows and columns. Returns the best maps seen (a step that overshoots is not
     kept) and their costs, (N, K).
     """
     template, steepest, inverse, rows, cols = templates
-    inverse, steepest = inverse[owner], steepest[owner]
+    arrays = (template, steepest, inverse, rows, cols, fill, images, linear, offset)
+    if _warp_kernel is not None and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in arrays):
+        return _gauss_newton_c(templates, owner, fill, images, image_of, linear, offset, full, iterations)
+    inverse, steepest, images = inverse[owner], steepest[owner], images[image_of]
     target = (template.flatten(1)[owner] - fill[:, None])[:, None]
     best_linear, best_offset = linear, offset
     best_cost = torch.full(linear.shape[:2], torch.inf, device=linear.device)
@@ -509,6 +606,28 @@ def _gauss_newton(templates, owner, fill, images, linear, offset, full, iteratio
         linear = linear @ w_inv
         offset = offset - torch.einsum("nkij,nkj->nki", linear, torch.stack((tr, tc), -1))
     return best_linear, best_offset, best_cost
+
+
+def _gauss_newton_c(templates, owner, fill, images, image_of, linear, offset, full, iterations):
+    """:func:`_gauss_newton` by the C kernel: each pair's iterations in one call, in cache, the pairs
+    split among torch's threads; templates and images are read where they are, not gathered per pair."""
+    n, k = linear.shape[:2]
+    linear, offset = linear.detach().clone().contiguous(), offset.detach().clone().contiguous()
+    cost = torch.empty((n, k), dtype=torch.float32)
+    inputs = (*templates, owner.to(torch.int64), fill, images, image_of.to(torch.int64))
+    template, steepest, inverse, rows, cols, owner, fill, images, image_of = (
+        x.contiguous().numpy() for x in inputs
+    )
+    arrays = (template, steepest, inverse, rows, cols, owner, fill, images, image_of)
+    shape = (k, *images.shape[1:], len(rows), len(cols), *full, iterations, _fused("bilinear"))
+    buffers = (linear.numpy(), offset.numpy(), cost.numpy())
+
+    def run(start: int, stop: int) -> int:
+        return _warp_kernel.gauss_newton(*arrays, *buffers, start, stop, *shape)
+
+    if any(_in_threads(n, run, minimum=4)):
+        raise MemoryError("the Gauss-Newton kernel could not allocate its workspace")
+    return linear, offset, cost
 
 
 # --------------------------------------------------------------------------------------------------

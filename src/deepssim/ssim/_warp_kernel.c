@@ -190,10 +190,157 @@ static PyObject *warp(PyObject *self, PyObject *args)
     return PyLong_FromLong(status);
 }
 
+/* Sums of products over P samples, in 8 double lanes so the compiler vectorises them without being
+ * allowed to reorder sums (this file is compiled without -ffast-math): out[i] = sum_p s[i P + p] e[p]
+ * for i < 4, out[4] = sum_p e[p]^2. */
+static inline __attribute__((always_inline)) void
+gradient_sums(const float *restrict s, const float *restrict e, long P, double out[5])
+{
+    double acc[5][8] = {{0}};
+    long p = 0;
+    for (; p + 8 <= P; p += 8)
+        for (int l = 0; l < 8; l++) {
+            const double v = e[p + l];
+            for (int i = 0; i < 4; i++) acc[i][l] += (double)s[i * P + p + l] * v;
+            acc[4][l] += v * v;
+        }
+    for (; p < P; p++) {
+        const double v = e[p];
+        for (int i = 0; i < 4; i++) acc[i][0] += (double)s[i * P + p] * v;
+        acc[4][0] += v * v;
+    }
+    for (int i = 0; i < 5; i++) {
+        double t = 0;
+        for (int l = 0; l < 8; l++) t += acc[i][l];
+        out[i] = t;
+    }
+}
+
+/* Inverse-compositional Gauss-Newton for one pair and one starting map, as _alignment._gauss_newton
+ * does it with tensors: warp the image (bilinear, as warp() does) on the template's sampled grid,
+ * error = warped - (template - fill), step = inverse (steepest . error), and compose the map with the
+ * step's inverse; the best map seen and its mean squared error are kept. L (row-major 2x2) and m are
+ * the map in centred full-resolution pixels, (row, col), updated in place with the best. pad: the image
+ * in its zero frame; work: 11 C + R C floats and C ints. */
+static inline __attribute__((always_inline)) float
+refine(const float *restrict pad, long h, long w, const float *restrict target, float fill,
+       const float *restrict steepest, const float *restrict inverse, const float *restrict rows, long R,
+       const float *restrict cols, long C, float sx, float sy, float *L, float *m, long iterations,
+       float *restrict work, const int fused)
+{
+    const long P = R * C;
+    float *cx = work, *cy = cx + C, *wt = cy + C, *warped = wt + 8 * C;
+    int *index = (int *)(warped + P);
+    float l[4] = {L[2], L[3], L[0], L[1]}, o[2] = {m[1], m[0]};
+    float best[6] = {L[0], L[1], L[2], L[3], m[0], m[1]}, best_cost = INFINITY;
+    for (long it = 0;; it++) {
+        /* _normalised: the rows of L reordered to (col, row) and scaled by 2 / size */
+        const float nl[4] = {l[0] * sx, l[1] * sx, l[2] * sy, l[3] * sy}, no[2] = {o[0] * sx, o[1] * sy};
+        for (long j = 0; j < C; j++) {
+            cx[j] = cols[j] * nl[1];
+            cy[j] = cols[j] * nl[3];
+        }
+        warp_map(pad, h, w, rows, R, cx, cy, C, nl, no, 0, warped, index, wt, fused);
+        for (long p = 0; p < P; p++) warped[p] -= target[p] - fill;
+        double sums[5];
+        gradient_sums(steepest, warped, P, sums);
+        const float cost = (float)(sums[4] / (double)P);
+        if (cost < best_cost) {
+            best_cost = cost;
+            best[0] = l[2], best[1] = l[3], best[2] = l[0], best[3] = l[1], best[4] = o[1], best[5] = o[0];
+        }
+        if (it == iterations) break;
+        float step[4];
+        for (int i = 0; i < 4; i++) {
+            double t = 0;
+            for (int j = 0; j < 4; j++) t += (double)inverse[4 * i + j] * sums[j];
+            step[i] = (float)t;
+        }
+        /* L <- L W^-1 and m <- m - L W^-1 t, W^-1 = [[1 + a, b], [-b, 1 + a]] / ((1 + a)^2 + b^2) */
+        const float a1 = 1.0f + step[0], b = step[1], det = a1 * a1 + b * b;
+        const float w00 = a1 / det, w01 = b / det, w10 = -b / det;
+        const float L00 = l[2] * w00 + l[3] * w10, L01 = l[2] * w01 + l[3] * w00;
+        const float L10 = l[0] * w00 + l[1] * w10, L11 = l[0] * w01 + l[1] * w00;
+        l[0] = L10, l[1] = L11, l[2] = L00, l[3] = L01;
+        o[1] = o[1] - (L00 * step[2] + L01 * step[3]);
+        o[0] = o[0] - (L10 * step[2] + L11 * step[3]);
+    }
+    memcpy(L, best, 4 * sizeof(float));
+    m[0] = best[4], m[1] = best[5];
+    return best_cost;
+}
+
+MULTIVERSION static float refine_fused(const float *pad, long h, long w, const float *target, float fill,
+                                       const float *steepest, const float *inverse, const float *rows,
+                                       long R, const float *cols, long C, float sx, float sy, float *L,
+                                       float *m, long iterations, float *work)
+{
+    return refine(pad, h, w, target, fill, steepest, inverse, rows, R, cols, C, sx, sy, L, m, iterations,
+                  work, 1);
+}
+
+MULTIVERSION static float refine_plain(const float *pad, long h, long w, const float *target, float fill,
+                                       const float *steepest, const float *inverse, const float *rows,
+                                       long R, const float *cols, long C, float sx, float sy, float *L,
+                                       float *m, long iterations, float *work)
+{
+    return refine(pad, h, w, target, fill, steepest, inverse, rows, R, cols, C, sx, sy, L, m, iterations,
+                  work, 0);
+}
+
+/* gauss_newton(template, steepest, inverse, rows, cols, owner, fill, images, image_of, linear, offset,
+ * cost, n0, n1, K, h, w, R, C, full_h, full_w, iterations, fused) -> 0, or -1 without memory.
+ * For pairs n in [n0, n1) and their K starting maps: template (Nt, R C), steepest (Nt, 4, R C),
+ * inverse (Nt, 4, 4) from _alignment._templates; owner (n,) and image_of (n,): each pair's template
+ * and image (int64); fill (n,); images (Ng, h, w); linear (n, K, 2, 2) and offset (n, K, 2): the maps
+ * in centred full-resolution pixels, replaced by the best found; cost (n, K): its mean squared error.
+ * float32, contiguous. */
+static PyObject *gauss_newton(PyObject *self, PyObject *args)
+{
+    Py_buffer b[12]; /* template, steepest, inverse, rows, cols, owner, fill, images, image_of, linear, offset, cost */
+    long n0, n1, K, h, w, R, C, full_h, full_w, iterations;
+    int fused;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*w*w*w*llllllllllp", &b[0], &b[1], &b[2], &b[3], &b[4],
+                          &b[5], &b[6], &b[7], &b[8], &b[9], &b[10], &b[11], &n0, &n1, &K, &h, &w, &R, &C,
+                          &full_h, &full_w, &iterations, &fused))
+        return NULL;
+    const long ph = h + 2 * PAD, pw = w + 2 * PAD, P = R * C;
+    float *work = (float *)calloc((size_t)(12 * C + P + ph * pw), sizeof(float));
+    long status = work == NULL ? -1 : 0;
+    if (work != NULL) {
+        const float *template = b[0].buf, *steepest = b[1].buf, *inverse = b[2].buf;
+        const float *rows = b[3].buf, *cols = b[4].buf, *fill = b[6].buf, *images = b[7].buf;
+        const long long *owner = b[5].buf, *image_of = b[8].buf;
+        float *linear = b[9].buf, *offset = b[10].buf, *cost = b[11].buf;
+        float *pad = work + 12 * C + P;
+        const float sx = (float)(2.0 / (double)full_w), sy = (float)(2.0 / (double)full_h);
+        Py_BEGIN_ALLOW_THREADS
+        for (long n = n0; n < n1; n++) {
+            const float *image = images + image_of[n] * h * w;
+            for (long y = 0; y < h; y++) /* the frame stays 0 */
+                memcpy(pad + (y + PAD) * pw + PAD, image + y * w, sizeof(float) * w);
+            const long t = (long)owner[n];
+            for (long k = 0; k < K; k++) {
+                float *L = linear + 4 * (n * K + k), *m = offset + 2 * (n * K + k);
+                cost[n * K + k] = (fused ? refine_fused : refine_plain)(
+                    pad, h, w, template + t * P, fill[n], steepest + 4 * t * P, inverse + 16 * t, rows, R,
+                    cols, C, sx, sy, L, m, iterations, work);
+            }
+        }
+        Py_END_ALLOW_THREADS
+        free(work);
+    }
+    for (int k = 0; k < 12; k++) PyBuffer_Release(&b[k]);
+    return PyLong_FromLong(status);
+}
+
 static PyMethodDef methods[] = {
     {"warp", warp, METH_VARARGS,
      "warp(images, lin, off, rows, cols, out, n0, n1, K, h, w, R, C, cubic, fused) -> 0, or -1 "
      "without memory"},
+    {"gauss_newton", gauss_newton, METH_VARARGS,
+     "gauss_newton(template, steepest, inverse, rows, cols, owner, fill, images, image_of, linear, offset, "
+     "cost, n0, n1, K, h, w, R, C, full_h, full_w, iterations, fused) -> 0, or -1 without memory"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_warp_kernel",

@@ -460,6 +460,84 @@ def ssim_prepared_pairs_indexed(
     return out.astype(np.float64)
 
 
+@dataclass
+class TrainingStatistics:
+    """Training images prepared for :func:`ssim_raw_pairs`: z-scores ``z`` (n, H, W), and per valid
+    pixel the local mean ``mu`` and the local variance plus C2 ``var`` (n, H-6, W-6), each a plane (a
+    pair kernel reads them at unit stride); C1 and C2 per image."""
+
+    z: np.ndarray
+    mu: np.ndarray
+    var: np.ndarray
+    c1: np.ndarray
+    c2: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int, height: int, width: int) -> TrainingStatistics:
+        valid = (n, height - WINDOW + 1, width - WINDOW + 1)
+        return cls(np.empty((n, height, width)), np.empty(valid), np.empty(valid), np.empty(n), np.empty(n))
+
+    def put(self, rows, images: np.ndarray) -> None:
+        """Prepare the training images ``images`` (raw, float64) into ``rows``."""
+        prepared = prepare(images, "train", np.float64)
+        self.z[rows], self.mu[rows], self.var[rows] = prepared.z, prepared.mu, prepared.var
+        self.c1[rows], self.c2[rows] = prepared.c1, prepared.c2
+
+
+def ssim_raw_pairs(train: TrainingStatistics, raw, train_index, raw_index, stack_index=None) -> np.ndarray:
+    """SSIM of the pairs (train[train_index[p]], raw[raw_index[p]]) in float64: a (P,) array.
+
+    raw: (m, H, W) images not prepared, or a list of such stacks with ``stack_index[p]`` naming pair
+    p's (so candidates made apart need not be copied into one). For images that serve about one pair
+    each (registration's candidates): the C kernel z-scores each pair's image and slides its 7x7 sums
+    down it in cache, so nothing of it is stored; without the kernel they are prepared first. Pairs of
+    one training image in a row read its statistics from memory once."""
+    stacks = [_as_stack(r) for r in raw] if isinstance(raw, list | tuple) else [_as_stack(raw)]
+    for stack in stacks:
+        _check_same_shape(train.z.shape[1:], stack.shape[1:])
+    ia = np.ascontiguousarray(train_index, dtype=np.int64)
+    ib = np.ascontiguousarray(raw_index, dtype=np.int64)
+    which = (
+        np.zeros(len(ia), np.int64) if stack_index is None else np.ascontiguousarray(stack_index, np.int64)
+    )
+    if not (ia.shape == ib.shape == which.shape and ia.ndim == 1):
+        raise DeepSSIMError("train_index, raw_index and stack_index must be 1D arrays of one length")
+    sizes = np.array([len(stack) for stack in stacks])
+    if len(ia) and (
+        ia.min() < 0 or ia.max() >= len(train.z) or which.min() < 0 or which.max() >= len(stacks)
+    ):
+        raise DeepSSIMError("pair index out of range")
+    if len(ia) and (ib.min() < 0 or (ib >= sizes[which]).any()):
+        raise DeepSSIMError("pair index out of range")
+    out = np.empty(len(ia))
+    if _ssim_kernel is None:
+        for k, stack in enumerate(stacks):
+            mine = which == k
+            used, rows = np.unique(ia[mine], return_inverse=True)
+            mu, c1 = train.mu[used], train.c1[used]
+            stats = np.stack([mu, mu * mu + c1[:, None, None], train.var[used]], axis=-1)
+            prepared = PreparedImages(train.z[used], stats, c1, train.c2[used])
+            out[mine] = ssim_prepared_pairs_indexed(
+                prepared, prepare(stack, "generated", np.float64), rows, ib[mine]
+            )
+        return out
+    height, width = stacks[0].shape[1:]
+    arrays = [np.ascontiguousarray(a) for a in (train.z, train.mu, train.var, train.c1, train.c2)]
+    stacks = tuple(np.ascontiguousarray(stack) for stack in stacks)
+
+    def run(start: int, stop: int) -> int:
+        part = slice(start, stop)
+        code = _ssim_kernel.ssim_raw_pairs(
+            *arrays, stacks, which[part], ia[part], ib[part], out[part], stop - start, height, width
+        )
+        return 0 if code == 0 else int(np.sign(code) * (ib[start + abs(code) - 1] + 1))
+
+    codes = [code for code in _in_threads(len(ia), run, minimum=4) if code]
+    if codes:
+        raise _unpreparable(codes[0], "generated")
+    return out
+
+
 def ssim_matrix(
     train,
     generated,

@@ -28,6 +28,7 @@ from deepssim.progress import progress_iter
 from deepssim.ssim._alignment import (
     FLIPS,
     ChunkImages,
+    TrainingImages,
     _exact_transform,
     _level,
     _register_chunk,
@@ -35,6 +36,7 @@ from deepssim.ssim._alignment import (
     _screen_chunk,
     _warp,
 )
+from deepssim.ssim.engine import _ssim_kernel
 
 GAMMAS = np.exp(np.linspace(np.log(0.4), np.log(2.5), 41))  # contrast changes tried (1.0 included)
 _WINDOW = 7  # the SSIM window: images must be at least this large
@@ -400,27 +402,28 @@ def _pair_gammas(train, generated, ti, gi, settings) -> np.ndarray:
 
 
 def _chunks(train, generated, ti, gi, gamma_index, settings, progress, what, whole_images=False):
-    """Chunks of about ``settings.chunk`` pairs, each image once: (slice of the pairs,
-    :class:`ChunkImages`). ``whole_images``: ``gi`` is sorted and no generated image's pairs are split."""
+    """Chunks of about ``settings.chunk`` pairs, each generated image once: (slice of the pairs,
+    :class:`ChunkImages`); each training image is prepared once for all chunks (:class:`TrainingImages`).
+    ``whole_images``: ``gi`` is sorted and no generated image's pairs are split."""
     cuts = list(range(settings.chunk, len(ti), settings.chunk))
     if whole_images:
         cuts = np.unique(np.searchsorted(gi, gi[cuts])).tolist() if cuts else []
     bounds = [0, *(c for c in cuts if c > 0), len(ti)]
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+    training = TrainingImages(train, settings, most=max((b - a for a, b in spans), default=1))
     for start, stop in progress_iter(spans, what, "chunk", progress):
         part = slice(start, stop)
         used_train, pt = np.unique(ti[part], return_inverse=True)
+        pt = training.slots(used_train)[pt]
         used_original, po = np.unique(gi[part], return_inverse=True)
         # one contrast-registered image per (generated image, gamma) of the chunk
         keys, pc = np.unique(gi[part] * len(GAMMAS) + gamma_index[part], return_inverse=True)
         owners, gammas = np.divmod(keys, len(GAMMAS))
-        contrast = _apply_gamma(generated[owners], GAMMAS[gammas])
+        contrast = _apply_gamma(generated, GAMMAS[gammas], owners)
         changed = GAMMAS[gammas] != 1.0
         yield (
             part,
-            ChunkImages(
-                train[used_train], contrast, generated[used_original], (pt, pc, po), changed, settings.device
-            ),
+            ChunkImages(training, contrast, generated[used_original], (pt, pc, po), changed),
         )
 
 
@@ -473,10 +476,17 @@ def _unit(images: np.ndarray) -> np.ndarray:
     return (images - low) / np.maximum(high - low, 1e-12)
 
 
-def _apply_gamma(images: np.ndarray, gamma) -> np.ndarray:
-    """Min-max scale to [0, 1] and raise to ``gamma`` (per image); gamma 1 leaves an image as it is."""
-    gamma = np.broadcast_to(np.asarray(gamma, dtype=np.float64), (len(images),))
-    out = np.array(images, dtype=np.float64)
+def _apply_gamma(images: np.ndarray, gamma, rows=None) -> np.ndarray:
+    """Min-max scale to [0, 1] and raise to ``gamma`` (per image) the images ``images[rows]`` (all by
+    default); gamma 1 leaves an image as it is. The C kernel does it in one pass per image, without
+    copying the chosen images first (registration makes one per pair)."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+    gamma = np.ascontiguousarray(np.broadcast_to(np.asarray(gamma, dtype=np.float64), (len(rows),)))
+    if _ssim_kernel is not None and images.dtype == np.float64 and images.flags.c_contiguous:
+        out = np.empty((len(rows), *images.shape[1:]))
+        _ssim_kernel.contrast_images(images, rows, gamma, out, len(rows), out[0].size if len(rows) else 0)
+        return out
+    out = np.array(images[rows], dtype=np.float64)
     change = gamma != 1.0
     out[change] = _unit(out[change]) ** gamma[change][:, None, None]
     return out
@@ -557,8 +567,8 @@ def _check_pair_index(train_index, generated_index, n_train: int, n_generated: i
 
 
 def _check_images(train, generated) -> tuple[np.ndarray, np.ndarray]:
-    train = np.asarray(train, dtype=np.float64)
-    generated = np.asarray(generated, dtype=np.float64)
+    train = np.ascontiguousarray(train, dtype=np.float64)
+    generated = np.ascontiguousarray(generated, dtype=np.float64)
     if train.shape[1:] != generated.shape[1:] or train.ndim != generated.ndim:
         raise DeepSSIMError(
             f"training and generated images must have one size, got {train.shape} and {generated.shape}"
