@@ -203,3 +203,23 @@ def test_training_images_given_up_and_computed_again_score_the_same(volume, monk
     for field in ("ssim_registered", "ssim_plain", "rotation_deg", "scale", "shift_px", "gamma"):
         np.testing.assert_array_equal(getattr(again, field), getattr(kept, field))
     assert list(again.flip) == list(kept.flip)
+
+
+@pytest.mark.parametrize("kernel", ["c", "none"])
+def test_exact_transforms_copy_pixels_as_numpy_slicing_does(kernel, monkeypatch):
+    """The flip + whole-pixel shift candidates (C kernel or NumPy) against np.flip and np.roll."""
+    from deepssim.ssim import _alignment
+
+    if kernel == "none":
+        monkeypatch.setattr(_alignment, "_ssim_kernel", None)
+    rng = np.random.default_rng(6)
+    images = rng.normal(size=(3, 9, 7))
+    rows, flips, shifts = np.array([0, 2, 1, 2, 0]), np.array([0, 1, 2, 3, 3]), rng.integers(-4, 5, (5, 2))
+    moved = _alignment._exact_transform(images, flips, shifts, rows)
+    for out, row, flip, (dr, dc) in zip(moved, rows, flips, shifts, strict=True):
+        expected = images[row][:: -1 if flip & 1 else 1, :: -1 if flip & 2 else 1]
+        expected = np.roll(expected, (dr, dc), axis=(0, 1))
+        covered = np.zeros(expected.shape, dtype=bool)
+        covered[max(dr, 0) : 9 + min(dr, 0), max(dc, 0) : 7 + min(dc, 0)] = True
+        np.testing.assert_array_equal(out[covered], expected[covered])
+        assert (out[~covered] == images[row].min()).all()

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepssim.io.normalise import zscore
-from deepssim.ssim.engine import TrainingStatistics, _in_threads, ssim_raw_pairs
+from deepssim.ssim.engine import TrainingStatistics, _in_threads, _ssim_kernel, ssim_raw_pairs
 
 try:
     from deepssim.ssim import _warp_kernel
@@ -126,19 +125,16 @@ class ChunkImages:
     screen and the search compute from them (z-scores, pooled levels), computed once for both.
 
     training: the call's :class:`TrainingImages`; contrast (Nc, H, W): contrast-registered generated
-    images; original (No, H, W): untouched generated images (their SSIM is the plain SSIM); ``pairs``
-    (3, n): each pair's training slot and its row in contrast and original; ``changed`` (Nc,): the
-    contrast image differs from its original."""
+    images, and ``contrast_z`` those z-scored in float32; original (No, H, W): untouched generated
+    images (their SSIM is the plain SSIM); ``pairs`` (3, n): each pair's training slot and its row in
+    contrast and original; ``changed`` (Nc,): the contrast image differs from its original."""
 
-    def __init__(self, training: TrainingImages, contrast, original, pairs, changed) -> None:
+    def __init__(self, training: TrainingImages, contrast, contrast_z, original, pairs, changed) -> None:
         self.training, self.contrast, self.original, self.changed = training, contrast, original, changed
+        self.contrast_z = torch.from_numpy(contrast_z).to(training.device)
         self.pairs = tuple(np.asarray(p) for p in pairs)
         self.device = training.device
         self.search_cache: dict = {}  # the search's levels of these images
-
-    @functools.cached_property
-    def contrast_z(self) -> torch.Tensor:
-        return torch.from_numpy(zscore(self.contrast)).float().to(self.device)
 
     def plain_scores(self, rows) -> np.ndarray:
         """Exact SSIM of the pairs ``rows``' untouched generated images (plain SSIM)."""
@@ -189,7 +185,7 @@ def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=
     kinds = {}
     if need_exact.any():
         which = np.flatnonzero(need_exact)
-        moved_exactly = _exact_transform(contrast[pc[which]], flip[which], whole[which])
+        moved_exactly = _exact_transform(contrast, flip[which], whole[which], pc[which])
         kinds["exact"] = (which, moved_exactly, np.arange(len(which)))
     if need_warp.any():
         which = np.flatnonzero(need_warp)
@@ -273,11 +269,17 @@ def _displacement(rotation_deg, scale, shift, shape) -> np.ndarray:
     return radius * (np.abs(np.radians(rotation_deg)) + np.abs(np.asarray(scale) - 1)) + fraction
 
 
-def _exact_transform(images: np.ndarray, flip: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """Flip and shift each image by whole pixels, filling with its minimum: pixels are copied, not mixed."""
-    out = np.empty_like(images)
+def _exact_transform(images: np.ndarray, flip: np.ndarray, shift: np.ndarray, rows=None) -> np.ndarray:
+    """Flip and shift each image (of ``images[rows]``) by whole pixels, filling with its minimum: pixels
+    are copied, not mixed. FLIPS' index k flips rows by its bit 0 and columns by its bit 1."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     height, width = images.shape[1:]
-    for i, (image, k, (dr, dc)) in enumerate(zip(images, flip, shift, strict=True)):
+    out = np.empty((len(rows), height, width))
+    if _ssim_kernel is not None and images.dtype == np.float64 and images.flags.c_contiguous:
+        arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (rows, flip, shift)]
+        _ssim_kernel.exact_transforms(images, *arrays, out, len(rows), height, width)
+        return out
+    for i, (image, k, (dr, dc)) in enumerate(zip(images[rows], flip, shift, strict=True)):
         sr, sc = _FLIP_SIGNS[k]
         image = image[:: int(sr), :: int(sc)]
         out[i] = image.min()

@@ -558,43 +558,93 @@ static PyObject *ssim_pairs_indexed(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* contrast_images(images, rows, gammas, out, m, hw): out[i] = images[rows[i]] min-max scaled to
- * [0, 1] and raised to gammas[i], or copied unchanged where gammas[i] is 1 (float64). One pass per
- * image with vectorised exp and log, no temporaries. */
-MULTIVERSION static void contrast_f64(const double *images, const long long *rows, const double *gammas,
-                                      double *out, long m, long hw)
+/* contrast_images(images, rows, gammas, out, z, m, hw) -> 0, or 1 + the first output that is constant:
+ * out[i] = images[rows[i]] min-max scaled to [0, 1] and raised to gammas[i], or copied unchanged where
+ * gammas[i] is 1 (float64); z[i] = out[i] z-scored (population std), in float32, for the search. One
+ * image at a time in cache, with vectorised exp and log, no temporaries. */
+MULTIVERSION static long contrast_f64(const double *images, const long long *rows, const double *gammas,
+                                      double *out, float *z, long m, long hw)
 {
     for (long i = 0; i < m; i++) {
         const double *x = images + rows[i] * hw, g = gammas[i];
         double *y = out + i * hw;
         if (g == 1.0) {
             memcpy(y, x, sizeof(double) * hw);
-            continue;
+        } else {
+            double lo = x[0], hi = x[0];
+            for (long p = 0; p < hw; p++) {
+                lo = x[p] < lo ? x[p] : lo;
+                hi = x[p] > hi ? x[p] : hi;
+            }
+            const double span = hi - lo > 1e-12 ? hi - lo : 1e-12;
+            /* u^g as exp(g log u): glibc's vectorised exp and log take about half the time of its pow */
+            _Pragma("omp simd")
+            for (long p = 0; p < hw; p++) {
+                const double u = (x[p] - lo) / span;
+                y[p] = u > 0 ? exp(g * log(u)) : 0.0;
+            }
         }
-        double lo = x[0], hi = x[0];
-        for (long p = 0; p < hw; p++) {
-            lo = x[p] < lo ? x[p] : lo;
-            hi = x[p] > hi ? x[p] : hi;
-        }
-        const double span = hi - lo > 1e-12 ? hi - lo : 1e-12;
-        /* u^g as exp(g log u): glibc's vectorised exp and log take about half the time of its pow */
-        _Pragma("omp simd")
-        for (long p = 0; p < hw; p++) {
-            const double u = (x[p] - lo) / span;
-            y[p] = u > 0 ? exp(g * log(u)) : 0.0;
-        }
+        double sum = 0, ss = 0;
+        for (long p = 0; p < hw; p++) sum += y[p];
+        const double mean = sum / (double)hw;
+        for (long p = 0; p < hw; p++) ss += (y[p] - mean) * (y[p] - mean);
+        const double sd = sqrt(ss / (double)hw);
+        if (!(sd > 0)) return i + 1;
+        float *zi = z + i * hw;
+        for (long p = 0; p < hw; p++) zi[p] = (float)((y[p] - mean) / sd);
     }
+    return 0;
 }
 
 static PyObject *contrast_images(PyObject *self, PyObject *args)
 {
-    Py_buffer b[4]; /* images, rows, gammas, out */
-    long m, hw;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*ll", &b[0], &b[1], &b[2], &b[3], &m, &hw)) return NULL;
+    Py_buffer b[5]; /* images, rows, gammas, out, z */
+    long m, hw, code;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*w*ll", &b[0], &b[1], &b[2], &b[3], &b[4], &m, &hw)) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    contrast_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, m, hw);
+    code = contrast_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, m, hw);
     Py_END_ALLOW_THREADS
-    for (int k = 0; k < 4; k++) PyBuffer_Release(&b[k]);
+    for (int k = 0; k < 5; k++) PyBuffer_Release(&b[k]);
+    return PyLong_FromLong(code);
+}
+
+/* exact_transforms(images, rows, flips, shifts, out, m, H, W): out[i] = images[rows[i]] flipped (bit 0:
+ * rows, bit 1: columns) and shifted by whole pixels (shifts[i] = (rows, columns)), the uncovered pixels
+ * filled with the image's minimum: pixels copied, not mixed (float64; rows, flips, shifts int64). */
+static void exact_f64(const double *images, const long long *rows, const long long *flips,
+                      const long long *shifts, double *out, long m, long H, long W)
+{
+    for (long i = 0; i < m; i++) {
+        const double *x = images + rows[i] * H * W;
+        double *y = out + i * H * W, lo = x[0];
+        for (long p = 0; p < H * W; p++) lo = x[p] < lo ? x[p] : lo;
+        const long dr = (long)shifts[2 * i], dc = (long)shifts[2 * i + 1];
+        const int flip_rows = (int)(flips[i] & 1), flip_cols = (int)((flips[i] >> 1) & 1);
+        for (long r = 0; r < H; r++) {
+            const long source = r - dr;
+            double *yr = y + r * W;
+            if (source < 0 || source >= H) {
+                for (long c = 0; c < W; c++) yr[c] = lo;
+                continue;
+            }
+            const double *xr = x + (flip_rows ? H - 1 - source : source) * W;
+            for (long c = 0; c < W; c++) {
+                const long sc = c - dc;
+                yr[c] = sc < 0 || sc >= W ? lo : xr[flip_cols ? W - 1 - sc : sc];
+            }
+        }
+    }
+}
+
+static PyObject *exact_transforms(PyObject *self, PyObject *args)
+{
+    Py_buffer b[5]; /* images, rows, flips, shifts, out */
+    long m, H, W;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*lll", &b[0], &b[1], &b[2], &b[3], &b[4], &m, &H, &W)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    exact_f64(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, m, H, W);
+    Py_END_ALLOW_THREADS
+    for (int k = 0; k < 5; k++) PyBuffer_Release(&b[k]);
     Py_RETURN_NONE;
 }
 
@@ -735,8 +785,11 @@ static PyMethodDef methods[] = {
     {"ssim_pairs_indexed", ssim_pairs_indexed, METH_VARARGS,
      "ssim_pairs_indexed(za, zb, sa, sb, c1, c2, ia, ib, out, n, H, W, is64): pairs (a_ia[p], b_ib[p])"},
     {"contrast_images", contrast_images, METH_VARARGS,
-     "contrast_images(images, rows, gammas, out, m, hw): out[i] = images[rows[i]] min-max scaled and "
-     "raised to gammas[i] (unchanged where it is 1); float64, rows int64"},
+     "contrast_images(images, rows, gammas, out, z, m, hw) -> 0 or 1 + a constant output: out[i] = "
+     "images[rows[i]] min-max scaled, raised to gammas[i] (unchanged at 1); z: out z-scored, float32"},
+    {"exact_transforms", exact_transforms, METH_VARARGS,
+     "exact_transforms(images, rows, flips, shifts, out, m, H, W): images[rows[i]] flipped (bit 0 rows, "
+     "bit 1 columns) and shifted by whole pixels, filled with its minimum; float64, the rest int64"},
     {"ssim_raw_pairs", ssim_raw_pairs, METH_VARARGS,
      "ssim_raw_pairs(za, mu, var, c1, c2, raws, stack, ia, ib, out, n, H, W) -> 0, or as prepare_images "
      "(the pair); float64: pairs (training image ia[p], raws[stack[p]][ib[p]]), statistics as planes"},

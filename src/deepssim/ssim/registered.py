@@ -419,11 +419,11 @@ def _chunks(train, generated, ti, gi, gamma_index, settings, progress, what, who
         # one contrast-registered image per (generated image, gamma) of the chunk
         keys, pc = np.unique(gi[part] * len(GAMMAS) + gamma_index[part], return_inverse=True)
         owners, gammas = np.divmod(keys, len(GAMMAS))
-        contrast = _apply_gamma(generated, GAMMAS[gammas], owners)
+        contrast, contrast_z = _contrast_images(generated, GAMMAS[gammas], owners)
         changed = GAMMAS[gammas] != 1.0
         yield (
             part,
-            ChunkImages(training, contrast, generated[used_original], (pt, pc, po), changed),
+            ChunkImages(training, contrast, contrast_z, generated[used_original], (pt, pc, po), changed),
         )
 
 
@@ -476,20 +476,33 @@ def _unit(images: np.ndarray) -> np.ndarray:
     return (images - low) / np.maximum(high - low, 1e-12)
 
 
-def _apply_gamma(images: np.ndarray, gamma, rows=None) -> np.ndarray:
-    """Min-max scale to [0, 1] and raise to ``gamma`` (per image) the images ``images[rows]`` (all by
-    default); gamma 1 leaves an image as it is. The C kernel does it in one pass per image, without
-    copying the chosen images first (registration makes one per pair)."""
+def _apply_gamma(images: np.ndarray, gamma) -> np.ndarray:
+    """Min-max scale to [0, 1] and raise to ``gamma`` (per image); gamma 1 leaves an image as it is."""
+    return _contrast_images(np.ascontiguousarray(images, dtype=np.float64), gamma)[0]
+
+
+def _contrast_images(images: np.ndarray, gamma, rows=None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_apply_gamma` of ``images[rows]`` (all by default), and the results z-scored in float32
+    (what the search takes). The C kernel does both in one pass per image in cache, without copying
+    the chosen images first (registration makes one per pair)."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
     gamma = np.ascontiguousarray(np.broadcast_to(np.asarray(gamma, dtype=np.float64), (len(rows),)))
     if _ssim_kernel is not None and images.dtype == np.float64 and images.flags.c_contiguous:
         out = np.empty((len(rows), *images.shape[1:]))
-        _ssim_kernel.contrast_images(images, rows, gamma, out, len(rows), out[0].size if len(rows) else 0)
-        return out
+        z = np.empty(out.shape, dtype=np.float32)
+        code = _ssim_kernel.contrast_images(
+            images, rows, gamma, out, z, len(rows), out[0].size if len(rows) else 0
+        )
+        if code:
+            raise DeepSSIMError(
+                f"generated image {rows[code - 1]} is constant: a constant image has no standard deviation "
+                "and cannot be z-scored"
+            )
+        return out, z
     out = np.array(images[rows], dtype=np.float64)
     change = gamma != 1.0
     out[change] = _unit(out[change]) ** gamma[change][:, None, None]
-    return out
+    return out, zscore(out).astype(np.float32)
 
 
 def registered_ssim(train_image, generated_image, **kwargs) -> float:
