@@ -276,8 +276,15 @@ def _exact_transform(images: np.ndarray, flip: np.ndarray, shift: np.ndarray, ro
     height, width = images.shape[1:]
     out = np.empty((len(rows), height, width))
     if _ssim_kernel is not None and images.dtype == np.float64 and images.flags.c_contiguous:
-        arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (rows, flip, shift)]
-        _ssim_kernel.exact_transforms(images, *arrays, out, len(rows), height, width)
+        rows, flip, shift = (np.ascontiguousarray(a, dtype=np.int64) for a in (rows, flip, shift))
+
+        def run(start: int, stop: int) -> None:
+            part = slice(start, stop)
+            _ssim_kernel.exact_transforms(
+                images, rows[part], flip[part], shift[part], out[part], stop - start, height, width
+            )
+
+        _in_threads(len(rows), run, minimum=4)
         return out
     for i, (image, k, (dr, dc)) in enumerate(zip(images[rows], flip, shift, strict=True)):
         sr, sc = _FLIP_SIGNS[k]

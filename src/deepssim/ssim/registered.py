@@ -36,7 +36,7 @@ from deepssim.ssim._alignment import (
     _screen_chunk,
     _warp,
 )
-from deepssim.ssim.engine import _ssim_kernel
+from deepssim.ssim.engine import _in_threads, _ssim_kernel
 
 GAMMAS = np.exp(np.linspace(np.log(0.4), np.log(2.5), 41))  # contrast changes tried (1.0 included)
 _WINDOW = 7  # the SSIM window: images must be at least this large
@@ -440,6 +440,16 @@ def _quantiles(images: np.ndarray, rows=None) -> np.ndarray:
     images are never copied whole (at scale that copy cost more than the quantiles)."""
     images = np.asarray(images)
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    out = np.empty((len(rows), len(_LEVELS)))
+
+    def run(start: int, stop: int) -> None:  # NumPy's sort leaves the GIL: the threads share the work
+        out[start:stop] = _scaled_quantiles(images, rows[start:stop])
+
+    _in_threads(len(rows), run, minimum=64)
+    return out
+
+
+def _scaled_quantiles(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
     low = np.array([images[r].min() for r in rows], dtype=np.float64)[:, None]
     span = np.maximum(np.array([images[r].max() for r in rows], dtype=np.float64)[:, None] - low, 1e-12)
     sample = np.sort(images[rows, ::2, ::2].reshape(len(rows), -1), axis=1).astype(np.float64)
@@ -456,10 +466,14 @@ def _gamma_index(train_quantiles, generated_quantiles, train_rows, generated_row
     closest to the training image's (least squares); each image's quantiles are computed once."""
     powers = generated_quantiles[:, None, :] ** GAMMAS[None, :, None]  # (n generated, gammas, 99)
     out = np.empty(len(train_rows), dtype=np.int64)
-    for start in range(0, len(out), 256):  # temporaries of ~8 MB, not one per pair at once
-        part = slice(start, start + 256)
-        difference = powers[generated_rows[part]] - train_quantiles[train_rows[part]][:, None, :]
-        out[part] = np.argmin(np.einsum("pgq,pgq->pg", difference, difference), axis=1)
+
+    def run(first: int, last: int) -> None:  # the threads share the pairs
+        for start in range(first, last, 256):  # temporaries of ~8 MB, not one per pair at once
+            part = slice(start, min(start + 256, last))
+            difference = powers[generated_rows[part]] - train_quantiles[train_rows[part]][:, None, :]
+            out[part] = np.argmin(np.einsum("pgq,pgq->pg", difference, difference), axis=1)
+
+    _in_threads(len(out), run, minimum=256)
     return out
 
 
@@ -490,13 +504,20 @@ def _contrast_images(images: np.ndarray, gamma, rows=None) -> tuple[np.ndarray, 
     if _ssim_kernel is not None and images.dtype == np.float64 and images.flags.c_contiguous:
         out = np.empty((len(rows), *images.shape[1:]))
         z = np.empty(out.shape, dtype=np.float32)
-        code = _ssim_kernel.contrast_images(
-            images, rows, gamma, out, z, len(rows), out[0].size if len(rows) else 0
-        )
-        if code:
+        pixels = images[0].size
+
+        def run(start: int, stop: int) -> int:
+            part = slice(start, stop)
+            code = _ssim_kernel.contrast_images(
+                images, rows[part], gamma[part], out[part], z[part], stop - start, pixels
+            )
+            return code and start + code
+
+        codes = [code for code in _in_threads(len(rows), run, minimum=4) if code]
+        if codes:
             raise DeepSSIMError(
-                f"generated image {rows[code - 1]} is constant: a constant image has no standard deviation "
-                "and cannot be z-scored"
+                f"generated image {rows[codes[0] - 1]} is constant: a constant image has no standard "
+                "deviation and cannot be z-scored"
             )
         return out, z
     out = np.array(images[rows], dtype=np.float64)
