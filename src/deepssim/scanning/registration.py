@@ -12,7 +12,7 @@ import numpy as np
 from deepssim.errors import DeepSSIMError
 from deepssim.execution.engines import ScanEngine, get_engine
 from deepssim.io.load import ImageSet
-from deepssim.ssim.registered import Registration, register_cascade, register_indexed
+from deepssim.ssim.registered import Registration, TrainingImages, register_cascade, register_indexed
 
 MODES = ("cascade", "full")
 
@@ -43,10 +43,11 @@ def register_top_k(
     engine = get_engine(engine)
     selected = np.ones(neighbours.shape, dtype=bool) if selected is None else np.asarray(selected)
     starts = [start for start in range(0, len(neighbours), block) if selected[start : start + block].any()]
+    training = TrainingImages(train_set)  # in this process, each training image read and prepared once
     found = engine.map(
         _register_block,
         [
-            (train_set, generated_set, neighbours[s : s + block], selected[s : s + block], s, cascade)
+            (training, generated_set, neighbours[s : s + block], selected[s : s + block], s, cascade)
             for s in starts
         ],
         sizes=[int(selected[s : s + block].sum()) for s in starts],
@@ -64,17 +65,16 @@ _FIELDS = ("ssim_registered", "ssim_plain", "flip", "rotation_deg", "shift_px", 
 
 
 def _register_block(
-    train_set: ImageSet, generated_set: ImageSet, neighbours, selected, start: int, cascade=None
+    training: TrainingImages, generated_set: ImageSet, neighbours, selected, start: int, cascade=None
 ):
     """One task: register the selected pairs of generated images ``start:start + len(neighbours)``;
-    ``cascade``: (low, high) for the cascade, None for every pair. Each training image is read once
-    and the pairs index the images (no per-pair copies)."""
+    ``cascade``: (low, high) for the cascade, None for every pair. The training images are read and
+    prepared when first needed and kept for the next blocks (a Ray task gets its own)."""
     chosen, rank = np.nonzero(selected)
     generated = generated_set.read(start, start + len(neighbours))
-    needed, train_rows = np.unique(neighbours[chosen, rank], return_inverse=True)
-    train_images = train_set.take(needed)
+    train_rows = neighbours[chosen, rank]
     if cascade is None:
-        result = register_indexed(train_images, generated, train_rows, chosen)
+        result = register_indexed(training, generated, train_rows, chosen)
     else:
-        result = register_cascade(train_images, generated, train_rows, chosen, cascade)
+        result = register_cascade(training, generated, train_rows, chosen, cascade)
     return start + chosen, rank, result

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepssim.errors import DeepSSIMError
 from deepssim.ssim.engine import TrainingStatistics, _in_threads, _ssim_kernel, ssim_raw_pairs
 
 try:
@@ -51,32 +52,67 @@ TRAINING_CACHE_BYTES = 2 * 2**30
 
 
 class TrainingImages:
-    """What registration computes of each training image, once per call however many chunks its pairs
-    fall in (at 1/10 of the paper's scale a training image is in ~30 pairs, nearly each in another
-    chunk): prepared for exact SSIM, z-scored and pooled to the coarse level, and its Gauss-Newton
-    templates at both levels. Kept in slots up to ``budget`` bytes, the least recently used given up
-    first (and computed again if needed); pairs refer to training images by slot. ``most``: the most
-    training images one chunk needs at once (they all get a slot, whatever the budget)."""
+    """What registration computes of each training image, once however many pairs, chunks and calls it
+    is in (at 1/10 of the paper's scale a training image is in ~30 pairs, nearly each in another
+    chunk): prepared for exact SSIM, z-scored and pooled to the coarse level, its Gauss-Newton
+    templates at both levels, and its intensity quantiles for the contrast gamma. Kept in slots up to
+    ``budget`` bytes (the most one chunk needs, whatever the budget), the least recently used given up
+    first and computed again when needed; pairs refer to training images by slot.
 
-    def __init__(self, train: np.ndarray, settings, most: int, budget: int | None = None) -> None:
-        budget = TRAINING_CACHE_BYTES if budget is None else budget
-        self.train, self.settings = train, settings
-        self.device = torch.device(settings.device)
-        self.full = full = tuple(train.shape[1:])
+    train: an (N, H, W) array, or images read on demand (an :class:`~deepssim.ImageSet`: a scan's
+    training set, each image read when first needed). Pickles as its images alone (a Ray task
+    builds its own)."""
+
+    def __init__(self, train, device="cpu", budget: int | None = None) -> None:
+        self.train, self.device, self.budget = train, torch.device(device), budget
+        self.full = full = tuple(int(x) for x in train.shape[-2:])
         self.coarse_shape = _level_shape(full, max(1, round(max(full) / COARSE_SIZE)))
         middle = max(full) >= 1.75 * MIDDLE_SIZE
         self.middle_shape = _level_shape(full, max(full) / MIDDLE_SIZE) if middle else full
         self.middle_stride = _SAMPLE_STRIDE if min(self.middle_shape) >= 32 else 1
         pixels = full[0] * full[1]
         per_image = 8 * 4 * pixels + 4 * (pixels + 2 * pixels // 4 * 5)  # prepared, z, both templates
-        self.capacity = int(min(len(train), max(most, budget // per_image)))
+        budget = TRAINING_CACHE_BYTES if budget is None else budget
+        self.capacity = 0
+        self.wanted = int(max(1, min(len(train), budget // per_image)))
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # training image -> slot, oldest first
-        self.statistics = TrainingStatistics.empty(self.capacity, *full)  # for exact SSIM
+        self.statistics = TrainingStatistics.empty(0, *full)  # for exact SSIM
         self.store: dict[str, torch.Tensor] = {}  # for the search
+        self.quantile_of: dict[int, np.ndarray] = {}  # for the contrast gamma
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def __getstate__(self) -> dict:
+        return {"train": self.train, "device": str(self.device), "budget": self.budget}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    def raw(self, images: np.ndarray) -> np.ndarray:
+        """The raw training images ``images`` (indices), checked: finite and not constant."""
+        if isinstance(self.train, np.ndarray):
+            raw = self.train[images]
+        else:
+            raw = np.ascontiguousarray(self.train.take(images), dtype=np.float64)
+        flat = raw.reshape(len(raw), -1)
+        for row in np.flatnonzero(~np.isfinite(flat).all(axis=1) | (np.ptp(flat, axis=1) == 0)):
+            problem = "contains NaN or Inf values" if not np.isfinite(flat[row]).all() else "is constant"
+            raise DeepSSIMError(f"training image {images[row]} {problem}; it cannot be registered")
+        return raw
+
+    def quantiles(self, images: np.ndarray, compute) -> np.ndarray:
+        """``compute(raw images)`` of the training images ``images``, each computed once and kept."""
+        missing = np.asarray([i for i in images.tolist() if i not in self.quantile_of], dtype=np.int64)
+        if len(missing):
+            self.quantile_of.update(zip(missing.tolist(), compute(self.raw(missing)), strict=True))
+        return np.stack([self.quantile_of[i] for i in images.tolist()])
 
     def slots(self, images: np.ndarray) -> np.ndarray:
         """The slots of the training images ``images`` (distinct indices), computing those not kept."""
         images = np.asarray(images, dtype=np.int64)
+        if self.capacity < min(len(self), max(self.wanted, len(images))):
+            self._grow(min(len(self), max(self.wanted, len(images))))
         for image in images[np.isin(images, list(self.slot_of))]:
             self.slot_of.move_to_end(int(image))
         missing = [int(i) for i in images if int(i) not in self.slot_of]
@@ -91,8 +127,19 @@ class TrainingImages:
             self.slot_of.update(zip(missing, slots.tolist(), strict=True))
         return np.asarray([self.slot_of[int(i)] for i in images], dtype=np.int64)
 
+    def _grow(self, capacity: int) -> None:
+        """Room for ``capacity`` training images, keeping those already computed."""
+        kept = self.capacity
+        grown = TrainingStatistics.empty(capacity, *self.full)
+        for name in ("z", "mu", "var", "c1", "c2"):
+            getattr(grown, name)[:kept] = getattr(self.statistics, name)
+        self.statistics, self.capacity = grown, capacity
+        for name, values in self.store.items():
+            if not name.endswith((".rows", ".cols")):
+                self.store[name] = torch.cat([values, values.new_empty((capacity - kept, *values.shape[1:]))])
+
     def _compute(self, images: np.ndarray, slots: np.ndarray) -> None:
-        self.statistics.put(slots, self.train[images])
+        self.statistics.put(slots, self.raw(images))
         z = torch.from_numpy(self.statistics.z[slots]).float().to(self.device)
         a = _pool(z, self.coarse_shape)
         a = a - a.mean(dim=(1, 2), keepdim=True)

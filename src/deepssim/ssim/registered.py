@@ -197,13 +197,15 @@ def register_indexed(
     Each image is read, z-scored, pooled, prepared for SSIM and fitted for contrast once per chunk
     of pairs however many pairs it is in (a scan's generated image is in k pairs), not once per pair.
     """
-    train, generated = _check_images(train, generated)
-    ti, gi = _check_pair_index(train_index, generated_index, len(train), len(generated))
+    training, generated = _check_images(train, generated, settings)
+    ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
     result = _blank(len(ti), searched=True)
-    gamma_index = _pair_gammas(train, generated, ti, gi, settings)
+    gamma_index = _pair_gammas(training, generated, ti, gi, settings)
     result.gamma = GAMMAS[gamma_index]
     with torch.no_grad():
-        for part, images in _chunks(train, generated, ti, gi, gamma_index, settings, progress, "registering"):
+        for part, images in _chunks(
+            training, generated, ti, gi, gamma_index, settings, progress, "registering"
+        ):
             _register_chunk(images, slice(None), settings, result, part)
     _keep_untouched(result, np.arange(len(ti)))
     result.flip = result.flip.astype(str)
@@ -301,14 +303,14 @@ def register_cascade(
     low, high = (float(v) for v in thresholds)
     if not low <= high:
         raise DeepSSIMError(f"thresholds must be (low, high) with low <= high, not {thresholds}")
-    train, generated = _check_images(train, generated)
-    ti, gi = _check_pair_index(train_index, generated_index, len(train), len(generated))
+    training, generated = _check_images(train, generated, settings)
+    ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
     result = _blank(len(ti), searched=False)
-    gamma_index = _pair_gammas(train, generated, ti, gi, settings)
+    gamma_index = _pair_gammas(training, generated, ti, gi, settings)
     order = np.argsort(gi, kind="stable")  # chunks of whole generated images: the rules are per image
     with torch.no_grad():
         for part, images in _chunks(
-            train,
+            training,
             generated,
             ti[order],
             gi[order],
@@ -374,14 +376,16 @@ def screen_indexed(
     progress: bool = False,
 ) -> Screen:
     """:class:`Screen` of the pairs (train[train_index[p]], generated[generated_index[p]])."""
-    train, generated = _check_images(train, generated)
-    ti, gi = _check_pair_index(train_index, generated_index, len(train), len(generated))
+    training, generated = _check_images(train, generated, settings)
+    ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
     n = len(ti)
-    gamma_index = _pair_gammas(train, generated, ti, gi, settings)
+    gamma_index = _pair_gammas(training, generated, ti, gi, settings)
     out = Screen(np.empty(n), np.empty(n), np.empty(n), GAMMAS[gamma_index])
     found = []
     with torch.no_grad():
-        for part, images in _chunks(train, generated, ti, gi, gamma_index, settings, progress, "screening"):
+        for part, images in _chunks(
+            training, generated, ti, gi, gamma_index, settings, progress, "screening"
+        ):
             out.plain[part], out.identity[part], out.coarse[part], candidates = _screen_chunk(
                 images, settings, slice(None)
             )
@@ -390,18 +394,21 @@ def screen_indexed(
     return out
 
 
-def _pair_gammas(train, generated, ti, gi, settings) -> np.ndarray:
+def _pair_gammas(training: TrainingImages, generated, ti, gi, settings) -> np.ndarray:
     """Each pair's contrast gamma as an index into GAMMAS (the unit gamma without contrast)."""
     if not settings.contrast or len(ti) == 0:
         return np.full(len(ti), _UNIT_GAMMA)
     used_train, train_rows = np.unique(ti, return_inverse=True)
     used_generated, generated_rows = np.unique(gi, return_inverse=True)
     return _gamma_index(
-        _quantiles(train, used_train), _quantiles(generated, used_generated), train_rows, generated_rows
+        training.quantiles(used_train, _quantiles),
+        _quantiles(generated, used_generated),
+        train_rows,
+        generated_rows,
     )
 
 
-def _chunks(train, generated, ti, gi, gamma_index, settings, progress, what, whole_images=False):
+def _chunks(training, generated, ti, gi, gamma_index, settings, progress, what, whole_images=False):
     """Chunks of about ``settings.chunk`` pairs, each generated image once: (slice of the pairs,
     :class:`ChunkImages`); each training image is prepared once for all chunks (:class:`TrainingImages`).
     ``whole_images``: ``gi`` is sorted and no generated image's pairs are split."""
@@ -410,7 +417,6 @@ def _chunks(train, generated, ti, gi, gamma_index, settings, progress, what, who
         cuts = np.unique(np.searchsorted(gi, gi[cuts])).tolist() if cuts else []
     bounds = [0, *(c for c in cuts if c > 0), len(ti)]
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
-    training = TrainingImages(train, settings, most=max((b - a for a, b in spans), default=1))
     for start, stop in progress_iter(spans, what, "chunk", progress):
         part = slice(start, stop)
         used_train, pt = np.unique(ti[part], return_inverse=True)
@@ -600,7 +606,15 @@ def _check_pair_index(train_index, generated_index, n_train: int, n_generated: i
     return ti, gi
 
 
-def _check_images(train, generated) -> tuple[np.ndarray, np.ndarray]:
+def _check_images(train, generated, settings=None) -> tuple:
+    """Both stacks as float64 arrays, checked. With ``settings``, the training images come back as
+    :class:`TrainingImages`: an array becomes one; one given is kept with what it has computed (its
+    images are checked as it reads them)."""
+    given = isinstance(train, TrainingImages)
+    if given:
+        if settings is None or torch.device(settings.device) != train.device:
+            raise DeepSSIMError(f"these training images were prepared for {train.device}, not this device")
+        training, train = train, np.zeros((1, *train.full))  # only its shape is checked here
     train = np.ascontiguousarray(train, dtype=np.float64)
     generated = np.ascontiguousarray(generated, dtype=np.float64)
     if train.shape[1:] != generated.shape[1:] or train.ndim != generated.ndim:
@@ -613,7 +627,9 @@ def _check_images(train, generated) -> tuple[np.ndarray, np.ndarray]:
         raise DeepSSIMError(f"images are {train.shape[1]}x{train.shape[2]}; SSIM needs at least 7x7")
     if not (np.isfinite(train).all() and np.isfinite(generated).all()):
         raise DeepSSIMError("images contain NaN or Inf values")
-    return train, generated
+    if given:
+        return training, generated
+    return (train if settings is None else TrainingImages(train, settings.device)), generated
 
 
 __all__ = [
@@ -622,6 +638,7 @@ __all__ = [
     "RegistrationSettings",
     "apply_transform",
     "Screen",
+    "TrainingImages",
     "register_cascade",
     "register_indexed",
     "register_pairs",
