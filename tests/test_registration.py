@@ -223,3 +223,51 @@ def test_exact_transforms_copy_pixels_as_numpy_slicing_does(kernel, monkeypatch)
         covered[max(dr, 0) : 9 + min(dr, 0), max(dc, 0) : 7 + min(dc, 0)] = True
         np.testing.assert_array_equal(out[covered], expected[covered])
         assert (out[~covered] == images[row].min()).all()
+
+
+def test_training_images_read_from_files_and_kept_across_calls(volume, tmp_path):
+    """TrainingImages over an ImageSet (a scan's training set): the same results as arrays, each image
+    read once across calls, and a pickled copy (a Ray task's) carries the images, not what was kept."""
+    import pickle
+
+    from PIL import Image
+
+    from deepssim import ImageSet
+    from deepssim.ssim.registered import TrainingImages, register_indexed
+
+    slices = [np.round(volume[::2, ::2, k]).astype(np.uint8) for k in (20, 28, 36, 44)]
+    for i, image in enumerate(slices):
+        Image.fromarray(image).save(tmp_path / f"t{i}.png")
+    train_set = ImageSet.from_paths(tmp_path)
+    train = train_set.read()
+    generated = train[[2, 0, 3]] + np.random.default_rng(7).normal(0, 6, (3, *train.shape[1:]))
+    ti, gi = np.array([2, 1, 0, 3, 3, 1]), np.array([0, 0, 1, 1, 2, 2])
+    expected = register_indexed(train, generated, ti, gi)
+
+    training = TrainingImages(train_set)
+    reads = []
+    original_raw = training.raw
+    training.raw = lambda images: reads.extend(images.tolist()) or original_raw(images)
+    first = register_indexed(training, generated[:2], ti[:4], gi[:4])
+    second = register_indexed(training, generated, ti, gi)
+    np.testing.assert_array_equal(second.ssim_registered, expected.ssim_registered)
+    np.testing.assert_array_equal(first.ssim_registered, expected.ssim_registered[:4])
+    assert sorted(reads) == [0, 0, 1, 1, 2, 2, 3, 3]  # quantiles, then the slots: once each
+    copy = pickle.loads(pickle.dumps(training))
+    assert copy.capacity == 0 and not copy.quantile_of
+    np.testing.assert_array_equal(
+        register_indexed(copy, generated, ti, gi).ssim_registered, expected.ssim_registered
+    )
+
+
+def test_training_images_name_a_constant_or_non_finite_training_image():
+    from deepssim.ssim.registered import TrainingImages, register_indexed
+
+    rng = np.random.default_rng(8)
+    train, generated = rng.normal(size=(3, 16, 16)), rng.normal(size=(1, 16, 16))
+    train[2] = 5.0
+    with pytest.raises(DeepSSIMError, match="training image 2 is constant"):
+        register_indexed(TrainingImages(train), generated, [0, 2], [0, 0])
+    train[1, 3, 3] = np.nan
+    with pytest.raises(DeepSSIMError, match="training image 1 contains NaN"):
+        register_indexed(TrainingImages(train), generated, [1], [0])
