@@ -47,7 +47,7 @@ _TRIVIAL_PX = 0.25
 _FAR_PX = 2.0
 
 
-# What the training images' share of registration may keep in memory (~0.6 MB per 136 x 112 image).
+# What the training images' share of registration may keep in memory (~0.5 MB per 136 x 112 image).
 TRAINING_CACHE_BYTES = 2 * 2**30
 
 
@@ -71,7 +71,7 @@ class TrainingImages:
         self.middle_shape = _level_shape(full, max(full) / MIDDLE_SIZE) if middle else full
         self.middle_stride = _SAMPLE_STRIDE if min(self.middle_shape) >= 32 else 1
         pixels = full[0] * full[1]
-        per_image = 8 * 4 * pixels + 4 * (pixels + 2 * pixels // 4 * 5)  # prepared, z, both templates
+        per_image = 8 * 3 * pixels + 4 * 2 * pixels // 4 * 5  # SSIM statistics, both levels' templates
         budget = TRAINING_CACHE_BYTES if budget is None else budget
         self.capacity = 0
         self.wanted = int(max(1, min(len(train), budget // per_image)))
@@ -143,7 +143,6 @@ class TrainingImages:
         z = torch.from_numpy(self.statistics.z[slots]).float().to(self.device)
         a = _pool(z, self.coarse_shape)
         a = a - a.mean(dim=(1, 2), keepdim=True)
-        self._put("z", slots, z)
         self._put("coarse", slots, a / a.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None])
         levels = {"middle": (_pool(z, self.middle_shape), self.middle_stride)}
         if self.middle_shape != self.full:
