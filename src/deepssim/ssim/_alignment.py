@@ -98,7 +98,10 @@ class TrainingImages:
         flat = raw.reshape(len(raw), -1)
         for row in np.flatnonzero(~np.isfinite(flat).all(axis=1) | (np.ptp(flat, axis=1) == 0)):
             problem = "contains NaN or Inf values" if not np.isfinite(flat[row]).all() else "is constant"
-            raise DeepSSIMError(f"training image {images[row]} {problem}; it cannot be registered")
+            raise DeepSSIMError(  # (an ImageSet's loader names such a file before this)
+                f"training image {images[row]} {problem}: it cannot be z-scored or registered; remove it "
+                "from the training set"
+            )
         return raw
 
     def quantiles(self, images: np.ndarray, compute) -> np.ndarray:
