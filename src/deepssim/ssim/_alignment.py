@@ -105,17 +105,25 @@ class TrainingImages:
         return raw
 
     def quantiles(self, images: np.ndarray, compute) -> np.ndarray:
-        """``compute(raw images)`` of the training images ``images``, each computed once and kept."""
+        """``compute(raw images)`` of the training images ``images``, each computed once and kept. The
+        images read for it are prepared into free slots too, so a file is not read again for them."""
         missing = np.asarray([i for i in images.tolist() if i not in self.quantile_of], dtype=np.int64)
         if len(missing):
-            self.quantile_of.update(zip(missing.tolist(), compute(self.raw(missing)), strict=True))
+            raw = self.raw(missing)
+            self.quantile_of.update(zip(missing.tolist(), compute(raw), strict=True))
+            self._grow(min(len(self), max(self.wanted, self.capacity)))
+            free = sorted(set(range(self.capacity)) - set(self.slot_of.values()))
+            unkept = [row for row, i in enumerate(missing.tolist()) if i not in self.slot_of][: len(free)]
+            if unkept:
+                slots = np.asarray(free[: len(unkept)])
+                self._compute(missing[unkept], slots, raw[unkept])
+                self.slot_of.update(zip(missing[unkept].tolist(), slots.tolist(), strict=True))
         return np.stack([self.quantile_of[i] for i in images.tolist()])
 
     def slots(self, images: np.ndarray) -> np.ndarray:
         """The slots of the training images ``images`` (distinct indices), computing those not kept."""
         images = np.asarray(images, dtype=np.int64)
-        if self.capacity < min(len(self), max(self.wanted, len(images))):
-            self._grow(min(len(self), max(self.wanted, len(images))))
+        self._grow(min(len(self), max(self.wanted, len(images))))
         for image in images[np.isin(images, list(self.slot_of))]:
             self.slot_of.move_to_end(int(image))
         missing = [int(i) for i in images if int(i) not in self.slot_of]
@@ -133,6 +141,8 @@ class TrainingImages:
     def _grow(self, capacity: int) -> None:
         """Room for ``capacity`` training images, keeping those already computed."""
         kept = self.capacity
+        if capacity <= kept:
+            return
         grown = TrainingStatistics.empty(capacity, *self.full)
         for name in ("z", "mu", "var", "c1", "c2"):
             getattr(grown, name)[:kept] = getattr(self.statistics, name)
@@ -141,8 +151,8 @@ class TrainingImages:
             if not name.endswith((".rows", ".cols")):
                 self.store[name] = torch.cat([values, values.new_empty((capacity - kept, *values.shape[1:]))])
 
-    def _compute(self, images: np.ndarray, slots: np.ndarray) -> None:
-        self.statistics.put(slots, self.raw(images))
+    def _compute(self, images: np.ndarray, slots: np.ndarray, raw=None) -> None:
+        self.statistics.put(slots, self.raw(images) if raw is None else raw)
         z = torch.from_numpy(self.statistics.z[slots]).float().to(self.device)
         a = _pool(z, self.coarse_shape)
         a = a - a.mean(dim=(1, 2), keepdim=True)
