@@ -194,8 +194,9 @@ def register_indexed(
 ) -> Registration:
     """:func:`register_pairs` of the pairs (train[train_index[p]], generated[generated_index[p]]).
 
-    Each image is read, z-scored, pooled, prepared for SSIM and fitted for contrast once per chunk
-    of pairs however many pairs it is in (a scan's generated image is in k pairs), not once per pair.
+    train: an (N, H, W) array, or a :class:`TrainingImages` to reuse across calls (what it has
+    prepared is kept). Each training image is prepared once however many pairs and chunks it is in,
+    each generated image once per chunk of pairs (a scan's generated image is in k pairs).
     """
     training, generated = _check_images(train, generated, settings)
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
