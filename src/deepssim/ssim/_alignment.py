@@ -111,32 +111,34 @@ class TrainingImages:
         if len(missing):
             raw = self.raw(missing)
             self.quantile_of.update(zip(missing.tolist(), compute(raw), strict=True))
-            self._grow(min(len(self), max(self.wanted, self.capacity)))
-            free = sorted(set(range(self.capacity)) - set(self.slot_of.values()))
-            unkept = [row for row, i in enumerate(missing.tolist()) if i not in self.slot_of][: len(free)]
-            if unkept:
-                slots = np.asarray(free[: len(unkept)])
-                self._compute(missing[unkept], slots, raw[unkept])
-                self.slot_of.update(zip(missing[unkept].tolist(), slots.tolist(), strict=True))
+            self._keep(missing, raw, evict=False)
         return np.stack([self.quantile_of[i] for i in images.tolist()])
 
     def slots(self, images: np.ndarray) -> np.ndarray:
         """The slots of the training images ``images`` (distinct indices), computing those not kept."""
         images = np.asarray(images, dtype=np.int64)
-        self._grow(min(len(self), max(self.wanted, len(images))))
         for image in images[np.isin(images, list(self.slot_of))]:
             self.slot_of.move_to_end(int(image))
-        missing = [int(i) for i in images if int(i) not in self.slot_of]
-        free = sorted(set(range(self.capacity)) - set(self.slot_of.values()))
-        keep = set(images.tolist())
-        while len(free) < len(missing):  # give up the oldest slot not needed now
-            image = next(i for i in self.slot_of if i not in keep)
-            free.append(self.slot_of.pop(image))
-        if missing:
-            slots = np.asarray(free[: len(missing)])
-            self._compute(np.asarray(missing), slots)
-            self.slot_of.update(zip(missing, slots.tolist(), strict=True))
+        self._keep(images, evict=True)
         return np.asarray([self.slot_of[int(i)] for i in images], dtype=np.int64)
+
+    def _keep(self, images: np.ndarray, raw=None, evict: bool = True) -> None:
+        """Compute into slots those of ``images`` not kept (``raw``: their images, already read).
+        ``evict``: all of them, giving up the oldest slots not among ``images`` (and growing past the
+        budget if one chunk needs it); otherwise as many as there are free slots."""
+        self._grow(min(len(self), max(self.wanted, len(images) if evict else 0)))
+        unkept = np.asarray(
+            [row for row, i in enumerate(images.tolist()) if i not in self.slot_of], dtype=np.int64
+        )
+        free = sorted(set(range(self.capacity)) - set(self.slot_of.values()))
+        needed = set(images.tolist())
+        while evict and len(free) < len(unkept):  # give up the oldest slot not needed now
+            free.append(self.slot_of.pop(next(i for i in self.slot_of if i not in needed)))
+        unkept = unkept[: len(free)]
+        if len(unkept):
+            slots = np.asarray(free[: len(unkept)])
+            self._compute(images[unkept], slots, None if raw is None else raw[unkept])
+            self.slot_of.update(zip(images[unkept].tolist(), slots.tolist(), strict=True))
 
     def _grow(self, capacity: int) -> None:
         """Room for ``capacity`` training images, keeping those already computed."""

@@ -436,9 +436,8 @@ MULTIVERSION static int NAME(const T *za, const T *zb, const T *sa, const T *sb,
 {                                                                                              \
     const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;                              \
     const T k1 = (T)(2.0 * (49.0 / 48.0) / 49.0), k2 = (T)(2.0 * (49.0 / 48.0));              \
-    T *col = (T *)malloc(sizeof(T) * (W + wo));                                                \
+    T *col = (T *)malloc(sizeof(T) * W);                                                       \
     if (col == NULL) return -1;                                                                \
-    T *box = col + W;                                                                          \
     for (long p = 0; p < n; p++) {                                                             \
         const long i = ia ? (long)ia[p] : p, j = ib ? (long)ib[p] : p;                         \
         const T *a = za + i * hw, *b = zb + j * hw;                                            \
@@ -456,15 +455,13 @@ MULTIVERSION static int NAME(const T *za, const T *zb, const T *sa, const T *sb,
                 for (long x = 0; x < W; x++)                                                   \
                     col[x] += ar[6 * W + x] * br[6 * W + x] - ar[x - W] * br[x - W];           \
             }                                                                                  \
-            for (long x = 0; x < wo; x++) /* the 7-column window sums, unit stride */          \
-                box[x] = col[x] + col[x + 1] + col[x + 2] + col[x + 3] + col[x + 4] + col[x + 5] \
-                       + col[x + 6];                                                           \
             const T *ta = sa + 3 * (i * vhw + y * wo), *tb = sb + 3 * (j * vhw + y * wo);      \
             T row = 0;                                                                         \
-            _Pragma("omp simd reduction(+ : row)")                                             \
             for (long x = 0; x < wo; x++) {                                                    \
+                const T s = col[x] + col[x + 1] + col[x + 2] + col[x + 3]                      \
+                          + col[x + 4] + col[x + 5] + col[x + 6];                              \
                 const T m = ta[3 * x] * tb[3 * x];                                             \
-                const T num = (m + m + C1) * (k1 * box[x] - k2 * m + C2);                      \
+                const T num = (m + m + C1) * (k1 * s - k2 * m + C2);                           \
                 const T den = (ta[3 * x + 1] + tb[3 * x + 1]) * (ta[3 * x + 2] + tb[3 * x + 2]); \
                 row += num / den;                                                              \
             }                                                                                  \

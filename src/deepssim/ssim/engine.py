@@ -504,10 +504,13 @@ def ssim_raw_pairs(train: TrainingStatistics, raw, train_index, raw_index, stack
         raise DeepSSIMError("train_index, raw_index and stack_index must be 1D arrays of one length")
     sizes = np.array([len(stack) for stack in stacks])
     if len(ia) and (
-        ia.min() < 0 or ia.max() >= len(train.z) or which.min() < 0 or which.max() >= len(stacks)
+        ia.min() < 0
+        or ia.max() >= len(train.z)
+        or which.min() < 0
+        or which.max() >= len(stacks)
+        or ib.min() < 0
+        or (ib >= sizes[which]).any()
     ):
-        raise DeepSSIMError("pair index out of range")
-    if len(ia) and (ib.min() < 0 or (ib >= sizes[which]).any()):
         raise DeepSSIMError("pair index out of range")
     out = np.empty(len(ia))
     if _ssim_kernel is None:
