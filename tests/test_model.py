@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepssim import DeepSSIM, DeepSSIMError
-from deepssim.embedding.model import make_config
+from deepssim.embedding.model import make_config, prepare_input
 from deepssim.embedding.networks import (
     ConvNeXtBaseEmbedder,
     build_network,
@@ -126,6 +126,28 @@ def test_embed_api_shapes_normalisation_and_inputs(rng):
     np.testing.assert_allclose(model.embed(mixed)[[0, 2]], embeddings[:2], atol=1e-5)
     with pytest.raises(DeepSSIMError, match="constant"):
         model.embed(np.zeros((1, 20, 20)))
+
+
+@pytest.mark.parametrize("architecture", ["deepssim_fast", "deepssim_spatial", "convnext_tiny_gem"])
+def test_embeddings_with_batch_norm_folded_match_the_network_and_follow_its_weights(architecture, rng):
+    network = build_network(architecture)
+    generator = torch.Generator().manual_seed(0)
+    for module in network.modules():  # trained statistics, so folding them changes the weights
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    model = DeepSSIM(network, make_config(architecture, network.input_channels, 256))
+    images = np.stack([smooth_image(rng, (48, 40)) for _ in range(3)])
+
+    def unfused() -> np.ndarray:
+        with torch.no_grad():
+            out = model.network(prepare_input(images, model.input_channels)).numpy()
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    np.testing.assert_allclose(model.embed(images), unfused(), atol=2e-5)
+    with torch.no_grad():  # as an optimiser step: in place
+        next(model.network.parameters()).mul_(1.5)
+    np.testing.assert_allclose(model.embed(images), unfused(), atol=2e-5)
 
 
 def test_checkpoint_round_trip(tmp_path, rng):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +89,13 @@ class ScanResult:
     def decision_scores(self) -> np.ndarray:
         return self.evidence.ssim_registered if self.decision == "two-stage" else self.scores
 
-    @property
+    # built once: the tables look a key up per pair (building the list per lookup was most of
+    # writing them at scale)
+    @cached_property
     def train_keys(self) -> list[str]:
         return self.train.keys
 
-    @property
+    @cached_property
     def generated_keys(self) -> list[str]:
         return self.generated.keys
 
