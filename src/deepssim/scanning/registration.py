@@ -1,9 +1,9 @@
 """The scan's registration stage: registered SSIM of the retrieved (training, generated) pairs,
 one block of generated images per task of an execution engine.
 
-``mode="full"`` (the scan's default) registers every pair; ``mode="cascade"``
-only the pairs that can change a generated image's class
-(:func:`deepssim.ssim.registered.register_cascade` states the rules), and needs the thresholds."""
+``mode="cascade"`` (the scan's default) registers each generated image's pairs until one is a
+Duplicate (:func:`deepssim.ssim.registered.register_cascade` states the rules) and needs the
+thresholds; ``mode="full"`` registers every pair."""
 
 from __future__ import annotations
 

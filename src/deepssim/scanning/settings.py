@@ -37,11 +37,11 @@ class ScanSettings:
         ),
     )
     registration: Literal["full", "cascade"] = field(
-        default="full",
+        default="cascade",
         metadata=option(
-            "two-stage registration: full registers every top-k pair; cascade registers only the pairs "
-            "that can change a generated image's class (the same classes in every measurement, each "
-            "Similar and Duplicate with its pair's exact registered SSIM, but not yet faster: README)"
+            "two-stage registration: cascade registers each generated image's pairs in retrieval order "
+            "until one is a Duplicate (the classes of full by construction); full registers every "
+            "top-k pair (every pair's exact score, for audits)"
         ),
     )
     verify: bool = field(

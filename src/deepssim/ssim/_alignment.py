@@ -182,8 +182,7 @@ class TrainingImages:
 
 
 class ChunkImages:
-    """The generated images of one chunk of pairs, each once however many pairs it is in, and what the
-    screen and the search compute from them (z-scores, pooled levels), computed once for both.
+    """The generated images of one chunk of pairs, each once however many pairs it is in.
 
     training: the call's :class:`TrainingImages`; contrast (Nc, H, W): contrast-registered generated
     images, and ``contrast_z`` those z-scored in float32; original (No, H, W): untouched generated
@@ -195,25 +194,6 @@ class ChunkImages:
         self.contrast_z = torch.from_numpy(contrast_z).to(training.device)
         self.pairs = tuple(np.asarray(p) for p in pairs)
         self.device = training.device
-        self.search_cache: dict = {}  # the search's levels of these images
-
-    def plain_scores(self, rows) -> np.ndarray:
-        """Exact SSIM of the pairs ``rows``' untouched generated images (plain SSIM)."""
-        pt, po = self.pairs[0][rows], self.pairs[2][rows]
-        kinds = {"plain": (np.arange(len(pt)), self.original, po)}
-        return _score_candidates(self.training.statistics, pt, kinds)["plain"]
-
-    def unmoved_scores(self, rows) -> tuple[np.ndarray, np.ndarray]:
-        """Plain SSIM of the pairs ``rows`` and the exact SSIM of their contrast-registered generated
-        images, not moved."""
-        pt, pc, po = (p[rows] for p in self.pairs)
-        moved = np.flatnonzero(self.changed[pc])  # pairs whose contrast image differs from the original
-        kinds = {
-            "plain": (np.arange(len(pt)), self.original, po),
-            "identity": (moved, self.contrast, pc[moved]),
-        }
-        scores = _score_candidates(self.training.statistics, pt, kinds)
-        return scores["plain"], _or_plain(scores["identity"], scores["plain"])
 
 
 def _or_plain(identity: np.ndarray, plain: np.ndarray) -> np.ndarray:
@@ -221,17 +201,12 @@ def _or_plain(identity: np.ndarray, plain: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(identity), plain, identity)
 
 
-def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=None) -> None:
-    """Search and score the pairs ``rows`` (indices into ``images.pairs``) and write their results
-    into ``result[part]``. ``screened``: those pairs' (plain, identity, coarse candidates) from
-    :func:`_screen_chunk`, not recomputed."""
-    pt, pc, _ = (p[rows] for p in images.pairs)
+def _register_chunk(images: ChunkImages, settings, result, part) -> None:
+    """Search and score every pair of the chunk and write their results into ``result[part]``."""
+    pt, pc, po = images.pairs
     contrast, device = images.contrast, images.device
-    coarse_found = None if screened is None else screened[2]
     g = images.contrast_z
-    flip, rotation, scale, shift, _ = _search(
-        images.training, g, pt, pc, settings, coarse_found, images.search_cache
-    )
+    flip, rotation, scale, shift = _search(images.training, g, pt, pc, settings)
     n, shape = len(pt), images.training.full
 
     # Exact candidates besides the identity: the flip with the shift rounded to whole pixels, unless the
@@ -243,7 +218,8 @@ def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=
     need_exact = ((flip != 0) | (whole != 0).any(axis=1)) & (moves < _FAR_PX)
     need_warp = moves >= _TRIVIAL_PX
     # (pairs, their raw images, rows of those) per kind of candidate, scored together below
-    kinds = {}
+    moved = np.flatnonzero(images.changed[pc])  # pairs whose contrast image differs from the original
+    kinds = {"plain": (np.arange(n), images.original, po), "identity": (moved, contrast, pc[moved])}
     if need_exact.any():
         which = np.flatnonzero(need_exact)
         moved_exactly = _exact_transform(contrast, flip[which], whole[which], pc[which])
@@ -258,15 +234,8 @@ def _register_chunk(images: ChunkImages, rows, settings, result, part, screened=
         # z-scored intensities less their minimum: SSIM z-scores again, so this scores as the warp of
         # the raw intensities by apply_transform does
         kinds["interpolated"] = (which, warped[:, 0].double().cpu().numpy(), np.arange(len(which)))
-    if screened is None:
-        moved = np.flatnonzero(images.changed[pc])  # pairs whose contrast image differs from the original
-        kinds["plain"] = (np.arange(n), images.original, images.pairs[2][rows])
-        kinds["identity"] = (moved, contrast, pc[moved])
     scores = _score_candidates(images.training.statistics, pt, kinds)
-    if screened is None:
-        plain, identity = scores["plain"], _or_plain(scores["identity"], scores["plain"])
-    else:
-        plain, identity = screened[:2]
+    plain, identity = scores["plain"], _or_plain(scores["identity"], scores["plain"])
     exact = np.where(need_exact, scores.get("exact", identity), identity)
     interpolated = np.where(need_warp, scores.get("interpolated", -np.inf), -np.inf)
     use_exact = exact > identity
@@ -304,19 +273,6 @@ def _score_candidates(statistics: TrainingStatistics, train_rows, kinds: dict) -
         out[kind][pairs] = values[start : start + len(pairs)]
         start += len(pairs)
     return out
-
-
-def _screen_chunk(images: ChunkImages, settings, rows) -> tuple[np.ndarray, ...]:
-    """The cheap part of registration, for a cascade: per pair ``rows`` of the chunk the exact SSIM
-    unmoved (plain, and after the contrast gamma), the coarse level's best correlation over every
-    flip, rotation, scale and whole-pixel shift of the grid, and the coarse candidates."""
-    pt, pc, _ = (p[rows] for p in images.pairs)
-    g = images.contrast_z
-    g = g - g.amin(dim=(1, 2), keepdim=True)
-    owners = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(g.device) for x in (pt, pc))
-    found = _coarse_search(images.training, g, *owners, settings)
-    plain, identity = images.unmoved_scores(rows)
-    return plain, identity, found[4][:, 0], found[:4]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,24 +435,16 @@ def _level_shape(shape, factor: float) -> tuple[int, int]:
     return max(1, round(shape[0] / factor)), max(1, round(shape[1] / factor))
 
 
-def _search(training: TrainingImages, g, pt, pc, settings, coarse_found=None, cache: dict | None = None):
+def _search(training: TrainingImages, g, pt, pc, settings):
     """Best (flip index, rotation_deg, scale, shift_px) per pair (training slot pt[p], g[pc[p]]): coarse
-    grid, then Gauss-Newton; and the coarse level's best correlation of the chosen flip (for screening).
-    g: z-scored generated images, each once however many pairs it is in; ``coarse_found``: the coarse
-    candidates (flip, rotation, scale, shift) already found; ``cache``: where the generated images'
-    levels are kept for the next search of g."""
-    cache = {} if cache is None else cache
+    grid, then Gauss-Newton. g: z-scored generated images, each once however many pairs it is in."""
     full = training.full
     n = len(pt)
     pt_t, pc_t = (torch.from_numpy(np.asarray(x, dtype=np.int64)).to(g.device) for x in (pt, pc))
     # Both minus the generated image's background, which is what the warps fill in: the fill is 0.
     fill = g.amin(dim=(1, 2))
     g = g - fill[:, None, None]
-    if coarse_found is None:
-        flip, rotation, scale, shift, correlation = _coarse_search(training, g, pt_t, pc_t, settings)
-    else:  # the screen's coarse candidates
-        flip, rotation, scale, shift = coarse_found
-        correlation = np.full(flip.shape, np.nan)
+    flip, rotation, scale, shift = _coarse_search(training, g, pt_t, pc_t, settings)
     linear, offset = _sampling_map(
         flip.reshape(-1), rotation.reshape(-1), scale.reshape(-1), shift.reshape(-1, 2)
     )
@@ -505,13 +453,11 @@ def _search(training: TrainingImages, g, pt, pc, settings, coarse_found=None, ca
     pair_fill = fill[pc_t]
 
     # Refine each flip's candidate at ~64 px, keep the better, and refine that at full resolution.
-    if "middle" not in cache:
-        cache["middle"] = _pool(g, training.middle_shape)
     linear, offset, cost = _gauss_newton(
         training.templates("middle"),
         pt_t,
         pair_fill,
-        cache["middle"],
+        _pool(g, training.middle_shape),
         pc_t,
         linear,
         offset,
@@ -523,13 +469,12 @@ def _search(training: TrainingImages, g, pt, pc, settings, coarse_found=None, ca
     linear, offset = linear[pick, best][:, None], offset[pick, best][:, None]
     chosen = best.cpu().numpy()
     flip = flip[np.arange(n), chosen]
-    correlation = correlation[np.arange(n), chosen]
     if training.middle_shape != full:
         linear, offset, _ = _gauss_newton(
             training.templates("full"), pt_t, pair_fill, g, pc_t, linear, offset, full, _ITERATIONS[1]
         )
     rotation, scale, shift = _params_from_map(flip, linear[:, 0], offset[:, 0])
-    return flip, *_clamp(rotation, scale, shift, settings, full), correlation
+    return flip, *_clamp(rotation, scale, shift, settings, full)
 
 
 def _clamp(rotation, scale, shift, settings, full):
@@ -557,8 +502,8 @@ def _grid(limit: float, step: float) -> np.ndarray:
 
 
 def _coarse_search(training: TrainingImages, g, pt, pc, settings):
-    """Best coarse candidate of the ``_REFINED_FLIPS`` best flips of each pair (training slot pt, g[pc]):
-    arrays (N, K) (and (N, K, 2)), and their Pearson correlations at the coarse level (N, K)."""
+    """Best coarse candidate of the ``_REFINED_FLIPS`` best flips of each pair (training slot pt, g[pc])
+    by Pearson correlation at the coarse level: flip, rotation, scale (N, K) and shift (N, K, 2)."""
     full, shape = training.full, training.coarse_shape
     n, (h, w) = len(pt), shape
     rotations = _grid(settings.max_rotation_deg, COARSE_ROTATION_STEP)
@@ -588,7 +533,7 @@ def _coarse_search(training: TrainingImages, g, pt, pc, settings):
     shifts = [(sr, sc_) for sr in range(-pr, pr + 1) for sc_ in range(-pc_, pc_ + 1)]
     best_score, best_index = score.flatten(2).max(dim=2)  # (N, flips)
     k = min(_REFINED_FLIPS, len(flips))
-    top_score, top = best_score.topk(k, dim=1)  # (N, K)
+    top = best_score.topk(k, dim=1).indices  # (N, K)
     index = best_index.gather(1, top).cpu().numpy()
     flip = top.cpu().numpy()
     shift_index, warp_index = np.divmod(index, len(rot))
@@ -596,7 +541,7 @@ def _coarse_search(training: TrainingImages, g, pt, pc, settings):
     step = np.array([full[0] / h, full[1] / w])
     shift = signs * np.asarray(shifts)[shift_index] * step  # t = D s
     rotation = rot[warp_index] * signs[..., 0] * signs[..., 1]  # theta = det(D) phi
-    return flip, rotation, sc[warp_index], shift, top_score.cpu().numpy().astype(np.float64)
+    return flip, rotation, sc[warp_index], shift
 
 
 def _shifted_spread(images: torch.Tensor, pr: int, pc: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from deepssim.ssim._alignment import (
     _level,
     _register_chunk,
     _sampling_map,
-    _screen_chunk,
+    _score_candidates,
     _warp,
 )
 from deepssim.ssim.engine import _in_threads, _ssim_kernel
@@ -200,15 +200,9 @@ def register_indexed(
     """
     training, generated = _check_images(train, generated, settings)
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
-    result = _blank(len(ti), searched=True)
+    result = _blank(len(ti), searched=False)
     gamma_index = _pair_gammas(training, generated, ti, gi, settings)
-    result.gamma = GAMMAS[gamma_index]
-    with torch.no_grad():
-        for part, images in _chunks(
-            training, generated, ti, gi, gamma_index, settings, progress, "registering"
-        ):
-            _register_chunk(images, slice(None), settings, result, part)
-    _keep_untouched(result, np.arange(len(ti)))
+    _register_rows(training, generated, ti, gi, gamma_index, np.arange(len(ti)), settings, result, progress)
     result.flip = result.flip.astype(str)
     return result
 
@@ -226,49 +220,26 @@ def _blank(n: int, searched: bool) -> Registration:
     )
 
 
-def _keep_untouched(result: Registration, rows: np.ndarray) -> None:
-    """The untouched image is always a candidate: registered SSIM is never below plain SSIM, and
-    where plain SSIM is the best the transform is the identity."""
+def _register_rows(
+    training, generated, ti, gi, gamma_index, rows, settings, result, progress, what="registering"
+):
+    """Search and score the pairs ``rows`` (indices into ti, gi) into ``result[rows]``."""
+    if len(rows) == 0:
+        return
+    result.gamma[rows] = GAMMAS[gamma_index[rows]]
+    with torch.no_grad():
+        for part, images in _chunks(
+            training, generated, ti[rows], gi[rows], gamma_index[rows], settings, progress, what
+        ):
+            _register_chunk(images, settings, result, rows[part])
+    # The untouched image is always a candidate: registered SSIM is never below plain SSIM, and
+    # where plain SSIM is the best the transform is the identity.
     untouched = rows[result.ssim_plain[rows] >= result.ssim_registered[rows]]
     result.ssim_registered[untouched] = result.ssim_plain[untouched]
     result.flip[untouched] = "none"
     result.rotation_deg[untouched], result.scale[untouched], result.gamma[untouched] = 0.0, 1.0, 1.0
     result.shift_px[untouched] = 0.0
-
-
-@dataclass
-class Screen:
-    """The cheap part of registration, per pair (arrays (P,)): ``plain`` SSIM, ``identity`` the exact
-    SSIM after the contrast gamma alone (both exact SSIMs of candidates registration also scores,
-    so registered SSIM is at least their maximum), ``coarse`` the best Pearson correlation of the
-    coarse grid search (~24 px, every flip, rotation, scale and whole-pixel shift) and ``gamma``."""
-
-    plain: np.ndarray
-    identity: np.ndarray
-    coarse: np.ndarray
-    gamma: np.ndarray
-    candidates: tuple = ()  # the coarse search's (flip, rotation, scale, shift) per pair, (P, 2[, 2])
-
-    @property
-    def lower_bound(self) -> np.ndarray:
-        return np.maximum(self.plain, self.identity)
-
-    @property
-    def upper_estimate(self) -> np.ndarray:
-        """What registration could reach: the exact lower bound plus ``CASCADE_EXACT_MARGIN``, or the
-        coarse correlation plus ``CASCADE_COARSE_MARGIN``, whichever is higher."""
-        return np.maximum(self.lower_bound + CASCADE_EXACT_MARGIN, self.coarse + CASCADE_COARSE_MARGIN)
-
-
-# Why two terms (33,600 pairs of the generalisation protocol, the scale benchmark and the case
-# study's generator output; benchmarks/cascade.py prints the margin on its sets): registered SSIM
-# exceeded its exact lower bound by up to 0.89 (a noisy copy a few pixels off: plain SSIM 0.2,
-# registered 0.94), but then the coarse correlation was high, because the coarse level cannot see a
-# shift smaller than its pixel; and it exceeded the coarse correlation by up to 0.70 (mostly flat
-# images, where SSIM is high and a correlation is not), but then the lower bound was high.
-# Registered SSIM stayed at least 0.036 below max(lower bound + 0.2, coarse + 0.1) on every pair.
-CASCADE_EXACT_MARGIN = 0.2
-CASCADE_COARSE_MARGIN = 0.1
+    result.searched[rows] = True
 
 
 def register_cascade(
@@ -281,25 +252,18 @@ def register_cascade(
     settings: RegistrationSettings = RegistrationSettings(),
     progress: bool = False,
 ) -> Registration:
-    """Registered SSIM where it can change a generated image's class, with less work.
+    """Registered SSIM where it can change a generated image's class, with less work: the classes
+    of :func:`register_indexed` by construction.
 
     Pairs belong to generated images (``generated_index``), each image's in the order given (a scan
     gives them best retrieved first); each image's class comes from its best pair (Different <= low <
-    Similar <= high < Duplicate, ``thresholds`` = (low, high)). Rules:
-
-    1. Register fully each image's first pair. If it is above high the image is a Duplicate: its
-       other pairs get their plain SSIM (a lower bound), and are registered only where that beats
-       the first pair (so the pair shown is always a registered one).
-    2. Screen the other pairs of the images not yet Duplicate (:class:`Screen`): exact plain and contrast-only
-       SSIM (a lower bound of registered SSIM) and the coarse search, giving an estimate of what
-       registration could reach.
-    3. Register fully every such pair whose estimate is above both low and the image's first
-       registered SSIM (it could become the best pair or change the class).
-    Screened pairs not registered keep the exact SSIM of their unmoved image (``searched`` False): a
-    lower bound, at most low or below the image's registered best. So every image called Similar or
-    Duplicate has its best pair's exact registered SSIM and transform; a Similar's is its best of
-    the k; a Duplicate's is its first pair (a verified copy), which may not be the best of the k
-    (``register_indexed`` finds that).
+    Similar <= high < Duplicate, ``thresholds`` = (low, high)). Each image's pairs are registered in
+    that order until one is above high: the image is then a Duplicate whatever its other pairs
+    score, and they get only their plain SSIM (a lower bound of their registered SSIM, ``searched``
+    False), except that one whose plain SSIM beats the verified copy is registered too (so the pair
+    shown is always a registered one). An image with no pair above high has every pair registered, so
+    its class and best pair are those of full registration. A Duplicate's pair is a verified copy,
+    the first in the order given, which may not be the best of its k.
     """
     low, high = (float(v) for v in thresholds)
     if not low <= high:
@@ -308,90 +272,53 @@ def register_cascade(
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
     result = _blank(len(ti), searched=False)
     gamma_index = _pair_gammas(training, generated, ti, gi, settings)
-    order = np.argsort(gi, kind="stable")  # chunks of whole generated images: the rules are per image
-    with torch.no_grad():
-        for part, images in _chunks(
-            training,
-            generated,
-            ti[order],
-            gi[order],
-            gamma_index[order],
-            settings,
-            progress,
-            "registering",
-            True,
-        ):
-            _cascade_chunk(
-                images, GAMMAS[gamma_index[order[part]]], order[part], (low, high), settings, result
-            )
+    rank = _rank_within_image(gi)
+    best = np.full(len(generated), -np.inf)  # each generated image's best registered SSIM so far
+    first, found = 0, 1.0
+    while len(rank) and first <= rank.max():
+        # Rounds of ranks 1, 2, 3-4, 5-8, ... while they keep finding copies (an image's pairs in one
+        # round share its contrast images, so rounds cost more than one pass); then all the rest.
+        stop = max(1, 2 * first) if found >= _SPLIT_WHILE_FOUND else int(rank.max()) + 1
+        rows = np.flatnonzero((rank >= first) & (rank < stop) & (best[gi] <= high))
+        what = f"registering ranks {first + 1}-{stop}"
+        _register_rows(training, generated, ti, gi, gamma_index, rows, settings, result, progress, what)
+        np.maximum.at(best, gi[rows], result.ssim_registered[rows])
+        images = np.unique(gi[rows])
+        found = float(np.mean(best[images] > high)) if len(images) else 0.0
+        first = stop
+    rest = np.flatnonzero(~result.searched)  # pairs of Duplicates after their verified copy
+    plain = _plain_ssim(training, generated, ti[rest], gi[rest], settings.chunk)
+    result.ssim_plain[rest] = result.ssim_registered[rest] = plain
+    beats = rest[plain > best[gi[rest]]]
+    _register_rows(training, generated, ti, gi, gamma_index, beats, settings, result, progress)
     result.flip = result.flip.astype(str)
     return result
 
 
-def _cascade_chunk(images: ChunkImages, gamma, rows, thresholds, settings, result: Registration) -> None:
-    """The cascade's rules on one chunk of whole generated images; its pairs are ``result[rows]``,
-    each image's in the order given. The chunk's images are z-scored and prepared once, for the
-    screen and the registrations."""
-    low, high = thresholds
-    owner = images.pairs[2]  # each pair's generated image, as a row of the chunk
-    best = np.full(len(images.original), -np.inf)
-
-    def register(chosen: np.ndarray, known=None) -> None:
-        if len(chosen) == 0:
-            return
-        result.gamma[rows[chosen]] = gamma[chosen]
-        _register_chunk(images, chosen, settings, result, rows[chosen], known)
-        _keep_untouched(result, rows[chosen])
-        result.searched[rows[chosen]] = True
-        np.maximum.at(best, owner[chosen], result.ssim_registered[rows[chosen]])
-
-    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    register(first)
-    others = np.ones(len(owner), dtype=bool)
-    others[first] = False
-    # A Duplicate's other pairs: plain SSIM only, a lower bound; one that beats the first is registered
-    done = np.flatnonzero(others & (best[owner] > high))
-    if len(done):
-        plain = images.plain_scores(done)
-        result.ssim_plain[rows[done]] = result.ssim_registered[rows[done]] = plain
-        register(done[plain > best[owner[done]]])
-    rest = np.flatnonzero(others & (best[owner] <= high))
-    if len(rest) == 0:
-        return
-    plain, identity, coarse, candidates = _screen_chunk(images, settings, rest)
-    screen = Screen(plain, identity, coarse, gamma[rest], candidates)
-    result.ssim_plain[rows[rest]] = plain
-    result.ssim_registered[rows[rest]] = screen.lower_bound
-    result.gamma[rows[rest]] = np.where(identity > plain, gamma[rest], 1.0)
-    chosen = screen.upper_estimate > np.maximum(low, best[owner[rest]])
-    register(rest[chosen], (plain[chosen], identity[chosen], [c[chosen] for c in candidates]))
+# The cascade registers rank by rank while at least this share of a round's images become Duplicates.
+_SPLIT_WHILE_FOUND = 0.1
 
 
-def screen_indexed(
-    train,
-    generated,
-    train_index,
-    generated_index,
-    *,
-    settings: RegistrationSettings = RegistrationSettings(),
-    progress: bool = False,
-) -> Screen:
-    """:class:`Screen` of the pairs (train[train_index[p]], generated[generated_index[p]])."""
-    training, generated = _check_images(train, generated, settings)
-    ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
-    n = len(ti)
-    gamma_index = _pair_gammas(training, generated, ti, gi, settings)
-    out = Screen(np.empty(n), np.empty(n), np.empty(n), GAMMAS[gamma_index])
-    found = []
-    with torch.no_grad():
-        for part, images in _chunks(
-            training, generated, ti, gi, gamma_index, settings, progress, "screening"
-        ):
-            out.plain[part], out.identity[part], out.coarse[part], candidates = _screen_chunk(
-                images, settings, slice(None)
-            )
-            found.append(candidates)
-    out.candidates = tuple(np.concatenate(parts) for parts in zip(*found, strict=True)) if found else ()
+def _rank_within_image(gi: np.ndarray) -> np.ndarray:
+    """Each pair's position among its generated image's pairs, in the order given."""
+    order = np.argsort(gi, kind="stable")
+    ordered = gi[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    position = np.arange(len(gi)) - np.repeat(starts, np.diff(np.r_[starts, len(gi)]))
+    rank = np.empty(len(gi), dtype=np.int64)
+    rank[order] = position
+    return rank
+
+
+def _plain_ssim(training: TrainingImages, generated: np.ndarray, ti, gi, chunk: int) -> np.ndarray:
+    """Exact SSIM of the unmoved pairs (training image ti[p], generated[gi[p]])."""
+    out = np.empty(len(ti))
+    for start in range(0, len(ti), chunk):
+        part = slice(start, start + chunk)
+        used, rows = np.unique(ti[part], return_inverse=True)
+        slots = training.slots(used)[rows]
+        kinds = {"plain": (np.arange(len(slots)), generated, gi[part])}
+        out[part] = _score_candidates(training.statistics, slots, kinds)["plain"]
     return out
 
 
@@ -409,14 +336,10 @@ def _pair_gammas(training: TrainingImages, generated, ti, gi, settings) -> np.nd
     )
 
 
-def _chunks(training, generated, ti, gi, gamma_index, settings, progress, what, whole_images=False):
+def _chunks(training, generated, ti, gi, gamma_index, settings, progress, what):
     """Chunks of about ``settings.chunk`` pairs, each generated image once: (slice of the pairs,
-    :class:`ChunkImages`); each training image is prepared once for all chunks (:class:`TrainingImages`).
-    ``whole_images``: ``gi`` is sorted and no generated image's pairs are split."""
-    cuts = list(range(settings.chunk, len(ti), settings.chunk))
-    if whole_images:
-        cuts = np.unique(np.searchsorted(gi, gi[cuts])).tolist() if cuts else []
-    bounds = [0, *(c for c in cuts if c > 0), len(ti)]
+    :class:`ChunkImages`); each training image is prepared once for all chunks (:class:`TrainingImages`)."""
+    bounds = [*range(0, len(ti), settings.chunk), len(ti)]
     spans = list(zip(bounds[:-1], bounds[1:], strict=True))
     for start, stop in progress_iter(spans, what, "chunk", progress):
         part = slice(start, stop)
@@ -638,11 +561,9 @@ __all__ = [
     "Registration",
     "RegistrationSettings",
     "apply_transform",
-    "Screen",
     "TrainingImages",
     "register_cascade",
     "register_indexed",
     "register_pairs",
     "registered_ssim",
-    "screen_indexed",
 ]
