@@ -555,41 +555,54 @@ static PyObject *ssim_pairs_indexed(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* contrast_images(images, rows, gammas, out, z, m, hw) -> 0, or 1 + the first output that is constant:
- * out[i] = images[rows[i]] min-max scaled to [0, 1] and raised to gammas[i], or copied unchanged where
- * gammas[i] is 1 (float64); z[i] = out[i] z-scored (population std), in float32, for the search. One
- * image at a time in cache, with vectorised exp and log, no temporaries. */
+/* contrast_images(images, rows, gammas, out, z, m, hw) -> 0, 1 + the first output that is constant, or
+ * -1 without memory: out[i] = images[rows[i]] min-max scaled to [0, 1] and raised to gammas[i], or
+ * copied unchanged where gammas[i] is 1 (float64); z[i] = out[i] z-scored (population std), in float32,
+ * for the search. One image at a time in cache, with vectorised exp and log, no temporaries; u^g as
+ * exp(g log u), the log kept while rows repeat (registration asks for each image under several gammas,
+ * its rows together). */
 MULTIVERSION static long contrast_f64(const double *images, const long long *rows, const double *gammas,
                                       double *out, float *z, long m, long hw)
 {
+    double *logs = (double *)malloc(sizeof(double) * hw); /* log u of the image rows[logged] */
+    if (logs == NULL) return -1;
+    long logged = -1;
     for (long i = 0; i < m; i++) {
         const double *x = images + rows[i] * hw, g = gammas[i];
         double *y = out + i * hw;
         if (g == 1.0) {
             memcpy(y, x, sizeof(double) * hw);
         } else {
-            double lo = x[0], hi = x[0];
-            for (long p = 0; p < hw; p++) {
-                lo = x[p] < lo ? x[p] : lo;
-                hi = x[p] > hi ? x[p] : hi;
+            if (logged < 0 || rows[logged] != rows[i]) {
+                double lo = x[0], hi = x[0];
+                for (long p = 0; p < hw; p++) {
+                    lo = x[p] < lo ? x[p] : lo;
+                    hi = x[p] > hi ? x[p] : hi;
+                }
+                const double span = hi - lo > 1e-12 ? hi - lo : 1e-12;
+                _Pragma("omp simd")
+                for (long p = 0; p < hw; p++) {
+                    const double u = (x[p] - lo) / span;
+                    logs[p] = u > 0 ? log(u) : -INFINITY;
+                }
+                logged = i;
             }
-            const double span = hi - lo > 1e-12 ? hi - lo : 1e-12;
-            /* u^g as exp(g log u): glibc's vectorised exp and log take about half the time of its pow */
             _Pragma("omp simd")
-            for (long p = 0; p < hw; p++) {
-                const double u = (x[p] - lo) / span;
-                y[p] = u > 0 ? exp(g * log(u)) : 0.0;
-            }
+            for (long p = 0; p < hw; p++) y[p] = logs[p] > -INFINITY ? exp(g * logs[p]) : 0.0;
         }
         double sum = 0, ss = 0;
         for (long p = 0; p < hw; p++) sum += y[p];
         const double mean = sum / (double)hw;
         for (long p = 0; p < hw; p++) ss += (y[p] - mean) * (y[p] - mean);
         const double sd = sqrt(ss / (double)hw);
-        if (!(sd > 0)) return i + 1;
+        if (!(sd > 0)) {
+            free(logs);
+            return i + 1;
+        }
         float *zi = z + i * hw;
         for (long p = 0; p < hw; p++) zi[p] = (float)((y[p] - mean) / sd);
     }
+    free(logs);
     return 0;
 }
 

@@ -441,9 +441,11 @@ def _contrast_images(images: np.ndarray, gamma, rows=None) -> tuple[np.ndarray, 
             code = _ssim_kernel.contrast_images(
                 images, rows[part], gamma[part], out[part], z[part], stop - start, pixels
             )
-            return code and start + code
+            return code if code <= 0 else start + code
 
         codes = [code for code in _in_threads(len(rows), run, minimum=4) if code]
+        if any(code < 0 for code in codes):
+            raise MemoryError("the contrast kernel could not allocate its workspace")
         if codes:
             raise DeepSSIMError(
                 f"generated image {rows[codes[0] - 1]} is constant: a constant image has no standard "
