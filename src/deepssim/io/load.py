@@ -8,11 +8,9 @@ the extension, plus ``#<index>`` for a slice of a volume, a frame or a stacked `
 
 from __future__ import annotations
 
-import os
 import warnings
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,19 +104,12 @@ class ImageSet:
         shapes: Counter = Counter()
         example_of_shape: dict[tuple[int, int], str] = {}
         skipped: list[tuple[str, str]] = []
-
-        def index(item: tuple[Path, Path]):
+        for root, path in progress_iter(files, description, "file", progress):
             try:
-                return _index_file(*item, options), None
+                found = _index_file(root, path, options)
             except DeepSSIMError as error:
-                return None, error
-
-        outcomes = in_threads_in_order(index, files)
-        for _, path in progress_iter(files, description, "file", progress):
-            found, error = next(outcomes)
-            if error is not None:
                 if not options.skip_bad:
-                    raise error
+                    raise
                 skipped.append((str(path), str(error)))
                 warnings.warn(f"skipping: {error}", stacklevel=2)
                 continue
@@ -158,12 +149,12 @@ class ImageSet:
         """Images ``start:stop`` as an (n, H, W) float64 array of raw intensities."""
         refs = self.refs[start:stop]
         out = np.empty((len(refs), *self.shape), dtype=np.float64)
-        # each file once per run of its images (a volume's slices are consecutive)
-        files = [ref.path for i, ref in enumerate(refs) if i == 0 or ref.path != refs[i - 1].path]
-        decoded = in_threads_in_order(lambda path: _decode(path, self.options), files)
+        cache: dict[Path, np.ndarray] = {}
         for row, ref in enumerate(refs):
-            if row == 0 or ref.path != refs[row - 1].path:
-                data = next(decoded)
+            if ref.path not in cache:
+                cache.clear()
+                cache[ref.path] = _decode(ref.path, self.options)
+            data = cache[ref.path]
             image = data if ref.index is None else data[ref.index]
             out[row] = self._fit(image)
         return out
@@ -185,27 +176,6 @@ class ImageSet:
         if self.options.size is None:
             return image
         return fit_to_size(image, self.options.size, self.options.fit)
-
-
-READ_THREADS = min(4, os.cpu_count() or 1)
-
-
-def in_threads_in_order(function: Callable, items: Iterable, threads: int = READ_THREADS) -> Iterator:
-    """``function(item)`` of each item, in order, with up to 2 x ``threads`` computed ahead in
-    threads: decoders (zlib, Pillow, pydicom) leave the GIL, so files are read side by side. Few
-    results wait at once, so at most that many decoded volumes are held."""
-    items = list(items)
-    if threads <= 1 or len(items) <= 1:
-        yield from map(function, items)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) > 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def load_images(
