@@ -189,6 +189,7 @@ def test_scan_stage_modes_and_thresholds(problem, tmp_path):
 
 def test_cascade_tables_never_show_a_bound_as_registered_ssim(tmp_path):
     import csv
+    import json
 
     from deepssim import scan
     from deepssim.scanning.tables import NOT_SEARCHED
@@ -196,7 +197,15 @@ def test_cascade_tables_never_show_a_bound_as_registered_ssim(tmp_path):
 
     result = scan(EXAMPLE / "train", EXAMPLE / "generated", registration="cascade", cache=False)
     assert not result.evidence.searched.all()  # the cascade left some pairs unsearched
-    files = result.save(tmp_path / "out", report=False)
+    # counts of copied training images are then lower bounds, and every output says so
+    assert "at least" in result.summary.text() and "--registration full" in result.summary.text()
+    files = result.save(tmp_path / "out")
+    assert "lower bound" in json.loads(files["summary"].read_text())["copy_counts"]
+    assert "id='copy-counts'" in files["report"].read_text()
+    full = scan(EXAMPLE / "train", EXAMPLE / "generated", registration="full", cache=False)
+    assert full.summary.copy_counts is None and "lower bounds" not in full.summary.text()
+    copied = full.summary.training_images_with_a_duplicate["count"]
+    assert result.summary.training_images_with_a_duplicate["count"] <= copied
     with open(files["pairs"], newline="") as handle:
         rows = list(csv.DictReader(handle))
     unsearched = [r for r in rows if r["transform"] == NOT_SEARCHED]

@@ -126,11 +126,17 @@ def _summary_table(summary: ScanSummary) -> str:
         )
     memorised = summary.training_images_with_a_duplicate
     low, high = memorised["ci95"]
+    at_least = "at least " if summary.copy_counts else ""
     rows.append(
-        f"<tr><td>Training images with at least one Duplicate</td><td class='num'>{memorised['count']}"
-        f" of {summary.training_images}</td><td class='num'>{memorised['share']:.1%}</td>"
+        f"<tr><td>Training images with at least one Duplicate</td><td class='num'>{at_least}"
+        f"{memorised['count']} of {summary.training_images}</td><td class='num'>{memorised['share']:.1%}</td>"
         f"<td class='num'>{low:.1%} - {high:.1%}</td></tr></table>"
     )
+    if summary.copy_counts:
+        rows.append(
+            f"<p id='copy-counts'>Counts of copied training images and patients are "
+            f"{escape(summary.copy_counts)}.</p>"
+        )
     percentiles = summary.best_score_percentiles
     rows.append(
         "<p>Best score percentiles: "
@@ -279,7 +285,8 @@ def _patients(result, name: Callable[[str], str] = str, withhold: tuple[str, ...
         for row in result.groups[:200]
     )
     return (
-        f"<h2 id='patients'>Patients</h2><p>{entry['count']} of {len(result.groups)} training groups "
+        f"<h2 id='patients'>Patients</h2><p>{'at least ' if result.summary.copy_counts else ''}"
+        f"{entry['count']} of {len(result.groups)} training groups "
         f"({escape(by)}) have at least one image with a Duplicate: "
         f"{entry['share']:.1%} (95% CI {low:.1%} - {high:.1%}).</p>"
         "<table id='patient-table'><tr><th>Group</th><th class='num'>Training images</th>"

@@ -363,6 +363,7 @@ def scan(
         if two_stage
         else f"score: {metric.name} decides",
         precision=precision,
+        copies_counted_until_first=two_stage and settings.registration == "cascade",
     )
     group_rows = None
     if groups is not None:

@@ -18,6 +18,13 @@ from deepssim.scanning.decide import REFERENCE_PERCENTILE, Thresholds, reference
 PERCENTILES = (0, 5, 25, 50, 75, 95, 100)
 
 
+COPY_COUNTS_LOWER_BOUND = (
+    "lower bounds: the registration cascade stops at each generated image's first copy, so a "
+    "training image copied only by images already found Duplicate is not counted; "
+    "--registration full counts every copy"
+)
+
+
 @dataclass
 class ScanSummary:
     """What ``summary.json`` holds; optional parts are None when the scan did not compute them."""
@@ -43,6 +50,9 @@ class ScanSummary:
     seconds: float | None = None
     seconds_by_stage: dict | None = None
     fit: dict | None = None
+    # set where the training images (and patients) with a Duplicate are counted only as far as the
+    # registration cascade looked: what the counts are then, for every output that shows them
+    copy_counts: str | None = None
 
     def to_dict(self) -> dict:
         return {key: value for key, value in asdict(self).items() if value is not None}
@@ -71,17 +81,21 @@ class ScanSummary:
             )
         memorised = self.training_images_with_a_duplicate
         low, high = memorised["ci95"]
+        at_least = "at least " if self.copy_counts else ""
         lines.append(
-            f"  training images with at least one Duplicate: {memorised['count']} of {self.training_images}"
-            f" ({memorised['share']:.1%}, 95% CI {low:.1%} - {high:.1%})"
+            f"  training images with at least one Duplicate: {at_least}{memorised['count']} of "
+            f"{self.training_images} ({memorised['share']:.1%}, 95% CI {low:.1%} - {high:.1%})"
         )
         if self.groups is not None:
             entry = self.groups["with_a_duplicate"]
             low, high = entry["ci95"]
             lines.append(
-                f"  patients ({self.groups['by']}) with at least one Duplicate: {entry['count']} of "
-                f"{self.groups['groups']} ({entry['share']:.1%}, 95% CI {low:.1%} - {high:.1%})"
+                f"  patients ({self.groups['by']}) with at least one Duplicate: {at_least}"
+                f"{entry['count']} of {self.groups['groups']} ({entry['share']:.1%}, "
+                f"95% CI {low:.1%} - {high:.1%})"
             )
+        if self.copy_counts:
+            lines.append(f"  ({self.copy_counts})")
         if self.reidentification is not None:
             entry = self.reidentification["generated_images"]
             lines.append(
@@ -107,9 +121,11 @@ def summarise(
     search: str,
     decision: str,
     precision: str,
+    copies_counted_until_first: bool = False,
 ) -> ScanSummary:
     """The summary of decision scores ``decided`` (M, k), best first in each row, and the classes
-    the decide stage gave each generated image."""
+    the decide stage gave each generated image. ``copies_counted_until_first``: the registration
+    cascade stopped at each generated image's first copy, so copied training images are a lower bound."""
     m, n = len(generated_set), len(train_set)
     memorised = np.flatnonzero(best_per_train > thresholds.high)
     summary = ScanSummary(
@@ -128,6 +144,7 @@ def summarise(
         skipped_images={"training": len(train_set.skipped), "generated": len(generated_set.skipped)},
         decision=decision,
         precision=precision,
+        copy_counts=COPY_COUNTS_LOWER_BOUND if copies_counted_until_first else None,
     )
     if reference_scores is not None:
         summary.reference = {
