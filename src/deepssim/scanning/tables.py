@@ -5,9 +5,8 @@ per top-k pair). Columns are named after what they hold (the README's table of o
 - ``decision_score``: the score the class comes from (registered SSIM under the two-stage decision,
   else the metric's score);
 - ``ssim_registered``, ``transform``, ``ssim``: registered SSIM, the transform it found, plain SSIM;
-  with ``--registration cascade`` a pair the cascade did not search has no ``ssim_registered``
-  (its transform cell says so, and its decision score is a lower bound of it: the better of its
-  plain and contrast-only SSIM);
+  with the registration cascade (the default) a pair it did not search has no ``ssim_registered``
+  (its transform cell says so, and its decision score is a lower bound of it: its plain SSIM);
 - ``best_other_score``: the best decision score of the generated image against a training image of
   another patient (``--group-by``) or another training image, among its top k: the margin a
   reviewer compares the best pair with;
