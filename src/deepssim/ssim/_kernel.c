@@ -25,8 +25,10 @@
 #define WORK_VECTORS(H, W) ((H) * (W) + 3 * ((H) - 6) * ((W) - 6) + TI * ((W) + 1))
 #define WORK_BYTES(H, W) (64 * WORK_VECTORS(H, W) + 8 * BLOCK_WORK(W) + 64) /* + 64: alignment */
 
+/* Clones by instruction-set level, which GCC's dispatcher checks by CPU feature: an "arch=haswell"
+ * clone is chosen by CPU model, so an AMD (or a later Intel) AVX2 CPU ran the SSE2 default. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MULTIVERSION __attribute__((target_clones("arch=sapphirerapids", "avx512f", "arch=haswell", "default")))
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MULTIVERSION
 #endif
