@@ -22,6 +22,7 @@ from skimage.metrics import structural_similarity
 
 import deepssim
 from deepssim.hardware import cpu_description
+from deepssim.io.normalise import zscore
 from deepssim.ssim.registered import RegistrationSettings, register_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def main() -> None:
 
     train, generated = images(16, 1), images(24, 2)
     matrix = deepssim.ssim_matrix(train, generated, dtype=np.float64, backend="torch", device="cuda")
-    za, zb = deepssim.zscore(train), deepssim.zscore(generated)
+    za, zb = zscore(train), zscore(generated)
     expected = np.array([[structural_similarity(a, b, data_range=a.max() - a.min()) for b in zb] for a in za])
     difference = float(np.abs(matrix - expected).max())
     check(

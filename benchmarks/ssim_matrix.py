@@ -21,6 +21,7 @@ from skimage.metrics import structural_similarity
 
 import deepssim
 from deepssim.hardware import cpu_description
+from deepssim.io.normalise import zscore
 
 SHAPE = (136, 112)  # the paper's brain-slice size
 
@@ -48,8 +49,8 @@ def _reference_pairs(pairs) -> list[float]:
 
 
 def reference_throughput(train, generated, pairs, workers: int) -> tuple[float, np.ndarray]:
-    za = deepssim.zscore(train)
-    zb = deepssim.zscore(generated)
+    za = zscore(train)
+    zb = zscore(generated)
     chunks = np.array_split(np.array(pairs), workers * 4)
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(za, zb)) as pool:
         list(pool.map(_reference_pairs, [chunks[0][:1]] * workers))  # start the workers
