@@ -30,12 +30,15 @@ from deepssim.embedding.model import DeepSSIM
 from deepssim.evaluation.generalisation import Source, duplicate_recall, misaligned, plant_pairs, regression
 from deepssim.execution.search import top_k_other_groups
 from deepssim.hardware import cpu_description
-from deepssim.scanning.decide import DIFFERENT, DUPLICATE, Thresholds, classify, conformal_threshold
+from deepssim.labels import Label
+from deepssim.scanning.decide import Thresholds, classify, conformal_threshold
 from deepssim.ssim.registered import register_pairs
 from deepssim.training.fit import FitSettings, describe, fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generalisation import bundled_sources  # noqa: E402
+
+DIFFERENT, DUPLICATE = Label.DIFFERENT, Label.DUPLICATE
 
 RATE = 0.05
 

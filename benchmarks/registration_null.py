@@ -38,13 +38,15 @@ from skimage.transform import resize
 from deepssim.evaluation.generalisation import _other_subject_images, misaligned, plant_pairs
 from deepssim.hardware import cpu_description
 from deepssim.io.normalise import zscore
-from deepssim.scanning.decide import DIFFERENT, DUPLICATE, SIMILAR
+from deepssim.labels import Label
 from deepssim.ssim.engine import ssim_matrix, ssim_pairs
 from deepssim.ssim.registered import FLIPS, RegistrationSettings, apply_transform, register_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from generalisation import bundled_sources  # noqa: E402
+
+DIFFERENT, SIMILAR, DUPLICATE = Label.DIFFERENT, Label.SIMILAR, Label.DUPLICATE
 
 SIZES = (32, 64, 128, 256)
 MISALIGNED_SIZES = (64, 128)
