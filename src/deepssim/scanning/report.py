@@ -126,9 +126,8 @@ def _summary_table(summary: ScanSummary) -> str:
         )
     memorised = summary.training_images_with_a_duplicate
     low, high = memorised["ci95"]
-    at_least = "at least " if summary.copy_counts else ""
     rows.append(
-        f"<tr><td>Training images with at least one Duplicate</td><td class='num'>{at_least}"
+        f"<tr><td>Training images with at least one Duplicate</td><td class='num'>{summary.at_least}"
         f"{memorised['count']} of {summary.training_images}</td><td class='num'>{memorised['share']:.1%}</td>"
         f"<td class='num'>{low:.1%} - {high:.1%}</td></tr></table>"
     )
@@ -285,7 +284,7 @@ def _patients(result, name: Callable[[str], str] = str, withhold: tuple[str, ...
         for row in result.groups[:200]
     )
     return (
-        f"<h2 id='patients'>Patients</h2><p>{'at least ' if result.summary.copy_counts else ''}"
+        f"<h2 id='patients'>Patients</h2><p>{result.summary.at_least}"
         f"{entry['count']} of {len(result.groups)} training groups "
         f"({escape(by)}) have at least one image with a Duplicate: "
         f"{entry['share']:.1%} (95% CI {low:.1%} - {high:.1%}).</p>"

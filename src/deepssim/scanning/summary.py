@@ -54,6 +54,12 @@ class ScanSummary:
     # registration cascade looked: what the counts are then, for every output that shows them
     copy_counts: str | None = None
 
+    @property
+    def at_least(self) -> str:
+        """What precedes the counts of copied training images and patients: "at least " where
+        they are lower bounds (``copy_counts``)."""
+        return "at least " if self.copy_counts else ""
+
     def to_dict(self) -> dict:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
@@ -81,16 +87,15 @@ class ScanSummary:
             )
         memorised = self.training_images_with_a_duplicate
         low, high = memorised["ci95"]
-        at_least = "at least " if self.copy_counts else ""
         lines.append(
-            f"  training images with at least one Duplicate: {at_least}{memorised['count']} of "
+            f"  training images with at least one Duplicate: {self.at_least}{memorised['count']} of "
             f"{self.training_images} ({memorised['share']:.1%}, 95% CI {low:.1%} - {high:.1%})"
         )
         if self.groups is not None:
             entry = self.groups["with_a_duplicate"]
             low, high = entry["ci95"]
             lines.append(
-                f"  patients ({self.groups['by']}) with at least one Duplicate: {at_least}"
+                f"  patients ({self.groups['by']}) with at least one Duplicate: {self.at_least}"
                 f"{entry['count']} of {self.groups['groups']} ({entry['share']:.1%}, "
                 f"95% CI {low:.1%} - {high:.1%})"
             )

@@ -200,14 +200,15 @@ def register_indexed(
     """
     training, generated = _check_images(train, generated, settings)
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
-    result = _blank(len(ti), searched=False)
+    result = _blank(len(ti))
     gamma_index = _pair_gammas(training, generated, ti, gi, settings)
     _register_rows(training, generated, ti, gi, gamma_index, np.arange(len(ti)), settings, result, progress)
     result.flip = result.flip.astype(str)
     return result
 
 
-def _blank(n: int, searched: bool) -> Registration:
+def _blank(n: int) -> Registration:
+    """n pairs not searched yet: no score, the identity transform."""
     return Registration(
         ssim_registered=np.full(n, np.nan),
         ssim_plain=np.full(n, np.nan),
@@ -216,7 +217,7 @@ def _blank(n: int, searched: bool) -> Registration:
         shift_px=np.zeros((n, 2)),
         scale=np.ones(n),
         gamma=np.ones(n),
-        searched=np.full(n, searched),
+        searched=np.zeros(n, dtype=bool),
     )
 
 
@@ -270,7 +271,7 @@ def register_cascade(
         raise DeepSSIMError(f"thresholds must be (low, high) with low <= high, not {thresholds}")
     training, generated = _check_images(train, generated, settings)
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
-    result = _blank(len(ti), searched=False)
+    result = _blank(len(ti))
     gamma_index = _pair_gammas(training, generated, ti, gi, settings)
     rank = _rank_within_image(gi)
     best = np.full(len(generated), -np.inf)  # each generated image's best registered SSIM so far
