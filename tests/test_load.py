@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -74,6 +76,38 @@ def test_reading_is_lazy_and_batched(tmp_path, rng):
     batches = list(image_set.batches(3))
     assert [start for start, _ in batches] == [0, 3, 6]
     np.testing.assert_array_equal(np.concatenate([b for _, b in batches]), image_set.read())
+
+
+def test_indexing_keeps_decoded_pixels_exactly_and_within_budget(mixed_folder, tmp_path, rng):
+    """A scan reads each image three times (index, embed, register): the indexed pixels are kept,
+    bit for bit, up to the budget; files past it, and a pickled set, are read from disk again."""
+    fresh = ImageSet.from_paths(mixed_folder, keep_bytes=0)
+    kept = ImageSet.from_paths(mixed_folder)
+    assert fresh.decoded.pixels == {} and len(kept.decoded.pixels) == len(kept)
+    np.testing.assert_array_equal(kept.read(), fresh.read())  # every format, float64, bit for bit
+    assert kept.decoded.get(kept.refs[kept.keys.index("gray8")]).dtype == np.uint8
+    assert kept.decoded.get(kept.refs[kept.keys.index("sub/gray16")]).dtype == np.uint16
+    assert kept.decoded.get(kept.refs[kept.keys.index("array")]).dtype == np.float64  # not float32-exact
+
+    volume = rng.uniform(0.0, 1.0, size=(20, 18, 10)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "vol.nii.gz")
+    slices = ImageSet.from_paths(tmp_path / "vol.nii.gz", LoadOptions(axis=2, min_foreground=0))
+    stored = slices.decoded.get(slices.refs[0])
+    assert stored.dtype == np.float32 and stored.base is None  # a copy, not a view of the volume
+    (tmp_path / "vol.nii.gz").unlink()
+    np.testing.assert_array_equal(slices.subset([3]).read()[0], volume[:, :, 3])  # from memory
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for n in range(4):
+        Image.fromarray(rng.integers(0, 255, (12, 10), dtype=np.uint8)).save(folder / f"{n}.png")
+    budgeted = ImageSet.from_paths(folder, keep_bytes=2 * 12 * 10)
+    assert budgeted.decoded.used == 240 and [ref.key for ref in budgeted.decoded.pixels] == ["0", "1"]
+    (folder / "3.png").unlink()
+    budgeted.read(0, 2)  # kept
+    with pytest.raises(DeepSSIMError, match="3.png"):  # past the budget: read from the file again
+        budgeted.read(3, 4)
+    assert pickle.loads(pickle.dumps(budgeted)).decoded.pixels == {}
 
 
 def test_mixed_shapes_need_size(tmp_path, rng):

@@ -2,8 +2,10 @@
 
 An :class:`ImageSet` indexes its inputs once (reading each file to validate it and to learn
 its shape) and afterwards reads images lazily in order, so a folder of any size is never held
-in memory at once. Every image has a stable key: its path relative to the root folder without
-the extension, plus ``#<index>`` for a slice of a volume, a frame or a stacked ``.npy``.
+in memory at once. What indexing decoded is kept, up to a byte budget (:class:`DecodedPixels`),
+so a scan does not decode a file again for embedding and registration. Every image has a stable
+key: its path relative to the root folder without the extension, plus ``#<index>`` for a slice
+of a volume, a frame or a stacked ``.npy``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,50 @@ class LoadOptions:
     skip_bad: bool = False
 
 
+# Bytes of decoded pixels an indexed set keeps (per set), in the smallest type that holds them exactly:
+# 8-bit 136 x 112 images are 15 KB each, so the paper's 65,850 generated images fit.
+KEEP_DECODED_BYTES = 1 << 30
+
+
+class DecodedPixels:
+    """Images decoded while indexing, kept for later reads up to ``budget`` bytes (the first ones
+    indexed; later ones are decoded again when read). Each is stored in the smallest of uint8,
+    uint16, int16 and float32 that holds its values exactly (float64 otherwise), so a read gives
+    back the decoded values bit for bit. Not pickled: a worker process reads the files itself."""
+
+    def __init__(self, budget: int = KEEP_DECODED_BYTES) -> None:
+        self.budget, self.used = int(budget), 0
+        self.pixels: dict[ImageRef, np.ndarray] = {}
+
+    def keep(self, ref: ImageRef, image: np.ndarray) -> None:
+        compact = _compact(image)
+        if self.used + compact.nbytes <= self.budget:
+            self.pixels[ref] = compact
+            self.used += compact.nbytes
+
+    def get(self, ref: ImageRef) -> np.ndarray | None:
+        return self.pixels.get(ref)
+
+    def __reduce__(self):
+        return DecodedPixels, (0,)  # an empty store: the files are read where this arrives
+
+
+def _compact(image: np.ndarray) -> np.ndarray:
+    """``image`` in the smallest type that represents every value of it exactly."""
+    low, high = float(image.min()), float(image.max())
+    for kind in (np.uint8, np.uint16, np.int16):
+        if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
+            converted = image.astype(kind)
+            if np.array_equal(converted, image):
+                return converted
+            break  # not whole numbers: no integer type holds them
+    if max(-low, high) < np.finfo(np.float32).max:
+        converted = image.astype(np.float32)
+        if np.array_equal(converted, image):
+            return converted
+    return image.copy()  # (not a view that would keep a whole volume alive)
+
+
 @dataclass(frozen=True)
 class ImageRef:
     """Where one 2D image lives: a file and, for multi-image files, the index inside it."""
@@ -79,6 +125,7 @@ class ImageSet:
     shape: tuple[int, int]
     options: LoadOptions = field(default_factory=LoadOptions)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    decoded: DecodedPixels | None = field(default=None, repr=False, compare=False)
 
     @property
     def keys(self) -> list[str]:
@@ -94,9 +141,12 @@ class ImageSet:
         options: LoadOptions | None = None,
         progress: bool = False,
         description: str = "indexing images",
+        keep_bytes: int = KEEP_DECODED_BYTES,
     ) -> ImageSet:
-        """Index a folder (recursively), a file, or a list of files and folders."""
+        """Index a folder (recursively), a file, or a list of files and folders; the decoded
+        images are kept for later reads up to ``keep_bytes`` (0: read the files again)."""
         options = options or LoadOptions()
+        decoded = DecodedPixels(keep_bytes)
         files = list(_discover(inputs))
         if options.axis is None:  # one line when the volumes mix orientations or voxel sizes
             note_mixed_geometry([p for _, p in files if _suffix(p) in NIFTI_SUFFIXES], options.spacing)
@@ -113,13 +163,14 @@ class ImageSet:
                 skipped.append((str(path), str(error)))
                 warnings.warn(f"skipping: {error}", stacklevel=2)
                 continue
-            for ref, image_shape, problem in found:
+            for ref, image, image_shape, problem in found:
                 if problem is not None:
                     if not options.skip_bad:
                         raise DeepSSIMError(problem)
                     skipped.append((ref.key, problem))
                     warnings.warn(f"skipping: {problem}", stacklevel=2)
                     continue
+                decoded.keep(ref, image)
                 refs.append(ref)
                 shapes[image_shape] += 1
                 example_of_shape.setdefault(image_shape, str(ref.path))
@@ -130,7 +181,7 @@ class ImageSet:
         if skipped:
             warnings.warn(f"skipped {len(skipped)} bad image(s) (--skip-bad)", stacklevel=2)
         shape = options.size or _single_shape(shapes, example_of_shape)
-        return cls(refs=refs, shape=tuple(shape), options=options, skipped=skipped)
+        return cls(refs=refs, shape=tuple(shape), options=options, skipped=skipped, decoded=decoded)
 
     @classmethod
     def coerce(
@@ -151,6 +202,10 @@ class ImageSet:
         out = np.empty((len(refs), *self.shape), dtype=np.float64)
         cache: dict[Path, np.ndarray] = {}
         for row, ref in enumerate(refs):
+            kept = None if self.decoded is None else self.decoded.get(ref)
+            if kept is not None:
+                out[row] = self._fit(kept)
+                continue
             if ref.path not in cache:
                 cache.clear()
                 cache[ref.path] = _decode(ref.path, self.options)
@@ -161,7 +216,8 @@ class ImageSet:
 
     def subset(self, indices) -> ImageSet:
         """The set of the images at ``indices`` (any order, repeats allowed); nothing is read."""
-        return ImageSet(refs=[self.refs[i] for i in indices], shape=self.shape, options=self.options)
+        refs = [self.refs[i] for i in indices]
+        return ImageSet(refs=refs, shape=self.shape, options=self.options, decoded=self.decoded)
 
     def take(self, indices) -> np.ndarray:
         """The images at ``indices`` (any order, repeats allowed), read lazily from their files."""
@@ -246,7 +302,8 @@ def _key(root: Path, path: Path) -> str:
 
 
 def _index_file(root: Path, path: Path, options: LoadOptions):
-    """Read one file; return [(ref, shape, problem-or-None)] for each image it holds."""
+    """Read one file; return [(ref, decoded image, its shape once fitted, problem-or-None)] for each
+    image it holds."""
     data = _decode(path, options)
     key = _key(root, path)
     if data.ndim == 2:
@@ -269,7 +326,7 @@ def _index_file(root: Path, path: Path, options: LoadOptions):
                 check_finite_and_varying(image, f"{ref.key} ({path})")
             except DeepSSIMError as error:
                 problem = str(error)
-        found.append((ref, image.shape, problem))
+        found.append((ref, raw, image.shape, problem))
     return found
 
 
