@@ -130,3 +130,28 @@ def test_gauss_newton_kernel_equals_tensor_gauss_newton(monkeypatch, slices):
     for a, b in zip(kernel, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert not torch.equal(kernel[0], linear)  # the maps moved
+
+
+@pytest.mark.skipif(_alignment._ssim_kernel is None, reason="the SSIM kernel is not built")
+@pytest.mark.parametrize(
+    "shape, pr, pc, candidates, flips",
+    [((23, 19), 3, 2, 21, 4), ((23, 19), 3, 2, 21, 1), ((17, 30), 2, 6, 9, 4), ((7, 8), 3, 4, 16, 4)],
+)
+def test_coarse_search_kernel_equals_grouped_convolution(monkeypatch, shape, pr, pc, candidates, flips):
+    """The C kernel's coarse correlations (default grid; no flips; wider column shifts with a
+    candidate count not a multiple of 8; a tiny image whose shifted frames overlap) pick what the
+    torch path's grouped convolution picks, with its scores."""
+    generator = torch.Generator().manual_seed(sum(shape) + candidates)
+    coarse = torch.randn((12, *shape), generator=generator)
+    coarse = coarse - coarse.mean(dim=(1, 2), keepdim=True)
+    coarse = coarse / coarse.flatten(1).norm(dim=1)[:, None, None]
+    warped = torch.randn((5, candidates, *shape), generator=generator).clamp_min(0)  # (fill 0)
+    pt = torch.randint(0, 12, (40,), generator=generator)
+    pc_ = torch.randint(0, 5, (40,), generator=generator).sort().values  # neighbours share candidates
+    best, index = _alignment._coarse_scores(coarse, pt, warped, pc_, pr, pc, flips)
+    with monkeypatch.context() as patch:
+        patch.setattr(_alignment, "_ssim_kernel", None)
+        reference_best, reference_index = _alignment._coarse_scores(coarse, pt, warped, pc_, pr, pc, flips)
+    assert best.shape == (40, flips)
+    torch.testing.assert_close(best, reference_best, rtol=0, atol=1e-5)
+    assert torch.equal(index, reference_index)

@@ -505,7 +505,7 @@ def _coarse_search(training: TrainingImages, g, pt, pc, settings):
     """Best coarse candidate of the ``_REFINED_FLIPS`` best flips of each pair (training slot pt, g[pc])
     by Pearson correlation at the coarse level: flip, rotation, scale (N, K) and shift (N, K, 2)."""
     full, shape = training.full, training.coarse_shape
-    n, (h, w) = len(pt), shape
+    h, w = shape
     rotations = _grid(settings.max_rotation_deg, COARSE_ROTATION_STEP)
     low, high = settings.scale_range
     # the centres of COARSE_SCALES equal cells of the range (1.0 among them for a symmetric range)
@@ -519,19 +519,10 @@ def _coarse_search(training: TrainingImages, g, pt, pc, settings):
     offset = offset.to(g.device).expand(len(g), -1, -1)
     # every generated image is warped once, for all its pairs
     warped = _warp(_pool(g, shape), linear, offset, *_level(shape, full, g.device), full)
-    a = training.store["coarse"][pt]  # each pair's training image, z-scored, pooled, unit norm
     flips = range(4) if settings.flips else range(1)
     pr, pc_ = (math.ceil(settings.max_shift_fraction * s - 1e-9) for s in shape)
-    padded = F.pad(torch.stack([_flip(a, k) for k in flips]), (pc_, pc_, pr, pr))  # (flips, N, ...)
-    spread = _shifted_spread(warped, pr, pc_)  # (Ng, M, i, j)
-    # dot[f, n, m, i, j] = sum of the training image times candidate m, flipped by f and shifted by
-    # (i - pr, j - pc) = the same sum with the flipped training image and the unflipped candidate
-    dot = F.conv2d(padded, warped[pc].reshape(n * len(rot), 1, h, w), groups=n)
-    dot = dot.reshape(len(flips), n, len(rot), 2 * pr + 1, 2 * pc_ + 1)
-    # Pearson correlation over the frame: the shifted candidate's sum and sum of squares (its fill is 0)
-    score = (dot / spread[pc][None]).permute(1, 0, 3, 4, 2)  # (N, flips, i, j, M)
+    best_score, best_index = _coarse_scores(training.store["coarse"], pt, warped, pc, pr, pc_, len(flips))
     shifts = [(sr, sc_) for sr in range(-pr, pr + 1) for sc_ in range(-pc_, pc_ + 1)]
-    best_score, best_index = score.flatten(2).max(dim=2)  # (N, flips)
     k = min(_REFINED_FLIPS, len(flips))
     top = best_score.topk(k, dim=1).indices  # (N, K)
     index = best_index.gather(1, top).cpu().numpy()
@@ -542,6 +533,38 @@ def _coarse_search(training: TrainingImages, g, pt, pc, settings):
     shift = signs * np.asarray(shifts)[shift_index] * step  # t = D s
     rotation = rot[warp_index] * signs[..., 0] * signs[..., 1]  # theta = det(D) phi
     return flip, rotation, sc[warp_index], shift
+
+
+def _coarse_scores(coarse, pt, warped, pc, pr: int, pc_: int, flips: int):
+    """Each pair's best Pearson correlation at the coarse level, per flip, and where it is: (N,
+    flips) each; the index runs over (row shift, column shift, candidate). Pair p correlates its
+    training image ``coarse[pt[p]]`` (zero mean, unit norm), flipped, with every candidate of
+    ``warped[pc[p]]`` (Ng, M, h, w; fill 0) shifted by up to (pr, pc_) whole pixels. The C kernel
+    computes it on the CPU in float32 (~4x torch's grouped convolution here), torch elsewhere."""
+    n, (m, h, w) = len(pt), warped.shape[1:]
+    arrays = (coarse, warped)
+    if _ssim_kernel is not None and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in arrays):
+        best = torch.empty((n, flips), dtype=torch.float32)
+        index = torch.empty((n, flips), dtype=torch.int64)
+        inputs = [x.contiguous().numpy() for x in (coarse, pt, warped, pc)]
+
+        def run(start: int, stop: int) -> int:
+            shape = (m, h, w, pr, pc_, flips)
+            return _ssim_kernel.coarse_scores(*inputs, best.numpy(), index.numpy(), start, stop, *shape)
+
+        if any(_in_threads(n, run, minimum=4)):
+            raise MemoryError("the coarse search kernel could not allocate its workspace")
+        return best, index
+    a = coarse[pt]  # each pair's training image, z-scored, pooled, unit norm
+    padded = F.pad(torch.stack([_flip(a, k) for k in range(flips)]), (pc_, pc_, pr, pr))  # (flips, N, ...)
+    spread = _shifted_spread(warped, pr, pc_)  # (Ng, M, i, j)
+    # dot[f, n, m, i, j] = sum of the training image times candidate m, flipped by f and shifted by
+    # (i - pr, j - pc) = the same sum with the flipped training image and the unflipped candidate
+    dot = F.conv2d(padded, warped[pc].reshape(n * m, 1, h, w), groups=n)
+    dot = dot.reshape(flips, n, m, 2 * pr + 1, 2 * pc_ + 1)
+    # Pearson correlation over the frame: the shifted candidate's sum and sum of squares (its fill is 0)
+    score = (dot / spread[pc][None]).permute(1, 0, 3, 4, 2)  # (N, flips, i, j, M)
+    return score.flatten(2).max(dim=2)
 
 
 def _shifted_spread(images: torch.Tensor, pr: int, pc: int) -> torch.Tensor:

@@ -667,6 +667,162 @@ static PyObject *exact_transforms(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* coarse_scores(coarse, pt, warped, pc, best, index, n0, n1, M, h, w, pr, pw, flips) -> 0, or -1 without
+ * memory. Registration's coarse grid search (deepssim/ssim/_alignment.py, _coarse_search), for pairs n in
+ * [n0, n1): the Pearson correlation of training image coarse[pt[n]] (h x w, zero mean, unit norm),
+ * flipped by f (bit 0 rows, bit 1 columns), with each candidate m of warped[pc[n]] (M, h, w; fill 0)
+ * shifted by (i - pr, j - pw) whole pixels, i < 2 pr + 1, j < 2 pw + 1: their dot product over the frame
+ * over the shifted candidate's sqrt(n var) (its 1e-6 floor as torch's). best[n, f] is the highest
+ * correlation and index[n, f] its (i, j, m) flattened, the first in that order among equals. The dot
+ * products run candidate-wise in SIMD lanes (the candidates laid out pixel-major), 16 at a time for
+ * all shifts of a row of shifts, so each candidate value loaded serves 2 pw + 1 multiply-adds; float32
+ * as torch's convolution, the spreads in float64 from summed-area tables. */
+typedef float v8f __attribute__((vector_size(32)));
+
+/* the dot products of one padded flipped training image with V x 8 candidates (lanes) at the J shifts
+ * of row shift i: V and J are constants wherever this is inlined, so the V J sums stay in registers */
+static inline __attribute__((always_inline)) void
+coarse_row(const float *restrict padded, long PW, const float *restrict cand, long MP, long h, long w,
+           long i, long J, long V, float *restrict out)
+{
+    v8f acc[2 * 16] = {0};
+    for (long y = 0; y < h; y++) {
+        const float *row = padded + (y + i) * PW, *c = cand + y * w * MP;
+        for (long x = 0; x < w; x++, c += MP) {
+            const v8f c0 = *(const v8f *)c, c1 = V == 2 ? *(const v8f *)(c + 8) : c0;
+            for (long j = 0; j < J; j++) {
+                acc[2 * j] += row[x + j] * c0;
+                if (V == 2) acc[2 * j + 1] += row[x + j] * c1;
+            }
+        }
+    }
+    for (long j = 0; j < J; j++)
+        for (long v = 0; v < V; v++) memcpy(out + j * MP + 8 * v, &acc[2 * j + v], sizeof(v8f));
+}
+
+/* the shifted candidates' sqrt(n var) over the frame, spread[(i J + j) MP + m], with the candidates in
+ * lanes (cand: pixel-major, MP lanes): the sums over the frame's rectangles [r0, r1) x [q0, q1) come
+ * from running sums kept only at the rectangles' corners (r0 <= pr or r1 >= h - pr, likewise q).
+ * work: 2 (2 pw + 2) (2 pr + 2 + 1) MP + 2 MP floats. */
+static inline __attribute__((always_inline)) void
+coarse_spreads(const float *restrict cand, long h, long w, long pr, long pw, long MP, float *restrict work,
+               float *restrict spread)
+{
+    const long I = 2 * pr + 1, J = 2 * pw + 1, NQ = 2 * pw + 2, NR = 2 * pr + 2;
+    float *column = work, *corner = column + 2 * NQ * MP, *row = corner + 2 * NR * NQ * MP;
+    /* corner rows r in {0..pr, h-pr..h}, columns q in {0..pw, w-pw..w}: index k < pr + 1 or the rest */
+#define CORNER_ROW(k) ((k) <= pr ? (k) : h - pr + (k) - pr - 1)
+#define CORNER_COL(k) ((k) <= pw ? (k) : w - pw + (k) - pw - 1)
+    memset(column, 0, sizeof(float) * 2 * NQ * MP);
+    for (long y = 0; y <= h; y++) {
+        if (y > 0) { /* add row y - 1 into the column sums at the corner columns */
+            memset(row, 0, sizeof(float) * 2 * MP);
+            for (long x = 0; x <= w; x++) {
+                for (long k = 0; k < NQ; k++) /* (corners may coincide in tiny images) */
+                    if (CORNER_COL(k) == x)
+                        for (long m = 0; m < MP; m++) {
+                            column[k * MP + m] += row[m];
+                            column[(NQ + k) * MP + m] += row[MP + m];
+                        }
+                if (x == w) break;
+                const float *c = cand + ((y - 1) * w + x) * MP;
+                for (long m = 0; m < MP; m++) row[m] += c[m], row[MP + m] += c[m] * c[m];
+            }
+        }
+        for (long k = 0; k < NR; k++)
+            if (CORNER_ROW(k) == y) memcpy(corner + k * 2 * NQ * MP, column, sizeof(float) * 2 * NQ * MP);
+    }
+    for (long i = 0; i < I; i++)
+        for (long j = 0; j < J; j++) {
+            const long si = i - pr, sj = j - pw; /* rows [r0, r1), columns [q0, q1) stay in the frame */
+            const long r0 = si < 0 ? -si : 0, r1 = si > 0 ? NR - 1 - si : NR - 1;
+            const long q0 = sj < 0 ? -sj : 0, q1 = sj > 0 ? NQ - 1 - sj : NQ - 1;
+            const float *a = corner + r0 * 2 * NQ * MP, *b = corner + r1 * 2 * NQ * MP;
+            float *out = spread + (i * J + j) * MP;
+            for (long m = 0; m < MP; m++) {
+                const float first = b[q1 * MP + m] - a[q1 * MP + m] - b[q0 * MP + m] + a[q0 * MP + m];
+                const float second = b[(NQ + q1) * MP + m] - a[(NQ + q1) * MP + m] - b[(NQ + q0) * MP + m] +
+                                     a[(NQ + q0) * MP + m];
+                const float var = second - first * first / (float)(h * w);
+                out[m] = sqrtf(var > 1e-6f ? var : 1e-6f);
+            }
+        }
+#undef CORNER_ROW
+#undef CORNER_COL
+}
+
+MULTIVERSION static long coarse_f32(const float *coarse, const long long *pt, const float *warped,
+                                    const long long *pc, float *best, long long *index, long n0, long n1,
+                                    long M, long h, long w, long pr, long pw, long flips)
+{
+    const long I = 2 * pr + 1, J = 2 * pw + 1, MP = (M + 7) / 8 * 8, PH = h + 2 * pr, PW = w + 2 * pw;
+    const long hw = h * w;
+    const long table = (2 * (2 * pw + 2) * (2 * pr + 3) + 2) * MP;
+    float *work = NULL;
+    if (posix_memalign((void **)&work, 64, sizeof(float) * (hw * MP + PH * PW + 2 * I * J * MP + table)) != 0)
+        return -1;
+    float *cand = work, *padded = cand + hw * MP, *dots = padded + PH * PW, *spread = dots + I * J * MP;
+    for (long n = n0; n < n1; n++) {
+        const float *a = coarse + pt[n] * hw;
+        if (n == n0 || pc[n] != pc[n - 1]) { /* a new candidate image: pixel-major, candidates in lanes */
+            const float *g = warped + pc[n] * M * hw;
+            for (long q = 0; q < hw; q++) {
+                for (long m = 0; m < M; m++) cand[q * MP + m] = g[m * hw + q];
+                for (long m = M; m < MP; m++) cand[q * MP + m] = 0;
+            }
+            coarse_spreads(cand, h, w, pr, pw, MP, spread + I * J * MP, spread);
+        }
+        for (long f = 0; f < flips; f++) {
+            memset(padded, 0, sizeof(float) * PH * PW);
+            for (long y = 0; y < h; y++)
+                for (long x = 0; x < w; x++)
+                    padded[(y + pr) * PW + x + pw] = a[((f & 1) ? h - 1 - y : y) * w + ((f & 2) ? w - 1 - x : x)];
+            for (long mb = 0; mb < MP; mb += 16) /* 16 candidates at a time, the last 8 maybe alone */
+                for (long i = 0; i < I; i++) {
+                    float *out = dots + i * J * MP + mb;
+                    const long V = mb + 16 <= MP ? 2 : 1;
+                    if (J == 5 && V == 2) /* the default search at the default coarse size */
+                        coarse_row(padded, PW, cand + mb, MP, h, w, i, 5, 2, out);
+                    else if (J == 5)
+                        coarse_row(padded, PW, cand + mb, MP, h, w, i, 5, 1, out);
+                    else
+                        coarse_row(padded, PW, cand + mb, MP, h, w, i, J, V, out);
+                }
+            float top = -INFINITY;
+            long long where = 0;
+            for (long s = 0; s < I * J; s++)
+                for (long m = 0; m < M; m++) {
+                    const float score = dots[s * MP + m] / spread[s * MP + m];
+                    if (score > top) top = score, where = s * M + m;
+                }
+            best[n * flips + f] = top;
+            index[n * flips + f] = where;
+        }
+    }
+    free(work);
+    return 0;
+}
+
+static PyObject *coarse_scores(PyObject *self, PyObject *args)
+{
+    Py_buffer b[6]; /* coarse, pt, warped, pc, best, index */
+    long n0, n1, M, h, w, pr, pw, flips, code;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*llllllll", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &n0, &n1,
+                          &M, &h, &w, &pr, &pw, &flips))
+        return NULL;
+    if (2 * pw + 1 > 16) {
+        for (int k = 0; k < 6; k++) PyBuffer_Release(&b[k]);
+        PyErr_SetString(PyExc_ValueError, "coarse_scores takes at most 16 shifts along a row");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    code = coarse_f32(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, n0, n1, M, h, w, pr, pw,
+                      flips);
+    Py_END_ALLOW_THREADS
+    for (int k = 0; k < 6; k++) PyBuffer_Release(&b[k]);
+    return PyLong_FromLong(code);
+}
+
 /* ssim_raw_pairs(za, mu, var, c1, c2, raws, stack, ia, ib, out, n, H, W) -> 0, or 1 + the pair whose
  * raw image cannot be prepared (negated for NaN or Inf, as prepare_images; LONG_MIN: no memory).
  * out[p] = SSIM of training image ia[p] and raw image raws[stack[p]][ib[p]], float64 (raws: a tuple
@@ -812,6 +968,9 @@ static PyMethodDef methods[] = {
     {"ssim_raw_pairs", ssim_raw_pairs, METH_VARARGS,
      "ssim_raw_pairs(za, mu, var, c1, c2, raws, stack, ia, ib, out, n, H, W) -> 0, or as prepare_images "
      "(the pair); float64: pairs (training image ia[p], raws[stack[p]][ib[p]]), statistics as planes"},
+    {"coarse_scores", coarse_scores, METH_VARARGS,
+     "coarse_scores(coarse, pt, warped, pc, best, index, n0, n1, M, h, w, pr, pw, flips) -> 0, or -1 "
+     "without memory: registration's coarse search, the best correlation of each pair and flip"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel",
