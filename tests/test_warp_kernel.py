@@ -155,3 +155,12 @@ def test_coarse_search_kernel_equals_grouped_convolution(monkeypatch, shape, pr,
     assert best.shape == (40, flips)
     torch.testing.assert_close(best, reference_best, rtol=0, atol=1e-5)
     assert torch.equal(index, reference_index)
+
+
+@pytest.mark.parametrize("shape", [(23, 19), (64, 53), (7, 5), (50, 100)])
+def test_pooling_kernel_equals_adaptive_avg_pool(shape):
+    """Registration's pooling (coarse and middle levels, odd ratios, one level wider than its image)
+    is torch's adaptive_avg_pool2d bit for bit, also when the images are split among threads."""
+    images = torch.randn((9, 41, 67), generator=torch.Generator().manual_seed(3))
+    pooled = _alignment._pool(images, shape)
+    assert torch.equal(pooled, torch.nn.functional.adaptive_avg_pool2d(images[:, None], shape)[:, 0])

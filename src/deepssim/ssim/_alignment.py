@@ -488,11 +488,22 @@ def _clamp(rotation, scale, shift, settings, full):
 
 
 def _pool(images: torch.Tensor, shape) -> torch.Tensor:
-    return (
-        images
-        if tuple(images.shape[1:]) == tuple(shape)
-        else F.adaptive_avg_pool2d(images[:, None], shape)[:, 0]
-    )
+    """Adaptive average pooling of (N, h, w) images to ``shape``: on the CPU in float32 the warp
+    kernel's, bit for bit torch's and ~2x faster, the images split among threads."""
+    if tuple(images.shape[1:]) == tuple(shape):
+        return images
+    if _warp_kernel is None or images.device.type != "cpu" or images.dtype != torch.float32:
+        return F.adaptive_avg_pool2d(images[:, None], shape)[:, 0]
+    images = images.contiguous()
+    out = torch.empty((len(images), *shape), dtype=torch.float32)
+    source, target = images.numpy(), out.numpy()
+
+    def run(start: int, stop: int) -> int:
+        return _warp_kernel.pool(source, target, start, stop, *images.shape[1:], *shape)
+
+    if any(_in_threads(len(images), run, minimum=4)):
+        raise MemoryError("the pooling kernel could not allocate its workspace")
+    return out
 
 
 def _grid(limit: float, step: float) -> np.ndarray:

@@ -334,6 +334,51 @@ static PyObject *gauss_newton(PyObject *self, PyObject *args)
     return PyLong_FromLong(status);
 }
 
+/* pool(images, out, n0, n1, H, W, h, w): torch's adaptive_avg_pool2d of float32 images (N, H, W) to
+ * (N, h, w) for images [n0, n1), bit for bit: each output cell sums its input rows [floor(i H / h),
+ * ceil((i + 1) H / h)) x columns likewise in row-major order, in float32, then is divided by the row
+ * count and by the column count. The cells' sums are independent, so the CPU overlaps them (torch's
+ * generic loop costs ~4 ns per input pixel here; registration pools every candidate image twice). */
+static PyObject *pool(PyObject *self, PyObject *args)
+{
+    Py_buffer bi, bo;
+    long n0, n1, H, W, h, w;
+    if (!PyArg_ParseTuple(args, "y*w*llllll", &bi, &bo, &n0, &n1, &H, &W, &h, &w)) return NULL;
+    long *bounds = (long *)malloc(sizeof(long) * 2 * (h + w));
+    float *widths = (float *)malloc(sizeof(float) * w);
+    long status = bounds == NULL || widths == NULL ? -1 : 0;
+    if (status == 0) {
+        long *r0 = bounds, *r1 = r0 + h, *c0 = r1 + h, *c1 = c0 + w;
+        for (long i = 0; i < h; i++) r0[i] = i * H / h, r1[i] = ((i + 1) * H + h - 1) / h;
+        for (long j = 0; j < w; j++) c0[j] = j * W / w, c1[j] = ((j + 1) * W + w - 1) / w;
+        for (long j = 0; j < w; j++) widths[j] = (float)(c1[j] - c0[j]);
+        const float *images = bi.buf;
+        float *out = bo.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (long n = n0; n < n1; n++) {
+            const float *x = images + n * H * W;
+            float *y = out + n * h * w;
+            for (long i = 0; i < h; i++) {
+                float *row = y + i * w;
+                for (long j = 0; j < w; j++) {
+                    float sum = 0;
+                    for (long r = r0[i]; r < r1[i]; r++)
+                        for (long q = c0[j]; q < c1[j]; q++) sum += x[r * W + q];
+                    row[j] = sum;
+                }
+                const float height = (float)(r1[i] - r0[i]);
+                for (long j = 0; j < w; j++) row[j] = row[j] / height / widths[j]; /* (vectorised) */
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    free(bounds);
+    free(widths);
+    PyBuffer_Release(&bi);
+    PyBuffer_Release(&bo);
+    return PyLong_FromLong(status);
+}
+
 static PyMethodDef methods[] = {
     {"warp", warp, METH_VARARGS,
      "warp(images, lin, off, rows, cols, out, n0, n1, K, h, w, R, C, cubic, fused) -> 0, or -1 "
@@ -341,6 +386,8 @@ static PyMethodDef methods[] = {
     {"gauss_newton", gauss_newton, METH_VARARGS,
      "gauss_newton(template, steepest, inverse, rows, cols, owner, fill, images, image_of, linear, offset, "
      "cost, n0, n1, K, h, w, R, C, full_h, full_w, iterations, fused) -> 0, or -1 without memory"},
+    {"pool", pool, METH_VARARGS,
+     "pool(images, out, n0, n1, H, W, h, w) -> 0, or -1 without memory: torch's adaptive_avg_pool2d, float32"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_warp_kernel",
