@@ -271,3 +271,35 @@ def test_training_images_name_a_constant_or_non_finite_training_image():
     train[1, 3, 3] = np.nan
     with pytest.raises(DeepSSIMError, match="training image 1 contains NaN"):
         register_indexed(TrainingImages(train), generated, [1], [0])
+
+
+def test_registration_runs_torch_on_one_thread_and_restores_it(monkeypatch):
+    """Inside registration torch runs on one thread (its idle OpenMP workers would spin on the
+    kernels' cores) while the kernels keep torch's thread count; both come back afterwards, also
+    after an error."""
+    import torch
+
+    from deepssim.ssim import engine
+
+    seen = []
+    kernel = engine._in_threads
+
+    def spy(n, run, minimum=16):
+        seen.append((torch.get_num_threads(), engine._thread_count(None)))
+        return kernel(n, run, minimum)
+
+    monkeypatch.setattr("deepssim.ssim.registered._in_threads", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        image = np.add.outer(np.arange(24.0), np.arange(20.0)) % 7
+        register_pairs(np.stack([image] * 8), np.stack([image[::-1]] * 8))
+        assert seen and set(seen) == {(1, 2)}
+        assert torch.get_num_threads() == 2 and engine._KERNEL_THREADS is None
+        with pytest.raises(RuntimeError), engine.kernel_threads():
+            with engine.kernel_threads():  # nested: the outer count stays
+                assert engine._thread_count(None) == 2 and torch.get_num_threads() == 1
+            raise RuntimeError
+        assert torch.get_num_threads() == 2 and engine._KERNEL_THREADS is None
+    finally:
+        torch.set_num_threads(before)

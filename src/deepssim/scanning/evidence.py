@@ -11,14 +11,13 @@ only, for a Duplicate, a ``BLOCKS`` x ``BLOCKS`` grid of the mean absolute diffe
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from deepssim.labels import Label
 from deepssim.progress import progress_iter
+from deepssim.ssim.engine import kernel_threads
 from deepssim.ssim.registered import apply_transform
 
 MAX_SIDE = 256  # pixels on the longer side of every image and map in the gallery
@@ -50,18 +49,8 @@ def gallery_pairs(
     order = np.argsort(-decided, kind="stable")[: max(size, 0)]
     if len(order) == 0:
         return []
-    with _one_torch_thread():  # small per-pair work: a second thread spin-waits on a busy machine
+    with kernel_threads():  # small per-pair torch work: a second torch thread only spin-waits
         return _gallery_pairs(result, order, progress, anonymise)
-
-
-@contextmanager
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _gallery_pairs(result, order, progress: bool, anonymise: bool) -> list[GalleryPair]:

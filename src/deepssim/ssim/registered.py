@@ -36,7 +36,7 @@ from deepssim.ssim._alignment import (
     _score_candidates,
     _warp,
 )
-from deepssim.ssim.engine import _in_threads, _ssim_kernel
+from deepssim.ssim.engine import _in_threads, _ssim_kernel, kernel_threads
 
 GAMMAS = np.exp(np.linspace(np.log(0.4), np.log(2.5), 41))  # contrast changes tried (1.0 included)
 _WINDOW = 7  # the SSIM window: images must be at least this large
@@ -201,8 +201,10 @@ def register_indexed(
     training, generated = _check_images(train, generated, settings)
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
     result = _blank(len(ti))
-    gamma_index = _pair_gammas(training, generated, ti, gi, settings)
-    _register_rows(training, generated, ti, gi, gamma_index, np.arange(len(ti)), settings, result, progress)
+    with kernel_threads():
+        gamma_index = _pair_gammas(training, generated, ti, gi, settings)
+        rows = np.arange(len(ti))
+        _register_rows(training, generated, ti, gi, gamma_index, rows, settings, result, progress)
     result.flip = result.flip.astype(str)
     return result
 
@@ -272,26 +274,27 @@ def register_cascade(
     training, generated = _check_images(train, generated, settings)
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
     result = _blank(len(ti))
-    gamma_index = _pair_gammas(training, generated, ti, gi, settings)
-    rank = _rank_within_image(gi)
-    best = np.full(len(generated), -np.inf)  # each generated image's best registered SSIM so far
-    first, found = 0, 1.0
-    while len(rank) and first <= rank.max():
-        # Rounds of ranks 1, 2, 3-4, 5-8, ... while they keep finding copies (an image's pairs in one
-        # round share its contrast images, so rounds cost more than one pass); then all the rest.
-        stop = max(1, 2 * first) if found >= _SPLIT_WHILE_FOUND else int(rank.max()) + 1
-        rows = np.flatnonzero((rank >= first) & (rank < stop) & (best[gi] <= high))
-        what = f"registering ranks {first + 1}-{stop}"
-        _register_rows(training, generated, ti, gi, gamma_index, rows, settings, result, progress, what)
-        np.maximum.at(best, gi[rows], result.ssim_registered[rows])
-        images = np.unique(gi[rows])
-        found = float(np.mean(best[images] > high)) if len(images) else 0.0
-        first = stop
-    rest = np.flatnonzero(~result.searched)  # pairs of Duplicates after their verified copy
-    plain = _plain_ssim(training, generated, ti[rest], gi[rest], settings.chunk)
-    result.ssim_plain[rest] = result.ssim_registered[rest] = plain
-    beats = rest[plain > best[gi[rest]]]
-    _register_rows(training, generated, ti, gi, gamma_index, beats, settings, result, progress)
+    with kernel_threads():
+        gamma_index = _pair_gammas(training, generated, ti, gi, settings)
+        rank = _rank_within_image(gi)
+        best = np.full(len(generated), -np.inf)  # each generated image's best registered SSIM so far
+        first, found = 0, 1.0
+        while len(rank) and first <= rank.max():
+            # Rounds of ranks 1, 2, 3-4, 5-8, ... while they keep finding copies (an image's pairs in one
+            # round share its contrast images, so rounds cost more than one pass); then all the rest.
+            stop = max(1, 2 * first) if found >= _SPLIT_WHILE_FOUND else int(rank.max()) + 1
+            rows = np.flatnonzero((rank >= first) & (rank < stop) & (best[gi] <= high))
+            what = f"registering ranks {first + 1}-{stop}"
+            _register_rows(training, generated, ti, gi, gamma_index, rows, settings, result, progress, what)
+            np.maximum.at(best, gi[rows], result.ssim_registered[rows])
+            images = np.unique(gi[rows])
+            found = float(np.mean(best[images] > high)) if len(images) else 0.0
+            first = stop
+        rest = np.flatnonzero(~result.searched)  # pairs of Duplicates after their verified copy
+        plain = _plain_ssim(training, generated, ti[rest], gi[rest], settings.chunk)
+        result.ssim_plain[rest] = result.ssim_registered[rest] = plain
+        beats = rest[plain > best[gi[rest]]]
+        _register_rows(training, generated, ti, gi, gamma_index, beats, settings, result, progress)
     result.flip = result.flip.astype(str)
     return result
 
