@@ -276,7 +276,7 @@ def test_training_images_name_a_constant_or_non_finite_training_image():
 def test_registration_runs_torch_on_one_thread_and_restores_it(monkeypatch):
     """Inside registration torch runs on one thread (its idle OpenMP workers would spin on the
     kernels' cores) while the kernels keep torch's thread count; both come back afterwards, also
-    after an error."""
+    after an error. Without the kernels torch does the work and keeps its threads."""
     import torch
 
     from deepssim.ssim import engine
@@ -301,5 +301,9 @@ def test_registration_runs_torch_on_one_thread_and_restores_it(monkeypatch):
                 assert engine._thread_count(None) == 2 and torch.get_num_threads() == 1
             raise RuntimeError
         assert torch.get_num_threads() == 2 and engine._KERNEL_THREADS is None
+        seen.clear()
+        monkeypatch.setattr("deepssim.ssim.registered._ssim_kernel", None)  # torch's path keeps its threads
+        register_pairs(np.stack([image] * 8), np.stack([image[::-1]] * 8))
+        assert seen and set(seen) == {(2, 2)}
     finally:
         torch.set_num_threads(before)

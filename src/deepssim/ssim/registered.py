@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from deepssim.errors import DeepSSIMError
 from deepssim.io.normalise import zscore
 from deepssim.progress import progress_iter
+from deepssim.ssim import _alignment
 from deepssim.ssim._alignment import (
     FLIPS,
     ChunkImages,
@@ -201,12 +203,19 @@ def register_indexed(
     training, generated = _check_images(train, generated, settings)
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
     result = _blank(len(ti))
-    with kernel_threads():
+    with _threads_for(settings):
         gamma_index = _pair_gammas(training, generated, ti, gi, settings)
         rows = np.arange(len(ti))
         _register_rows(training, generated, ti, gi, gamma_index, rows, settings, result, progress)
     result.flip = result.flip.astype(str)
     return result
+
+
+def _threads_for(settings: RegistrationSettings):
+    """:func:`kernel_threads` where the C kernels do the work (on the CPU); elsewhere torch does it
+    and keeps its threads."""
+    kernels = _ssim_kernel is not None and _alignment._warp_kernel is not None
+    return kernel_threads() if kernels and torch.device(settings.device).type == "cpu" else nullcontext()
 
 
 def _blank(n: int) -> Registration:
@@ -274,7 +283,7 @@ def register_cascade(
     training, generated = _check_images(train, generated, settings)
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
     result = _blank(len(ti))
-    with kernel_threads():
+    with _threads_for(settings):
         gamma_index = _pair_gammas(training, generated, ti, gi, settings)
         rank = _rank_within_image(gi)
         best = np.full(len(generated), -np.inf)  # each generated image's best registered SSIM so far
