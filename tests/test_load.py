@@ -110,6 +110,30 @@ def test_indexing_keeps_decoded_pixels_exactly_and_within_budget(mixed_folder, t
     assert pickle.loads(pickle.dumps(budgeted)).decoded.pixels == {}
 
 
+def test_indexing_in_worker_processes_equals_indexing_here(tmp_path, rng, monkeypatch):
+    """Many files are decoded by forked workers: the same keys, pixels, order, errors and skips."""
+    from deepssim.io import load
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for n in range(11):
+        Image.fromarray(rng.integers(0, 255, (12, 10), dtype=np.uint8)).save(folder / f"{n:02d}.png")
+    np.save(folder / "07b.npy", smooth_image(rng, (12, 10)))
+    here = ImageSet.from_paths(folder)
+    monkeypatch.setattr(load, "_indexing_workers", lambda files: 2)
+    monkeypatch.setattr(load, "_FILES_PER_TASK", 3)
+    forked = ImageSet.from_paths(folder)
+    assert forked.keys == here.keys and len(forked.decoded.pixels) == 12
+    np.testing.assert_array_equal(forked.read(), here.read())
+    (folder / "05.png").write_bytes(b"not a png")
+    with pytest.raises(DeepSSIMError, match="05.png"):
+        ImageSet.from_paths(folder)
+    with pytest.warns(UserWarning, match="05.png"):
+        skipping = ImageSet.from_paths(folder, LoadOptions(skip_bad=True))
+    assert [key for key in here.keys if key != "05"] == skipping.keys
+    assert [path for path, _ in skipping.skipped] == [str(folder / "05.png")]
+
+
 def test_mixed_shapes_need_size(tmp_path, rng):
     np.save(tmp_path / "small.npy", smooth_image(rng, (10, 12)))
     np.save(tmp_path / "large.npy", smooth_image(rng, (16, 14)))

@@ -31,10 +31,11 @@ def progress_bar(total: int, description: str, unit: str = "it", enabled: bool =
     return tqdm(total=int(total), desc=description, unit=unit, unit_scale=unit == "pair")
 
 
-def progress_iter(items, description: str, unit: str = "it", enabled: bool = True):
-    """``items`` wrapped in a tqdm bar when ``enabled``, else ``items`` itself."""
+def progress_iter(items, description: str, unit: str = "it", enabled: bool = True, total: int | None = None):
+    """``items`` wrapped in a tqdm bar when ``enabled``, else ``items`` itself (``total``: their
+    count, for an iterator)."""
     if not enabled:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=description, unit=unit)
+    return tqdm(items, desc=description, unit=unit, total=total)

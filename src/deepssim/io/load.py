@@ -10,6 +10,10 @@ of a volume, a frame or a stacked ``.npy``.
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import os
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -79,8 +83,8 @@ class DecodedPixels:
         self.budget, self.used = int(budget), 0
         self.pixels: dict[ImageRef, np.ndarray] = {}
 
-    def keep(self, ref: ImageRef, image: np.ndarray) -> None:
-        compact = _compact(image)
+    def keep(self, ref: ImageRef, compact: np.ndarray) -> None:
+        """Keep ``compact`` (from :func:`_compact`) as the pixels of ``ref`` if the budget allows."""
         if self.used + compact.nbytes <= self.budget:
             self.pixels[ref] = compact
             self.used += compact.nbytes
@@ -154,14 +158,13 @@ class ImageSet:
         shapes: Counter = Counter()
         example_of_shape: dict[tuple[int, int], str] = {}
         skipped: list[tuple[str, str]] = []
-        for root, path in progress_iter(files, description, "file", progress):
-            try:
-                found = _index_file(root, path, options)
-            except DeepSSIMError as error:
+        indexed = _index_files(files, options)
+        for path, found in progress_iter(indexed, description, "file", progress, total=len(files)):
+            if isinstance(found, DeepSSIMError):
                 if not options.skip_bad:
-                    raise
-                skipped.append((str(path), str(error)))
-                warnings.warn(f"skipping: {error}", stacklevel=2)
+                    raise found
+                skipped.append((str(path), str(found)))
+                warnings.warn(f"skipping: {found}", stacklevel=2)
                 continue
             for ref, image, image_shape, problem in found:
                 if problem is not None:
@@ -299,6 +302,51 @@ def _key(root: Path, path: Path) -> str:
     relative = path.relative_to(root).as_posix()
     suffix = _suffix(path)
     return relative[: -len(suffix)] if suffix and relative.lower().endswith(suffix) else relative
+
+
+# From this many files on, indexing decodes them in forked worker processes, one per core (Pillow's
+# PNG decoder holds the GIL, so threads do not help; a fork shares what is already imported, and
+# the images come back in their smallest exact type): 1.56x on 2 cores for 6,585 PNG files.
+PARALLEL_INDEXING_FROM = 512
+_FILES_PER_TASK = 64
+
+
+def _index_files(files: list[tuple[Path, Path]], options: LoadOptions):
+    """(path, what :func:`_index_file` found in it, or its DeepSSIMError) for each file, in order,
+    the images compacted (:func:`_compact`)."""
+    workers = _indexing_workers(len(files))
+    if workers < 2:
+        for root, path in files:
+            yield path, _index_compact(root, path, options)
+        return
+    parts = [files[start : start + _FILES_PER_TASK] for start in range(0, len(files), _FILES_PER_TASK)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        results = pool.imap(functools.partial(_index_part, options=options), parts)
+        for part, found in zip(parts, results, strict=True):
+            yield from ((path, result) for (_, path), result in zip(part, found, strict=True))
+
+
+def _indexing_workers(files: int) -> int:
+    """Worker processes for indexing ``files`` files: the cores this process may use, where forking
+    is safe (Linux) and there are enough files to repay starting them; else 0."""
+    if files < PARALLEL_INDEXING_FROM or sys.platform != "linux":
+        return 0
+    return len(os.sched_getaffinity(0))
+
+
+def _index_part(part: list[tuple[Path, Path]], options: LoadOptions) -> list:
+    return [_index_compact(root, path, options) for root, path in part]
+
+
+def _index_compact(root: Path, path: Path, options: LoadOptions):
+    """:func:`_index_file` with each good image compacted, or the DeepSSIMError it raised."""
+    try:
+        found = _index_file(root, path, options)
+    except DeepSSIMError as error:
+        return error
+    return [
+        (ref, image if problem else _compact(image), shape, problem) for ref, image, shape, problem in found
+    ]
 
 
 def _index_file(root: Path, path: Path, options: LoadOptions):
