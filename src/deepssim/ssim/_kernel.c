@@ -851,14 +851,17 @@ MULTIVERSION static long raw_pairs_f64(const double *za, const double *mua, cons
             return -(p + 1);
         }
         const double m = sum / (double)hw;
-        for (long q = 0; q < hw; q++) ss += (x[q] - m) * (x[q] - m);
+        for (long q = 0; q < hw; q++) { /* centred here; the 1 / sd of z-scoring is in the formula */
+            zb[q] = x[q] - m;
+            ss += zb[q] * zb[q];
+        }
         const double sd = sqrt(ss / (double)hw);
         if (!(sd > 0)) {
             free(scratch);
             return p + 1;
         }
-        const double inv = 1.0 / sd;
-        for (long q = 0; q < hw; q++) zb[q] = (x[q] - m) * inv;
+        const double inv = 1.0 / sd, mean_of_sum = inv / 49.0, square_of_sum = inv * inv / 49.0;
+        const double k1_inv = k1 * inv;
         for (long c = 0; c < W; c++) {
             double s1 = 0, s2 = 0, s3 = 0;
             for (long k = 0; k < 7; k++) {
@@ -887,9 +890,9 @@ MULTIVERSION static long raw_pairs_f64(const double *za, const double *mua, cons
                                 + sbb[c + 6];
                 const double s3 = sab[c] + sab[c + 1] + sab[c + 2] + sab[c + 3] + sab[c + 4] + sab[c + 5]
                                 + sab[c + 6];
-                const double mub = s1 * (1.0 / 49.0), mm = mr[c] * mub;
-                const double vb = (49.0 / 48.0) * (s2 * (1.0 / 49.0) - mub * mub);
-                const double num = (mm + mm + C1) * (k1 * s3 - k2 * mm + C2);
+                const double mub = s1 * mean_of_sum, mm = mr[c] * mub;
+                const double vb = (49.0 / 48.0) * (s2 * square_of_sum - mub * mub);
+                const double num = (mm + mm + C1) * (k1_inv * s3 - k2 * mm + C2);
                 const double den = (mr[c] * mr[c] + C1 + mub * mub) * (vr[c] + vb);
                 row += num / den;
             }
