@@ -17,7 +17,6 @@ import numpy as np
 
 from deepssim.labels import Label
 from deepssim.progress import progress_iter
-from deepssim.ssim.engine import kernel_threads
 from deepssim.ssim.registered import apply_transform
 
 MAX_SIDE = 256  # pixels on the longer side of every image and map in the gallery
@@ -49,8 +48,7 @@ def gallery_pairs(
     order = np.argsort(-decided, kind="stable")[: max(size, 0)]
     if len(order) == 0:
         return []
-    with kernel_threads():  # small per-pair torch work: a second torch thread only spin-waits
-        return _gallery_pairs(result, order, progress, anonymise)
+    return _gallery_pairs(result, order, progress, anonymise)
 
 
 def _gallery_pairs(result, order, progress: bool, anonymise: bool) -> list[GalleryPair]:
