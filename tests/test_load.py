@@ -94,6 +94,11 @@ def test_indexing_keeps_decoded_pixels_exactly_and_within_budget(mixed_folder, t
     slices = ImageSet.from_paths(tmp_path / "vol.nii.gz", LoadOptions(axis=2, min_foreground=0))
     stored = slices.decoded.get(slices.refs[0])
     assert stored.dtype == np.float32 and stored.base is None  # a copy, not a view of the volume
+    resized = LoadOptions(axis=2, min_foreground=0, size=(15, 13), fit="resize")  # fitted in float64
+    np.testing.assert_array_equal(
+        ImageSet.from_paths(tmp_path / "vol.nii.gz", resized).read(),
+        ImageSet.from_paths(tmp_path / "vol.nii.gz", resized, keep_bytes=0).read(),
+    )
     (tmp_path / "vol.nii.gz").unlink()
     np.testing.assert_array_equal(slices.subset([3]).read()[0], volume[:, :, 3])  # from memory
 
