@@ -676,7 +676,8 @@ static PyObject *exact_transforms(PyObject *self, PyObject *args)
  * correlation and index[n, f] its (i, j, m) flattened, the first in that order among equals. The dot
  * products run candidate-wise in SIMD lanes (the candidates laid out pixel-major), 16 at a time for
  * all shifts of a row of shifts, so each candidate value loaded serves 2 pw + 1 multiply-adds; float32
- * as torch's convolution, the spreads in float64 from summed-area tables. */
+ * as torch's convolution, the spreads from running sums kept at the frame's corners. Consecutive pairs
+ * of one candidate image (pc) share its layout and spreads. */
 typedef float v8f __attribute__((vector_size(32)));
 
 /* the dot products of one padded flipped training image with V x 8 candidates (lanes) at the J shifts
