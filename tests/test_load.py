@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import sys
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -137,6 +140,13 @@ def test_indexing_in_worker_processes_equals_indexing_here(tmp_path, rng, monkey
         skipping = ImageSet.from_paths(folder, LoadOptions(skip_bad=True))
     assert [key for key in here.keys if key != "05"] == skipping.keys
     assert [path for path, _ in skipping.skipped] == [str(folder / "05.png")]
+
+    monkeypatch.undo()  # who forks: many files on Linux, not a Ray driver (gRPC's threads)
+    assert load._indexing_workers(load.PARALLEL_INDEXING_FROM - 1) == 0
+    if sys.platform == "linux":
+        assert load._indexing_workers(load.PARALLEL_INDEXING_FROM) == len(os.sched_getaffinity(0))
+        monkeypatch.setitem(sys.modules, "ray", SimpleNamespace(is_initialized=lambda: True))
+        assert load._indexing_workers(load.PARALLEL_INDEXING_FROM) == 0
 
 
 def test_mixed_shapes_need_size(tmp_path, rng):

@@ -328,8 +328,12 @@ def _index_files(files: list[tuple[Path, Path]], options: LoadOptions):
 
 def _indexing_workers(files: int) -> int:
     """Worker processes for indexing ``files`` files: the cores this process may use, where forking
-    is safe (Linux) and there are enough files to repay starting them; else 0."""
+    is safe (Linux, and not in a Ray driver: gRPC's threads do not survive a fork) and there are
+    enough files to repay starting them; else 0."""
     if files < PARALLEL_INDEXING_FROM or sys.platform != "linux":
+        return 0
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
         return 0
     return len(os.sched_getaffinity(0))
 
