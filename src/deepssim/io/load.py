@@ -206,8 +206,8 @@ class ImageSet:
         cache: dict[Path, np.ndarray] = {}
         for row, ref in enumerate(refs):
             kept = None if self.decoded is None else self.decoded.get(ref)
-            if kept is not None:  # (fitted in float64, as a decoded image is)
-                out[row] = self._fit(kept.astype(np.float64))
+            if kept is not None:  # (fitted in float64, as a decoded image is; else cast as it is copied)
+                out[row] = kept if self.options.size is None else self._fit(kept.astype(np.float64))
                 continue
             if ref.path not in cache:
                 cache.clear()

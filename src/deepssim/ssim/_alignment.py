@@ -551,7 +551,7 @@ def _coarse_scores(coarse, pt, warped, pc, pr: int, pc_: int, flips: int):
     flips) each; the index runs over (row shift, column shift, candidate). Pair p correlates its
     training image ``coarse[pt[p]]`` (zero mean, unit norm), flipped, with every candidate of
     ``warped[pc[p]]`` (Ng, M, h, w; fill 0) shifted by up to (pr, pc_) whole pixels. The C kernel
-    computes it on the CPU in float32 (~4x torch's grouped convolution here), torch elsewhere."""
+    computes it on the CPU in float32 (3.3x torch's grouped convolution here), torch elsewhere."""
     n, (m, h, w) = len(pt), warped.shape[1:]
     arrays = (coarse, warped)
     if _ssim_kernel is not None and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in arrays):

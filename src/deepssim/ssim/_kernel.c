@@ -829,8 +829,9 @@ static PyObject *coarse_scores(PyObject *self, PyObject *args)
  * out[p] = SSIM of training image ia[p] and raw image raws[stack[p]][ib[p]], float64 (raws: a tuple
  * of stacks, so callers need not copy their candidates into one). The training side is prepared
  * (z, and per valid pixel its local mean mu and variance + C2 var, each a plane); the raw image is
- * z-scored and its 7x7 sums (of z, z^2 and the product with the training z) slide down the image in
- * one pass, so nothing of it leaves the cache, and every per-pixel loop runs at unit stride in SIMD.
+ * centred and its 7x7 sums (of it, its square and its product with the training z) slide down the
+ * image in one pass, its 1 / sd (the rest of z-scoring) folded into the formula's constants, so
+ * nothing of it leaves the cache, and every per-pixel loop runs at unit stride in SIMD.
  * For registration's candidates, each scored once. The caller checks the indices. */
 MULTIVERSION static long raw_pairs_f64(const double *za, const double *mua, const double *vara,
                                        const double *c1, const double *c2, const double *const *raws,
