@@ -204,9 +204,9 @@ def register_indexed(
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
     result = _blank(len(ti))
     with _threads_for(settings):
-        gamma_index = _pair_gammas(training, generated, ti, gi, settings)
+        gammas = _PairGammas(training, generated, ti, gi, settings)
         rows = np.arange(len(ti))
-        _register_rows(training, generated, ti, gi, gamma_index, rows, settings, result, progress)
+        _register_rows(training, generated, ti, gi, gammas, rows, settings, result, progress)
     result.flip = result.flip.astype(str)
     return result
 
@@ -232,17 +232,16 @@ def _blank(n: int) -> Registration:
     )
 
 
-def _register_rows(
-    training, generated, ti, gi, gamma_index, rows, settings, result, progress, what="registering"
-):
-    """Search and score the pairs ``rows`` (indices into ti, gi) into ``result[rows]``."""
+def _register_rows(training, generated, ti, gi, gammas, rows, settings, result, progress, what="registering"):
+    """Search and score the pairs ``rows`` (indices into ti, gi) into ``result[rows]``; ``gammas``: a
+    :class:`_PairGammas` of all the pairs."""
     if len(rows) == 0:
         return
-    result.gamma[rows] = GAMMAS[gamma_index[rows]]
+    gamma_index = gammas.of(rows)
+    result.gamma[rows] = GAMMAS[gamma_index]
     with torch.no_grad():
-        for part, images in _chunks(
-            training, generated, ti[rows], gi[rows], gamma_index[rows], settings, progress, what
-        ):
+        chunks = _chunks(training, generated, ti[rows], gi[rows], gamma_index, settings, progress, what)
+        for part, images in chunks:
             _register_chunk(images, settings, result, rows[part])
     # The untouched image is always a candidate: registered SSIM is never below plain SSIM, and
     # where plain SSIM is the best the transform is the identity.
@@ -284,7 +283,7 @@ def register_cascade(
     ti, gi = _check_pair_index(train_index, generated_index, len(training), len(generated))
     result = _blank(len(ti))
     with _threads_for(settings):
-        gamma_index = _pair_gammas(training, generated, ti, gi, settings)
+        gammas = _PairGammas(training, generated, ti, gi, settings)
         rank = _rank_within_image(gi)
         best = np.full(len(generated), -np.inf)  # each generated image's best registered SSIM so far
         first, found = 0, 1.0
@@ -294,7 +293,7 @@ def register_cascade(
             stop = max(1, 2 * first) if found >= _SPLIT_WHILE_FOUND else int(rank.max()) + 1
             rows = np.flatnonzero((rank >= first) & (rank < stop) & (best[gi] <= high))
             what = f"registering ranks {first + 1}-{stop}"
-            _register_rows(training, generated, ti, gi, gamma_index, rows, settings, result, progress, what)
+            _register_rows(training, generated, ti, gi, gammas, rows, settings, result, progress, what)
             np.maximum.at(best, gi[rows], result.ssim_registered[rows])
             images = np.unique(gi[rows])
             found = float(np.mean(best[images] > high)) if len(images) else 0.0
@@ -303,7 +302,7 @@ def register_cascade(
         plain = _plain_ssim(training, generated, ti[rest], gi[rest], settings.chunk)
         result.ssim_plain[rest] = result.ssim_registered[rest] = plain
         beats = rest[plain > best[gi[rest]]]
-        _register_rows(training, generated, ti, gi, gamma_index, beats, settings, result, progress)
+        _register_rows(training, generated, ti, gi, gammas, beats, settings, result, progress)
     result.flip = result.flip.astype(str)
     return result
 
@@ -335,18 +334,25 @@ def _plain_ssim(training: TrainingImages, generated: np.ndarray, ti, gi, chunk: 
     return out
 
 
-def _pair_gammas(training: TrainingImages, generated, ti, gi, settings) -> np.ndarray:
-    """Each pair's contrast gamma as an index into GAMMAS (the unit gamma without contrast)."""
-    if not settings.contrast or len(ti) == 0:
-        return np.full(len(ti), _UNIT_GAMMA)
-    used_train, train_rows = np.unique(ti, return_inverse=True)
-    used_generated, generated_rows = np.unique(gi, return_inverse=True)
-    return _gamma_index(
-        training.quantiles(used_train, _quantiles),
-        _quantiles(generated, used_generated),
-        train_rows,
-        generated_rows,
-    )
+class _PairGammas:
+    """Each pair's contrast gamma as an index into GAMMAS (the unit gamma without contrast), fitted
+    when a pair is first registered: each image's quantiles are computed once, and the pairs the
+    cascade never searches are never fitted (at 1/10 scale they are half the pairs)."""
+
+    def __init__(self, training: TrainingImages, generated, ti, gi, settings) -> None:
+        self.contrast = settings.contrast and len(ti) > 0
+        if self.contrast:
+            used_train, self.train_rows = np.unique(ti, return_inverse=True)
+            used_generated, self.generated_rows = np.unique(gi, return_inverse=True)
+            self.train_quantiles = training.quantiles(used_train, _quantiles)
+            self.generated_powers = _powers(_quantiles(generated, used_generated))
+
+    def of(self, pairs: np.ndarray) -> np.ndarray:
+        if not self.contrast:
+            return np.full(len(pairs), _UNIT_GAMMA)
+        return _gamma_index(
+            self.train_quantiles, self.generated_powers, self.train_rows[pairs], self.generated_rows[pairs]
+        )
 
 
 def _chunks(training, generated, ti, gi, gamma_index, settings, progress, what):
@@ -404,16 +410,22 @@ def _scaled_quantiles(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return (values - low) / span
 
 
-def _gamma_index(train_quantiles, generated_quantiles, train_rows, generated_rows) -> np.ndarray:
+def _powers(quantiles: np.ndarray) -> np.ndarray:
+    """(n, gammas, 99): each image's quantiles raised to every gamma."""
+    return quantiles[:, None, :] ** GAMMAS[None, :, None]
+
+
+def _gamma_index(train_quantiles, generated_powers, train_rows, generated_rows) -> np.ndarray:
     """Per pair, the index into ``GAMMAS`` of the gamma that brings the generated image's quantiles
-    closest to the training image's (least squares); each image's quantiles are computed once."""
-    powers = generated_quantiles[:, None, :] ** GAMMAS[None, :, None]  # (n generated, gammas, 99)
+    (raised to each gamma: ``generated_powers``) closest to the training image's (least squares);
+    each image's quantiles are computed and raised once, however many pairs it is in."""
     out = np.empty(len(train_rows), dtype=np.int64)
 
     def run(first: int, last: int) -> None:  # the threads share the pairs
         for start in range(first, last, 256):  # temporaries of ~8 MB, not one per pair at once
             part = slice(start, min(start + 256, last))
-            difference = powers[generated_rows[part]] - train_quantiles[train_rows[part]][:, None, :]
+            target = train_quantiles[train_rows[part]][:, None, :]
+            difference = generated_powers[generated_rows[part]] - target
             out[part] = np.argmin(np.einsum("pgq,pgq->pg", difference, difference), axis=1)
 
     _in_threads(len(out), run, minimum=256)
@@ -424,7 +436,7 @@ def contrast_gamma(train: np.ndarray, generated: np.ndarray) -> np.ndarray:
     """Per pair, the gamma (``GAMMAS``) that brings the generated image's intensity quantiles closest
     to the training image's, both min-max scaled to [0, 1] (least squares over 99 quantiles)."""
     index = np.arange(len(train))
-    return GAMMAS[_gamma_index(_quantiles(train), _quantiles(generated), index, index)]
+    return GAMMAS[_gamma_index(_quantiles(train), _powers(_quantiles(generated)), index, index)]
 
 
 def _unit(images: np.ndarray) -> np.ndarray:
