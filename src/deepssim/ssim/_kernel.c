@@ -840,9 +840,9 @@ MULTIVERSION static long raw_pairs_f64(const double *za, const double *mua, cons
 {
     const long ho = H - 6, wo = W - 6, hw = H * W, vhw = ho * wo;
     const double k1 = 2.0 * (49.0 / 48.0) / 49.0, k2 = 2.0 * (49.0 / 48.0);
-    double *scratch = (double *)malloc(sizeof(double) * (hw + 3 * W));
+    double *scratch = (double *)malloc(sizeof(double) * 3 * W);
     if (scratch == NULL) return LONG_MIN;
-    double *zb = scratch, *sb = zb + hw, *sbb = sb + W, *sab = sbb + W;
+    double *sb = scratch, *sbb = sb + W, *sab = sbb + W;
     for (long p = 0; p < n; p++) {
         const double *x = raws[stack[p]] + ib[p] * hw, *a = za + ia[p] * hw;
         const double *ma = mua + ia[p] * vhw, *va = vara + ia[p] * vhw, C1 = c1[ia[p]], C2 = c2[ia[p]];
@@ -853,10 +853,7 @@ MULTIVERSION static long raw_pairs_f64(const double *za, const double *mua, cons
             return -(p + 1);
         }
         const double m = sum / (double)hw;
-        for (long q = 0; q < hw; q++) { /* centred here; the 1 / sd of z-scoring is in the formula */
-            zb[q] = x[q] - m;
-            ss += zb[q] * zb[q];
-        }
+        for (long q = 0; q < hw; q++) ss += (x[q] - m) * (x[q] - m);
         const double sd = sqrt(ss / (double)hw);
         if (!(sd > 0)) {
             free(scratch);
@@ -867,7 +864,7 @@ MULTIVERSION static long raw_pairs_f64(const double *za, const double *mua, cons
         for (long c = 0; c < W; c++) {
             double s1 = 0, s2 = 0, s3 = 0;
             for (long k = 0; k < 7; k++) {
-                const double v = zb[k * W + c];
+                const double v = x[k * W + c] - m; /* centred; 1 / sd is in the formula */
                 s1 += v, s2 += v * v, s3 += a[k * W + c] * v;
             }
             sb[c] = s1, sbb[c] = s2, sab[c] = s3;
@@ -875,12 +872,13 @@ MULTIVERSION static long raw_pairs_f64(const double *za, const double *mua, cons
         double acc = 0;
         for (long y = 0; y < ho; y++) {
             if (y > 0) { /* slide the column sums down one row (double: no drift to speak of) */
-                const double *zn = zb + (y + 6) * W, *zo = zb + (y - 1) * W;
+                const double *xn = x + (y + 6) * W, *xo = x + (y - 1) * W;
                 const double *an = a + (y + 6) * W, *ao = a + (y - 1) * W;
                 for (long c = 0; c < W; c++) {
-                    sb[c] += zn[c] - zo[c];
-                    sbb[c] += zn[c] * zn[c] - zo[c] * zo[c];
-                    sab[c] += an[c] * zn[c] - ao[c] * zo[c];
+                    const double zn = xn[c] - m, zo = xo[c] - m;
+                    sb[c] += zn - zo;
+                    sbb[c] += zn * zn - zo * zo;
+                    sab[c] += an[c] * zn - ao[c] * zo;
                 }
             }
             const double *mr = ma + y * wo, *vr = va + y * wo;
