@@ -23,7 +23,7 @@ from skimage.metrics import structural_similarity
 import deepssim
 from deepssim.hardware import cpu_description
 from deepssim.io.normalise import zscore
-from deepssim.ssim.registered import RegistrationSettings, register_pairs
+from deepssim.ssim.registered import RegistrationSettings, register_cascade, register_indexed
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "data" / "example"
@@ -36,17 +36,53 @@ def check(name: str, ok: bool, detail: str) -> None:
         FAILED.append(name)
 
 
-def timed(function):
-    torch.cuda.synchronize()
+def timed(function, device: str = "cuda"):
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    synchronize()
     started = time.perf_counter()
     out = function()
-    torch.cuda.synchronize()
+    synchronize()
     return out, time.perf_counter() - started
 
 
 def images(count: int, seed: int, shape=(136, 112)) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.normal(size=(count, *shape)).cumsum(1).cumsum(2)
+
+
+def registration_check(device: str, pairs: int = 16384, compared: int = 512) -> None:
+    """Registered SSIM on ``device`` (the tensor path: search, candidates and their exact SSIM on
+    the device) against the CPU: classes at (0.6, 0.85) and scores on ``compared`` pairs
+    of copies (flipped, shifted, noisy) and different images; then throughput over ``pairs`` pairs
+    (k = 8 per generated image), full registration and the cascade."""
+    rng = np.random.default_rng(5)
+    train = images(512, 5)
+    copies = train[: pairs // 16, ::-1, :] + rng.normal(0, 0.5, (pairs // 16, 136, 112))
+    generated = np.concatenate([np.roll(copies, 3, axis=2), images(pairs // 16, 6)])
+    ti = rng.integers(0, len(train), (len(generated), 8))
+    ti[: pairs // 16, 0] = np.arange(pairs // 16)  # each copy's source among its 8
+    ti, gi = ti.ravel(), np.repeat(np.arange(len(generated)), 8)
+    settings = RegistrationSettings(device=device)
+    pick = np.r_[: compared // 2, len(ti) // 2 : len(ti) // 2 + compared // 2]
+    cpu = register_indexed(train, generated, ti[pick], gi[pick])
+    on_device = register_indexed(train, generated, ti[pick], gi[pick], settings=settings)
+
+    def classes(scores):
+        return np.where(scores > 0.85, 2, np.where(scores <= 0.6, 0, 1))
+
+    same = float(np.mean(classes(cpu.ssim_registered) == classes(on_device.ssim_registered)))
+    difference = float(np.abs(cpu.ssim_registered - on_device.ssim_registered).max())
+    check(
+        f"registered SSIM on {device} vs the CPU",
+        same == 1.0 and difference < 1e-3,
+        f"{compared} pairs, same class {same:.4f}, max |diff| {difference:.1e}",
+    )
+    for name, run in (
+        ("full registration", lambda: register_indexed(train, generated, ti, gi, settings=settings)),
+        ("cascade", lambda: register_cascade(train, generated, ti, gi, (0.6, 0.85), settings=settings)),
+    ):
+        _, seconds = timed(run, device)
+        check(f"{name} throughput on {device}", True, f"{len(ti) / seconds:,.0f} pairs/s (136x112)")
 
 
 def main() -> None:
@@ -76,17 +112,7 @@ def main() -> None:
         f"{512 * 1024 / seconds:,.0f} pairs/s float32 (512 x 1024, 136x112)",
     )
 
-    train, moved = (
-        images(256, 5),
-        images(256, 5)[:, ::-1, :] + np.random.default_rng(6).normal(0, 0.5, (256, 136, 112)),
-    )
-    cpu = register_pairs(train[:32], moved[:32])
-    gpu = register_pairs(train[:32], moved[:32], settings=RegistrationSettings(device="cuda"))
-    difference = float(np.abs(cpu.ssim_registered - gpu.ssim_registered).max())
-    check("registered SSIM on CUDA vs CPU", difference < 1e-3, f"max |diff| {difference:.1e}")
-    register_pairs(train[:8], moved[:8], settings=RegistrationSettings(device="cuda"))
-    _, seconds = timed(lambda: register_pairs(train, moved, settings=RegistrationSettings(device="cuda")))
-    check("registered SSIM throughput on CUDA", True, f"{256 / seconds:,.0f} pairs/s (136x112)")
+    registration_check("cuda")
 
     model_cpu = deepssim.DeepSSIM.load("default")
     model_gpu = deepssim.DeepSSIM.load("default", device="cuda")

@@ -215,3 +215,41 @@ def test_cascade_tables_never_show_a_bound_as_registered_ssim(tmp_path):
         for row in csv.DictReader(handle):  # every Similar and Duplicate carries its exact evidence
             if row["class"] != "Different":
                 assert row["top1_ssim_registered"] and row["top1_transform"] != NOT_SEARCHED
+
+
+def test_tensor_path_decides_like_the_kernels(problem, monkeypatch):
+    """The GPU's code path (torch throughout: coarse search, Gauss-Newton, warps, candidates and
+    their exact SSIM in float64), run here on the CPU without the C kernels, against the kernels:
+    the same classes, transforms and scores (to float32 rounding of the search) on copies,
+    look-alikes and different subjects, for full registration and the cascade."""
+    from deepssim.ssim import _alignment, registered
+
+    train, generated, neighbours = problem
+    ti, gi = neighbours.ravel(), np.repeat(np.arange(len(generated)), neighbours.shape[1])
+    kernels = (
+        register_indexed(train, generated, ti, gi),
+        register_cascade(train, generated, ti, gi, (LOW, HIGH)),
+    )
+    assert _alignment._ssim_kernel is not None and _alignment._warp_kernel is not None
+    for module, name in (
+        (_alignment, "_ssim_kernel"),
+        (_alignment, "_warp_kernel"),
+        (registered, "_ssim_kernel"),
+    ):
+        monkeypatch.setattr(module, name, None)
+    scored = []
+    original = _alignment._ssim_raw_torch
+    monkeypatch.setattr(_alignment, "_ssim_raw_torch", lambda *a: scored.append(len(a[1])) or original(*a))
+    tensors = (
+        register_indexed(train, generated, ti, gi),
+        register_cascade(train, generated, ti, gi, (LOW, HIGH)),
+    )
+    assert sum(scored) >= 2 * len(ti)  # every pair's plain SSIM and candidates went through torch
+    for expected, got in zip(kernels, tensors, strict=True):
+        best = [r.ssim_registered.reshape(neighbours.shape).max(axis=1) for r in (expected, got)]
+        np.testing.assert_array_equal(classes(best[1]), classes(best[0]))
+        np.testing.assert_allclose(got.ssim_registered, expected.ssim_registered, atol=1e-5, equal_nan=True)
+        np.testing.assert_allclose(got.ssim_plain, expected.ssim_plain, atol=1e-12, equal_nan=True)
+        assert list(got.flip) == list(expected.flip)
+        np.testing.assert_allclose(got.shift_px, expected.shift_px, atol=1e-3)
+        np.testing.assert_array_equal(got.searched, expected.searched)

@@ -205,9 +205,12 @@ def test_training_images_given_up_and_computed_again_score_the_same(volume, monk
     assert list(again.flip) == list(kept.flip)
 
 
-@pytest.mark.parametrize("kernel", ["c", "none"])
+@pytest.mark.parametrize("kernel", ["c", "none", "torch"])
 def test_exact_transforms_copy_pixels_as_numpy_slicing_does(kernel, monkeypatch):
-    """The flip + whole-pixel shift candidates (C kernel or NumPy) against np.flip and np.roll."""
+    """The flip + whole-pixel shift candidates (C kernel, NumPy, or torch for the tensor path)
+    against np.flip and np.roll."""
+    import torch
+
     from deepssim.ssim import _alignment
 
     if kernel == "none":
@@ -215,7 +218,8 @@ def test_exact_transforms_copy_pixels_as_numpy_slicing_does(kernel, monkeypatch)
     rng = np.random.default_rng(6)
     images = rng.normal(size=(3, 9, 7))
     rows, flips, shifts = np.array([0, 2, 1, 2, 0]), np.array([0, 1, 2, 3, 3]), rng.integers(-4, 5, (5, 2))
-    moved = _alignment._exact_transform(images, flips, shifts, rows)
+    source = torch.from_numpy(images) if kernel == "torch" else images
+    moved = np.asarray(_alignment._exact_transform(source, flips, shifts, rows))
     for out, row, flip, (dr, dc) in zip(moved, rows, flips, shifts, strict=True):
         expected = images[row][:: -1 if flip & 1 else 1, :: -1 if flip & 2 else 1]
         expected = np.roll(expected, (dr, dc), axis=(0, 1))
@@ -307,3 +311,35 @@ def test_registration_runs_torch_on_one_thread_and_restores_it(monkeypatch):
         assert seen and set(seen) == {(2, 2)}
     finally:
         torch.set_num_threads(before)
+
+
+def test_tensor_path_ssim_matches_scikit_image():
+    """The tensor path's exact SSIM of raw candidates (float64, on the training images' device)
+    against scikit-image on z-scored images, candidates from an array and from a tensor."""
+    import torch
+    from skimage.metrics import structural_similarity
+
+    from deepssim.ssim import _alignment
+    from deepssim.ssim.engine import TrainingStatistics
+
+    rng = np.random.default_rng(9)
+    train = rng.normal(size=(3, 20, 17)).cumsum(1)
+    raw = 5 + 2 * rng.normal(size=(4, 20, 17)).cumsum(2)
+    statistics = TrainingStatistics.empty(3, 20, 17)
+    statistics.put(np.arange(3), train)
+    tensors = tuple(torch.from_numpy(getattr(statistics, name)) for name in _alignment._STATISTICS)
+    slots, rows = np.array([2, 0, 1, 2]), np.array([1, 3, 0, 1])
+
+    def zscore(x):
+        return (x - x.mean()) / x.std()
+
+    expected = [
+        structural_similarity(zscore(train[s]), zscore(raw[r]), data_range=np.ptp(zscore(train[s])))
+        for s, r in zip(slots, rows, strict=True)
+    ]
+    for candidates in (raw, torch.from_numpy(raw)):
+        got = _alignment._ssim_raw_torch(tensors, slots, candidates, rows).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+    raw[3] = 1.0
+    with pytest.raises(DeepSSIMError, match="generated image 3 is constant"):
+        _alignment._ssim_raw_torch(tensors, slots, raw, rows)

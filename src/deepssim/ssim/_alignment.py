@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from deepssim.errors import DeepSSIMError
-from deepssim.ssim.engine import TrainingStatistics, _in_threads, _ssim_kernel, ssim_raw_pairs
+from deepssim.ssim.engine import (
+    COV_NORM,
+    WINDOW,
+    TrainingStatistics,
+    _in_threads,
+    _ssim_kernel,
+    _unpreparable,
+    ssim_raw_pairs,
+)
 
 try:
     from deepssim.ssim import _warp_kernel
@@ -46,6 +54,9 @@ INTERPOLATION_MARGIN = 0.04
 _TRIVIAL_PX = 0.25
 _FAR_PX = 2.0
 
+
+# What exact SSIM needs of each training image (engine.TrainingStatistics' fields).
+_STATISTICS = ("z", "mu", "var", "c1", "c2")
 
 # What the training images' share of registration may keep in memory (~0.5 MB per 136 x 112 image).
 TRAINING_CACHE_BYTES = 2 * 2**30
@@ -153,8 +164,28 @@ class TrainingImages:
             if not name.endswith((".rows", ".cols")):
                 self.store[name] = torch.cat([values, values.new_empty((capacity - kept, *values.shape[1:]))])
 
+    @property
+    def tensor_path(self) -> bool:
+        """Whether torch scores the candidates (on a GPU, or without the C kernel): the GPU's code
+        path, which the CPU runs too when the kernel is missing (so tests can check it)."""
+        return _ssim_kernel is None or self.device.type != "cpu"
+
+    def ssim_statistics(self) -> tuple[torch.Tensor, ...]:
+        """The prepared training images as tensors on the device, (z, mu, var, c1, c2) per slot (on
+        the CPU views of ``statistics``, not copies)."""
+        if self.device.type == "cpu":
+            return tuple(torch.from_numpy(getattr(self.statistics, name)) for name in _STATISTICS)
+        return tuple(self.store[f"ssim.{name}"] for name in _STATISTICS)
+
     def _compute(self, images: np.ndarray, slots: np.ndarray, raw=None) -> None:
         self.statistics.put(slots, self.raw(images) if raw is None else raw)
+        if self.device.type != "cpu":  # the tensor path's copy on the device
+            for name in _STATISTICS:
+                self._put(
+                    f"ssim.{name}",
+                    slots,
+                    torch.from_numpy(getattr(self.statistics, name)[slots]).to(self.device),
+                )
         z = torch.from_numpy(self.statistics.z[slots]).float().to(self.device)
         a = _pool(z, self.coarse_shape)
         a = a - a.mean(dim=(1, 2), keepdim=True)
@@ -194,6 +225,8 @@ class ChunkImages:
         self.contrast_z = torch.from_numpy(contrast_z).to(training.device)
         self.pairs = tuple(np.asarray(p) for p in pairs)
         self.device = training.device
+        if training.tensor_path:  # candidates are made and scored on the device
+            self.contrast, self.original = (torch.from_numpy(x).to(self.device) for x in (contrast, original))
 
 
 def _or_plain(identity: np.ndarray, plain: np.ndarray) -> np.ndarray:
@@ -233,8 +266,13 @@ def _register_chunk(images: ChunkImages, settings, result, part) -> None:
         warped = _warp(gw, linear, offset, *_level(shape, shape, device), shape, "bicubic")
         # z-scored intensities less their minimum: SSIM z-scores again, so this scores as the warp of
         # the raw intensities by apply_transform does
-        kinds["interpolated"] = (which, warped[:, 0].double().cpu().numpy(), np.arange(len(which)))
-    scores = _score_candidates(images.training.statistics, pt, kinds)
+        warped = warped[:, 0].double()
+        kinds["interpolated"] = (
+            which,
+            warped if images.training.tensor_path else warped.cpu().numpy(),
+            np.arange(len(which)),
+        )
+    scores = _score_candidates(images.training, pt, kinds)
     plain, identity = scores["plain"], _or_plain(scores["identity"], scores["plain"])
     exact = np.where(need_exact, scores.get("exact", identity), identity)
     interpolated = np.where(need_warp, scores.get("interpolated", -np.inf), -np.inf)
@@ -250,29 +288,82 @@ def _register_chunk(images: ChunkImages, settings, result, part) -> None:
     result.shift_px[part] = np.where(use_warp[:, None], shift, np.where(use_exact[:, None], whole, 0))
 
 
-def _score_candidates(statistics: TrainingStatistics, train_rows, kinds: dict) -> dict[str, np.ndarray]:
-    """Exact SSIM of each kind's candidates against their pairs' training images: {kind: (n,) array,
-    NaN for pairs without that candidate}. ``kinds``: {kind: (pairs, raw images, their rows)}.
-    A pair's candidates are scored one after another, so its training image's prepared statistics
-    are read from memory once and from cache for the others (reading them bounds a pair's SSIM)."""
+def _score_candidates(training: TrainingImages, train_rows, kinds: dict) -> dict[str, np.ndarray]:
+    """Exact SSIM of each kind's candidates against their pairs' training images (slots): {kind: (n,)
+    array, NaN for pairs without that candidate}. ``kinds``: {kind: (pairs, raw images, their rows)}.
+    The C kernel scores a pair's candidates one after another, so its training image's prepared
+    statistics are read from memory once and from cache for the others (reading them bounds a
+    pair's SSIM); the tensor path scores them in batches on the device."""
     n = len(train_rows)
     if not kinds:
         return {}
     pair_of = np.concatenate([pairs for pairs, _, _ in kinds.values()])
-    stack_of = np.concatenate([np.full(len(pairs), k) for k, (pairs, _, _) in enumerate(kinds.values())])
-    raw_rows = np.concatenate([np.asarray(rows, dtype=np.int64) for _, _, rows in kinds.values()])
-    order = np.argsort(pair_of, kind="stable")
-    values = np.empty(len(order))
-    stacks = [raw for _, raw, _ in kinds.values()]
-    values[order] = ssim_raw_pairs(
-        statistics, stacks, train_rows[pair_of[order]], raw_rows[order], stack_of[order]
-    )
+    if training.tensor_path:
+        values = (
+            torch.cat(
+                [
+                    _ssim_raw_torch(training.ssim_statistics(), train_rows[pairs], raw, rows)
+                    for pairs, raw, rows in kinds.values()
+                ]
+            )
+            .cpu()
+            .numpy()
+        )
+    else:
+        stack_of = np.concatenate([np.full(len(pairs), k) for k, (pairs, _, _) in enumerate(kinds.values())])
+        raw_rows = np.concatenate([np.asarray(rows, dtype=np.int64) for _, _, rows in kinds.values()])
+        order = np.argsort(pair_of, kind="stable")
+        values = np.empty(len(order))
+        stacks = [raw for _, raw, _ in kinds.values()]
+        values[order] = ssim_raw_pairs(
+            training.statistics, stacks, train_rows[pair_of[order]], raw_rows[order], stack_of[order]
+        )
     out, start = {}, 0
     for kind, (pairs, _, _) in kinds.items():
         out[kind] = np.full(n, np.nan)
         out[kind][pairs] = values[start : start + len(pairs)]
         start += len(pairs)
     return out
+
+
+# Candidates the tensor path scores at once: ~1 GB of float64 temporaries at 136 x 112.
+_TORCH_CANDIDATES = 1024
+
+
+def _ssim_raw_torch(statistics, slots, raw, rows) -> torch.Tensor:
+    """:func:`~deepssim.ssim.engine.ssim_raw_pairs` with tensor ops, in float64 on the training
+    images' device: SSIM of (training slot ``slots[p]``, ``raw[rows[p]]``), each raw image z-scored
+    on its own (population sd). ``raw``: an array or a tensor. The same formula as the C kernel,
+    summed in another order (agrees to ~1e-15)."""
+    z, mu, var, c1, c2 = statistics
+    slots, rows = np.asarray(slots, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    out = []
+    for start in range(0, len(slots), _TORCH_CANDIDATES):
+        part = slice(start, start + _TORCH_CANDIDATES)
+        slot = torch.from_numpy(slots[part]).to(z.device)
+        if isinstance(raw, torch.Tensor):
+            x = raw[torch.from_numpy(rows[part]).to(raw.device)].to(z.device, torch.float64)
+        else:  # only the rows needed go to the device
+            x = torch.from_numpy(np.asarray(raw[rows[part]], dtype=np.float64)).to(z.device)
+        x = x - x.mean(dim=(1, 2), keepdim=True)
+        sd = x.square().mean(dim=(1, 2), keepdim=True).sqrt()
+        bad = ~torch.isfinite(sd.flatten()) | (sd.flatten() == 0)
+        if bool(bad.any()):  # named by its row, as the C kernel's error does
+            first = int(torch.nonzero(bad)[0])
+            row = int(rows[start + first]) + 1
+            raise _unpreparable(row if bool(torch.isfinite(sd.flatten()[first])) else -row, "generated")
+        x = x / sd
+        box = functools.partial(F.avg_pool2d, kernel_size=WINDOW, stride=1)
+        means = box(torch.stack((x, x * x, z[slot] * x), 1))  # 7x7 means of b, b^2 and a b
+        mean_b, mean_bb, mean_ab = means.unbind(1)
+        mean_a, c1_, c2_ = mu[slot], c1[slot, None, None], c2[slot, None, None]
+        product = mean_a * mean_b
+        numerator = (2 * product + c1_) * (2 * COV_NORM * (mean_ab - product) + c2_)
+        denominator = (mean_a * mean_a + c1_ + mean_b * mean_b) * (
+            var[slot] + COV_NORM * (mean_bb - mean_b * mean_b)
+        )
+        out.append((numerator / denominator).mean(dim=(1, 2)))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64, device=z.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,6 +381,8 @@ def _exact_transform(images: np.ndarray, flip: np.ndarray, shift: np.ndarray, ro
     """Flip and shift each image (of ``images[rows]``) by whole pixels, filling with its minimum: pixels
     are copied, not mixed. FLIPS' index k flips rows by its bit 0 and columns by its bit 1."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    if isinstance(images, torch.Tensor):
+        return _exact_transform_torch(images, flip, shift, rows)
     height, width = images.shape[1:]
     out = np.empty((len(rows), height, width))
     if _ssim_kernel is not None and images.dtype == np.float64 and images.flags.c_contiguous:
@@ -311,6 +404,31 @@ def _exact_transform(images: np.ndarray, flip: np.ndarray, shift: np.ndarray, ro
             max(-dr, 0) : height + min(-dr, 0), max(-dc, 0) : width + min(-dc, 0)
         ]
     return out
+
+
+def _exact_transform_torch(images: torch.Tensor, flip, shift, rows) -> torch.Tensor:
+    """:func:`_exact_transform` of a tensor, on its device: each output pixel copies the source pixel
+    it comes from (gathered by row, then by column), the minimum where that is outside."""
+    height, width = images.shape[1:]
+    device = images.device
+    flip, shift, rows = (
+        torch.as_tensor(np.asarray(x, dtype=np.int64)).to(device) for x in (flip, shift, rows)
+    )
+
+    def source(size: int, sign_bit: int, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(size, device=device) - offset[:, None]  # in the flipped image
+        inside = (index >= 0) & (index < size)
+        flipped = (flip & sign_bit).bool()[:, None]
+        index = torch.where(flipped, size - 1 - index, index).clamp(0, size - 1)
+        return index, inside
+
+    row_index, row_inside = source(height, 1, shift[:, 0])
+    col_index, col_inside = source(width, 2, shift[:, 1])
+    chosen = images[rows]
+    moved = chosen.gather(1, row_index[:, :, None].expand(-1, -1, width))
+    moved = moved.gather(2, col_index[:, None, :].expand(-1, height, -1))
+    inside = row_inside[:, :, None] & col_inside[:, None, :]
+    return torch.where(inside, moved, chosen.amin(dim=(1, 2))[:, None, None])
 
 
 def _flip(images: torch.Tensor, k: int) -> torch.Tensor:
