@@ -316,3 +316,21 @@ def test_scan_settings_are_validated_once_and_recorded():
         ScanSettings(duplicate_fpr=0.1)
     with pytest.raises(DeepSSIMError, match="choose one of"):
         scan(TRAIN, SYNTHETIC, metric="ssim", search="annoy")
+
+
+def test_the_scan_registers_on_its_device(model, monkeypatch):
+    """The scan's device reaches registration: the search and the candidates' SSIM run where the
+    embedding does (here "cpu:0", which the CPU default would not produce)."""
+    from deepssim.scanning import registration
+
+    seen = []
+    original = registration.register_cascade
+
+    def spy(training, *args, settings, **kwargs):
+        seen.append((str(training.device), settings.device))
+        return original(training, *args, settings=settings, **kwargs)
+
+    monkeypatch.setattr(registration, "register_cascade", spy)
+    result = scan(TRAIN, SYNTHETIC, model=model, k=2, cache=False, device="cpu:0")
+    assert seen and set(seen) == {("cpu:0", "cpu:0")}
+    assert (result.classes == scan(TRAIN, SYNTHETIC, model=model, k=2, cache=False).classes).all()

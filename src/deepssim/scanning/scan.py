@@ -299,14 +299,16 @@ def scan(
         reference_scores = None
         if reference_set is not None and two_stage:  # registered SSIM against the nearest other patients
             _, nearest, _ = retrieve(metric, reference_set, train_set, settings.k, **search)
-            registered = register_top_k(reference_set, train_set, nearest, progress=progress, engine=engine)
+            registered = register_top_k(
+                reference_set, train_set, nearest, progress=progress, engine=engine, device=settings.device
+            )
             reference_scores = np.nanmax(registered.ssim_registered, axis=1)
         elif reference_set is not None:  # each training image's best score against other patients
             reference_scores = retrieve(metric, train_set, reference_set, 1, **search)[2]
         null_scores = None
         if settings.duplicate_fpr is not None or settings.reidentify:
             null_scores = _different_patient_scores(
-                metric, train_set, groups, settings.k, two_stage, embed, engine, progress
+                metric, train_set, groups, settings.k, two_stage, embed, engine, progress, settings.device
             )
         lap("references")
     finally:
@@ -324,10 +326,13 @@ def scan(
             engine=engine,
             mode=mode,
             thresholds=thresholds,
+            device=settings.device,
         )
     else:  # the evidence of every Duplicate, always
         duplicates = scores > thresholds.high
-        evidence = register_top_k(train_set, generated_set, neighbours, duplicates, progress, engine=engine)
+        evidence = register_top_k(
+            train_set, generated_set, neighbours, duplicates, progress, engine=engine, device=settings.device
+        )
     lap("register")
 
     decided = evidence.ssim_registered if two_stage else scores
@@ -524,7 +529,9 @@ def _stopwatch(stages: dict[str, float]):
     return lap
 
 
-def _different_patient_scores(metric, train_set, groups, k, two_stage, embed, engine, progress) -> np.ndarray:
+def _different_patient_scores(
+    metric, train_set, groups, k, two_stage, embed, engine, progress, device="cpu"
+) -> np.ndarray:
     """Each training image's best decision score against the training images of other groups."""
     if not metric.is_embedding:
         raise DeepSSIMError(
@@ -534,7 +541,7 @@ def _different_patient_scores(metric, train_set, groups, k, two_stage, embed, en
     scores, nearest = top_k_other_groups(embed(train_set, "training"), groups, k)
     if not two_stage:
         return scores[:, 0].astype(np.float64)
-    evidence = register_top_k(train_set, train_set, nearest, progress=progress, engine=engine)
+    evidence = register_top_k(train_set, train_set, nearest, progress=progress, engine=engine, device=device)
     return np.nanmax(evidence.ssim_registered, axis=1)
 
 
