@@ -128,6 +128,28 @@ def test_embed_api_shapes_normalisation_and_inputs(rng):
         model.embed(np.zeros((1, 20, 20)))
 
 
+@pytest.mark.parametrize("value", [0.0, 0.1, 3.3333, 98765.4321])
+def test_network_input_is_the_float64_z_score_and_refuses_constant_or_non_finite_images(value, rng):
+    """prepare_input against NumPy's float64 z-score; a constant image is refused even where its
+    float32 mean is inexact (its sd is then a rounding error, not 0), and so is a NaN or Inf pixel,
+    while a nearly constant image is not."""
+    images = rng.normal(value, 1 + abs(value), (3, 20, 17))
+    expected = (images - images.mean(axis=(1, 2), keepdims=True)) / images.std(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(prepare_input(images, 1)[:, 0].numpy(), expected, atol=1e-4)
+    nearly = np.full((1, 20, 17), value)
+    nearly[0, 4, 5] += 0.01 * (1 + abs(value))
+    assert np.isfinite(prepare_input(nearly, 3).numpy()).all()
+    constant = images.copy()
+    constant[1] = value
+    with pytest.raises(DeepSSIMError, match="constant"):
+        prepare_input(constant, 1)
+    for bad in (np.nan, np.inf):
+        broken = images.copy()
+        broken[2, 3, 4] = bad
+        with pytest.raises(DeepSSIMError, match="NaN/Inf"):
+            prepare_input(broken, 1)
+
+
 @pytest.mark.parametrize("architecture", ["deepssim_fast", "deepssim_spatial", "convnext_tiny_gem"])
 def test_embeddings_with_batch_norm_folded_match_the_network_and_follow_its_weights(architecture, rng):
     network = build_network(architecture)
