@@ -149,10 +149,15 @@ def test_bad_input_raises():
         {"max_shift_fraction": 0.7},
         {"scale_range": (1.1, 0.9)},
         {"chunk": 0},
+        {"chunk": 2.5},
         {"device": "nonsense"},
     ):
         with pytest.raises(DeepSSIMError):
             RegistrationSettings(**bad)
+    # chunks by device unless set: small on the CPU (cache), large on a GPU (fewer launches)
+    assert RegistrationSettings().pairs_per_chunk == 256
+    assert RegistrationSettings(device="cuda").pairs_per_chunk == 4096
+    assert RegistrationSettings(device="cuda", chunk=8).pairs_per_chunk == 8
 
 
 def test_registered_is_a_pairs_metric_for_calibrate_and_evaluate(near_copy):
