@@ -299,16 +299,11 @@ def _score_candidates(training: TrainingImages, train_rows, kinds: dict) -> dict
         return {}
     pair_of = np.concatenate([pairs for pairs, _, _ in kinds.values()])
     if training.tensor_path:
-        values = (
-            torch.cat(
-                [
-                    _ssim_raw_torch(training.ssim_statistics(), train_rows[pairs], raw, rows)
-                    for pairs, raw, rows in kinds.values()
-                ]
-            )
-            .cpu()
-            .numpy()
-        )
+        statistics = training.ssim_statistics()
+        scored = [
+            _ssim_raw_torch(statistics, train_rows[pairs], raw, rows) for pairs, raw, rows in kinds.values()
+        ]
+        values = torch.cat(scored).cpu().numpy()
     else:
         stack_of = np.concatenate([np.full(len(pairs), k) for k, (pairs, _, _) in enumerate(kinds.values())])
         raw_rows = np.concatenate([np.asarray(rows, dtype=np.int64) for _, _, rows in kinds.values()])
@@ -334,7 +329,7 @@ def _ssim_raw_torch(statistics, slots, raw, rows) -> torch.Tensor:
     """:func:`~deepssim.ssim.engine.ssim_raw_pairs` with tensor ops, in float64 on the training
     images' device: SSIM of (training slot ``slots[p]``, ``raw[rows[p]]``), each raw image z-scored
     on its own (population sd). ``raw``: an array or a tensor. The same formula as the C kernel,
-    summed in another order (agrees to ~1e-15)."""
+    summed in another order (agrees to ~1e-13)."""
     z, mu, var, c1, c2 = statistics
     slots, rows = np.asarray(slots, dtype=np.int64), np.asarray(rows, dtype=np.int64)
     out = []
@@ -377,9 +372,10 @@ def _displacement(rotation_deg, scale, shift, shape) -> np.ndarray:
     return radius * (np.abs(np.radians(rotation_deg)) + np.abs(np.asarray(scale) - 1)) + fraction
 
 
-def _exact_transform(images: np.ndarray, flip: np.ndarray, shift: np.ndarray, rows=None) -> np.ndarray:
+def _exact_transform(images, flip: np.ndarray, shift: np.ndarray, rows=None):
     """Flip and shift each image (of ``images[rows]``) by whole pixels, filling with its minimum: pixels
-    are copied, not mixed. FLIPS' index k flips rows by its bit 0 and columns by its bit 1."""
+    are copied, not mixed. FLIPS' index k flips rows by its bit 0 and columns by its bit 1. An array
+    gives an array; a tensor (the tensor path) a tensor on its device."""
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     if isinstance(images, torch.Tensor):
         return _exact_transform_torch(images, flip, shift, rows)
