@@ -56,9 +56,8 @@ def register_top_k(
         block = 256 if torch.device(device).type == "cpu" else 2048
     selected = np.ones(neighbours.shape, dtype=bool) if selected is None else np.asarray(selected)
     starts = [start for start in range(0, len(neighbours), block) if selected[start : start + block].any()]
-    training = TrainingImages(
-        train_set, device
-    )  # in this process, each training image read and prepared once
+    # in this process, each training image read and prepared once
+    training = TrainingImages(train_set, settings.device)
     found = engine.map(
         _register_block,
         [

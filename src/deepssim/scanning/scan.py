@@ -530,7 +530,7 @@ def _stopwatch(stages: dict[str, float]):
 
 
 def _different_patient_scores(
-    metric, train_set, groups, k, two_stage, embed, engine, progress, device="cpu"
+    metric, train_set, groups, k, two_stage, embed, engine, progress, device
 ) -> np.ndarray:
     """Each training image's best decision score against the training images of other groups."""
     if not metric.is_embedding:

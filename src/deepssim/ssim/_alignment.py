@@ -297,7 +297,6 @@ def _score_candidates(training: TrainingImages, train_rows, kinds: dict) -> dict
     n = len(train_rows)
     if not kinds:
         return {}
-    pair_of = np.concatenate([pairs for pairs, _, _ in kinds.values()])
     if training.tensor_path:
         statistics = training.ssim_statistics()
         scored = [
@@ -305,6 +304,7 @@ def _score_candidates(training: TrainingImages, train_rows, kinds: dict) -> dict
         ]
         values = torch.cat(scored).cpu().numpy()
     else:
+        pair_of = np.concatenate([pairs for pairs, _, _ in kinds.values()])
         stack_of = np.concatenate([np.full(len(pairs), k) for k, (pairs, _, _) in enumerate(kinds.values())])
         raw_rows = np.concatenate([np.asarray(rows, dtype=np.int64) for _, _, rows in kinds.values()])
         order = np.argsort(pair_of, kind="stable")
